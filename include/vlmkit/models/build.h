@@ -1,0 +1,28 @@
+#pragma once
+/// Building blocks and architectures by name from a JSON config: the runtime
+/// composition path that Python uses (C++ apps may compose templates instead).
+#include "vlmkit/models/two_leg.h"
+#include "vlmkit/models/two_tower.h"
+
+namespace vlmkit {
+
+/// config: {"type": "vit" | "conv", ...options}; null gives the default ViT.
+std::shared_ptr<ImageEncoderModule> make_image_encoder(const json& config,
+                                                       const std::string& path = "image_encoder");
+/// config: {"type": "transformer", ...options}.
+std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config,
+                                                     const std::string& path = "text_encoder");
+/// config: {"type": "concat_mlp" | "attention" | "gated" | "cross_attention", ...}.
+std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
+                                          const std::string& path = "fusion");
+
+std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config);
+std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config);
+
+/// Builds any architecture; config["architecture"] defaults to "two_tower".
+std::shared_ptr<torch::nn::Module> build_model(const json& config);
+
+/// The complete config (every default filled in) of a built model.
+json model_config(const torch::nn::Module& model);
+
+}  // namespace vlmkit

@@ -1,0 +1,61 @@
+#pragma once
+/// Multi-head scaled dot-product attention (Vaswani et al. 2017), usable as
+/// self- or cross-attention, with padding masks, causal masks and a KV cache.
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include "vlmkit/options/attention.h"
+
+namespace vlmkit {
+
+/// Keys and values of earlier steps, [B, H, S, Dh] each.
+/// Self-attention appends to it on every call; cross-attention fills it on the
+/// first call and reuses it afterwards (image keys/values computed once).
+struct KVCache {
+  torch::Tensor key;
+  torch::Tensor value;
+  int64_t length() const { return key.defined() ? key.size(2) : 0; }
+  bool empty() const { return !key.defined(); }
+  void clear() {
+    key = torch::Tensor();
+    value = torch::Tensor();
+  }
+};
+
+/// Boolean masks use PyTorch's nn.MultiheadAttention convention: true marks a
+/// position that must NOT be attended.
+///
+/// Args (forward):
+///   x: queries [B, T, D].
+///   context: keys/values source [B, S, Dc] for cross-attention; undefined
+///     means self-attention on x.
+///   key_padding_mask: [B, S] bool, true = padding. With a self-attention
+///     cache, S covers the cached and the new positions.
+///   attn_mask: [T, S] or [B, T, S] bool, true = blocked.
+///   causal: query t (at absolute position past + t) sees keys <= past + t.
+///   cache: optional KVCache (see above).
+/// Shape: returns [B, T, D].
+class MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImpl> {
+ public:
+  explicit MultiheadAttentionImpl(MultiheadAttentionOptions options_ = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {},
+                        const torch::Tensor& key_padding_mask = {},
+                        const torch::Tensor& attn_mask = {}, bool causal = false,
+                        KVCache* cache = nullptr);
+
+  MultiheadAttentionOptions options;
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+};
+TORCH_MODULE(MultiheadAttention);
+
+namespace detail {
+/// The additive-mask fill value: the lowest finite value of the dtype, so a
+/// row with every key masked yields uniform weights instead of NaN.
+double mask_fill_value(torch::ScalarType dtype);
+}  // namespace detail
+
+}  // namespace vlmkit

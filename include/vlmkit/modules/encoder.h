@@ -1,0 +1,66 @@
+#pragma once
+/// The encoder slot contracts. Every image encoder maps images to tokens and a
+/// pooled vector; every text encoder maps token ids (and a padding mask) to the
+/// same structure. Fusion blocks, projectors and architectures rely only on
+/// these contracts, so encoders are interchangeable.
+#include <nlohmann/json_fwd.hpp>
+#include <torch/nn/module.h>
+
+#include <array>
+
+namespace vlmkit {
+
+/// What an encoder returns.
+struct EncoderOutput {
+  /// [B, N, D] sequence of tokens (image patches in row-major grid order,
+  /// without any CLS token; or text positions).
+  torch::Tensor tokens;
+  /// [B, D] one vector per sample.
+  torch::Tensor pooled;
+  /// [B, N] bool, true = padding; undefined when every token is valid.
+  torch::Tensor padding_mask;
+  /// (rows, cols) of the patch grid for image tokens; {0, 0} for text.
+  std::array<int64_t, 2> grid{{0, 0}};
+};
+
+/// Base of the image encoders (ViT, ConvStage). Architectures built by name
+/// hold this type; templates composed in C++ may hold the concrete type.
+class ImageEncoderModule : public torch::nn::Module {
+ public:
+  using torch::nn::Module::Module;
+  /// images: [B, C, H, W] float.
+  virtual EncoderOutput forward(const torch::Tensor& images) = 0;
+  /// Width D of tokens and pooled vector.
+  virtual int64_t output_dim() const = 0;
+  /// The config that rebuilds this encoder by name (includes "type").
+  virtual nlohmann::json config() const = 0;
+};
+
+/// Base of the text encoders.
+class TextEncoderModule : public torch::nn::Module {
+ public:
+  using torch::nn::Module::Module;
+  /// token_ids: [B, T] int64; padding_mask: [B, T] bool (true = padding) or
+  /// undefined to derive it from the pad id.
+  virtual EncoderOutput forward(const torch::Tensor& token_ids,
+                                const torch::Tensor& padding_mask = {}) = 0;
+  virtual int64_t output_dim() const = 0;
+  virtual nlohmann::json config() const = 0;
+};
+
+/// Base of the Two-Leg fusion blocks: two encoder outputs in, [B, dim] out.
+class FusionModule : public torch::nn::Module {
+ public:
+  using torch::nn::Module::Module;
+  virtual torch::Tensor forward(const EncoderOutput& image, const EncoderOutput& text) = 0;
+  virtual int64_t output_dim() const = 0;
+  virtual nlohmann::json config() const = 0;
+};
+
+namespace detail {
+/// Mean over the non-padding positions of tokens [B, N, D]; mask [B, N] bool
+/// (true = padding) or undefined.
+torch::Tensor masked_mean(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
+}  // namespace detail
+
+}  // namespace vlmkit

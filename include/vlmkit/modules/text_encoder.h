@@ -1,0 +1,45 @@
+#pragma once
+/// Bidirectional transformer text encoder.
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+
+#include "vlmkit/modules/encoder.h"
+#include "vlmkit/modules/transformer.h"
+#include "vlmkit/options/text_encoder.h"
+
+namespace vlmkit {
+
+/// Token + learned position embeddings, pre-norm transformer blocks with key
+/// padding masks, a final LayerNorm and padding-aware pooling: padding never
+/// changes the pooled vector of a sequence.
+///
+/// Shape: token_ids [B, T] int64 with T <= max_len and ids in [0, vocab_size)
+///   -> tokens [B, T, d_model], pooled [B, d_model], padding_mask [B, T].
+class TextEncoderImpl final : public TextEncoderModule {
+ public:
+  explicit TextEncoderImpl(TextEncoderOptions options_ = {});
+  void reset();
+  void pretty_print(std::ostream& stream) const override;
+
+  EncoderOutput forward(const torch::Tensor& token_ids,
+                        const torch::Tensor& padding_mask = {}) override;
+  int64_t output_dim() const override { return options.d_model(); }
+  nlohmann::json config() const override;
+
+  TextEncoderOptions options;
+  torch::nn::Embedding token_embed{nullptr};
+  torch::Tensor pos_embed;  // [1, max_len, D]
+  torch::nn::ModuleList blocks{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+};
+TORCH_MODULE(TextEncoder);
+
+namespace detail {
+/// Validates token ids [B, T] int64 within [0, vocab) and T <= max_len, and
+/// returns the padding mask (given, or ids == pad_id).
+torch::Tensor check_token_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                              int64_t vocab_size, int64_t max_len, int64_t pad_id,
+                              const char* who);
+}  // namespace detail
+
+}  // namespace vlmkit

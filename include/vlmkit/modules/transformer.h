@@ -1,0 +1,50 @@
+#pragma once
+/// Pre-norm transformer block (Xiong et al. 2020, "On Layer Normalization in
+/// the Transformer Architecture"), optionally with a cross-attention sub-layer.
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "vlmkit/modules/attention.h"
+
+namespace vlmkit {
+
+/// Caches for one block during incremental decoding.
+struct BlockCache {
+  KVCache self;
+  KVCache cross;
+};
+
+/// Args (forward):
+///   x: [B, T, D]; key_padding_mask [B, S] and attn_mask as in MultiheadAttention;
+///   context: [B, N, Dc] for the cross-attention sub-layer (required when the
+///   block has one), context_padding_mask [B, N] bool (true = padding).
+/// Shape: returns [B, T, D].
+class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
+ public:
+  explicit TransformerBlockImpl(TransformerBlockOptions options_ = {});
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& key_padding_mask = {},
+                        const torch::Tensor& attn_mask = {}, bool causal = false,
+                        const torch::Tensor& context = {},
+                        const torch::Tensor& context_padding_mask = {},
+                        BlockCache* cache = nullptr);
+
+  TransformerBlockOptions options;
+  torch::nn::LayerNorm norm1{nullptr}, norm_cross{nullptr}, norm2{nullptr};
+  MultiheadAttention self_attn{nullptr}, cross_attn{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  /// Flamingo's tanh gate on the cross-attention residual (when gated).
+  torch::Tensor cross_gate;
+};
+TORCH_MODULE(TransformerBlock);
+
+namespace detail {
+/// ViT/BERT-style initialisation used by every vlmkit block: Linear and
+/// Embedding weights ~ N(0, 0.02), biases 0, LayerNorm weight 1 and bias 0.
+void init_transformer_weights(torch::nn::Module& module);
+}  // namespace detail
+
+}  // namespace vlmkit

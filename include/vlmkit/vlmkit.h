@@ -1,0 +1,15 @@
+#pragma once
+/// Umbrella header: the whole model core of vlmkit.
+#include "vlmkit/config.h"
+#include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/losses/losses.h"
+#include "vlmkit/models/build.h"
+#include "vlmkit/models/two_leg.h"
+#include "vlmkit/models/two_tower.h"
+#include "vlmkit/modules/attention.h"
+#include "vlmkit/modules/conv_stage.h"
+#include "vlmkit/modules/heads.h"
+#include "vlmkit/modules/text_encoder.h"
+#include "vlmkit/modules/transformer.h"
+#include "vlmkit/modules/vit.h"
+#include "vlmkit/runtime.h"

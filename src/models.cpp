@@ -1,0 +1,244 @@
+// JSON configs, the name registry and the explicit instantiations of the
+// runtime-composed architectures (compiled once here, `extern` elsewhere).
+#include <torch/torch.h>
+
+#include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/models/build.h"
+#include "vlmkit/modules/conv_stage.h"
+#include "vlmkit/modules/text_encoder.h"
+#include "vlmkit/modules/vit.h"
+
+namespace vlmkit {
+
+template class TwoTowerImpl<ImageEncoderModule, TextEncoderModule>;
+template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule,
+                          ClassificationHeadImpl>;
+
+// ---------------------------------------------------------------- JSON helpers
+namespace detail {
+std::string json_kind(const json& value) {
+  switch (value.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "boolean " + value.dump();
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned: return "integer " + value.dump();
+    case json::value_t::number_float: return "number " + value.dump();
+    case json::value_t::string: return "string " + value.dump();
+    case json::value_t::array: return "array";
+    case json::value_t::object: return "object";
+    default: return "value";
+  }
+}
+
+std::string join_keys(const std::vector<std::string>& keys) { return join_names(keys); }
+}  // namespace detail
+
+ConfigReader::ConfigReader(const json& object, std::string path)
+    : object_(object), path_(std::move(path)) {
+  TORCH_CHECK_TYPE(object_.is_object(), "config", path_.empty() ? "" : " key '" + path_ + "'",
+                   ": expected a JSON object, got ", detail::json_kind(object_));
+}
+
+void ConfigReader::finish() const {
+  for (const auto& item : object_.items()) {
+    if (std::find(known_.begin(), known_.end(), item.key()) != known_.end()) continue;
+    auto allowed = known_;
+    std::sort(allowed.begin(), allowed.end());
+    TORCH_CHECK_VALUE(false, "unknown config key '", where(item.key()), "'; allowed keys",
+                      path_.empty() ? "" : " of '" + path_ + "'", ": ",
+                      detail::join_keys(allowed));
+  }
+}
+
+void ConfigReader::read(const json& v, const std::string& at, int64_t& out) {
+  TORCH_CHECK_TYPE(v.is_number_integer(), "config key '", at, "': expected an integer, got ",
+                   detail::json_kind(v));
+  out = v.get<int64_t>();
+}
+
+void ConfigReader::read(const json& v, const std::string& at, double& out) {
+  TORCH_CHECK_TYPE(v.is_number(), "config key '", at, "': expected a number, got ",
+                   detail::json_kind(v));
+  out = v.get<double>();
+}
+
+void ConfigReader::read(const json& v, const std::string& at, bool& out) {
+  TORCH_CHECK_TYPE(v.is_boolean(), "config key '", at, "': expected true or false, got ",
+                   detail::json_kind(v));
+  out = v.get<bool>();
+}
+
+void ConfigReader::read(const json& v, const std::string& at, std::string& out) {
+  TORCH_CHECK_TYPE(v.is_string(), "config key '", at, "': expected a string, got ",
+                   detail::json_kind(v));
+  out = v.get<std::string>();
+}
+
+void ConfigReader::read(const json& v, const std::string& at, std::vector<int64_t>& out) {
+  TORCH_CHECK_TYPE(v.is_array(), "config key '", at, "': expected a list of integers, got ",
+                   detail::json_kind(v));
+  std::vector<int64_t> values;
+  for (const auto& item : v) {
+    TORCH_CHECK_TYPE(item.is_number_integer(), "config key '", at,
+                     "': expected a list of integers, found ", detail::json_kind(item));
+    values.push_back(item.get<int64_t>());
+  }
+  out = std::move(values);
+}
+
+json parse_json(const std::string& text, const std::string& what) {
+  try {
+    return json::parse(text);
+  } catch (const json::parse_error& e) {
+    TORCH_CHECK_VALUE(false, what, " is not valid JSON: ", e.what());
+  }
+}
+
+const json& sub_object(const json& object, const std::string& key, const std::string& path) {
+  static const json null_value;
+  if (!object.is_object()) return null_value;
+  auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return null_value;
+  const std::string at = path.empty() ? key : path + "." + key;
+  TORCH_CHECK_TYPE(it->is_object(), "config key '", at, "': expected a JSON object, got ",
+                   detail::json_kind(*it));
+  return *it;
+}
+
+// ---------------------------------------------------------------- registry
+namespace {
+template <class E>
+E type_of(const json& config, const std::string& path, E fallback) {
+  if (!config.is_object()) return fallback;
+  auto it = config.find("type");
+  if (it == config.end() || it->is_null()) return fallback;
+  TORCH_CHECK_TYPE(it->is_string(), "config key '", path, ".type': expected a string naming a ",
+                   EnumNames<E>::what, " (one of ", detail::join_names(enum_names<E>()),
+                   "), got ", detail::json_kind(*it));
+  const auto name = it->get<std::string>();
+  for (const auto& entry : EnumNames<E>::table())
+    if (name == entry.second) return entry.first;
+  TORCH_CHECK_VALUE(false, "config key '", path, ".type': unknown ", EnumNames<E>::what, " '",
+                    name, "'; expected one of ", detail::join_names(enum_names<E>()));
+}
+
+void check_architecture(const json& config, Architecture expected) {
+  if (!config.is_object() || !config.contains("architecture")) return;
+  const auto& a = config["architecture"];
+  TORCH_CHECK_TYPE(a.is_string(), "config key 'architecture': expected a string, got ",
+                   detail::json_kind(a));
+  const auto got = from_name<Architecture>(a.get<std::string>());
+  TORCH_CHECK_VALUE(got == expected, "config says architecture '", to_name(got),
+                    "' but a '", to_name(expected), "' model is being built");
+}
+}  // namespace
+
+std::shared_ptr<ImageEncoderModule> make_image_encoder(const json& config, const std::string& path) {
+  switch (type_of(config, path, ImageEncoderType::vit)) {
+    case ImageEncoderType::vit: {
+      ViTOptions options;
+      read_options(config, path, options);
+      return std::make_shared<ViTImpl>(options);
+    }
+    case ImageEncoderType::conv: {
+      ConvStageOptions options;
+      read_options(config, path, options);
+      return std::make_shared<ConvStageImpl>(options);
+    }
+  }
+  TORCH_CHECK_VALUE(false, "unreachable image encoder type");
+}
+
+std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config, const std::string& path) {
+  switch (type_of(config, path, TextEncoderType::transformer)) {
+    case TextEncoderType::transformer: {
+      TextEncoderOptions options;
+      read_options(config, path, options);
+      return std::make_shared<TextEncoderImpl>(options);
+    }
+  }
+  TORCH_CHECK_VALUE(false, "unreachable text encoder type");
+}
+
+std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
+                                          const std::string& path) {
+  switch (type_of(config, path, FusionType::concat_mlp)) {
+    case FusionType::concat_mlp: {
+      ConcatMlpFusionOptions options(image_dim, text_dim);
+      read_options(config, path, options);
+      return std::make_shared<ConcatMlpFusionImpl>(options);
+    }
+    case FusionType::attention: {
+      AttentionFusionOptions options(image_dim, text_dim);
+      read_options(config, path, options);
+      return std::make_shared<AttentionFusionImpl>(options);
+    }
+    case FusionType::gated: {
+      GatedFusionOptions options(image_dim, text_dim);
+      read_options(config, path, options);
+      return std::make_shared<GatedFusionImpl>(options);
+    }
+    case FusionType::cross_attention: {
+      CrossAttentionFusionOptions options(image_dim, text_dim);
+      read_options(config, path, options);
+      return std::make_shared<CrossAttentionFusionImpl>(options);
+    }
+  }
+  TORCH_CHECK_VALUE(false, "unreachable fusion type");
+}
+
+std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config) {
+  check_architecture(config, Architecture::two_tower);
+  TwoTowerOptions options;
+  read_options(config, "", options, {"architecture", "image_encoder", "text_encoder"});
+  auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
+  auto text = make_text_encoder(sub_object(config, "text_encoder", ""));
+  return std::make_shared<TwoTowerImpl<>>(image, text, options);
+}
+
+std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config) {
+  check_architecture(config, Architecture::two_leg);
+  TwoLegOptions options;
+  read_options(config, "", options, {"architecture", "image_encoder", "text_encoder", "fusion", "head"});
+  auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
+  auto text = make_text_encoder(sub_object(config, "text_encoder", ""));
+  auto fusion = make_fusion(sub_object(config, "fusion", ""), image->output_dim(), text->output_dim());
+  const auto& head_config = sub_object(config, "head", "");
+  options.head(type_of(head_config, "head", HeadType::classification));
+  ClassificationHeadOptions head_options(fusion->output_dim(),
+                                         options.head() == HeadType::matching ? 1 : 16);
+  read_options(head_config, "head", head_options);
+  auto head = std::make_shared<ClassificationHeadImpl>(head_options);
+  return std::make_shared<TwoLegImpl<>>(image, text, fusion, head, options);
+}
+
+std::shared_ptr<torch::nn::Module> build_model(const json& config) {
+  TORCH_CHECK_TYPE(config.is_object() || config.is_null(),
+                   "build_model: expected a config object, got ", detail::json_kind(config));
+  Architecture architecture = Architecture::two_tower;
+  if (config.is_object() && config.contains("architecture")) {
+    const auto& a = config["architecture"];
+    TORCH_CHECK_TYPE(a.is_string(), "config key 'architecture': expected a string (one of ",
+                     detail::join_names(enum_names<Architecture>()), "), got ",
+                     detail::json_kind(a));
+    architecture = from_name<Architecture>(a.get<std::string>());
+  }
+  switch (architecture) {
+    case Architecture::two_tower: return make_two_tower(config);
+    case Architecture::two_leg: return make_two_leg(config);
+    case Architecture::encoder_text_decoder:
+    case Architecture::encoder_decoder:
+      TORCH_CHECK_VALUE(false, "architecture '", to_name(architecture),
+                        "' is not implemented in this version of vlmkit; available: "
+                        "'two_tower', 'two_leg'");
+  }
+  TORCH_CHECK_VALUE(false, "unreachable architecture");
+}
+
+json model_config(const torch::nn::Module& model) {
+  if (auto* m = dynamic_cast<const TwoTowerImpl<>*>(&model)) return m->config();
+  if (auto* m = dynamic_cast<const TwoLegImpl<>*>(&model)) return m->config();
+  TORCH_CHECK_VALUE(false, "model_config: ", model.name(), " is not a vlmkit architecture");
+}
+
+}  // namespace vlmkit

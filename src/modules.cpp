@@ -1,0 +1,787 @@
+// Non-template building blocks: attention, transformer block, image and text
+// encoders, Two-Leg fusion blocks, heads and losses.
+#include <torch/torch.h>
+
+#include <numeric>
+#include <sstream>
+
+#include "vlmkit/config.h"
+#include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/losses/losses.h"
+#include "vlmkit/modules/heads.h"
+#include "vlmkit/modules/text_encoder.h"
+#include "vlmkit/modules/vit.h"
+
+namespace F = torch::nn::functional;
+
+namespace vlmkit {
+namespace detail {
+
+namespace {
+/// "vlmkit::ViT(image_size=64, patch_size=8, ...)" from an options JSON.
+void print_options(std::ostream& stream, const char* name, const json& fields) {
+  stream << name << "(";
+  bool first = true;
+  for (const auto& item : fields.items()) {
+    if (item.key() == "type") continue;
+    stream << (first ? "" : ", ") << item.key() << "=";
+    if (item.value().is_string())
+      stream << item.value().get<std::string>();
+    else
+      stream << item.value().dump();
+    first = false;
+  }
+  stream << ")";
+}
+
+std::string shape_str(const torch::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void check_heads(int64_t dim, int64_t heads, const char* who) {
+  TORCH_CHECK_VALUE(dim > 0 && heads > 0, who, ": width and num_heads must be positive, got width ",
+                    dim, " and num_heads ", heads);
+  TORCH_CHECK_VALUE(dim % heads == 0, who, ": width ", dim, " must be divisible by num_heads ",
+                    heads);
+}
+
+/// pooled [B, dim] check for the fusion blocks.
+void check_pooled(const EncoderOutput& out, int64_t dim, const char* who, const char* which) {
+  TORCH_CHECK_VALUE(out.pooled.defined() && out.pooled.dim() == 2 && out.pooled.size(1) == dim,
+                    who, ": expected ", which, ".pooled of shape [B, ", dim, "], got ",
+                    out.pooled.defined() ? shape_str(out.pooled) : std::string("undefined"));
+}
+
+void check_tokens(const EncoderOutput& out, int64_t dim, const char* who, const char* which) {
+  TORCH_CHECK_VALUE(out.tokens.defined() && out.tokens.dim() == 3 && out.tokens.size(2) == dim,
+                    who, ": expected ", which, ".tokens of shape [B, N, ", dim, "], got ",
+                    out.tokens.defined() ? shape_str(out.tokens) : std::string("undefined"));
+}
+}  // namespace
+
+double mask_fill_value(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kDouble: return std::numeric_limits<double>::lowest();
+    case torch::kHalf: return -65504.0;
+    case torch::kBFloat16: return -3.38e38;
+    default: return std::numeric_limits<float>::lowest();
+  }
+}
+
+void init_transformer_weights(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  // apply() visits by reference, so this works inside constructors, before
+  // the module is owned by a shared_ptr.
+  module.apply([](torch::nn::Module& m) {
+    if (auto* linear = dynamic_cast<torch::nn::LinearImpl*>(&m)) {
+      torch::nn::init::normal_(linear->weight, 0.0, 0.02);
+      if (linear->bias.defined()) torch::nn::init::zeros_(linear->bias);
+    } else if (auto* embedding = dynamic_cast<torch::nn::EmbeddingImpl*>(&m)) {
+      torch::nn::init::normal_(embedding->weight, 0.0, 0.02);
+    } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&m)) {
+      torch::nn::init::ones_(norm->weight);
+      torch::nn::init::zeros_(norm->bias);
+    }
+  });
+}
+
+torch::Tensor masked_mean(const torch::Tensor& tokens, const torch::Tensor& padding_mask) {
+  if (!padding_mask.defined()) return tokens.mean(1);
+  auto keep = padding_mask.logical_not().unsqueeze(-1).to(tokens.scalar_type());  // [B, N, 1]
+  return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0);
+}
+
+void check_images(const torch::Tensor& images, int64_t channels, const char* who) {
+  TORCH_CHECK_TYPE(images.defined(), who, ": expected images of shape [B, ", channels,
+                   ", H, W], got an undefined tensor");
+  TORCH_CHECK_VALUE(images.dim() == 4 && images.size(1) == channels, who,
+                    ": expected images of shape [B, ", channels, ", H, W], got ",
+                    shape_str(images));
+  TORCH_CHECK_VALUE(images.size(0) > 0 && images.size(2) > 0 && images.size(3) > 0, who,
+                    ": expected a non-empty batch of images, got shape ", shape_str(images));
+  TORCH_CHECK_TYPE(torch::isFloatingType(images.scalar_type()), who,
+                   ": expected floating-point images (float32 or float64), got ",
+                   images.scalar_type());
+}
+
+torch::Tensor check_token_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                              int64_t vocab_size, int64_t max_len, int64_t pad_id,
+                              const char* who) {
+  TORCH_CHECK_TYPE(ids.defined(), who, ": expected token_ids of shape [B, T], got undefined");
+  TORCH_CHECK_TYPE(ids.scalar_type() == torch::kLong, who,
+                   ": expected token_ids of dtype int64 (torch.long), got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2, who, ": expected token_ids of shape [B, T], got ",
+                    shape_str(ids));
+  TORCH_CHECK_VALUE(ids.size(0) > 0 && ids.size(1) > 0, who,
+                    ": expected a non-empty batch of token ids, got shape ", shape_str(ids));
+  TORCH_CHECK_VALUE(ids.size(1) <= max_len, who, ": sequence length ", ids.size(1),
+                    " exceeds max_len ", max_len);
+  const int64_t lo = ids.min().item<int64_t>();
+  const int64_t hi = ids.max().item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < vocab_size, who, ": token ids must be in [0, ", vocab_size,
+                    "), got values in [", lo, ", ", hi, "]");
+  if (!padding_mask.defined()) return ids.eq(pad_id);
+  TORCH_CHECK_TYPE(padding_mask.scalar_type() == torch::kBool, who,
+                   ": expected padding_mask of dtype bool (true = padding), got ",
+                   padding_mask.scalar_type());
+  TORCH_CHECK_VALUE(padding_mask.sizes() == ids.sizes(), who, ": expected padding_mask of shape ",
+                    shape_str(ids), ", got ", shape_str(padding_mask));
+  return padding_mask;
+}
+
+torch::Tensor sincos_2d(int64_t rows, int64_t cols, int64_t dim) {
+  TORCH_CHECK_VALUE(dim % 4 == 0, "sincos2d position embedding needs a width divisible by 4, got ",
+                    dim);
+  const int64_t quarter = dim / 4;
+  auto omega = torch::arange(quarter, torch::kDouble) / double(quarter);
+  omega = 1.0 / torch::pow(10000.0, omega);                                   // [D/4]
+  auto ys = torch::arange(rows, torch::kDouble).repeat_interleave(cols);      // [N]
+  auto xs = torch::arange(cols, torch::kDouble).repeat({rows});               // [N]
+  auto oy = torch::outer(ys, omega), ox = torch::outer(xs, omega);            // [N, D/4]
+  return torch::cat({oy.sin(), oy.cos(), ox.sin(), ox.cos()}, 1).to(torch::kFloat);  // [N, D]
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- attention
+MultiheadAttentionImpl::MultiheadAttentionImpl(MultiheadAttentionOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void MultiheadAttentionImpl::reset() {
+  detail::check_heads(options.embed_dim(), options.num_heads(), "MultiheadAttention");
+  TORCH_CHECK_VALUE(options.dropout() >= 0 && options.dropout() < 1,
+                    "MultiheadAttention: dropout must be in [0, 1), got ", options.dropout());
+  const int64_t e = options.embed_dim();
+  const int64_t c = options.context_dim() > 0 ? options.context_dim() : e;
+  q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
+  k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
+  v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
+  out_proj = register_module("out_proj", torch::nn::Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
+}
+
+void MultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::MultiheadAttention", options_to_json(options));
+}
+
+torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context,
+                                              const torch::Tensor& key_padding_mask,
+                                              const torch::Tensor& attn_mask, bool causal,
+                                              KVCache* cache) {
+  const int64_t e = options.embed_dim(), h = options.num_heads(), dh = e / h;
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 3 && x.size(2) == e,
+                    "MultiheadAttention: expected x of shape [B, T, ", e, "], got ",
+                    x.defined() ? detail::shape_str(x) : std::string("undefined"));
+  const int64_t b = x.size(0), t = x.size(1);
+  const bool cross = context.defined();
+  auto q = q_proj->forward(x).view({b, t, h, dh}).transpose(1, 2);  // [B, H, T, Dh]
+  torch::Tensor k, v;
+  if (cross && cache && !cache->empty()) {
+    k = cache->key;
+    v = cache->value;
+  } else {
+    const auto& source = cross ? context : x;
+    if (cross) {
+      const int64_t c = options.context_dim() > 0 ? options.context_dim() : e;
+      TORCH_CHECK_VALUE(context.dim() == 3 && context.size(0) == b && context.size(2) == c,
+                        "MultiheadAttention: expected context of shape [", b, ", S, ", c,
+                        "], got ", detail::shape_str(context));
+    }
+    const int64_t s = source.size(1);
+    k = k_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
+    v = v_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
+    if (cache) {
+      if (!cross && !cache->empty()) {
+        k = torch::cat({cache->key, k}, 2);
+        v = torch::cat({cache->value, v}, 2);
+      }
+      cache->key = k;
+      cache->value = v;
+    }
+  }
+  const int64_t s = k.size(2);
+  const int64_t past = cross ? 0 : s - t;
+
+  torch::Tensor blocked;  // bool, broadcastable to [B, H, T, S]; true = not attended
+  if (key_padding_mask.defined()) {
+    TORCH_CHECK_TYPE(key_padding_mask.scalar_type() == torch::kBool,
+                     "MultiheadAttention: expected key_padding_mask of dtype bool, got ",
+                     key_padding_mask.scalar_type());
+    TORCH_CHECK_VALUE(key_padding_mask.dim() == 2 && key_padding_mask.size(0) == b &&
+                          key_padding_mask.size(1) == s,
+                      "MultiheadAttention: expected key_padding_mask of shape [", b, ", ", s,
+                      "], got ", detail::shape_str(key_padding_mask));
+    blocked = key_padding_mask.view({b, 1, 1, s});
+  }
+  if (attn_mask.defined()) {
+    TORCH_CHECK_TYPE(attn_mask.scalar_type() == torch::kBool,
+                     "MultiheadAttention: expected attn_mask of dtype bool, got ",
+                     attn_mask.scalar_type());
+    TORCH_CHECK_VALUE((attn_mask.dim() == 2 && attn_mask.size(0) == t && attn_mask.size(1) == s) ||
+                          (attn_mask.dim() == 3 && attn_mask.size(0) == b &&
+                           attn_mask.size(1) == t && attn_mask.size(2) == s),
+                      "MultiheadAttention: expected attn_mask of shape [", t, ", ", s, "] or [",
+                      b, ", ", t, ", ", s, "], got ", detail::shape_str(attn_mask));
+    auto m = attn_mask.dim() == 2 ? attn_mask.view({1, 1, t, s}) : attn_mask.view({b, 1, t, s});
+    blocked = blocked.defined() ? blocked.logical_or(m) : m;
+  }
+  if (causal) {
+    auto m = torch::ones({t, s}, torch::TensorOptions().dtype(torch::kBool).device(x.device()))
+                 .triu(past + 1)
+                 .view({1, 1, t, s});
+    blocked = blocked.defined() ? blocked.logical_or(m) : m;
+  }
+
+  const double dropout_p = is_training() ? options.dropout() : 0.0;
+  torch::Tensor out;
+#if TORCH_VERSION_MAJOR >= 2
+  torch::Tensor additive;
+  if (blocked.defined())
+    additive = torch::zeros(blocked.sizes(), q.options())
+                   .masked_fill(blocked, detail::mask_fill_value(q.scalar_type()));
+  out = at::scaled_dot_product_attention(q, k, v, additive, dropout_p, false);
+#else
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
+  if (blocked.defined())
+    scores = scores.masked_fill(blocked, detail::mask_fill_value(scores.scalar_type()));
+  auto weights = scores.softmax(-1);
+  if (dropout_p > 0) weights = F::dropout(weights, F::DropoutFuncOptions().p(dropout_p).training(true));
+  out = torch::matmul(weights, v);
+#endif
+  return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
+}
+
+// ---------------------------------------------------------------- transformer block
+TransformerBlockImpl::TransformerBlockImpl(TransformerBlockOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void TransformerBlockImpl::reset() {
+  const int64_t d = options.d_model();
+  detail::check_heads(d, options.num_heads(), "TransformerBlock");
+  TORCH_CHECK_VALUE(options.mlp_ratio() > 0, "TransformerBlock: mlp_ratio must be positive, got ",
+                    options.mlp_ratio());
+  TORCH_CHECK_VALUE(options.dropout() >= 0 && options.dropout() < 1,
+                    "TransformerBlock: dropout must be in [0, 1), got ", options.dropout());
+  const auto ln = torch::nn::LayerNormOptions({d}).eps(options.norm_eps());
+  norm1 = register_module("norm1", torch::nn::LayerNorm(ln));
+  self_attn = register_module(
+      "self_attn",
+      MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads()).dropout(options.dropout())));
+  if (options.cross_attention()) {
+    norm_cross = register_module("norm_cross", torch::nn::LayerNorm(ln));
+    cross_attn = register_module(
+        "cross_attn", MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())
+                                             .context_dim(options.context_dim())
+                                             .dropout(options.dropout())));
+    if (options.gated_cross_attention())
+      cross_gate = register_parameter("cross_gate", torch::zeros({1}));
+  }
+  norm2 = register_module("norm2", torch::nn::LayerNorm(ln));
+  const auto hidden = static_cast<int64_t>(std::llround(d * options.mlp_ratio()));
+  fc1 = register_module("fc1", torch::nn::Linear(d, hidden));
+  fc2 = register_module("fc2", torch::nn::Linear(hidden, d));
+  dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
+  detail::init_transformer_weights(*this);
+}
+
+void TransformerBlockImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::TransformerBlock", options_to_json(options));
+}
+
+torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x,
+                                            const torch::Tensor& key_padding_mask,
+                                            const torch::Tensor& attn_mask, bool causal,
+                                            const torch::Tensor& context,
+                                            const torch::Tensor& context_padding_mask,
+                                            BlockCache* cache) {
+  auto h = x + dropout->forward(self_attn->forward(norm1->forward(x), {}, key_padding_mask,
+                                                   attn_mask, causal,
+                                                   cache ? &cache->self : nullptr));
+  if (options.cross_attention()) {
+    TORCH_CHECK_VALUE(context.defined(),
+                      "TransformerBlock: this block has cross-attention and needs a context of "
+                      "shape [B, N, D]");
+    auto c = cross_attn->forward(norm_cross->forward(h), context, context_padding_mask, {}, false,
+                                 cache ? &cache->cross : nullptr);
+    if (cross_gate.defined()) c = torch::tanh(cross_gate) * c;
+    h = h + dropout->forward(c);
+  }
+  auto m = fc2->forward(dropout->forward(torch::gelu(fc1->forward(norm2->forward(h)))));
+  return h + dropout->forward(m);
+}
+
+// ---------------------------------------------------------------- conv stage
+ConvStageImpl::ConvStageImpl(ConvStageOptions options_)
+    : ImageEncoderModule("vlmkit::ConvStage"), options(std::move(options_)) {
+  reset();
+}
+
+void ConvStageImpl::reset() {
+  TORCH_CHECK_VALUE(!options.channels().empty(),
+                    "ConvStage: channels must list at least one stage, got []");
+  TORCH_CHECK_VALUE(options.in_channels() > 0 && options.d_model() > 0,
+                    "ConvStage: in_channels and d_model must be positive, got ",
+                    options.in_channels(), " and ", options.d_model());
+  TORCH_CHECK_VALUE(options.image_size() > 0 && options.image_size() % downsample() == 0,
+                    "ConvStage: image_size ", options.image_size(),
+                    " must be a positive multiple of the downsampling factor ", downsample(),
+                    " (2^", options.channels().size(), " stages)");
+  stages = torch::nn::Sequential();
+  int64_t in = options.in_channels();
+  for (int64_t c : options.channels()) {
+    TORCH_CHECK_VALUE(c > 0, "ConvStage: channel counts must be positive, got ", c);
+    stages->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(in, c, 3).stride(2).padding(1)));
+    stages->push_back(torch::nn::GroupNorm(torch::nn::GroupNormOptions(std::gcd<int64_t>(8, c), c)));
+    stages->push_back(torch::nn::GELU());
+    in = c;
+  }
+  stages = register_module("stages", stages);
+  // A 1x1 convolution rather than a Linear on transposed tokens: LibTorch 1.13's
+  // float32 GELU backward returns wrong values (even NaN) when its incoming
+  // gradient is a transposed view, which a Linear after flatten/transpose
+  // produces. The 1x1 conv hands the last GELU a contiguous NCHW gradient.
+  proj = register_module("proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, options.d_model(), 1)));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.d_model()})));
+  detail::init_transformer_weights(*this);
+}
+
+void ConvStageImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::ConvStage", options_to_json(options));
+}
+
+json ConvStageImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "conv";
+  return out;
+}
+
+torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {
+  detail::check_images(images, options.in_channels(), "ConvStage");
+  const int64_t s = downsample();
+  TORCH_CHECK_VALUE(images.size(2) % s == 0 && images.size(3) % s == 0,
+                    "ConvStage: expected image height and width to be multiples of ", s,
+                    ", got ", images.size(2), "x", images.size(3));
+  return stages->forward(images);
+}
+
+EncoderOutput ConvStageImpl::forward(const torch::Tensor& images) {
+  auto f = features(images);  // [B, C, r, c]
+  EncoderOutput out;
+  out.grid = {f.size(2), f.size(3)};
+  out.tokens = norm->forward(proj->forward(f).flatten(2).transpose(1, 2));  // [B, r*c, D]
+  out.pooled = out.tokens.mean(1);
+  return out;
+}
+
+// ---------------------------------------------------------------- ViT
+ViTImpl::ViTImpl(ViTOptions options_) : ImageEncoderModule("vlmkit::ViT"), options(std::move(options_)) {
+  reset();
+}
+
+void ViTImpl::reset() {
+  const int64_t d = options.d_model(), p = options.patch_size();
+  detail::check_heads(d, options.num_heads(), "ViT");
+  TORCH_CHECK_VALUE(p > 0 && options.image_size() > 0, "ViT: image_size and patch_size must be positive");
+  TORCH_CHECK_VALUE(options.image_size() % p == 0, "ViT: patch_size ", p,
+                    " must divide image_size ", options.image_size());
+  TORCH_CHECK_VALUE(options.depth() >= 0, "ViT: depth must be >= 0, got ", options.depth());
+  TORCH_CHECK_VALUE(options.pos_embedding() != PosEmbedding::sincos2d || d % 4 == 0,
+                    "ViT: sincos2d positions need d_model divisible by 4, got ", d);
+  if (options.stem() == ViTStem::patch) {
+    patch_embed = register_module(
+        "patch_embed",
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(options.in_channels(), d, p).stride(p)));
+  } else {
+    TORCH_CHECK_VALUE(p >= 2 && (p & (p - 1)) == 0,
+                      "ViT: the conv stem needs a power-of-two patch_size >= 2, got ", p);
+    std::vector<int64_t> channels;
+    int64_t stages = 0;
+    for (int64_t s = p; s > 1; s >>= 1) ++stages;
+    for (int64_t i = 0; i < stages; ++i) channels.push_back(std::max<int64_t>(8, d >> (stages - 1 - i)));
+    conv_stem = register_module(
+        "conv_stem", ConvStage(ConvStageOptions()
+                                   .image_size(options.image_size())
+                                   .in_channels(options.in_channels())
+                                   .channels(channels)
+                                   .d_model(d)));
+  }
+  const int64_t grid = options.image_size() / p;
+  if (options.pool() == ImagePool::cls) {
+    cls_token = register_parameter("cls_token", torch::randn({1, 1, d}) * 0.02);
+    if (options.pos_embedding() == PosEmbedding::learned)
+      cls_pos = register_parameter("cls_pos", torch::randn({1, 1, d}) * 0.02);
+  }
+  if (options.pos_embedding() == PosEmbedding::learned)
+    pos_embed = register_parameter("pos_embed", torch::randn({1, grid * grid, d}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options.depth(); ++i)
+    blocks->push_back(TransformerBlock(TransformerBlockOptions(d, options.num_heads())
+                                           .mlp_ratio(options.mlp_ratio())
+                                           .dropout(options.dropout())));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  detail::init_transformer_weights(*this);
+}
+
+void ViTImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::ViT", options_to_json(options));
+}
+
+json ViTImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "vit";
+  return out;
+}
+
+torch::Tensor ViTImpl::patch_positions(int64_t rows, int64_t cols, torch::TensorOptions like) {
+  const int64_t d = options.d_model();
+  if (options.pos_embedding() == PosEmbedding::sincos2d)
+    return detail::sincos_2d(rows, cols, d).to(like).unsqueeze(0);
+  const int64_t grid = options.image_size() / options.patch_size();
+  if (rows == grid && cols == grid) return pos_embed;
+  auto table = pos_embed.view({1, grid, grid, d}).permute({0, 3, 1, 2});  // [1, D, g, g]
+  table = F::interpolate(table, F::InterpolateFuncOptions()
+                                    .size(std::vector<int64_t>{rows, cols})
+                                    .mode(torch::kBicubic)
+                                    .align_corners(false));
+  return table.permute({0, 2, 3, 1}).reshape({1, rows * cols, d});
+}
+
+EncoderOutput ViTImpl::forward(const torch::Tensor& images) {
+  detail::check_images(images, options.in_channels(), "ViT");
+  const int64_t p = options.patch_size();
+  TORCH_CHECK_VALUE(images.size(2) % p == 0 && images.size(3) % p == 0,
+                    "ViT: expected image height and width to be multiples of patch_size ", p,
+                    ", got ", images.size(2), "x", images.size(3));
+  const int64_t b = images.size(0), rows = images.size(2) / p, cols = images.size(3) / p;
+  torch::Tensor x;
+  if (patch_embed) {
+    x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, N, D]
+  } else {
+    x = conv_stem->forward(images).tokens;
+  }
+  x = x + patch_positions(rows, cols, x.options());
+  const bool use_cls = options.pool() == ImagePool::cls;
+  if (use_cls) {
+    auto cls = cls_pos.defined() ? cls_token + cls_pos : cls_token;
+    x = torch::cat({cls.expand({b, 1, -1}), x}, 1);
+  }
+  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x);
+  x = norm->forward(x);
+  EncoderOutput out;
+  out.grid = {rows, cols};
+  if (use_cls) {
+    out.pooled = x.select(1, 0);
+    out.tokens = x.slice(1, 1);
+  } else {
+    out.tokens = x;
+    out.pooled = x.mean(1);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- text encoder
+TextEncoderImpl::TextEncoderImpl(TextEncoderOptions options_)
+    : TextEncoderModule("vlmkit::TextEncoder"), options(std::move(options_)) {
+  reset();
+}
+
+void TextEncoderImpl::reset() {
+  const int64_t d = options.d_model();
+  detail::check_heads(d, options.num_heads(), "TextEncoder");
+  TORCH_CHECK_VALUE(options.vocab_size() > 0 && options.max_len() > 0,
+                    "TextEncoder: vocab_size and max_len must be positive, got ",
+                    options.vocab_size(), " and ", options.max_len());
+  TORCH_CHECK_VALUE(options.pad_id() >= 0 && options.pad_id() < options.vocab_size(),
+                    "TextEncoder: pad_id must be in [0, vocab_size=", options.vocab_size(),
+                    "), got ", options.pad_id());
+  TORCH_CHECK_VALUE(options.depth() >= 0, "TextEncoder: depth must be >= 0, got ", options.depth());
+  token_embed = register_module("token_embed", torch::nn::Embedding(options.vocab_size(), d));
+  pos_embed = register_parameter("pos_embed", torch::randn({1, options.max_len(), d}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options.depth(); ++i)
+    blocks->push_back(TransformerBlock(TransformerBlockOptions(d, options.num_heads())
+                                           .mlp_ratio(options.mlp_ratio())
+                                           .dropout(options.dropout())));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  detail::init_transformer_weights(*this);
+}
+
+void TextEncoderImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::TextEncoder", options_to_json(options));
+}
+
+json TextEncoderImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "transformer";
+  return out;
+}
+
+EncoderOutput TextEncoderImpl::forward(const torch::Tensor& token_ids,
+                                       const torch::Tensor& padding_mask) {
+  auto mask = detail::check_token_ids(token_ids, padding_mask, options.vocab_size(),
+                                      options.max_len(), options.pad_id(), "TextEncoder");
+  const int64_t t = token_ids.size(1);
+  auto x = token_embed->forward(token_ids) + pos_embed.slice(1, 0, t);
+  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, mask);
+  x = norm->forward(x);
+  EncoderOutput out;
+  out.tokens = x;
+  out.padding_mask = mask;
+  switch (options.pool()) {
+    case TextPool::mean: out.pooled = detail::masked_mean(x, mask); break;
+    case TextPool::cls: out.pooled = x.select(1, 0); break;
+    case TextPool::last: {
+      // Index of the last non-padding position, whatever the padding side.
+      auto positions = torch::arange(t, token_ids.options()).unsqueeze(0) *
+                       mask.logical_not().to(torch::kLong);
+      auto last = positions.argmax(1);  // [B]
+      out.pooled = x.gather(1, last.view({-1, 1, 1}).expand({-1, 1, x.size(2)})).squeeze(1);
+      break;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- fusion
+ConcatMlpFusionImpl::ConcatMlpFusionImpl(ConcatMlpFusionOptions options_)
+    : FusionModule("vlmkit::ConcatMlpFusion"), options(std::move(options_)) {
+  reset();
+}
+
+void ConcatMlpFusionImpl::reset() {
+  TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
+                    "ConcatMlpFusion: widths must be positive");
+  const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.dim();
+  fc1 = register_module("fc1", torch::nn::Linear(options.image_dim() + options.text_dim(), hidden));
+  fc2 = register_module("fc2", torch::nn::Linear(hidden, options.dim()));
+  dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
+  detail::init_transformer_weights(*this);
+}
+
+void ConcatMlpFusionImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::ConcatMlpFusion", options_to_json(options));
+}
+
+json ConcatMlpFusionImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "concat_mlp";
+  return out;
+}
+
+torch::Tensor ConcatMlpFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
+  detail::check_pooled(image, options.image_dim(), "ConcatMlpFusion", "image");
+  detail::check_pooled(text, options.text_dim(), "ConcatMlpFusion", "text");
+  auto x = torch::cat({image.pooled, text.pooled}, 1);
+  return fc2->forward(dropout->forward(torch::gelu(fc1->forward(x))));
+}
+
+AttentionFusionImpl::AttentionFusionImpl(AttentionFusionOptions options_)
+    : FusionModule("vlmkit::AttentionFusion"), options(std::move(options_)) {
+  reset();
+}
+
+void AttentionFusionImpl::reset() {
+  TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
+                    "AttentionFusion: widths must be positive");
+  const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.dim();
+  image_proj = register_module("image_proj", torch::nn::Linear(options.image_dim(), options.dim()));
+  text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
+  score_hidden = register_module("score_hidden", torch::nn::Linear(options.dim(), hidden));
+  score_out = register_module(
+      "score_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, 1).bias(false)));
+  detail::init_transformer_weights(*this);
+}
+
+void AttentionFusionImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::AttentionFusion", options_to_json(options));
+}
+
+json AttentionFusionImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "attention";
+  return out;
+}
+
+torch::Tensor AttentionFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
+  detail::check_pooled(image, options.image_dim(), "AttentionFusion", "image");
+  detail::check_pooled(text, options.text_dim(), "AttentionFusion", "text");
+  auto h = torch::stack({image_proj->forward(image.pooled), text_proj->forward(text.pooled)}, 1);  // [B, 2, D]
+  auto weights = score_out->forward(torch::tanh(score_hidden->forward(h))).softmax(1);  // [B, 2, 1]
+  last_weights_ = weights.squeeze(-1).detach();
+  return (weights * h).sum(1);
+}
+
+GatedFusionImpl::GatedFusionImpl(GatedFusionOptions options_)
+    : FusionModule("vlmkit::GatedFusion"), options(std::move(options_)) {
+  reset();
+}
+
+void GatedFusionImpl::reset() {
+  TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
+                    "GatedFusion: widths must be positive");
+  image_proj = register_module("image_proj", torch::nn::Linear(options.image_dim(), options.dim()));
+  text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
+  gate = register_module("gate", torch::nn::Linear(options.image_dim() + options.text_dim(), options.dim()));
+  detail::init_transformer_weights(*this);
+}
+
+void GatedFusionImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::GatedFusion", options_to_json(options));
+}
+
+json GatedFusionImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "gated";
+  return out;
+}
+
+torch::Tensor GatedFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
+  detail::check_pooled(image, options.image_dim(), "GatedFusion", "image");
+  detail::check_pooled(text, options.text_dim(), "GatedFusion", "text");
+  auto z = torch::sigmoid(gate->forward(torch::cat({image.pooled, text.pooled}, 1)));
+  return z * torch::tanh(image_proj->forward(image.pooled)) +
+         (1 - z) * torch::tanh(text_proj->forward(text.pooled));
+}
+
+CrossAttentionFusionImpl::CrossAttentionFusionImpl(CrossAttentionFusionOptions options_)
+    : FusionModule("vlmkit::CrossAttentionFusion"), options(std::move(options_)) {
+  reset();
+}
+
+void CrossAttentionFusionImpl::reset() {
+  detail::check_heads(options.dim(), options.num_heads(), "CrossAttentionFusion");
+  TORCH_CHECK_VALUE(options.num_layers() >= 1, "CrossAttentionFusion: num_layers must be >= 1, got ",
+                    options.num_layers());
+  if (options.text_dim() != options.dim())
+    text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options.num_layers(); ++i)
+    blocks->push_back(TransformerBlock(TransformerBlockOptions(options.dim(), options.num_heads())
+                                           .mlp_ratio(options.mlp_ratio())
+                                           .dropout(options.dropout())
+                                           .cross_attention(true)
+                                           .context_dim(options.image_dim())));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.dim()})));
+  detail::init_transformer_weights(*this);
+}
+
+void CrossAttentionFusionImpl::pretty_print(std::ostream& stream) const {
+  detail::print_options(stream, "vlmkit::CrossAttentionFusion", options_to_json(options));
+}
+
+json CrossAttentionFusionImpl::config() const {
+  auto out = options_to_json(options);
+  out["type"] = "cross_attention";
+  return out;
+}
+
+torch::Tensor CrossAttentionFusionImpl::forward(const EncoderOutput& image,
+                                                const EncoderOutput& text) {
+  detail::check_tokens(image, options.image_dim(), "CrossAttentionFusion", "image");
+  detail::check_tokens(text, options.text_dim(), "CrossAttentionFusion", "text");
+  TORCH_CHECK_VALUE(image.tokens.size(0) == text.tokens.size(0),
+                    "CrossAttentionFusion: expected the same batch size for image and text, got ",
+                    image.tokens.size(0), " and ", text.tokens.size(0));
+  auto x = text_proj ? text_proj->forward(text.tokens) : text.tokens;
+  for (const auto& block : *blocks)
+    x = block->as<TransformerBlockImpl>()->forward(x, text.padding_mask, {}, false, image.tokens,
+                                                   image.padding_mask);
+  return detail::masked_mean(norm->forward(x), text.padding_mask);
+}
+
+// ---------------------------------------------------------------- heads
+ClassificationHeadImpl::ClassificationHeadImpl(ClassificationHeadOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void ClassificationHeadImpl::reset() {
+  TORCH_CHECK_VALUE(options.in_dim() > 0 && options.num_classes() > 0,
+                    "ClassificationHead: in_dim and num_classes must be positive, got ",
+                    options.in_dim(), " and ", options.num_classes());
+  int64_t in = options.in_dim();
+  if (options.hidden_dim() > 0) {
+    hidden = register_module("hidden", torch::nn::Linear(in, options.hidden_dim()));
+    in = options.hidden_dim();
+  }
+  dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
+  out = register_module("out", torch::nn::Linear(in, options.num_classes()));
+  detail::init_transformer_weights(*this);
+}
+
+void ClassificationHeadImpl::pretty_print(std::ostream& stream) const {
+  json fields = options_to_json(options);
+  fields["in_dim"] = options.in_dim();
+  detail::print_options(stream, "vlmkit::ClassificationHead", fields);
+}
+
+torch::Tensor ClassificationHeadImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 2 && x.size(1) == options.in_dim(),
+                    "ClassificationHead: expected input of shape [B, ", options.in_dim(),
+                    "], got ", x.defined() ? detail::shape_str(x) : std::string("undefined"));
+  auto h = x;
+  if (hidden) h = dropout->forward(torch::gelu(hidden->forward(h)));
+  return out->forward(h);
+}
+
+// ---------------------------------------------------------------- losses
+namespace {
+void check_square_logits(const torch::Tensor& logits, const char* who) {
+  TORCH_CHECK_VALUE(logits.defined() && logits.dim() == 2 && logits.size(0) == logits.size(1) &&
+                        logits.size(0) > 0,
+                    who, ": expected square logits [B, B] with B >= 1, got ",
+                    logits.defined() ? detail::shape_str(logits) : std::string("undefined"));
+}
+}  // namespace
+
+torch::Tensor clip_loss(const torch::Tensor& logits_per_image) {
+  check_square_logits(logits_per_image, "clip_loss");
+  auto labels = torch::arange(logits_per_image.size(0),
+                              torch::TensorOptions().dtype(torch::kLong).device(logits_per_image.device()));
+  return 0.5 * (F::cross_entropy(logits_per_image, labels) +
+                F::cross_entropy(logits_per_image.t(), labels));
+}
+
+torch::Tensor siglip_loss(const torch::Tensor& logits_per_image) {
+  check_square_logits(logits_per_image, "siglip_loss");
+  const int64_t b = logits_per_image.size(0);
+  auto signs = 2 * torch::eye(b, logits_per_image.options()) - 1;
+  return -F::logsigmoid(signs * logits_per_image).sum() / double(b);
+}
+
+torch::Tensor classification_loss(const torch::Tensor& logits, const torch::Tensor& labels,
+                                  double label_smoothing) {
+  TORCH_CHECK_VALUE(logits.defined() && logits.dim() == 2,
+                    "classification_loss: expected logits of shape [B, C], got ",
+                    logits.defined() ? detail::shape_str(logits) : std::string("undefined"));
+  TORCH_CHECK_TYPE(labels.defined() && labels.scalar_type() == torch::kLong,
+                   "classification_loss: expected int64 class labels, got ",
+                   labels.defined() ? c10::toString(labels.scalar_type()) : "undefined");
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == logits.size(0),
+                    "classification_loss: expected labels of shape [", logits.size(0), "], got ",
+                    detail::shape_str(labels));
+  if (labels.numel() > 0) {
+    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < logits.size(1), "classification_loss: labels must be in [0, ",
+                      logits.size(1), "), got values in [", lo, ", ", hi, "]");
+  }
+  return F::cross_entropy(logits, labels,
+                          F::CrossEntropyFuncOptions().label_smoothing(label_smoothing));
+}
+
+torch::Tensor matching_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
+  TORCH_CHECK_VALUE(logits.defined() && logits.dim() == 1,
+                    "matching_loss: expected logits of shape [B], got ",
+                    logits.defined() ? detail::shape_str(logits) : std::string("undefined"));
+  TORCH_CHECK_VALUE(labels.defined() && labels.sizes() == logits.sizes(),
+                    "matching_loss: expected labels of shape ", detail::shape_str(logits), ", got ",
+                    labels.defined() ? detail::shape_str(labels) : std::string("undefined"));
+  return F::binary_cross_entropy_with_logits(logits, labels.to(logits.scalar_type()));
+}
+
+}  // namespace vlmkit

@@ -1,0 +1,12 @@
+#include "helpers.h"
+#include "vlmkit/runtime.h"
+
+TEST_CASE("runtime: OpenBLAS serves LibTorch and the thread policy applies", "[runtime]") {
+  auto info = vlmkit::apply_default_threads();
+  REQUIRE(info.blas == "openblas");
+  REQUIRE(info.torch_threads == 1);
+  REQUIRE(info.blas_threads >= 1);
+  vlmkit::set_num_threads(1, 1);
+  REQUIRE(vlmkit::thread_info().blas_threads == 1);
+  REQUIRE(std::string(vlmkit::torch_version()).find('.') != std::string::npos);
+}
