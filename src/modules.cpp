@@ -335,7 +335,8 @@ void ConvStageImpl::reset() {
   int64_t in = options.in_channels();
   for (int64_t c : options.channels()) {
     TORCH_CHECK_VALUE(c > 0, "ConvStage: channel counts must be positive, got ", c);
-    stages->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(in, c, 3).stride(2).padding(1)));
+    // No conv bias: the GroupNorm that follows removes it anyway.
+    stages->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(in, c, 3).stride(2).padding(1).bias(false)));
     stages->push_back(torch::nn::GroupNorm(torch::nn::GroupNormOptions(std::gcd<int64_t>(8, c), c)));
     stages->push_back(torch::nn::GELU());
     in = c;

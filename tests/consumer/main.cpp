@@ -1,5 +1,6 @@
 // Builds a Two-Tower model from the installed headers and library, composed
 // both by name and by templates, and runs a training step.
+#include <torch/torch.h>
 #include <vlmkit/vlmkit.h>
 
 #include <iostream>

@@ -10,5 +10,5 @@ launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S "$here" -B "$scratch/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$scratch/prefix" "${launcher[@]}" >/dev/null
-cmake --build "$scratch/build" >/dev/null
+cmake --build "$scratch/build"
 "$scratch/build/consumer"

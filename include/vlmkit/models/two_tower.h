@@ -2,6 +2,7 @@
 /// Architecture 1, Two-Tower: an image tower and a text tower trained under a
 /// contrastive objective into one embedding space (CLIP / SigLIP).
 #include <torch/nn/functional/normalization.h>
+#include <torch/nn/init.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 

@@ -1,0 +1,143 @@
+"""The torch.nn.Module contract for every bound model and block."""
+import io
+
+import pytest
+import torch
+
+import vlmkit
+from conftest import batch, tiny_config
+
+
+def make(kind):
+    if kind == "two_tower":
+        return vlmkit.TwoTower(tiny_config("two_tower")), "two_tower"
+    if kind == "two_leg":
+        return vlmkit.TwoLeg(tiny_config("two_leg")), "two_leg"
+    raise AssertionError(kind)
+
+
+def run(model, kind, dtype=torch.float32):
+    images, ids = batch()
+    if kind == "two_tower":
+        return model(images.to(dtype), ids).loss
+    return model(images.to(dtype), ids, labels=torch.tensor([0, 1, 2, 3])).loss
+
+
+@pytest.mark.parametrize("kind", ["two_tower", "two_leg"])
+def test_is_module_and_optimizer_step_changes_weights(kind):
+    model, kind = make(kind)
+    assert isinstance(model, torch.nn.Module)
+    params = list(model.parameters())
+    assert all(p.requires_grad for p in params)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = run(model, kind)
+    opt.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in params)
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+@pytest.mark.parametrize("kind", ["two_tower", "two_leg"])
+def test_to_float64_train_eval_and_device_strings(kind):
+    model, kind = make(kind)
+    assert model.to(torch.float64) is model
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert run(model, kind, torch.float64).dtype == torch.float64
+    model.to("cpu")
+    model.double().float()
+    assert model.eval() is model and not model.training
+    assert model.train() is model and model.training
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kind", ["two_tower", "two_leg"])
+def test_state_dict_round_trip_through_torch_save(kind):
+    model, kind = make(kind)
+    state = model.state_dict()
+    assert len(state) == len(list(model.parameters())) + len(list(model.buffers()))
+    assert all(not t.requires_grad for t in state.values())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)  # a differently initialised twin
+    twin = vlmkit.build_model(model.config)
+    images, ids = batch()
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        if kind == "two_tower":
+            assert not torch.equal(model.encode_image(images), twin.encode_image(images))
+    result = twin.load_state_dict(torch.load(buffer))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with torch.no_grad():
+        a, b = model(images, ids), twin(images, ids)
+        key = "logits_per_image" if kind == "two_tower" else "logits"
+        assert torch.equal(getattr(a, key), getattr(b, key))
+
+
+def test_load_state_dict_reports_problems():
+    model = vlmkit.TwoTower(tiny_config("two_tower"))
+    state = model.state_dict()
+    bad = dict(state)
+    bad.pop("logit_scale")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(bad)
+    assert model.load_state_dict(bad, strict=False).missing_keys == ["logit_scale"]
+    wrong = dict(state)
+    wrong["image_projection.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for 'image_projection.weight'"):
+        model.load_state_dict(wrong)
+    with pytest.raises(TypeError):
+        model.load_state_dict([1, 2])
+
+
+def test_hooks_and_sequential():
+    block = vlmkit.TransformerBlock(16, 2)
+    seen = []
+    handle = block.register_forward_hook(lambda m, inp, out: seen.append(out.shape))
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 16), block, torch.nn.LayerNorm(16))
+    out = seq(torch.randn(2, 5, 16))
+    assert out.shape == (2, 5, 16) and seen == [torch.Size([2, 5, 16])]
+    handle.remove()
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_config_rebuilds_the_same_architecture():
+    for arch in ("two_tower", "two_leg"):
+        model = vlmkit.build_model(tiny_config(arch))
+        config = model.config
+        assert config["architecture"] == arch
+        again = vlmkit.build_model(config)
+        assert again.config == config
+        assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    defaults = vlmkit.default_config("two_leg")
+    assert defaults["fusion"]["type"] == "concat_mlp" and defaults["head"]["num_classes"] == 16
+
+
+def test_blocks_are_modules_with_options_and_repr():
+    vit = vlmkit.ViT(image_size=32, patch_size=8, d_model=32, depth=1, num_heads=4, pool="mean")
+    assert isinstance(vit, torch.nn.Module)
+    assert vit.options["pool"] == "mean" and vit.config["type"] == "vit"
+    out = vit(torch.rand(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 16, 32) and out.pooled.shape == (2, 32) and out.grid == (4, 4)
+    assert "vlmkit::ViT(" in repr(vit) and "pool=mean" in repr(vit)
+    text = vlmkit.TextEncoder(vocab_size=64, max_len=16, d_model=32, depth=1, num_heads=4)
+    t = text(torch.randint(1, 64, (2, 5)))
+    for fusion_cls in (vlmkit.ConcatMlpFusion, vlmkit.AttentionFusion, vlmkit.GatedFusion,
+                       vlmkit.CrossAttentionFusion):
+        fusion = fusion_cls(32, 32, dim=16)
+        assert fusion(out, t).shape == (2, 16)
+    attn = vlmkit.MultiheadAttention(32, 4, context_dim=16)
+    assert attn(torch.randn(2, 3, 32), context=torch.randn(2, 4, 16)).shape == (2, 3, 32)
+    head = vlmkit.ClassificationHead(32, 7, hidden_dim=16)
+    assert head(torch.randn(3, 32)).shape == (3, 7)
+    logits = torch.tensor([[2.0, 0.0], [1.0, 3.0]])
+    assert torch.allclose(vlmkit.ClipLoss()(logits), vlmkit.clip_loss(logits))
+
+
+def test_gradcheck_float64_attention():
+    attn = vlmkit.MultiheadAttention(8, 2).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: attn(t, causal=True), (x,))
