@@ -131,6 +131,19 @@ torch::Tensor check_token_ids(const torch::Tensor& ids, const torch::Tensor& pad
   return padding_mask;
 }
 
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta) {
+  const int64_t dh = x.size(-1), half = dh / 2;
+  auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, half, torch::TensorOptions()
+                                                                        .dtype(torch::kDouble)
+                                                                        .device(x.device())) *
+                                              (2.0 / double(dh)));
+  auto angles = positions.to(torch::kDouble).unsqueeze(-1) * inv_freq;  // [B, T, Dh/2]
+  auto cos = angles.cos().to(x.scalar_type()).unsqueeze(1);             // [B, 1, T, Dh/2]
+  auto sin = angles.sin().to(x.scalar_type()).unsqueeze(1);
+  auto x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
+  return torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+}
+
 torch::Tensor sincos_2d(int64_t rows, int64_t cols, int64_t dim) {
   TORCH_CHECK_VALUE(dim % 4 == 0, "sincos2d position embedding needs a width divisible by 4, got ",
                     dim);
@@ -155,6 +168,9 @@ void MultiheadAttentionImpl::reset() {
   detail::check_heads(options.embed_dim(), options.num_heads(), "MultiheadAttention");
   TORCH_CHECK_VALUE(options.dropout() >= 0 && options.dropout() < 1,
                     "MultiheadAttention: dropout must be in [0, 1), got ", options.dropout());
+  TORCH_CHECK_VALUE(!options.rotary() || (options.embed_dim() / options.num_heads()) % 2 == 0,
+                    "MultiheadAttention: rotary positions need an even head width, got ",
+                    options.embed_dim() / options.num_heads());
   const int64_t e = options.embed_dim();
   const int64_t c = options.context_dim() > 0 ? options.context_dim() : e;
   q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
@@ -170,7 +186,7 @@ void MultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
 torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context,
                                               const torch::Tensor& key_padding_mask,
                                               const torch::Tensor& attn_mask, bool causal,
-                                              KVCache* cache) {
+                                              KVCache* cache, const torch::Tensor& positions) {
   const int64_t e = options.embed_dim(), h = options.num_heads(), dh = e / h;
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 3 && x.size(2) == e,
                     "MultiheadAttention: expected x of shape [B, T, ", e, "], got ",
@@ -193,6 +209,20 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
     const int64_t s = source.size(1);
     k = k_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
     v = v_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
+    if (options.rotary() && !cross) {
+      torch::Tensor pos = positions;
+      if (!pos.defined()) {
+        const int64_t past = cache ? cache->length() : 0;
+        pos = torch::arange(past, past + t, torch::TensorOptions().dtype(torch::kLong).device(x.device()))
+                  .unsqueeze(0)
+                  .expand({b, t});
+      }
+      TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(0) == b && pos.size(1) == t,
+                        "MultiheadAttention: expected positions of shape [", b, ", ", t, "], got ",
+                        detail::shape_str(pos));
+      q = detail::apply_rotary(q, pos, options.rope_theta());
+      k = detail::apply_rotary(k, pos, options.rope_theta());
+    }
     if (cache) {
       if (!cross && !cache->empty()) {
         k = torch::cat({cache->key, k}, 2);
@@ -271,7 +301,10 @@ void TransformerBlockImpl::reset() {
   norm1 = register_module("norm1", torch::nn::LayerNorm(ln));
   self_attn = register_module(
       "self_attn",
-      MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads()).dropout(options.dropout())));
+      MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())
+                             .dropout(options.dropout())
+                             .rotary(options.rotary())
+                             .rope_theta(options.rope_theta())));
   if (options.cross_attention()) {
     norm_cross = register_module("norm_cross", torch::nn::LayerNorm(ln));
     cross_attn = register_module(
@@ -298,10 +331,10 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x,
                                             const torch::Tensor& attn_mask, bool causal,
                                             const torch::Tensor& context,
                                             const torch::Tensor& context_padding_mask,
-                                            BlockCache* cache) {
+                                            BlockCache* cache, const torch::Tensor& positions) {
   auto h = x + dropout->forward(self_attn->forward(norm1->forward(x), {}, key_padding_mask,
                                                    attn_mask, causal,
-                                                   cache ? &cache->self : nullptr));
+                                                   cache ? &cache->self : nullptr, positions));
   if (options.cross_attention()) {
     TORCH_CHECK_VALUE(context.defined(),
                       "TransformerBlock: this block has cross-attention and needs a context of "

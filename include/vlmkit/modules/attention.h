@@ -35,6 +35,8 @@ struct KVCache {
 ///   attn_mask: [T, S] or [B, T, S] bool, true = blocked.
 ///   causal: query t (at absolute position past + t) sees keys <= past + t.
 ///   cache: optional KVCache (see above).
+///   positions: [B, T] int64 positions for rotary attention; undefined means
+///     past, past + 1, ... (past = cached length).
 /// Shape: returns [B, T, D].
 class MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImpl> {
  public:
@@ -45,7 +47,7 @@ class MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImp
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context = {},
                         const torch::Tensor& key_padding_mask = {},
                         const torch::Tensor& attn_mask = {}, bool causal = false,
-                        KVCache* cache = nullptr);
+                        KVCache* cache = nullptr, const torch::Tensor& positions = {});
 
   MultiheadAttentionOptions options;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
@@ -56,6 +58,8 @@ namespace detail {
 /// The additive-mask fill value: the lowest finite value of the dtype, so a
 /// row with every key masked yields uniform weights instead of NaN.
 double mask_fill_value(torch::ScalarType dtype);
+/// Rotary embedding (rotate-half form) of x [B, H, T, Dh] at positions [B, T].
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta);
 }  // namespace detail
 
 }  // namespace vlmkit

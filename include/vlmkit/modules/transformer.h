@@ -29,7 +29,7 @@ class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
                         const torch::Tensor& attn_mask = {}, bool causal = false,
                         const torch::Tensor& context = {},
                         const torch::Tensor& context_padding_mask = {},
-                        BlockCache* cache = nullptr);
+                        BlockCache* cache = nullptr, const torch::Tensor& positions = {});
 
   TransformerBlockOptions options;
   torch::nn::LayerNorm norm1{nullptr}, norm_cross{nullptr}, norm2{nullptr};

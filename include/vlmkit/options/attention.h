@@ -21,6 +21,10 @@ struct MultiheadAttentionOptions {
   /// Dropout on the attention weights (training only).
   TORCH_ARG(double, dropout) = 0.0;
   TORCH_ARG(bool, bias) = true;
+  /// Rotary position embedding on queries and keys (self-attention only);
+  /// needs an even head width.
+  TORCH_ARG(bool, rotary) = false;
+  TORCH_ARG(double, rope_theta) = 10000.0;
 };
 
 template <class V>
@@ -30,6 +34,8 @@ void visit_fields(MultiheadAttentionOptions& o, V& v) {
   v("context_dim", o.context_dim());
   v("dropout", o.dropout());
   v("bias", o.bias());
+  v("rotary", o.rotary());
+  v("rope_theta", o.rope_theta());
 }
 
 /// Options for a pre-norm transformer block:
@@ -49,6 +55,9 @@ struct TransformerBlockOptions {
   TORCH_ARG(int64_t, context_dim) = 0;
   /// Flamingo-style tanh gate on the cross-attention residual, starting closed (0).
   TORCH_ARG(bool, gated_cross_attention) = false;
+  /// Rotary positions in the self-attention sub-layer.
+  TORCH_ARG(bool, rotary) = false;
+  TORCH_ARG(double, rope_theta) = 10000.0;
 };
 
 template <class V>
@@ -61,6 +70,8 @@ void visit_fields(TransformerBlockOptions& o, V& v) {
   v("cross_attention", o.cross_attention());
   v("context_dim", o.context_dim());
   v("gated_cross_attention", o.gated_cross_attention());
+  v("rotary", o.rotary());
+  v("rope_theta", o.rope_theta());
 }
 
 }  // namespace vlmkit

@@ -1,0 +1,124 @@
+#pragma once
+/// Options for the text decoder, the projectors (connectors) and the fusion
+/// of image tokens into the decoder.
+#include <torch/arg.h>
+
+#include <cstdint>
+
+#include "vlmkit/detail/enum_names.h"
+
+namespace vlmkit {
+
+enum class DecoderPosition { rotary, learned };
+VLMKIT_ENUM_NAMES(DecoderPosition, "decoder position embedding",
+                  {DecoderPosition::rotary, "rotary"}, {DecoderPosition::learned, "learned"});
+
+/// Causal pre-norm transformer decoder.
+struct TextDecoderOptions {
+  /// The default covers the byte-level tokenizer (8 specials + 256 bytes).
+  TORCH_ARG(int64_t, vocab_size) = 264;
+  /// Context length: prompt (with image tokens when concatenated) + answer.
+  TORCH_ARG(int64_t, max_len) = 256;
+  TORCH_ARG(int64_t, d_model) = 128;
+  TORCH_ARG(int64_t, depth) = 4;
+  TORCH_ARG(int64_t, num_heads) = 4;
+  TORCH_ARG(double, mlp_ratio) = 4.0;
+  TORCH_ARG(double, dropout) = 0.0;
+  /// Rotary positions (RoFormer, Su et al. 2021) or a learned table.
+  TORCH_ARG(DecoderPosition, pos_embedding) = DecoderPosition::rotary;
+  TORCH_ARG(double, rope_theta) = 10000.0;
+  /// Output head shares the token embedding matrix (Press & Wolf 2017).
+  TORCH_ARG(bool, tie_embeddings) = true;
+  /// 0: no cross-attention; N: a cross-attention sub-layer in every N-th
+  /// layer (layers N-1, 2N-1, ...; 1 means every layer).
+  TORCH_ARG(int64_t, cross_attention_every) = 0;
+  /// Flamingo's tanh gate on cross-attention, starting closed at 0.
+  TORCH_ARG(bool, gated_cross_attention) = false;
+  /// Width of the cross-attention memory; 0 means d_model.
+  TORCH_ARG(int64_t, context_dim) = 0;
+  TORCH_ARG(int64_t, pad_id) = 0;
+};
+
+template <class V>
+void visit_fields(TextDecoderOptions& o, V& v) {
+  v("vocab_size", o.vocab_size());
+  v("max_len", o.max_len());
+  v("d_model", o.d_model());
+  v("depth", o.depth());
+  v("num_heads", o.num_heads());
+  v("mlp_ratio", o.mlp_ratio());
+  v("dropout", o.dropout());
+  v("pos_embedding", o.pos_embedding());
+  v("rope_theta", o.rope_theta());
+  v("tie_embeddings", o.tie_embeddings());
+  v("cross_attention_every", o.cross_attention_every());
+  v("gated_cross_attention", o.gated_cross_attention());
+  v("context_dim", o.context_dim());
+  v("pad_id", o.pad_id());
+}
+
+enum class ProjectorType { linear, mlp, pixel_shuffle, patch_merger, resampler };
+VLMKIT_ENUM_NAMES(ProjectorType, "projector", {ProjectorType::linear, "linear"},
+                  {ProjectorType::mlp, "mlp"}, {ProjectorType::pixel_shuffle, "pixel_shuffle"},
+                  {ProjectorType::patch_merger, "patch_merger"},
+                  {ProjectorType::resampler, "resampler"});
+
+/// One options struct for the projector zoo; each projector reads the fields
+/// it documents (the config reader accepts only those for the chosen type).
+struct ProjectorOptions {
+  ProjectorOptions(int64_t in_dim = 128, int64_t out_dim = 128) : in_dim_(in_dim), out_dim_(out_dim) {}
+  TORCH_ARG(int64_t, in_dim);
+  TORCH_ARG(int64_t, out_dim);
+  /// mlp: hidden width (0 = out_dim).
+  TORCH_ARG(int64_t, hidden_dim) = 0;
+  /// pixel_shuffle: space-to-depth factor r (r^2 fewer tokens).
+  TORCH_ARG(int64_t, factor) = 2;
+  /// resampler: number of learned queries (= output tokens), layers, heads.
+  TORCH_ARG(int64_t, num_queries) = 16;
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(int64_t, num_heads) = 4;
+};
+
+/// Visits the fields that `type` reads.
+template <class V>
+void visit_projector_fields(ProjectorType type, ProjectorOptions& o, V& v) {
+  switch (type) {
+    case ProjectorType::mlp: v("hidden_dim", o.hidden_dim()); break;
+    case ProjectorType::pixel_shuffle: v("factor", o.factor()); break;
+    case ProjectorType::resampler:
+      v("num_queries", o.num_queries());
+      v("num_layers", o.num_layers());
+      v("num_heads", o.num_heads());
+      break;
+    case ProjectorType::linear:
+    case ProjectorType::patch_merger: break;
+  }
+}
+
+enum class DecoderFusionType { concat, cross_attention };
+VLMKIT_ENUM_NAMES(DecoderFusionType, "decoder fusion", {DecoderFusionType::concat, "concat"},
+                  {DecoderFusionType::cross_attention, "cross_attention"});
+
+/// How concatenated sequences attend: fully causal, or prefix-LM (image and
+/// prompt attend bidirectionally, the answer causally; PaliGemma).
+enum class AttentionPolicy { causal, prefix_lm };
+VLMKIT_ENUM_NAMES(AttentionPolicy, "attention policy", {AttentionPolicy::causal, "causal"},
+                  {AttentionPolicy::prefix_lm, "prefix_lm"});
+
+/// Options of the generative architectures (3 and 4).
+struct GenerativeOptions {
+  TORCH_ARG(DecoderFusionType, fusion) = DecoderFusionType::concat;
+  TORCH_ARG(AttentionPolicy, attention) = AttentionPolicy::causal;
+  /// Token id of the image placeholder in the text (concat fusion).
+  TORCH_ARG(int64_t, image_token_id) = 3;
+  TORCH_ARG(double, label_smoothing) = 0.0;
+};
+
+template <class V>
+void visit_fields(GenerativeOptions& o, V& v) {
+  v("attention", o.attention());
+  v("image_token_id", o.image_token_id());
+  v("label_smoothing", o.label_smoothing());
+}
+
+}  // namespace vlmkit
