@@ -59,5 +59,6 @@ void add_options(Cls& cls) {
 
 void bind_blocks(py::module_& m);
 void bind_models(py::module_& m);
+void bind_generative(py::module_& m);
 
 }  // namespace vlmkit::bindings

@@ -29,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
 
   vlmkit::bindings::bind_blocks(m);
   vlmkit::bindings::bind_models(m);
+  vlmkit::bindings::bind_generative(m);
 }

@@ -11,6 +11,9 @@
 namespace vlmkit {
 
 template class TwoTowerImpl<ImageEncoderModule, TextEncoderModule>;
+template class EncoderDecoderImpl<ImageEncoderModule, ProjectorModule, DecoderFusionModule, TextDecoderImpl>;
+template class EncoderTextDecoderImpl<ImageEncoderModule, TextEncoderImpl, ProjectorModule,
+                                      DecoderFusionModule, TextDecoderImpl>;
 template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule,
                           ClassificationHeadImpl>;
 
@@ -212,6 +215,90 @@ std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config) {
   return std::make_shared<TwoLegImpl<>>(image, text, fusion, head, options);
 }
 
+std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
+                                                const std::string& path) {
+  const auto type = type_of(config, path, ProjectorType::mlp);
+  ProjectorOptions options(in_dim, out_dim);
+  if (!config.is_null()) {
+    ConfigReader reader(config, path);
+    reader.allow("type");
+    visit_projector_fields(type, options, reader);
+    reader.finish();
+  }
+  return make_projector(type, options);
+}
+
+DecoderFusionType fusion_type(const json& config) {
+  if (config.is_null()) return DecoderFusionType::concat;
+  if (config.is_string()) {
+    for (const auto& entry : EnumNames<DecoderFusionType>::table())
+      if (config.get<std::string>() == entry.second) return entry.first;
+    TORCH_CHECK_VALUE(false, "config key 'fusion': unknown decoder fusion '", config.get<std::string>(),
+                      "'; expected one of ", detail::join_names(enum_names<DecoderFusionType>()));
+  }
+  TORCH_CHECK_TYPE(config.is_object(), "config key 'fusion': expected a name (",
+                   detail::join_names(enum_names<DecoderFusionType>()), ") or an object, got ",
+                   detail::json_kind(config));
+  ConfigReader reader(config, "fusion");
+  reader.allow("type");
+  reader.finish();
+  return type_of(config, "fusion", DecoderFusionType::concat);
+}
+
+std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, DecoderFusionType fusion,
+                                              const std::string& path) {
+  TextDecoderOptions options;
+  if (fusion == DecoderFusionType::cross_attention) options.cross_attention_every(1);
+  read_options(config, path, options);
+  return std::make_shared<TextDecoderImpl>(options);
+}
+
+namespace {
+std::shared_ptr<DecoderFusionModule> make_decoder_fusion(DecoderFusionType type, int64_t image_token_id) {
+  if (type == DecoderFusionType::concat) return std::make_shared<ConcatFusionImpl>(image_token_id);
+  return std::make_shared<CrossAttentionDecoderFusionImpl>();
+}
+
+int64_t memory_width(const TextDecoderImpl& decoder, DecoderFusionType fusion) {
+  const auto& o = decoder.options;
+  return fusion == DecoderFusionType::cross_attention && o.context_dim() > 0 ? o.context_dim() : o.d_model();
+}
+}  // namespace
+
+std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config) {
+  check_architecture(config, Architecture::encoder_decoder);
+  GenerativeOptions options;
+  read_options(config, "", options, {"architecture", "image_encoder", "projector", "fusion", "decoder"});
+  const auto fusion = fusion_type(config.is_object() && config.contains("fusion") ? config["fusion"] : json());
+  options.fusion(fusion);
+  auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
+  auto decoder = make_decoder(sub_object(config, "decoder", ""), fusion);
+  auto projector = make_projector(sub_object(config, "projector", ""), image->output_dim(),
+                                  memory_width(*decoder, fusion));
+  return std::make_shared<EncoderDecoderImpl<>>(image, projector,
+                                                make_decoder_fusion(fusion, options.image_token_id()),
+                                                decoder, options);
+}
+
+std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& config) {
+  check_architecture(config, Architecture::encoder_text_decoder);
+  GenerativeOptions options;
+  read_options(config, "", options,
+               {"architecture", "image_encoder", "text_encoder", "projector", "fusion", "decoder"});
+  const auto fusion = fusion_type(config.is_object() && config.contains("fusion") ? config["fusion"] : json());
+  options.fusion(fusion);
+  json image_config = sub_object(config, "image_encoder", "");
+  if (image_config.is_null()) image_config = json{{"type", "conv"}};  // the mission's conv stage
+  auto image = make_image_encoder(image_config);
+  auto text = std::dynamic_pointer_cast<TextEncoderImpl>(make_text_encoder(sub_object(config, "text_encoder", "")));
+  auto decoder = make_decoder(sub_object(config, "decoder", ""), fusion);
+  auto projector = make_projector(sub_object(config, "projector", ""), text->output_dim(),
+                                  memory_width(*decoder, fusion));
+  return std::make_shared<EncoderTextDecoderImpl<>>(image, text, projector,
+                                                    make_decoder_fusion(fusion, options.image_token_id()),
+                                                    decoder, options);
+}
+
 std::shared_ptr<torch::nn::Module> build_model(const json& config) {
   TORCH_CHECK_TYPE(config.is_object() || config.is_null(),
                    "build_model: expected a config object, got ", detail::json_kind(config));
@@ -226,11 +313,8 @@ std::shared_ptr<torch::nn::Module> build_model(const json& config) {
   switch (architecture) {
     case Architecture::two_tower: return make_two_tower(config);
     case Architecture::two_leg: return make_two_leg(config);
-    case Architecture::encoder_text_decoder:
-    case Architecture::encoder_decoder:
-      TORCH_CHECK_VALUE(false, "architecture '", to_name(architecture),
-                        "' is not implemented in this version of vlmkit; available: "
-                        "'two_tower', 'two_leg'");
+    case Architecture::encoder_text_decoder: return make_encoder_text_decoder(config);
+    case Architecture::encoder_decoder: return make_encoder_decoder(config);
   }
   TORCH_CHECK_VALUE(false, "unreachable architecture");
 }
@@ -238,6 +322,8 @@ std::shared_ptr<torch::nn::Module> build_model(const json& config) {
 json model_config(const torch::nn::Module& model) {
   if (auto* m = dynamic_cast<const TwoTowerImpl<>*>(&model)) return m->config();
   if (auto* m = dynamic_cast<const TwoLegImpl<>*>(&model)) return m->config();
+  if (auto* m = dynamic_cast<const EncoderDecoderImpl<>*>(&model)) return m->config();
+  if (auto* m = dynamic_cast<const EncoderTextDecoderImpl<>*>(&model)) return m->config();
   TORCH_CHECK_VALUE(false, "model_config: ", model.name(), " is not a vlmkit architecture");
 }
 

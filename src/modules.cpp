@@ -555,14 +555,27 @@ json TextEncoderImpl::config() const {
   return out;
 }
 
+torch::Tensor TextEncoderImpl::check_ids(const torch::Tensor& token_ids,
+                                         const torch::Tensor& padding_mask) const {
+  return detail::check_token_ids(token_ids, padding_mask, options.vocab_size(), options.max_len(),
+                                 options.pad_id(), "TextEncoder");
+}
+
+torch::Tensor TextEncoderImpl::embed(const torch::Tensor& token_ids) {
+  return token_embed->forward(token_ids) + pos_embed.slice(1, 0, token_ids.size(1));
+}
+
+torch::Tensor TextEncoderImpl::encode(const torch::Tensor& embeds, const torch::Tensor& padding_mask) {
+  auto x = embeds;
+  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, padding_mask);
+  return norm->forward(x);
+}
+
 EncoderOutput TextEncoderImpl::forward(const torch::Tensor& token_ids,
                                        const torch::Tensor& padding_mask) {
-  auto mask = detail::check_token_ids(token_ids, padding_mask, options.vocab_size(),
-                                      options.max_len(), options.pad_id(), "TextEncoder");
+  auto mask = check_ids(token_ids, padding_mask);
   const int64_t t = token_ids.size(1);
-  auto x = token_embed->forward(token_ids) + pos_embed.slice(1, 0, t);
-  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, mask);
-  x = norm->forward(x);
+  auto x = encode(embed(token_ids), mask);
   EncoderOutput out;
   out.tokens = x;
   out.padding_mask = mask;

@@ -16,7 +16,9 @@ import torch as _torch  # loads libtorch before the extension
 
 from . import _C
 from ._module import CppModule, wrap_block
-from .models import ARCHITECTURES, TwoLeg, TwoTower, build_model, default_config
+from . import text
+from .models import (ARCHITECTURES, EncoderDecoder, EncoderTextDecoder, TwoLeg, TwoTower,
+                     build_model, default_config)
 
 __version__: str = _C.__version__
 #: The LibTorch version the extension was compiled against.
@@ -57,6 +59,25 @@ ClipLoss = wrap_block(_C.ClipLoss, "ClipLoss")
 SigLipLoss = wrap_block(_C.SigLipLoss, "SigLipLoss")
 ClassificationLoss = wrap_block(_C.ClassificationLoss, "ClassificationLoss")
 MatchingLoss = wrap_block(_C.MatchingLoss, "MatchingLoss")
+TextDecoder = wrap_block(_C.TextDecoder, "TextDecoder", "Causal pre-norm text decoder: "
+                         "TextDecoder(vocab_size=264, max_len=256, d_model=128, depth=4, "
+                         "pos_embedding='rotary', cross_attention_every=0, ...).")
+MlpProjector = wrap_block(_C.MlpProjector, "MlpProjector", "LLaVA-1.5 projector: "
+                          "MlpProjector(in_dim, out_dim, hidden_dim=0); N tokens out.")
+PixelShuffleProjector = wrap_block(_C.PixelShuffleProjector, "PixelShuffleProjector",
+                                   "Space-to-depth projector: PixelShuffleProjector(in_dim, out_dim, "
+                                   "factor=2); N / factor^2 tokens out.")
+PatchMergerProjector = wrap_block(_C.PatchMergerProjector, "PatchMergerProjector",
+                                  "Qwen2-VL patch merger: PatchMergerProjector(in_dim, out_dim); "
+                                  "N / 4 tokens out.")
+ResamplerProjector = wrap_block(_C.ResamplerProjector, "ResamplerProjector",
+                                "Perceiver resampler: ResamplerProjector(in_dim, out_dim, "
+                                "num_queries=16, num_layers=1, num_heads=4); num_queries tokens out.")
+ByteTokenizer = _C.ByteTokenizer
+DecoderOutput = _C.DecoderOutput
+JsonSchemaMatcher = _C.JsonSchemaMatcher
+box_to_text = _C.box_to_text
+parse_boxes = _C.parse_boxes
 
 # Thread policy (measured 2.1x-2.7x on 2 cores, see vlmkit/runtime.h): one torch
 # intra-op thread, OpenBLAS on every core. VLMKIT_TORCH_THREADS /
@@ -65,7 +86,9 @@ if _os.environ.get("VLMKIT_KEEP_THREADS", "") not in ("1", "true", "yes"):
     apply_default_threads()
 
 __all__ = [
-    "ARCHITECTURES", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
+    "ARCHITECTURES", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "JsonSchemaMatcher", "MlpProjector", "PatchMergerProjector", "PixelShuffleProjector",
+    "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",
     "GatedFusion", "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from . import _C
+from . import _C, text
 from ._module import CppModule
 
 ARCHITECTURES = ("two_tower", "two_leg", "encoder_text_decoder", "encoder_decoder")
@@ -70,7 +70,108 @@ class TwoLeg(CppModule, _C.TwoLeg):
         self._finish_init()
 
 
-_CLASSES = {"two_tower": TwoTower, "two_leg": TwoLeg}
+class _Generative:
+    """generate() with text prompts for the two generative architectures."""
+
+    def _prompt_ids(self, prompts: Sequence[str], images_per_prompt: bool) -> List[List[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("expected prompts as a str or a list of str")
+        concat = self.config["fusion"] == "concat"
+        ids = []
+        for prompt in prompts:
+            # With concat fusion an image needs a placeholder; one image per
+            # prompt without one goes first, as LLaVA writes it.
+            if concat and images_per_prompt and text.TOKENIZER.image_id not in text.encode(prompt):
+                prompt = "<image>" + prompt
+            ids.append(text.encode(prompt, add_bos=True, add_eos=False))
+        return ids
+
+    @staticmethod
+    def _generation_kwargs(max_new_tokens: int, schema: Optional[Mapping[str, Any]], **kwargs: Any) -> Dict[str, Any]:
+        schema_json = None
+        if schema is not None:
+            if not isinstance(schema, Mapping):
+                raise TypeError(f"expected schema to be a dict (a JSON schema), got {type(schema).__name__}")
+            schema_json = json.dumps(schema)
+            # Room for the longest value the schema allows, so the JSON always closes.
+            max_new_tokens = max(max_new_tokens, _C.JsonSchemaMatcher.max_length(schema_json) + 1)
+        return dict(max_new_tokens=max_new_tokens, schema=schema_json, **kwargs)
+
+    @staticmethod
+    def _texts(ids: List[List[int]], return_ids: bool):
+        texts = [text.decode([t for t in row if t != text.EOS]) for row in ids]
+        return (texts, ids) if return_ids else texts
+
+
+class EncoderDecoder(_Generative, CppModule, _C.EncoderDecoder):
+    """Architecture 4: image encoder, projector, concatenation or cross-attention
+    into a next-token text decoder (LLaVA / Flamingo family).
+
+    Config keys: ``image_encoder``, ``projector`` (``type`` one of "linear", "mlp",
+    "pixel_shuffle", "patch_merger", "resampler"), ``fusion`` ("concat" |
+    "cross_attention"), ``decoder``, ``attention`` ("causal" | "prefix_lm"),
+    ``image_token_id``, ``label_smoothing``.
+
+    ``forward(images, input_ids, padding_mask=None, labels=None)`` returns a
+    ``DecoderOutput`` (logits over the fused sequence, loss on answer tokens).
+    """
+
+    def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
+        _C.EncoderDecoder.__init__(self, json.dumps(_config("encoder_decoder", config, overrides)))
+        self._finish_init()
+
+    def generate(self, images: torch.Tensor, prompts, max_new_tokens: int = 32, *,
+                 schema: Optional[Mapping[str, Any]] = None, stream: Optional[Callable] = None,
+                 return_ids: bool = False, **kwargs: Any):
+        """Generates an answer per prompt. ``images`` [I, C, H, W]: with concat fusion
+        they fill the ``<image>`` placeholders in order (a prompt without one gets
+        one in front); with cross-attention, one image per prompt. Options:
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``num_beams``,
+        ``length_penalty``, ``stop_tokens``, ``use_cache``, ``seed``; ``schema`` (a JSON
+        schema dict) constrains the output to valid JSON; ``stream(tokens)`` is called
+        after each step with the new token of each prompt (-1 when finished) and may
+        return False to stop. Returns the texts (and token ids with ``return_ids``)."""
+        ids = self._prompt_ids(prompts, images_per_prompt=images.dim() == 4 and
+                               images.shape[0] == (1 if isinstance(prompts, str) else len(prompts)))
+        tokens, _ = self.cpp_module.generate_ids(
+            images, ids, stream=stream, **self._generation_kwargs(max_new_tokens, schema, **kwargs))
+        return self._texts(tokens, return_ids)
+
+
+class EncoderTextDecoder(_Generative, CppModule, _C.EncoderTextDecoder):
+    """Architecture 3: a conv stage on the image and a context text, concatenated
+    and encoded together, projected, then joined to the decoder by cross-attention
+    or concatenation.
+
+    Config keys: as ``EncoderDecoder`` plus ``text_encoder`` (the joint encoder);
+    the image encoder defaults to ``{"type": "conv"}``.
+    ``forward(images, context_ids, input_ids, context_padding_mask=None,
+    padding_mask=None, labels=None)`` returns a ``DecoderOutput``.
+    """
+
+    def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
+        _C.EncoderTextDecoder.__init__(self, json.dumps(_config("encoder_text_decoder", config, overrides)))
+        self._finish_init()
+
+    def generate(self, images: torch.Tensor, contexts: Sequence[str], prompts, max_new_tokens: int = 32, *,
+                 schema: Optional[Mapping[str, Any]] = None, stream: Optional[Callable] = None,
+                 return_ids: bool = False, **kwargs: Any):
+        """Like ``EncoderDecoder.generate`` with one context text per image."""
+        if isinstance(contexts, str):
+            contexts = [contexts]
+        max_len = self.config["text_encoder"]["max_len"]
+        context_ids, context_mask = text.encode_batch(list(contexts), max_len)
+        ids = self._prompt_ids(prompts, images_per_prompt=True)
+        tokens, _ = self.cpp_module.generate_ids(
+            images, context_ids, ids, stream=stream, context_padding_mask=context_mask,
+            **self._generation_kwargs(max_new_tokens, schema, **kwargs))
+        return self._texts(tokens, return_ids)
+
+
+_CLASSES = {"two_tower": TwoTower, "two_leg": TwoLeg, "encoder_decoder": EncoderDecoder,
+            "encoder_text_decoder": EncoderTextDecoder}
 
 
 def build_model(config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> torch.nn.Module:
@@ -84,10 +185,6 @@ def build_model(config: Optional[Mapping[str, Any]] = None, **overrides: Any) ->
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of "
                          + ", ".join(repr(a) for a in ARCHITECTURES))
-    if architecture not in _CLASSES:
-        raise NotImplementedError(f"architecture {architecture!r} is not implemented in this "
-                                  f"version of vlmkit; available: "
-                                  + ", ".join(repr(a) for a in _CLASSES))
     return _CLASSES[architecture](merged)
 
 

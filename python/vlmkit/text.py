@@ -1,29 +1,31 @@
-"""A byte-level text codec: no training, every UTF-8 string round-trips.
+"""Text helpers over the C++ byte-level tokenizer (``vlmkit.ByteTokenizer``).
 
-Ids: 0 = pad, 1 = bos, 2 = eos, byte b -> b + 3 (vocabulary of 259, inside the
-text encoder's default 512). The C++ tokenizers of the data pipeline use the
-same special ids.
+Ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <image> (the literal "<image>" in a text),
+4-7 reserved, byte b -> b + 8 (vocabulary of 264). Every UTF-8 string
+round-trips.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-PAD, BOS, EOS = 0, 1, 2
-BYTE_OFFSET = 3
-VOCAB_SIZE = 256 + BYTE_OFFSET
+from . import _C
+
+TOKENIZER = _C.ByteTokenizer()
+PAD, BOS, EOS, IMAGE = TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.image_id
+VOCAB_SIZE = TOKENIZER.vocab_size
+IGNORE_INDEX = -100
 
 
-def encode(text: str) -> List[int]:
+def encode(text: str, add_bos: bool = True, add_eos: bool = True) -> List[int]:
     if not isinstance(text, str):
         raise TypeError(f"expected a str, got {type(text).__name__}")
-    return [BOS] + [b + BYTE_OFFSET for b in text.encode("utf-8")] + [EOS]
+    return TOKENIZER.encode(text, add_bos, add_eos)
 
 
 def decode(ids: Sequence[int]) -> str:
-    data = bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < VOCAB_SIZE)
-    return data.decode("utf-8", errors="replace")
+    return TOKENIZER.decode_bytes(list(ids)).decode("utf-8", errors="replace")
 
 
 def encode_batch(texts: Sequence[str], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,3 +41,27 @@ def encode_batch(texts: Sequence[str], max_len: int) -> Tuple[torch.Tensor, torc
     for row, e in enumerate(encoded):
         ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
     return ids, ids.eq(PAD)
+
+
+def training_batch(prompts: Sequence[str], answers: Sequence[str]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, padding_mask) for prompt -> answer pairs: input is
+    <bos> prompt answer <eos>; labels hold the answer and <eos> and IGNORE_INDEX
+    on the prompt and padding (the model shifts them by one)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"expected as many answers as prompts, got {len(answers)} and {len(prompts)}")
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        p = encode(prompt, add_bos=True, add_eos=False)
+        a = encode(answer, add_bos=False, add_eos=True)
+        rows.append((p + a, [IGNORE_INDEX] * len(p) + a))
+    longest = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), longest), PAD, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for i, (x, _) in enumerate(rows):
+        mask[i, : len(x)] = False
+    return ids, labels, mask

@@ -1,6 +1,8 @@
 #pragma once
 /// Building blocks and architectures by name from a JSON config: the runtime
 /// composition path that Python uses (C++ apps may compose templates instead).
+#include "vlmkit/models/encoder_decoder.h"
+#include "vlmkit/models/encoder_text_decoder.h"
 #include "vlmkit/models/two_leg.h"
 #include "vlmkit/models/two_tower.h"
 
@@ -16,8 +18,19 @@ std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config,
 std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
                                           const std::string& path = "fusion");
 
+/// config: {"type": "linear" | "mlp" | "pixel_shuffle" | "patch_merger" | "resampler", ...}.
+std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
+                                                const std::string& path = "projector");
+/// config: decoder options; `fusion` decides the default of cross_attention_every.
+std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, DecoderFusionType fusion,
+                                              const std::string& path = "decoder");
+/// config: "concat" | "cross_attention" (or {"type": ...}).
+DecoderFusionType fusion_type(const json& config);
+
 std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config);
 std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config);
+std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config);
+std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& config);
 
 /// Builds any architecture; config["architecture"] defaults to "two_tower".
 std::shared_ptr<torch::nn::Module> build_model(const json& config);

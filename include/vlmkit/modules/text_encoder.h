@@ -23,6 +23,12 @@ class TextEncoderImpl final : public TextEncoderModule {
 
   EncoderOutput forward(const torch::Tensor& token_ids,
                         const torch::Tensor& padding_mask = {}) override;
+  /// Validates ids [B, T] and returns the padding mask (given or ids == pad_id).
+  torch::Tensor check_ids(const torch::Tensor& token_ids, const torch::Tensor& padding_mask = {}) const;
+  /// Token + position embeddings [B, T, D] (ids already checked).
+  torch::Tensor embed(const torch::Tensor& token_ids);
+  /// The transformer blocks and final norm on any embedded sequence [B, S, D].
+  torch::Tensor encode(const torch::Tensor& embeds, const torch::Tensor& padding_mask);
   int64_t output_dim() const override { return options.d_model(); }
   nlohmann::json config() const override;
 

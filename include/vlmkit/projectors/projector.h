@@ -26,6 +26,7 @@ class ProjectorModule : public torch::nn::Module {
   virtual torch::Tensor forward(const EncoderOutput& image) = 0;
   /// M for an input of N tokens on a rows x cols grid.
   virtual int64_t num_output_tokens(int64_t rows, int64_t cols) const = 0;
+  virtual int64_t input_dim() const = 0;
   virtual int64_t output_dim() const = 0;
   virtual nlohmann::json config() const = 0;
 };
@@ -37,6 +38,7 @@ class MlpProjectorImpl final : public ProjectorModule {
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override { return rows * cols; }
+  int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
   nlohmann::json config() const override;
 
@@ -54,6 +56,7 @@ class PixelShuffleProjectorImpl final : public ProjectorModule {
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
+  int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
   nlohmann::json config() const override;
 
@@ -70,6 +73,7 @@ class PatchMergerProjectorImpl final : public ProjectorModule {
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
+  int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
   nlohmann::json config() const override;
 
@@ -88,6 +92,7 @@ class ResamplerProjectorImpl final : public ProjectorModule {
   void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
+  int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
   nlohmann::json config() const override;
 

@@ -1,0 +1,33 @@
+#pragma once
+/// What the two generative architectures share: the output struct, the
+/// forward pass from fused decoder inputs, and prompt handling.
+#include "vlmkit/config.h"
+#include "vlmkit/fusion/decoder_fusion.h"
+#include "vlmkit/generate/generate.h"
+#include "vlmkit/modules/text_decoder.h"
+
+namespace vlmkit {
+
+struct DecoderOutput {
+  torch::Tensor logits;        // [B, L, V]
+  torch::Tensor loss;          // scalar, undefined without labels
+  torch::Tensor labels;        // [B, L] after fusion (image positions ignored)
+  torch::Tensor padding_mask;  // [B, L]
+};
+
+/// Runs the decoder on fused inputs under the attention policy; computes the
+/// next-token loss when inputs.labels is defined.
+DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& inputs,
+                           AttentionPolicy policy, double label_smoothing);
+
+/// Validates token ids [B, T] int64 and returns the padding mask (given, or
+/// ids == pad_id); `who` names the caller in errors.
+torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                const TextDecoderImpl& decoder, const char* who);
+
+/// Checks that projector, fusion and decoder fit together; raises ValueError
+/// naming the mismatch.
+void check_generative_slots(int64_t projector_dim, DecoderFusionType fusion,
+                            const TextDecoderImpl& decoder, const char* who);
+
+}  // namespace vlmkit

@@ -1,0 +1,820 @@
+// The generative half of vlmkit: text decoder, projectors, decoder fusion,
+// generation (sampling, beam search, cache), JSON-schema constraints, boxes.
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <regex>
+#include <sstream>
+
+#include "vlmkit/config.h"
+#include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/json_schema.h"
+#include "vlmkit/models/generative.h"
+#include "vlmkit/projectors/projector.h"
+
+namespace F = torch::nn::functional;
+
+namespace vlmkit {
+namespace {
+std::string shape_str(const torch::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void print_fields(std::ostream& stream, const char* name, const json& fields) {
+  stream << name << "(";
+  bool first = true;
+  for (const auto& item : fields.items()) {
+    if (item.key() == "type") continue;
+    stream << (first ? "" : ", ") << item.key() << "="
+           << (item.value().is_string() ? item.value().get<std::string>() : item.value().dump());
+    first = false;
+  }
+  stream << ")";
+}
+
+void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who) {
+  TORCH_CHECK_VALUE(image.tokens.defined() && image.tokens.dim() == 3 && image.tokens.size(2) == in_dim,
+                    who, ": expected image tokens of shape [B, N, ", in_dim, "], got ",
+                    shape_str(image.tokens));
+}
+
+/// Grid of the tokens: the encoder's, or a square one when it reports none.
+std::array<int64_t, 2> token_grid(const EncoderOutput& image, const char* who) {
+  const int64_t n = image.tokens.size(1);
+  if (image.grid[0] * image.grid[1] == n) return image.grid;
+  const auto side = static_cast<int64_t>(std::llround(std::sqrt(double(n))));
+  TORCH_CHECK_VALUE(side * side == n, who, ": needs image tokens on a grid; got ", n,
+                    " tokens and no grid");
+  return {side, side};
+}
+}  // namespace
+
+// ---------------------------------------------------------------- text decoder
+void DecoderCache::select(const torch::Tensor& index) {
+  for (auto& layer : layers) {
+    for (KVCache* c : {&layer.self, &layer.cross}) {
+      if (c->empty()) continue;
+      c->key = c->key.index_select(0, index);
+      c->value = c->value.index_select(0, index);
+    }
+  }
+  if (padding_mask.defined()) padding_mask = padding_mask.index_select(0, index);
+}
+
+TextDecoderImpl::TextDecoderImpl(TextDecoderOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void TextDecoderImpl::reset() {
+  const int64_t d = options.d_model();
+  TORCH_CHECK_VALUE(d > 0 && options.num_heads() > 0 && d % options.num_heads() == 0,
+                    "TextDecoder: width ", d, " must be divisible by num_heads ", options.num_heads());
+  TORCH_CHECK_VALUE(options.vocab_size() > 0 && options.max_len() > 0,
+                    "TextDecoder: vocab_size and max_len must be positive");
+  TORCH_CHECK_VALUE(options.depth() >= 1, "TextDecoder: depth must be >= 1, got ", options.depth());
+  TORCH_CHECK_VALUE(options.cross_attention_every() >= 0,
+                    "TextDecoder: cross_attention_every must be >= 0, got ",
+                    options.cross_attention_every());
+  TORCH_CHECK_VALUE(options.pad_id() >= 0 && options.pad_id() < options.vocab_size(),
+                    "TextDecoder: pad_id must be in [0, vocab_size)");
+  const bool rotary = options.pos_embedding() == DecoderPosition::rotary;
+  TORCH_CHECK_VALUE(!rotary || (d / options.num_heads()) % 2 == 0,
+                    "TextDecoder: rotary positions need an even head width, got ",
+                    d / options.num_heads());
+  token_embed = register_module("token_embed", torch::nn::Embedding(options.vocab_size(), d));
+  if (!rotary) pos_embed = register_parameter("pos_embed", torch::randn({1, options.max_len(), d}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  const int64_t every = options.cross_attention_every();
+  for (int64_t i = 0; i < options.depth(); ++i) {
+    const bool cross = every > 0 && (i + 1) % every == 0;
+    blocks->push_back(TransformerBlock(TransformerBlockOptions(d, options.num_heads())
+                                           .mlp_ratio(options.mlp_ratio())
+                                           .dropout(options.dropout())
+                                           .cross_attention(cross)
+                                           .context_dim(options.context_dim())
+                                           .gated_cross_attention(options.gated_cross_attention())
+                                           .rotary(rotary)
+                                           .rope_theta(options.rope_theta())));
+  }
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  if (!options.tie_embeddings())
+    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(d, options.vocab_size()).bias(false)));
+  detail::init_transformer_weights(*this);
+}
+
+void TextDecoderImpl::pretty_print(std::ostream& stream) const {
+  print_fields(stream, "vlmkit::TextDecoder", options_to_json(options));
+}
+
+json TextDecoderImpl::config() const { return options_to_json(options); }
+
+DecoderCache TextDecoderImpl::make_cache() const {
+  DecoderCache cache;
+  cache.layers.resize(blocks->size());
+  return cache;
+}
+
+torch::Tensor TextDecoderImpl::embed(const torch::Tensor& token_ids) {
+  TORCH_CHECK_TYPE(token_ids.scalar_type() == torch::kLong,
+                   "TextDecoder: expected token ids of dtype int64, got ", token_ids.scalar_type());
+  if (token_ids.numel() > 0) {
+    const int64_t lo = token_ids.min().item<int64_t>(), hi = token_ids.max().item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= 0 && hi < options.vocab_size(), "TextDecoder: token ids must be in [0, ",
+                      options.vocab_size(), "), got values in [", lo, ", ", hi, "]");
+  }
+  return token_embed->forward(token_ids);
+}
+
+torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch::Tensor& padding_mask,
+                                       const torch::Tensor& positions, const torch::Tensor& attn_mask,
+                                       const torch::Tensor& context, const torch::Tensor& context_mask,
+                                       DecoderCache* cache) {
+  const int64_t d = options.d_model();
+  TORCH_CHECK_VALUE(embeds.defined() && embeds.dim() == 3 && embeds.size(2) == d,
+                    "TextDecoder: expected embeddings of shape [B, T, ", d, "], got ", shape_str(embeds));
+  const int64_t b = embeds.size(0), t = embeds.size(1);
+  const int64_t past = cache ? cache->length() : 0;
+  TORCH_CHECK_VALUE(past + t <= options.max_len(), "TextDecoder: sequence of ", past + t,
+                    " positions exceeds the context length max_len=", options.max_len());
+  TORCH_CHECK_VALUE(!has_cross_attention() || context.defined(),
+                    "TextDecoder: this decoder has cross-attention layers and needs a context");
+  auto pos = positions;
+  if (!pos.defined())
+    pos = torch::arange(past, past + t, torch::TensorOptions().dtype(torch::kLong).device(embeds.device()))
+              .unsqueeze(0)
+              .expand({b, t});
+  auto mask = padding_mask.defined() ? padding_mask
+                                     : torch::zeros({b, t}, torch::TensorOptions().dtype(torch::kBool).device(embeds.device()));
+  if (cache) {
+    if (cache->layers.empty()) cache->layers.resize(blocks->size());
+    cache->padding_mask = cache->padding_mask.defined() ? torch::cat({cache->padding_mask, mask}, 1) : mask;
+    mask = cache->padding_mask;
+  }
+  auto x = embeds;
+  if (pos_embed.defined()) {
+    TORCH_CHECK_VALUE(pos.max().item<int64_t>() < options.max_len(), "TextDecoder: position ",
+                      pos.max().item<int64_t>(), " exceeds the context length max_len=", options.max_len());
+    x = x + pos_embed[0].index_select(0, pos.reshape(-1)).view({b, t, d});
+  }
+  const bool causal = !attn_mask.defined();
+  size_t i = 0;
+  for (const auto& block : *blocks) {
+    auto* layer = block->as<TransformerBlockImpl>();
+    x = layer->forward(x, mask, attn_mask, causal,
+                       layer->options.cross_attention() ? context : torch::Tensor(),
+                       context_mask, cache ? &cache->layers[i] : nullptr, pos);
+    ++i;
+  }
+  return norm->forward(x);
+}
+
+torch::Tensor TextDecoderImpl::logits(const torch::Tensor& hidden) {
+  return lm_head ? lm_head->forward(hidden) : torch::matmul(hidden, token_embed->weight.t());
+}
+
+// ---------------------------------------------------------------- projectors
+namespace {
+void check_projector(const ProjectorOptions& o, const char* who) {
+  TORCH_CHECK_VALUE(o.in_dim() > 0 && o.out_dim() > 0, who, ": in_dim and out_dim must be positive, got ",
+                    o.in_dim(), " and ", o.out_dim());
+}
+
+json projector_config(const ProjectorOptions& options, ProjectorType type) {
+  json out = json::object();
+  ConfigWriter writer(out);
+  ProjectorOptions copy = options;
+  visit_projector_fields(type, copy, writer);
+  out["type"] = to_name(type);
+  return out;
+}
+}  // namespace
+
+MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_)
+    : ProjectorModule(hidden_layer_ ? "vlmkit::MlpProjector" : "vlmkit::LinearProjector"),
+      options(std::move(options_)),
+      hidden_layer(hidden_layer_) {
+  check_projector(options, "MlpProjector");
+  if (hidden_layer) {
+    const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.out_dim();
+    fc1 = register_module("fc1", torch::nn::Linear(options.in_dim(), hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, options.out_dim()));
+  } else {
+    fc1 = register_module("fc1", torch::nn::Linear(options.in_dim(), options.out_dim()));
+  }
+  detail::init_transformer_weights(*this);
+}
+
+void MlpProjectorImpl::pretty_print(std::ostream& stream) const {
+  auto fields = config();
+  fields["in_dim"] = options.in_dim();
+  fields["out_dim"] = options.out_dim();
+  print_fields(stream, hidden_layer ? "vlmkit::MlpProjector" : "vlmkit::LinearProjector", fields);
+}
+
+json MlpProjectorImpl::config() const {
+  return projector_config(options, hidden_layer ? ProjectorType::mlp : ProjectorType::linear);
+}
+
+torch::Tensor MlpProjectorImpl::forward(const EncoderOutput& image) {
+  check_image_tokens(image, options.in_dim(), "MlpProjector");
+  auto x = fc1->forward(image.tokens);
+  return hidden_layer ? fc2->forward(torch::gelu(x)) : x;
+}
+
+PixelShuffleProjectorImpl::PixelShuffleProjectorImpl(ProjectorOptions options_)
+    : ProjectorModule("vlmkit::PixelShuffleProjector"), options(std::move(options_)) {
+  check_projector(options, "PixelShuffleProjector");
+  TORCH_CHECK_VALUE(options.factor() >= 1, "PixelShuffleProjector: factor must be >= 1, got ",
+                    options.factor());
+  const int64_t r = options.factor();
+  proj = register_module("proj", torch::nn::Linear(options.in_dim() * r * r, options.out_dim()));
+  detail::init_transformer_weights(*this);
+}
+
+void PixelShuffleProjectorImpl::pretty_print(std::ostream& stream) const {
+  auto fields = config();
+  fields["in_dim"] = options.in_dim();
+  fields["out_dim"] = options.out_dim();
+  print_fields(stream, "vlmkit::PixelShuffleProjector", fields);
+}
+
+json PixelShuffleProjectorImpl::config() const {
+  return projector_config(options, ProjectorType::pixel_shuffle);
+}
+
+int64_t PixelShuffleProjectorImpl::num_output_tokens(int64_t rows, int64_t cols) const {
+  return (rows / options.factor()) * (cols / options.factor());
+}
+
+torch::Tensor PixelShuffleProjectorImpl::forward(const EncoderOutput& image) {
+  check_image_tokens(image, options.in_dim(), "PixelShuffleProjector");
+  const auto grid = token_grid(image, "PixelShuffleProjector");
+  const int64_t r = options.factor(), b = image.tokens.size(0), d = options.in_dim();
+  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, "PixelShuffleProjector: the token grid ",
+                    grid[0], "x", grid[1], " must be divisible by factor ", r);
+  auto x = image.tokens.reshape({b, grid[0] / r, r, grid[1] / r, r, d})
+               .permute({0, 1, 3, 2, 4, 5})
+               .reshape({b, (grid[0] / r) * (grid[1] / r), r * r * d});
+  return proj->forward(x);
+}
+
+PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
+    : ProjectorModule("vlmkit::PatchMergerProjector"), options(std::move(options_)) {
+  check_projector(options, "PatchMergerProjector");
+  const int64_t merged = options.in_dim() * 4;
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.in_dim()})));
+  fc1 = register_module("fc1", torch::nn::Linear(merged, merged));
+  fc2 = register_module("fc2", torch::nn::Linear(merged, options.out_dim()));
+  detail::init_transformer_weights(*this);
+}
+
+void PatchMergerProjectorImpl::pretty_print(std::ostream& stream) const {
+  print_fields(stream, "vlmkit::PatchMergerProjector",
+               json{{"in_dim", options.in_dim()}, {"out_dim", options.out_dim()}});
+}
+
+json PatchMergerProjectorImpl::config() const {
+  return projector_config(options, ProjectorType::patch_merger);
+}
+
+int64_t PatchMergerProjectorImpl::num_output_tokens(int64_t rows, int64_t cols) const {
+  return (rows / 2) * (cols / 2);
+}
+
+torch::Tensor PatchMergerProjectorImpl::forward(const EncoderOutput& image) {
+  check_image_tokens(image, options.in_dim(), "PatchMergerProjector");
+  const auto grid = token_grid(image, "PatchMergerProjector");
+  TORCH_CHECK_VALUE(grid[0] % 2 == 0 && grid[1] % 2 == 0, "PatchMergerProjector: the token grid ",
+                    grid[0], "x", grid[1], " must have even sides to merge 2x2 patches");
+  const int64_t b = image.tokens.size(0), d = options.in_dim();
+  auto x = norm->forward(image.tokens)
+               .reshape({b, grid[0] / 2, 2, grid[1] / 2, 2, d})
+               .permute({0, 1, 3, 2, 4, 5})
+               .reshape({b, (grid[0] / 2) * (grid[1] / 2), 4 * d});
+  return fc2->forward(torch::gelu(fc1->forward(x)));
+}
+
+ResamplerProjectorImpl::ResamplerProjectorImpl(ProjectorOptions options_)
+    : ProjectorModule("vlmkit::ResamplerProjector"), options(std::move(options_)) {
+  check_projector(options, "ResamplerProjector");
+  TORCH_CHECK_VALUE(options.num_queries() >= 1 && options.num_layers() >= 1,
+                    "ResamplerProjector: num_queries and num_layers must be >= 1");
+  TORCH_CHECK_VALUE(options.out_dim() % options.num_heads() == 0, "ResamplerProjector: out_dim ",
+                    options.out_dim(), " must be divisible by num_heads ", options.num_heads());
+  queries = register_parameter("queries", torch::randn({1, options.num_queries(), options.out_dim()}) * 0.02);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options.num_layers(); ++i)
+    blocks->push_back(TransformerBlock(TransformerBlockOptions(options.out_dim(), options.num_heads())
+                                           .cross_attention(true)
+                                           .context_dim(options.in_dim())));
+  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.out_dim()})));
+  detail::init_transformer_weights(*this);
+}
+
+void ResamplerProjectorImpl::pretty_print(std::ostream& stream) const {
+  auto fields = config();
+  fields["in_dim"] = options.in_dim();
+  fields["out_dim"] = options.out_dim();
+  print_fields(stream, "vlmkit::ResamplerProjector", fields);
+}
+
+json ResamplerProjectorImpl::config() const { return projector_config(options, ProjectorType::resampler); }
+
+torch::Tensor ResamplerProjectorImpl::forward(const EncoderOutput& image) {
+  check_image_tokens(image, options.in_dim(), "ResamplerProjector");
+  auto x = queries.expand({image.tokens.size(0), -1, -1});
+  for (const auto& block : *blocks)
+    x = block->as<TransformerBlockImpl>()->forward(x, {}, {}, false, image.tokens, image.padding_mask);
+  return norm->forward(x);
+}
+
+std::shared_ptr<ProjectorModule> make_projector(ProjectorType type, const ProjectorOptions& options) {
+  switch (type) {
+    case ProjectorType::linear: return std::make_shared<MlpProjectorImpl>(options, false);
+    case ProjectorType::mlp: return std::make_shared<MlpProjectorImpl>(options, true);
+    case ProjectorType::pixel_shuffle: return std::make_shared<PixelShuffleProjectorImpl>(options);
+    case ProjectorType::patch_merger: return std::make_shared<PatchMergerProjectorImpl>(options);
+    case ProjectorType::resampler: return std::make_shared<ResamplerProjectorImpl>(options);
+  }
+  TORCH_CHECK_VALUE(false, "unreachable projector type");
+}
+
+// ---------------------------------------------------------------- decoder fusion
+torch::Tensor positions_from_mask(const torch::Tensor& padding_mask) {
+  return (padding_mask.logical_not().to(torch::kLong).cumsum(1) - 1).clamp_min(0);
+}
+
+namespace {
+torch::Tensor prefix_from_labels(const torch::Tensor& labels, int64_t length, torch::Device device) {
+  if (!labels.defined())
+    return torch::full({labels.defined() ? labels.size(0) : 0}, length, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto labelled = labels.ne(kIgnoreIndex);
+  auto first = torch::where(labelled.any(1), labelled.to(torch::kLong).argmax(1),
+                            torch::full({labels.size(0)}, length, labels.options()));
+  return first;
+}
+}  // namespace
+
+DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const torch::Tensor& token_ids,
+                                     const torch::Tensor& padding_mask, const torch::Tensor& memory,
+                                     const torch::Tensor& memory_mask, const torch::Tensor& labels) {
+  const int64_t b = token_ids.size(0), t = token_ids.size(1), d = text_embeds.size(2);
+  TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(2) == d, "ConcatFusion: expected image tokens of shape [I, M, ",
+                    d, "], got ", shape_str(memory));
+  const int64_t images = memory.size(0), m = memory.size(1);
+  auto ids_cpu = token_ids.to(torch::kCPU).contiguous();
+  auto pad_cpu = padding_mask.to(torch::kCPU).contiguous();
+  const auto* ids = ids_cpu.data_ptr<int64_t>();
+  const auto* pad = pad_cpu.data_ptr<bool>();
+  int64_t placeholders = 0;
+  for (int64_t i = 0; i < b * t; ++i) placeholders += (ids[i] == image_token_id && !pad[i]);
+  TORCH_CHECK_VALUE(placeholders == images, "ConcatFusion: the prompts hold ", placeholders,
+                    " <image> placeholder(s) (token id ", image_token_id, ") but ", images,
+                    " image(s) were given; each placeholder takes the next image in order");
+  std::vector<int64_t> lengths(b, 0);
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t c = 0; c < t; ++c) lengths[r] += (ids[r * t + c] == image_token_id && !pad[r * t + c]) ? m : 1;
+  const int64_t length = *std::max_element(lengths.begin(), lengths.end());
+  // Gather table: rows [0, b*t) are text embeddings, then the image tokens.
+  std::vector<int64_t> source(b * length, 0), is_image(b * length, 0), memory_row(b * length, -1);
+  std::vector<char> out_pad(b * length, 1);
+  std::vector<int64_t> out_labels(b * length, kIgnoreIndex);
+  auto labels_cpu = labels.defined() ? labels.to(torch::kCPU).contiguous() : torch::Tensor();
+  const int64_t* lab = labels.defined() ? labels_cpu.data_ptr<int64_t>() : nullptr;
+  int64_t next_image = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    int64_t o = r * length;
+    for (int64_t c = 0; c < t; ++c) {
+      const int64_t i = r * t + c;
+      if (ids[i] == image_token_id && !pad[i]) {
+        for (int64_t k = 0; k < m; ++k, ++o) {
+          source[o] = b * t + next_image * m + k;
+          memory_row[o] = next_image * m + k;
+          out_pad[o] = 0;
+        }
+        ++next_image;
+      } else {
+        source[o] = i;
+        out_pad[o] = pad[i];
+        if (lab) out_labels[o] = lab[i];
+        ++o;
+      }
+    }
+  }
+  const auto device = text_embeds.device();
+  auto table = torch::cat({text_embeds.reshape({b * t, d}), memory.reshape({images * m, d})}, 0);
+  auto index = torch::tensor(source, torch::kLong).to(device);
+  DecoderInputs out;
+  out.embeds = table.index_select(0, index).view({b, length, d});
+  auto pad_out = torch::tensor(std::vector<int64_t>(out_pad.begin(), out_pad.end()), torch::kLong)
+                     .to(torch::kBool)
+                     .view({b, length});
+  if (memory_mask.defined()) {  // padded memory positions (architecture 3's context text)
+    auto mem_pad = memory_mask.reshape({-1}).to(torch::kCPU);
+    auto mem_pad_acc = mem_pad.accessor<bool, 1>();
+    auto acc = pad_out.accessor<bool, 2>();
+    for (int64_t r = 0; r < b; ++r)
+      for (int64_t c = 0; c < length; ++c) {
+        const int64_t row = memory_row[r * length + c];
+        if (row >= 0 && mem_pad_acc[row]) acc[r][c] = true;
+      }
+  }
+  out.padding_mask = pad_out.to(device);
+  out.positions = positions_from_mask(out.padding_mask);
+  if (labels.defined()) {
+    out.labels = torch::tensor(out_labels, torch::kLong).view({b, length}).to(device);
+    out.prefix_len = prefix_from_labels(out.labels, length, device);
+  } else {
+    out.prefix_len = torch::full({b}, length, torch::TensorOptions().dtype(torch::kLong).device(device));
+  }
+  return out;
+}
+
+DecoderInputs CrossAttentionDecoderFusionImpl::fuse(const torch::Tensor& text_embeds,
+                                                    const torch::Tensor& token_ids,
+                                                    const torch::Tensor& padding_mask,
+                                                    const torch::Tensor& memory,
+                                                    const torch::Tensor& memory_mask,
+                                                    const torch::Tensor& labels) {
+  const int64_t b = token_ids.size(0), t = token_ids.size(1);
+  TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(0) == b,
+                    "CrossAttentionDecoderFusion: expected one image per prompt (", b,
+                    "), got image tokens of shape ", shape_str(memory));
+  DecoderInputs out;
+  out.embeds = text_embeds;
+  out.padding_mask = padding_mask;
+  out.positions = positions_from_mask(padding_mask);
+  out.labels = labels;
+  out.prefix_len = labels.defined() ? prefix_from_labels(labels, t, text_embeds.device())
+                                    : torch::full({b}, t, torch::TensorOptions().dtype(torch::kLong).device(text_embeds.device()));
+  out.context = memory;
+  out.context_mask = memory_mask;
+  return out;
+}
+
+// ---------------------------------------------------------------- shared model code
+torch::Tensor policy_attention_mask(AttentionPolicy policy, const torch::Tensor& prefix_len,
+                                    int64_t length, torch::Device device) {
+  auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
+  auto rows = torch::arange(length, opts).view({1, length, 1});
+  auto cols = torch::arange(length, opts).view({1, 1, length});
+  auto blocked = cols.gt(rows);  // causal
+  if (policy == AttentionPolicy::prefix_lm) blocked = blocked.logical_and(cols.ge(prefix_len.view({-1, 1, 1})));
+  return blocked.expand({prefix_len.size(0), length, length});
+}
+
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
+                              double label_smoothing) {
+  TORCH_CHECK_VALUE(logits.dim() == 3 && labels.dim() == 2 && labels.size(0) == logits.size(0) &&
+                        labels.size(1) == logits.size(1),
+                    "next_token_loss: expected logits [B, L, V] and labels [B, L], got ",
+                    shape_str(logits), " and ", shape_str(labels));
+  const int64_t v = logits.size(2);
+  auto pred = logits.slice(1, 0, -1).reshape({-1, v});
+  auto target = labels.slice(1, 1).reshape({-1});
+  TORCH_CHECK_VALUE(target.ne(kIgnoreIndex).any().item<bool>(),
+                    "next_token_loss: no labelled positions (every label is ", kIgnoreIndex, ")");
+  return F::cross_entropy(pred, target,
+                          F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).label_smoothing(label_smoothing));
+}
+
+DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& in, AttentionPolicy policy,
+                           double label_smoothing) {
+  torch::Tensor attn;
+  if (policy == AttentionPolicy::prefix_lm)
+    attn = policy_attention_mask(policy, in.prefix_len, in.embeds.size(1), in.embeds.device());
+  auto hidden = decoder.forward(in.embeds, in.padding_mask, in.positions, attn, in.context, in.context_mask);
+  DecoderOutput out;
+  out.logits = decoder.logits(hidden);
+  out.labels = in.labels;
+  out.padding_mask = in.padding_mask;
+  if (in.labels.defined()) out.loss = next_token_loss(out.logits, in.labels, label_smoothing);
+  return out;
+}
+
+torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                const TextDecoderImpl& decoder, const char* who) {
+  TORCH_CHECK_TYPE(ids.defined() && ids.scalar_type() == torch::kLong, who,
+                   ": expected input_ids of dtype int64, got ",
+                   ids.defined() ? c10::toString(ids.scalar_type()) : "undefined");
+  TORCH_CHECK_VALUE(ids.dim() == 2 && ids.size(0) > 0 && ids.size(1) > 0, who,
+                    ": expected input_ids of shape [B, T] with B, T >= 1, got ", shape_str(ids));
+  if (!padding_mask.defined()) return ids.eq(decoder.options.pad_id());
+  TORCH_CHECK_TYPE(padding_mask.scalar_type() == torch::kBool, who,
+                   ": expected padding_mask of dtype bool, got ", padding_mask.scalar_type());
+  TORCH_CHECK_VALUE(padding_mask.sizes() == ids.sizes(), who, ": expected padding_mask of shape ",
+                    shape_str(ids), ", got ", shape_str(padding_mask));
+  return padding_mask;
+}
+
+void check_generative_slots(int64_t projector_dim, DecoderFusionType fusion, const TextDecoderImpl& decoder,
+                            const char* who) {
+  const auto& o = decoder.options;
+  if (fusion == DecoderFusionType::concat) {
+    TORCH_CHECK_VALUE(!decoder.has_cross_attention(), who,
+                      ": concat fusion needs a decoder without cross-attention layers "
+                      "(decoder.cross_attention_every = 0), got ", o.cross_attention_every());
+    TORCH_CHECK_VALUE(projector_dim == o.d_model(), who, ": with concat fusion the projector must output the "
+                      "decoder width ", o.d_model(), ", got ", projector_dim);
+  } else {
+    TORCH_CHECK_VALUE(decoder.has_cross_attention(), who,
+                      ": cross_attention fusion needs decoder.cross_attention_every >= 1");
+    const int64_t context = o.context_dim() > 0 ? o.context_dim() : o.d_model();
+    TORCH_CHECK_VALUE(projector_dim == context, who, ": the projector must output the decoder's "
+                      "cross-attention width ", context, ", got ", projector_dim);
+  }
+}
+
+std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,
+                                                        int64_t pad_id) {
+  TORCH_CHECK_VALUE(!ids.empty(), "expected at least one prompt, got none");
+  size_t longest = 0;
+  for (const auto& row : ids) longest = std::max(longest, row.size());
+  TORCH_CHECK_VALUE(longest > 0, "expected non-empty prompts");
+  auto out = torch::full({int64_t(ids.size()), int64_t(longest)}, pad_id, torch::kLong);
+  auto mask = torch::ones({int64_t(ids.size()), int64_t(longest)}, torch::kBool);
+  for (size_t r = 0; r < ids.size(); ++r) {
+    TORCH_CHECK_VALUE(!ids[r].empty(), "prompt ", r, " is empty");
+    out[r].slice(0, 0, ids[r].size()).copy_(torch::tensor(ids[r], torch::kLong));
+    mask[r].slice(0, 0, ids[r].size()).fill_(false);
+  }
+  return {out, mask};
+}
+
+// ---------------------------------------------------------------- generation
+namespace {
+/// Moves each row's padding to the front so the last column is every row's
+/// last real token.
+void left_align(DecoderInputs& in) {
+  const int64_t b = in.embeds.size(0), l = in.embeds.size(1);
+  auto lengths = in.padding_mask.logical_not().sum(1);  // [B]
+  auto cols = torch::arange(l, lengths.options()).view({1, l});
+  // Row r takes source column (c - (l - len_r)) for c >= l - len_r.
+  auto shift = (l - lengths).view({b, 1});
+  auto src = (cols - shift).clamp_min(0);
+  auto valid = cols.ge(shift);
+  in.embeds = in.embeds.gather(1, src.unsqueeze(-1).expand({b, l, in.embeds.size(2)}));
+  in.padding_mask = valid.logical_not();
+  in.positions = positions_from_mask(in.padding_mask);
+  in.prefix_len = torch::full({b}, l, lengths.options());
+}
+
+torch::Tensor repeat_rows(const torch::Tensor& t, int64_t k) {
+  return t.defined() ? t.repeat_interleave(k, 0) : t;
+}
+}  // namespace
+
+GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs prompt,
+                                      AttentionPolicy policy, const GenerationOptions& o,
+                                      const ConstraintFactory& constraint, const TokenCallback& callback) {
+  torch::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(o.max_new_tokens() >= 0, "generate: max_new_tokens must be >= 0, got ", o.max_new_tokens());
+  TORCH_CHECK_VALUE(o.num_beams() >= 1, "generate: num_beams must be >= 1, got ", o.num_beams());
+  TORCH_CHECK_VALUE(!(o.do_sample() && o.num_beams() > 1), "generate: sampling with beam search is not supported; "
+                    "use do_sample with num_beams=1 or beam search without do_sample");
+  TORCH_CHECK_VALUE(o.temperature() > 0, "generate: temperature must be > 0, got ", o.temperature());
+  TORCH_CHECK_VALUE(o.top_p() > 0 && o.top_p() <= 1, "generate: top_p must be in (0, 1], got ", o.top_p());
+  TORCH_CHECK_VALUE(o.top_k() >= 0, "generate: top_k must be >= 0, got ", o.top_k());
+  const int64_t vocab = decoder.options.vocab_size();
+  for (int64_t s : o.stop_tokens())
+    TORCH_CHECK_INDEX(s >= 0 && s < vocab, "generate: stop token ", s, " outside the vocabulary [0, ", vocab, ")");
+
+  left_align(prompt);
+  const int64_t batch = prompt.embeds.size(0), prompt_len = prompt.embeds.size(1);
+  TORCH_CHECK_VALUE(prompt_len < decoder.options.max_len(), "generate: the prompt takes ", prompt_len,
+                    " positions (image tokens included), leaving no room in the context of max_len=",
+                    decoder.options.max_len());
+  const int64_t budget = std::min(o.max_new_tokens(), decoder.options.max_len() - prompt_len);
+  const int64_t k = o.num_beams(), n = batch * k;
+  const auto device = prompt.embeds.device();
+  if (k > 1) {
+    prompt.embeds = repeat_rows(prompt.embeds, k);
+    prompt.padding_mask = repeat_rows(prompt.padding_mask, k);
+    prompt.positions = repeat_rows(prompt.positions, k);
+    prompt.prefix_len = repeat_rows(prompt.prefix_len, k);
+    prompt.context = repeat_rows(prompt.context, k);
+    prompt.context_mask = repeat_rows(prompt.context_mask, k);
+  }
+  std::vector<std::unique_ptr<TokenConstraint>> constraints;
+  if (constraint)
+    for (int64_t i = 0; i < n; ++i) constraints.push_back(constraint());
+
+  c10::optional<at::Generator> generator;
+  if (o.do_sample() && o.seed() >= 0) generator = at::make_generator<at::CPUGeneratorImpl>(uint64_t(o.seed()));
+
+  // Running state (no-cache path keeps the whole sequence).
+  auto seq = prompt.embeds;
+  auto seq_mask = prompt.padding_mask;
+  auto seq_pos = prompt.positions;
+  auto last_pos = prompt.positions.select(1, prompt_len - 1);  // [N]
+  DecoderCache cache = decoder.make_cache();
+  auto run = [&](bool first, const torch::Tensor& step_embeds, const torch::Tensor& step_mask,
+                 const torch::Tensor& step_pos) -> torch::Tensor {
+    if (o.use_cache()) {
+      torch::Tensor attn;
+      if (first && policy == AttentionPolicy::prefix_lm)  // whole prompt is prefix
+        attn = torch::zeros({n, prompt_len, prompt_len}, torch::TensorOptions().dtype(torch::kBool).device(device));
+      auto hidden = decoder.forward(step_embeds, step_mask, step_pos, attn, prompt.context,
+                                    prompt.context_mask, &cache);
+      return decoder.logits(hidden.select(1, hidden.size(1) - 1));
+    }
+    if (!first) {
+      seq = torch::cat({seq, step_embeds}, 1);
+      seq_mask = torch::cat({seq_mask, step_mask}, 1);
+      seq_pos = torch::cat({seq_pos, step_pos}, 1);
+    }
+    torch::Tensor attn;
+    if (policy == AttentionPolicy::prefix_lm)
+      attn = policy_attention_mask(policy, prompt.prefix_len, seq.size(1), device);
+    auto hidden = decoder.forward(seq, seq_mask, seq_pos, attn, prompt.context, prompt.context_mask);
+    return decoder.logits(hidden.select(1, hidden.size(1) - 1));
+  };
+
+  auto logits = run(true, prompt.embeds, prompt.padding_mask, prompt.positions);  // [N, V]
+  std::vector<std::vector<int64_t>> tokens(n);
+  std::vector<char> finished(n, 0);
+  std::vector<int64_t> lengths(n, 0);
+  auto beam_scores = torch::zeros({n}, torch::TensorOptions().dtype(torch::kDouble));
+  if (k > 1)
+    for (int64_t i = 0; i < n; ++i)
+      if (i % k) beam_scores[i] = -std::numeric_limits<double>::infinity();
+  std::vector<double> sample_scores(n, 0.0);
+  const auto is_stop = [&](int64_t t) {
+    return std::find(o.stop_tokens().begin(), o.stop_tokens().end(), t) != o.stop_tokens().end();
+  };
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+
+  for (int64_t step = 0; step < budget; ++step) {
+    auto scores = logits.to(torch::kCPU, torch::kDouble);  // [N, V]
+    if (!constraints.empty()) {
+      std::vector<char> allowed(vocab);
+      auto blocked = torch::zeros({n, vocab}, torch::kBool);
+      auto acc = blocked.accessor<bool, 2>();
+      for (int64_t i = 0; i < n; ++i) {
+        if (finished[i]) continue;
+        std::fill(allowed.begin(), allowed.end(), 0);
+        constraints[i]->allowed(allowed);
+        for (int64_t v = 0; v < vocab; ++v) acc[i][v] = !allowed[v];
+      }
+      scores = scores.masked_fill(blocked, neg_inf);
+    }
+    std::vector<int64_t> chosen(n, -1);
+    if (k == 1) {
+      auto logp = scores.log_softmax(-1);
+      torch::Tensor next;
+      if (o.do_sample()) {
+        auto s = scores / o.temperature();
+        if (o.top_k() > 0 && o.top_k() < vocab) {
+          auto kth = std::get<0>(s.topk(o.top_k(), -1)).select(1, o.top_k() - 1).unsqueeze(1);
+          s = s.masked_fill(s.lt(kth), neg_inf);
+        }
+        if (o.top_p() < 1.0) {
+          auto sorted = s.sort(-1, /*descending=*/true);
+          auto probs = std::get<0>(sorted).softmax(-1);
+          auto remove = probs.cumsum(-1) - probs > o.top_p();  // keeps at least the top token
+          auto mask = torch::zeros_like(remove).scatter(1, std::get<1>(sorted), remove);
+          s = s.masked_fill(mask, neg_inf);
+        }
+        next = generator ? torch::multinomial(s.softmax(-1), 1, false, generator)
+                         : torch::multinomial(s.softmax(-1), 1, false);
+        next = next.squeeze(1);
+      } else {
+        next = scores.argmax(-1);
+      }
+      auto next_acc = next.accessor<int64_t, 1>();
+      auto logp_acc = logp.accessor<double, 2>();
+      for (int64_t i = 0; i < n; ++i) {
+        if (finished[i]) continue;
+        chosen[i] = next_acc[i];
+        sample_scores[i] += logp_acc[i][chosen[i]];
+      }
+    } else {
+      auto logp = scores.log_softmax(-1);  // [N, V]
+      for (int64_t i = 0; i < n; ++i)
+        if (finished[i]) {  // a finished beam keeps its score and emits padding
+          logp[i].fill_(neg_inf);
+          logp[i][o.pad_id()] = 0.0;
+        }
+      auto cand = (beam_scores.unsqueeze(1) + logp).view({batch, k * vocab});
+      auto top = cand.topk(k, -1);
+      auto top_scores = std::get<0>(top), top_index = std::get<1>(top);
+      auto src = (top_index.div(vocab, "floor") + torch::arange(batch, torch::kLong).unsqueeze(1) * k).view({-1});
+      auto tok = top_index.remainder(vocab).view({-1});
+      auto src_acc = src.accessor<int64_t, 1>();
+      auto tok_acc = tok.accessor<int64_t, 1>();
+      std::vector<std::vector<int64_t>> new_tokens(n);
+      std::vector<char> new_finished(n);
+      std::vector<int64_t> new_lengths(n);
+      std::vector<std::unique_ptr<TokenConstraint>> new_constraints(constraints.empty() ? 0 : n);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t s = src_acc[i];
+        new_tokens[i] = tokens[s];
+        new_finished[i] = finished[s];
+        new_lengths[i] = lengths[s];
+        if (!constraints.empty()) new_constraints[i] = constraints[s]->clone();
+        chosen[i] = new_finished[i] ? -1 : tok_acc[i];
+      }
+      tokens = std::move(new_tokens);
+      finished = std::move(new_finished);
+      lengths = std::move(new_lengths);
+      if (!constraints.empty()) constraints = std::move(new_constraints);
+      beam_scores = top_scores.reshape({-1});
+      auto index = src.to(device);
+      if (o.use_cache()) {
+        cache.select(index);
+      } else {
+        seq = seq.index_select(0, index);
+        seq_mask = seq_mask.index_select(0, index);
+        seq_pos = seq_pos.index_select(0, index);
+      }
+      last_pos = last_pos.index_select(0, index);
+    }
+    std::vector<int64_t> step_tokens(n, -1);
+    std::vector<int64_t> feed(n, o.pad_id());
+    std::vector<char> feed_pad(n, 1);
+    for (int64_t i = 0; i < n; ++i) {
+      if (chosen[i] < 0) continue;
+      tokens[i].push_back(chosen[i]);
+      ++lengths[i];
+      step_tokens[i] = chosen[i];
+      if (!constraints.empty()) constraints[i]->advance(chosen[i]);
+      feed[i] = chosen[i];
+      feed_pad[i] = 0;
+      if (is_stop(chosen[i])) finished[i] = 1;
+    }
+    bool keep_going = true;
+    if (callback) {
+      // Beam search reports the tokens of beam 0 of each sample.
+      std::vector<int64_t> report;
+      for (int64_t i = 0; i < n; i += k) report.push_back(step_tokens[i]);
+      keep_going = callback(report);
+    }
+    if (!keep_going || std::all_of(finished.begin(), finished.end(), [](char f) { return f != 0; })) break;
+    if (step + 1 == budget) break;
+    auto feed_ids = torch::tensor(feed, torch::kLong).view({n, 1}).to(device);
+    auto step_mask = torch::tensor(std::vector<int64_t>(feed_pad.begin(), feed_pad.end()), torch::kLong)
+                         .to(torch::kBool).view({n, 1}).to(device);
+    last_pos = last_pos + 1;
+    logits = run(false, decoder.embed(feed_ids), step_mask, last_pos.view({n, 1}));
+  }
+
+  GenerationOutput out;
+  for (int64_t r = 0; r < batch; ++r) {
+    int64_t best = r * k;
+    if (k > 1) {
+      double best_score = neg_inf;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = r * k + j;
+        const double norm = std::pow(double(std::max<int64_t>(lengths[i], 1)), o.length_penalty());
+        const double s = beam_scores[i].item<double>() / norm;
+        if (s > best_score) best_score = s, best = i;
+      }
+      out.scores.push_back(beam_scores[best].item<double>());
+    } else {
+      out.scores.push_back(sample_scores[best]);
+    }
+    out.tokens.push_back(tokens[best]);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- boxes
+int64_t normalize_coordinate(double pixel, int64_t size) {
+  TORCH_CHECK_VALUE(size > 0, "box coordinates need a positive image size, got ", size);
+  const double n = std::round(pixel / double(size) * 999.0);
+  return static_cast<int64_t>(std::min(999.0, std::max(0.0, n)));
+}
+
+double denormalize_coordinate(int64_t normalized, int64_t size) {
+  return double(normalized) / 999.0 * double(size);
+}
+
+std::string box_to_text(const Box& box, int64_t width, int64_t height) {
+  std::ostringstream s;
+  s << "[" << normalize_coordinate(box.x1, width) << "," << normalize_coordinate(box.y1, height) << ","
+    << normalize_coordinate(box.x2, width) << "," << normalize_coordinate(box.y2, height) << "]";
+  return s.str();
+}
+
+std::vector<Box> parse_boxes(const std::string& text, int64_t width, int64_t height) {
+  TORCH_CHECK_VALUE(width > 0 && height > 0, "parse_boxes: image size must be positive, got ", width,
+                    "x", height);
+  static const std::regex pattern(R"(\[\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\])");
+  std::vector<Box> boxes;
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), pattern); it != std::sregex_iterator(); ++it) {
+    const auto& m = *it;
+    int64_t v[4];
+    for (int j = 0; j < 4; ++j) v[j] = std::stoll(m[j + 1].str());
+    if (v[0] > 999 || v[1] > 999 || v[2] > 999 || v[3] > 999) continue;
+    boxes.push_back({denormalize_coordinate(v[0], width), denormalize_coordinate(v[1], height),
+                     denormalize_coordinate(v[2], width), denormalize_coordinate(v[3], height)});
+  }
+  return boxes;
+}
+
+}  // namespace vlmkit
