@@ -90,7 +90,8 @@ class CppModule:
 
     # -- presentation ----------------------------------------------------------
     def __repr__(self) -> str:
-        return self.cpp_module._tree_repr()
+        cpp = self.__dict__.get("cpp_module")
+        return cpp._tree_repr() if cpp is not None else f"<{type(self).__name__} (not constructed)>"
 
     @property
     def config(self) -> Dict[str, Any]:

@@ -15,7 +15,7 @@ std::string message_of(const std::function<void()>& fn) {
 }  // namespace
 
 TEST_CASE("config: defaults round-trip through JSON", "[config]") {
-  for (const char* arch : {"two_tower", "two_leg"}) {
+  for (const char* arch : {"two_tower", "two_leg", "encoder_decoder", "encoder_text_decoder"}) {
     torch::manual_seed(0);
     auto model = build_model({{"architecture", arch}});
     auto config = model_config(*model);
@@ -49,6 +49,7 @@ TEST_CASE("config: unknown names and keys list what is allowed", "[config][error
   CHECK_THROWS_AS(make_two_tower({{"image_encoder", {{"image_size", 60}, {"patch_size", 8}}}}),
                   c10::ValueError);
   CHECK_THROWS_AS(make_two_tower({{"architecture", "two_leg"}}), c10::ValueError);
-  CHECK_THROWS_AS(build_model({{"architecture", "encoder_decoder"}}), c10::ValueError);
+  CHECK_THROWS_AS(build_model({{"architecture", "encoder_decoder"}, {"projector", {{"type", "qformer"}}}}),
+                  c10::ValueError);
   CHECK_THROWS_AS(parse_json("{\"a\": "), c10::ValueError);
 }

@@ -18,6 +18,12 @@ def tiny_config(architecture, **extra):
     if architecture == "two_leg":
         config.setdefault("fusion", {"type": "concat_mlp", "dim": 32})
         config.setdefault("head", {"type": "classification", "num_classes": 5})
+    if architecture in ("encoder_decoder", "encoder_text_decoder"):
+        config.setdefault("decoder", {"d_model": 32, "depth": 1, "num_heads": 4, "max_len": 128})
+    if architecture == "encoder_decoder":
+        del config["text_encoder"]
+    if architecture == "encoder_text_decoder":
+        config["image_encoder"] = {"type": "conv", "image_size": 32, "channels": [16, 32], "d_model": 32}
     return config
 
 

@@ -105,7 +105,7 @@ def test_hooks_and_sequential():
 
 
 def test_config_rebuilds_the_same_architecture():
-    for arch in ("two_tower", "two_leg"):
+    for arch in vlmkit.ARCHITECTURES:
         model = vlmkit.build_model(tiny_config(arch))
         config = model.config
         assert config["architecture"] == arch

@@ -40,8 +40,10 @@ def test_wrong_token_ids(two_tower):
 def test_bad_configs():
     with pytest.raises(ValueError, match="unknown architecture 'three_tower'"):
         vlmkit.build_model({"architecture": "three_tower"})
-    with pytest.raises(NotImplementedError, match="encoder_decoder"):
-        vlmkit.build_model({"architecture": "encoder_decoder"})
+    with pytest.raises(ValueError, match="unknown projector 'qformer'"):
+        vlmkit.build_model({"architecture": "encoder_decoder", "projector": {"type": "qformer"}})
+    with pytest.raises(ValueError, match="unknown config key 'projector.factor'.*'hidden_dim'"):
+        vlmkit.build_model({"architecture": "encoder_decoder", "projector": {"type": "mlp", "factor": 2}})
     with pytest.raises(ValueError, match="unknown config key 'image_encoder.dpth'.*'depth'"):
         vlmkit.TwoTower(image_encoder={"dpth": 2})
     with pytest.raises(ValueError, match="width 100 must be divisible by num_heads 3"):

@@ -1,0 +1,126 @@
+#include "helpers.h"
+#include "vlmkit/data/tokenizer.h"
+#include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/json_schema.h"
+#include "vlmkit/models/build.h"
+#include "vlmkit/modules/vit.h"
+
+using namespace vlmkit;
+using vlmkit::test::close;
+
+namespace {
+json tiny_generative(const char* projector, const char* fusion) {
+  return {{"architecture", "encoder_decoder"},
+          {"projector", {{"type", projector}}},
+          {"fusion", fusion},
+          {"image_encoder", {{"image_size", 32}, {"patch_size", 8}, {"d_model", 32}, {"depth", 1}}},
+          {"decoder", {{"d_model", 32}, {"depth", 2}, {"num_heads", 4}, {"max_len", 96}}}};
+}
+}  // namespace
+
+TEST_CASE("decoder: cached decoding equals full causal decoding", "[decoder][cache]") {
+  torch::manual_seed(0);
+  for (auto pos : {DecoderPosition::rotary, DecoderPosition::learned}) {
+    TextDecoder decoder(TextDecoderOptions().d_model(32).depth(2).num_heads(4).pos_embedding(pos)
+                            .cross_attention_every(2).context_dim(16));
+    decoder->eval();
+    auto x = torch::randn({2, 9, 32});
+    auto ctx = torch::randn({2, 5, 16});
+    auto full = decoder->forward(x, {}, {}, {}, ctx);
+    DecoderCache cache = decoder->make_cache();
+    std::vector<torch::Tensor> parts{decoder->forward(x.slice(1, 0, 5), {}, {}, {}, ctx, {}, &cache)};
+    for (int64_t t = 5; t < 9; ++t) parts.push_back(decoder->forward(x.slice(1, t, t + 1), {}, {}, {}, ctx, {}, &cache));
+    REQUIRE(close(torch::cat(parts, 1), full, 1e-5));
+    CHECK_THROWS_AS(decoder->forward(x), c10::ValueError);  // cross-attention needs a context
+  }
+}
+
+TEST_CASE("projectors: documented token counts", "[projector]") {
+  EncoderOutput image;
+  image.tokens = torch::randn({2, 64, 16});
+  image.grid = {8, 8};
+  for (auto type : {ProjectorType::linear, ProjectorType::mlp, ProjectorType::pixel_shuffle,
+                    ProjectorType::patch_merger, ProjectorType::resampler}) {
+    auto p = make_projector(type, ProjectorOptions(16, 24).num_queries(7));
+    auto out = p->forward(image);
+    INFO(to_name(type));
+    REQUIRE(out.size(1) == p->num_output_tokens(8, 8));
+    REQUIRE(out.size(2) == 24);
+  }
+}
+
+TEST_CASE("encoder-decoder: every projector and fusion; cache and beams agree", "[model][generate]") {
+  ByteTokenizer tokenizer;
+  for (const char* projector : {"linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"})
+    for (const char* fusion : {"concat", "cross_attention"}) {
+      torch::manual_seed(0);
+      auto model = make_encoder_decoder(tiny_generative(projector, fusion));
+      model->eval();
+      auto images = torch::rand({2, 3, 32, 32});
+      std::vector<std::vector<int64_t>> prompts{tokenizer.encode("<image>What?"), tokenizer.encode("<image>Hi")};
+      INFO(projector << " + " << fusion);
+      for (int64_t beams : {1, 3}) {
+        auto a = model->generate(images, prompts, GenerationOptions().max_new_tokens(6).num_beams(beams));
+        auto b = model->generate(images, prompts,
+                                 GenerationOptions().max_new_tokens(6).num_beams(beams).use_cache(false));
+        REQUIRE(a.tokens == b.tokens);
+      }
+    }
+}
+
+TEST_CASE("encoder-decoder: templates compose concrete slot types", "[model][template]") {
+  torch::manual_seed(0);
+  auto vit = std::make_shared<ViTImpl>(ViTOptions().image_size(32).patch_size(8).d_model(32).depth(1));
+  auto projector = std::make_shared<PixelShuffleProjectorImpl>(ProjectorOptions(32, 48));
+  auto fusion = std::make_shared<ConcatFusionImpl>();
+  auto decoder = std::make_shared<TextDecoderImpl>(TextDecoderOptions().d_model(48).depth(1).num_heads(4));
+  EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl, ConcatFusionImpl, TextDecoderImpl> model(
+      vit, projector, fusion, decoder);
+  ByteTokenizer tokenizer;
+  auto ids = torch::tensor(tokenizer.encode("<image>q: a", true, true)).unsqueeze(0);
+  auto labels = ids.clone();
+  labels.slice(1, 0, 4) = kIgnoreIndex;
+  auto out = model.forward(torch::rand({1, 3, 32, 32}), ids, {}, labels);
+  REQUIRE(out.logits.size(1) == ids.size(1) - 1 + 4);  // 16 patches / 4 after pixel shuffle
+  REQUIRE(out.loss.defined());
+  CHECK_THROWS_AS(model.forward(torch::rand({2, 3, 32, 32}), ids), c10::ValueError);
+}
+
+TEST_CASE("json schema: matcher follows the schema", "[json]") {
+  auto schema = ordered_json::parse(R"({"type":"object","properties":{
+      "name":{"type":"string","maxLength":3},"n":{"type":"integer","minimum":0,"maximum":50},
+      "ok":{"type":"boolean"},"tags":{"type":"array","items":{"enum":["a","bc"]},"maxItems":2}}})");
+  JsonSchemaMatcher m(schema);
+  REQUIRE(m.feed(R"({"name":"abc","n":42,"ok":true,"tags":["bc","a"]})"));
+  REQUIRE(m.can_finish());
+  JsonSchemaMatcher too_long(schema);
+  REQUIRE_FALSE(too_long.feed(R"({"name":"abcd")"));
+  JsonSchemaMatcher too_big(schema);
+  REQUIRE(too_big.feed(R"({"name":"","n":5)"));
+  REQUIRE_FALSE(too_big.feed('1'));  // 51 > maximum
+  REQUIRE(too_big.feed(','));
+  JsonSchemaMatcher three_tags(schema);
+  REQUIRE(three_tags.feed(R"({"name":"","n":0,"ok":false,"tags":["a","a")"));
+  REQUIRE_FALSE(three_tags.feed(','));
+  CHECK_THROWS_AS(JsonSchemaMatcher(ordered_json::parse(R"({"type":"tuple"})")), c10::ValueError);
+}
+
+TEST_CASE("boxes: normalised text round trip", "[boxes]") {
+  Box box{10, 20, 110, 220};
+  auto text = box_to_text(box, 640, 480);
+  REQUIRE(text == "[16,42,172,458]");
+  auto boxes = parse_boxes("the cat " + text + " and [1,2,3]", 640, 480);
+  REQUIRE(boxes.size() == 1);
+  REQUIRE(boxes[0].x2 == Approx(110).margin(640.0 / 999));
+}
+
+TEST_CASE("tokenizer: bytes round-trip and <image> is one token", "[tokenizer]") {
+  ByteTokenizer t;
+  const std::string text = "caf\xc3\xa9 <image> \xff\x01";
+  auto ids = t.encode(text, true, true);
+  REQUIRE(ids.front() == t.special().bos);
+  REQUIRE(ids.back() == t.special().eos);
+  REQUIRE(std::count(ids.begin(), ids.end(), t.special().image) == 1);
+  REQUIRE(t.decode(ids, false) == "<bos>" + text + "<eos>");
+  CHECK_THROWS_AS(t.decode({999}), c10::IndexError);
+}

@@ -1,0 +1,188 @@
+"""Architectures 3 and 4 with every projector and fusion: forward, backward,
+learning on a fixed batch, and generation with and without the KV cache."""
+import itertools
+import json
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit import text
+
+PROJECTORS = ["linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"]
+FUSIONS = ["concat", "cross_attention"]
+ARCHS = ["encoder_decoder", "encoder_text_decoder"]
+
+PROMPTS = ["<image>What colour?", "<image>Describe the picture"]
+ANSWERS = ["red", "a blue circle"]
+CONTEXTS = ["a red square", "blue"]
+
+
+def tiny(arch, projector="mlp", fusion="concat", **extra):
+    config = {
+        "architecture": arch,
+        "projector": {"type": projector},
+        "fusion": fusion,
+        "decoder": {"d_model": 32, "depth": 2, "num_heads": 4, "max_len": 160},
+    }
+    if arch == "encoder_decoder":
+        config["image_encoder"] = {"image_size": 32, "patch_size": 8, "d_model": 32, "depth": 1, "num_heads": 4}
+    else:
+        config["image_encoder"] = {"type": "conv", "image_size": 32, "channels": [16, 32], "d_model": 32}
+        config["text_encoder"] = {"d_model": 32, "depth": 1, "num_heads": 4, "max_len": 16}
+    config.update(extra)
+    return config
+
+
+def run(model, arch, images, ids, labels, mask):
+    if arch == "encoder_decoder":
+        return model(images, ids, mask, labels)
+    cids, cmask = text.encode_batch(CONTEXTS[: len(ids)], 16)
+    return model(images, cids, ids, cmask, mask, labels)
+
+
+def generate(model, arch, images, prompts, **kwargs):
+    if arch == "encoder_decoder":
+        return model.generate(images, prompts, return_ids=True, **kwargs)[1]
+    return model.generate(images, CONTEXTS[: len(prompts)], prompts, return_ids=True, **kwargs)[1]
+
+
+@pytest.mark.parametrize("arch,projector,fusion", list(itertools.product(ARCHS, PROJECTORS, FUSIONS)))
+def test_every_combination_trains_and_generates_the_same_with_and_without_cache(arch, projector, fusion):
+    torch.manual_seed(0)
+    model = vlmkit.build_model(tiny(arch, projector, fusion))
+    assert isinstance(model, torch.nn.Module) and model.config["projector"]["type"] == projector
+    images = torch.rand(2, 3, 32, 32)
+    ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+    out = run(model, arch, images, ids, labels, mask)
+    assert out.logits.shape[0] == 2 and out.logits.shape[2] == text.VOCAB_SIZE
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    first = out.loss.item()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        loss = run(model, arch, images, ids, labels, mask).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert run(model, arch, images, ids, labels, mask).loss.item() < 0.8 * first
+    model.eval()
+    prompts = ["What colour?", "Describe"]
+    for kwargs in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 7, "top_k": 20, "top_p": 0.9}):
+        with_cache = generate(model, arch, images, prompts, max_new_tokens=6, use_cache=True, **kwargs)
+        without = generate(model, arch, images, prompts, max_new_tokens=6, use_cache=False, **kwargs)
+        assert with_cache == without, kwargs
+        assert all(1 <= len(row) <= 6 for row in with_cache)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_batched_prompts_of_different_lengths_match_single_prompts(fusion):
+    torch.manual_seed(0)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder", "pixel_shuffle", fusion)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["Hi", "A much longer question about the image?", "Mid length"]
+    batched = model.generate(images, prompts, max_new_tokens=5, return_ids=True)[1]
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(images[i:i + 1], [prompt], max_new_tokens=5, return_ids=True)[1]
+        assert alone[0] == batched[i]
+
+
+def test_several_images_per_sample_and_prefix_lm():
+    torch.manual_seed(0)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder", "mlp", "concat", attention="prefix_lm"))
+    ids, labels, mask = text.training_batch(["<image> vs <image>: which is red?", "<image>colour?"], ["left", "red"])
+    out = model(torch.rand(3, 3, 32, 32), ids, mask, labels)  # 2 + 1 images in reading order
+    assert torch.isfinite(out.loss)
+    # 16 tokens per image replace each placeholder; image positions are ignored by the loss.
+    assert out.logits.shape[1] == ids.shape[1] + 2 * 15
+    assert (out.labels != -100).sum() == (labels != -100).sum()
+    model.eval()
+    a = model.generate(torch.rand(1, 3, 32, 32), ["<image>q"], 6, use_cache=True, return_ids=True)[1]
+    b = model.generate(torch.rand(1, 3, 32, 32).mul(0).add(0.5), ["<image>q"], 6, return_ids=True)[1]
+    assert len(a[0]) >= 1 and len(b[0]) >= 1
+
+
+def test_decoder_options_rotary_learned_gated_every_n():
+    torch.manual_seed(0)
+    for decoder in ({"pos_embedding": "learned"}, {"cross_attention_every": 2, "gated_cross_attention": True},
+                    {"tie_embeddings": False}):
+        fusion = "cross_attention" if "cross_attention_every" in decoder else "concat"
+        cfg = tiny("encoder_decoder", "linear", fusion)
+        cfg["decoder"].update(decoder)
+        model = vlmkit.build_model(cfg).eval()
+        assert model.config["decoder"]["pos_embedding"] == decoder.get("pos_embedding", "rotary")
+        images = torch.rand(1, 3, 32, 32)
+        a = model.generate(images, ["x"], 5, use_cache=True, return_ids=True)[1]
+        b = model.generate(images, ["x"], 5, use_cache=False, return_ids=True)[1]
+        assert a == b
+    gated = vlmkit.build_model(tiny("encoder_decoder", "linear", "cross_attention",
+                                    decoder={"d_model": 32, "depth": 2, "num_heads": 4,
+                                             "cross_attention_every": 1, "gated_cross_attention": True}))
+    # Flamingo's gate starts closed: the image does not change the logits yet.
+    ids, labels, mask = text.training_batch(["q"], ["a"])
+    with torch.no_grad():
+        one = gated(torch.rand(1, 3, 32, 32), ids, mask).logits
+        two = gated(torch.rand(1, 3, 32, 32), ids, mask).logits
+    assert torch.equal(one, two)
+
+
+def test_streaming_callback_stop_tokens_and_state_dict():
+    torch.manual_seed(0)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder")).eval()
+    images = torch.rand(2, 3, 32, 32)
+    seen = []
+    texts, ids = model.generate(images, ["a", "b"], 5, stream=lambda toks: seen.append(list(toks)), return_ids=True)
+    assert len(seen) == max(len(r) for r in ids) and all(len(s) == 2 for s in seen)
+    assert [s[0] for s in seen if s[0] >= 0] == ids[0]
+    stopped = []
+    model.generate(images, ["a", "b"], 5, stream=lambda toks: stopped.append(toks) or False)
+    assert len(stopped) == 1
+    first = ids[0][0]
+    short = model.generate(images, ["a", "b"], 5, stop_tokens=[first], return_ids=True)[1]
+    assert short[0] == [first]
+    twin = vlmkit.build_model(model.config)
+    twin.load_state_dict(model.state_dict())
+    assert twin.eval().generate(images, ["a", "b"], 5, return_ids=True)[1] == ids
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder"))
+    ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\).*3 image\(s\)"):
+        model(torch.rand(3, 3, 32, 32), ids, mask, labels)
+    with pytest.raises(ValueError, match="max_len=160"):
+        model.generate(torch.rand(1, 3, 32, 32), ["x" * 200], 4)
+    with pytest.raises(ValueError, match="unknown projector 'qformer'.*'resampler'"):
+        vlmkit.build_model(tiny("encoder_decoder", "qformer"))
+    with pytest.raises(ValueError, match="unknown decoder fusion 'sum'"):
+        vlmkit.build_model(tiny("encoder_decoder", "mlp", "sum"))
+    with pytest.raises(ValueError, match="divisible by factor 3"):
+        bad = vlmkit.build_model(tiny("encoder_decoder", "mlp"))
+        vlmkit.PixelShuffleProjector(32, 32, factor=3)(bad.image_encoder(torch.rand(1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="one image per prompt"):
+        vlmkit.EncoderDecoder(tiny("encoder_decoder", "mlp", "cross_attention"))(torch.rand(3, 3, 32, 32), ids, mask)
+    with pytest.raises(ValueError, match="concat fusion needs a decoder without cross-attention"):
+        cfg = tiny("encoder_decoder")
+        cfg["decoder"]["cross_attention_every"] = 1
+        vlmkit.build_model(cfg)
+    with pytest.raises(IndexError, match="token ids must be in"):
+        model(torch.rand(2, 3, 32, 32), ids + 1000, mask)
+    with pytest.raises(ValueError, match="exactly one <image> placeholder"):
+        m3 = vlmkit.EncoderTextDecoder(tiny("encoder_text_decoder"))
+        cids, cmask = text.encode_batch(CONTEXTS, 16)
+        bad_ids, bad_labels, bad_mask = text.training_batch(["no placeholder", "<image>x"], ANSWERS)
+        m3(torch.rand(2, 3, 32, 32), cids, bad_ids, cmask, bad_mask, bad_labels)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(torch.rand(1, 3, 32, 32), ["x"], 4, num_beams=0)
+
+
+def test_projector_token_counts():
+    tokens = vlmkit.EncoderOutput(torch.randn(2, 64, 16), torch.randn(2, 16))  # an 8x8 grid
+    assert vlmkit.MlpProjector(16, 24)(tokens).shape == (2, 64, 24)
+    assert vlmkit.PixelShuffleProjector(16, 24, factor=2)(tokens).shape == (2, 16, 24)
+    assert vlmkit.PixelShuffleProjector(16, 24, factor=4)(tokens).shape == (2, 4, 24)
+    assert vlmkit.PatchMergerProjector(16, 24)(tokens).shape == (2, 16, 24)
+    assert vlmkit.ResamplerProjector(16, 24, num_queries=5, num_heads=4)(tokens).shape == (2, 5, 24)
+    big = vlmkit.EncoderOutput(torch.randn(1, 256, 16), torch.randn(1, 16))
+    assert vlmkit.ResamplerProjector(16, 24, num_queries=5, num_heads=4)(big).shape == (1, 5, 24)
+    assert vlmkit.PixelShuffleProjector(16, 24).num_output_tokens(8, 8) == 16

@@ -1,0 +1,120 @@
+"""Structured output: JSON-schema constrained decoding and boxes in text."""
+import json
+
+import pytest
+import torch
+
+import vlmkit
+from test_generative import tiny
+
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "Description": {"type": "string"},
+        "Machine": {"type": "string"},
+        "Colour": {"type": "string"},
+        "People": {"type": "string"},
+    },
+    "required": ["Description", "Machine", "Colour", "People"],
+}
+
+DETECTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "Object": {"type": "array", "items": {"type": "string"}},
+        "Bounding_box": {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                      "minItems": 4, "maxItems": 4},
+        },
+    },
+    "required": ["Object", "Bounding_box"],
+}
+
+
+def validate(value, schema):
+    """A small validator for the subset of JSON schema vlmkit constrains to."""
+    if "enum" in schema:
+        assert value in schema["enum"]
+        return
+    kind = schema["type"]
+    if kind == "object":
+        assert isinstance(value, dict)
+        for key in schema.get("required", []):
+            assert key in value, key
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                validate(value[key], sub)
+    elif kind == "array":
+        assert isinstance(value, list)
+        assert schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", 10**9)
+        for item in value:
+            validate(item, schema["items"])
+    elif kind == "string":
+        assert isinstance(value, str)
+        assert schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10**9)
+    elif kind == "integer":
+        assert isinstance(value, int) and not isinstance(value, bool)
+        assert schema.get("minimum", -10**18) <= value <= schema.get("maximum", 10**18)
+    elif kind == "number":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == "boolean":
+        assert isinstance(value, bool)
+    elif kind == "null":
+        assert value is None
+
+
+@pytest.mark.parametrize("schema", [EXTRACTION_SCHEMA, DETECTION_SCHEMA], ids=["extraction", "detection"])
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_untrained_model_always_yields_valid_json(schema, fusion):
+    torch.manual_seed(0)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder", "pixel_shuffle", fusion,
+                                       decoder={"d_model": 32, "depth": 2, "num_heads": 4, "max_len": 1024})).eval()
+    images = torch.rand(2, 3, 32, 32)
+    outputs = []
+    for kwargs in ({}, {"do_sample": True, "seed": 1}, {"do_sample": True, "seed": 2, "temperature": 2.0},
+                   {"num_beams": 2}):
+        outputs += model.generate(images, ["Extract the fields", "Detect"], 8, schema=schema, **kwargs)
+    for out in outputs:
+        validate(json.loads(out), schema)
+
+
+def test_schema_kinds_enum_boolean_number_null():
+    schema = {"type": "object", "properties": {
+        "kind": {"enum": ["cat", "dog", "car"]}, "ok": {"type": "boolean"}, "score": {"type": "number"},
+        "none": {"type": "null"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 3},
+                                            "maxItems": 2}}}
+    torch.manual_seed(1)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder", decoder={"d_model": 32, "depth": 1, "num_heads": 4,
+                                                                   "max_len": 512})).eval()
+    for seed in range(4):
+        out = model.generate(torch.rand(1, 3, 32, 32), ["q"], 4, schema=schema, do_sample=True, seed=seed)[0]
+        validate(json.loads(out), schema)
+
+
+def test_matcher_accepts_exactly_the_schema_language():
+    m = vlmkit.JsonSchemaMatcher(json.dumps(DETECTION_SCHEMA))
+    assert m.feed('{"Object":["cat","dog"],"Bounding_box":[[1,2,3,4],[0,0,999,999]]}')
+    assert m.can_finish()
+    m = vlmkit.JsonSchemaMatcher(json.dumps(DETECTION_SCHEMA))
+    assert not m.feed('{"Bounding_box"')           # properties come in schema order
+    assert m.feed('{"Object":["a"],"Bounding_box":[[1,2,3')
+    assert not m.feed(']')                         # exactly 4 coordinates
+    assert not m.feed(',1000')                     # maximum 999
+    assert not m.can_finish()
+    assert vlmkit.JsonSchemaMatcher.max_length(json.dumps(EXTRACTION_SCHEMA)) < 1000
+    with pytest.raises(ValueError, match="unsupported type 'date'"):
+        vlmkit.JsonSchemaMatcher(json.dumps({"type": "date"}))
+    with pytest.raises(ValueError, match="unions are not supported"):
+        vlmkit.JsonSchemaMatcher(json.dumps({"type": ["string", "null"]}))
+
+
+def test_boxes_round_trip_through_text():
+    box = [10.0, 20.0, 110.0, 220.0]
+    text = vlmkit.box_to_text(box, 640, 480)
+    assert text == "[16,42,172,458]"
+    (parsed,) = vlmkit.parse_boxes(f'{{"Bounding_box":[{text[1:-1]}]}} and {text}', 640, 480)[1:]
+    assert parsed == pytest.approx(box, abs=640 / 999)
+    assert vlmkit.parse_boxes("no boxes [1,2,3] [1000,1,2,3]", 100, 100) == []
+    with pytest.raises(ValueError, match="expected \\[x1, y1, x2, y2\\]"):
+        vlmkit.box_to_text([1, 2, 3], 10, 10)
