@@ -601,8 +601,13 @@ GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs pr
     prompt.context_mask = repeat_rows(prompt.context_mask, k);
   }
   std::vector<std::unique_ptr<TokenConstraint>> constraints;
-  if (constraint)
+  if (constraint) {
     for (int64_t i = 0; i < n; ++i) constraints.push_back(constraint());
+    TORCH_CHECK_VALUE(constraints.front()->min_tokens() <= budget, "generate: the output constraint needs at least ",
+                      constraints.front()->min_tokens(), " new tokens but only ", budget,
+                      " fit (max_new_tokens=", o.max_new_tokens(), ", context max_len=", decoder.options.max_len(),
+                      ", prompt ", prompt_len, " positions)");
+  }
 
   c10::optional<at::Generator> generator;
   if (o.do_sample() && o.seed() >= 0) generator = at::make_generator<at::CPUGeneratorImpl>(uint64_t(o.seed()));
@@ -658,7 +663,7 @@ GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs pr
       for (int64_t i = 0; i < n; ++i) {
         if (finished[i]) continue;
         std::fill(allowed.begin(), allowed.end(), 0);
-        constraints[i]->allowed(allowed);
+        constraints[i]->allowed(allowed, budget - step);
         for (int64_t v = 0; v < vocab; ++v) acc[i][v] = !allowed[v];
       }
       scores = scores.masked_fill(blocked, neg_inf);

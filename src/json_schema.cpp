@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace vlmkit {
 namespace {
@@ -306,6 +307,85 @@ bool JsonSchemaMatcher::can_finish() const {
   return true;
 }
 
+int64_t JsonSchemaMatcher::min_length(const ordered_json& schema) {
+  const auto type = type_of(schema);
+  if (type == "enum") {
+    if (schema.contains("const")) return int64_t(schema["const"].dump().size());
+    size_t shortest = std::numeric_limits<size_t>::max();
+    for (const auto& v : schema["enum"]) shortest = std::min(shortest, v.dump().size());
+    return int64_t(shortest);
+  }
+  if (type == "object") {
+    if (!schema.contains("properties") || schema["properties"].empty()) return 2;
+    int64_t total = 1;  // "{", then each ("key": value) and one separator or "}"
+    for (auto it = schema["properties"].begin(); it != schema["properties"].end(); ++it)
+      total += int64_t(ordered_json(it.key()).dump().size()) + 1 + min_length(it.value()) + 1;
+    return total;
+  }
+  if (type == "array") {
+    const int64_t n = get_int(schema, "minItems", 0);
+    return n == 0 ? 2 : 1 + n * (min_length(schema["items"]) + 1);
+  }
+  if (type == "string") return 2 + get_int(schema, "minLength", 0);
+  if (type == "integer" || type == "number") return 1;
+  if (type == "boolean") return 4;
+  return 4;  // null
+}
+
+int64_t JsonSchemaMatcher::min_completion() const {
+  int64_t total = 0;
+  for (size_t i = 0; i < stack_.size(); ++i) {
+    const Frame& f = stack_[i];
+    switch (f.kind) {
+      case Kind::literal: total += int64_t(f.text.size() - f.pos); break;
+      case Kind::string:
+        total += f.stage == 0 ? 2 + get_int(*f.schema, "minLength", 0)
+                              : std::max<int64_t>(0, get_int(*f.schema, "minLength", 0) - f.length) + 1;
+        break;
+      case Kind::integer:
+      case Kind::number: total += can_end(f) ? 0 : 1; break;
+      case Kind::choice: {
+        size_t best = std::numeric_limits<size_t>::max();
+        for (const auto& o : f.options)
+          if (o.compare(0, f.text.size(), f.text) == 0) best = std::min(best, o.size() - f.text.size());
+        total += int64_t(best == std::numeric_limits<size_t>::max() ? 0 : best);
+        break;
+      }
+      case Kind::array: {
+        const int64_t min_items = get_int(*f.schema, "minItems", 0);
+        const int64_t item = min_length((*f.schema)["items"]) + 1;  // the item and its separator
+        if (f.stage == kArrOpen) total += min_items == 0 ? 2 : 1 + min_items * item;
+        else if (f.stage == kArrFirst) total += min_items == 0 ? 1 : min_items * item;
+        else if (f.stage == kArrItem) total += 1 + std::max<int64_t>(0, min_items - f.index - 1) * item;
+        else if (f.stage == kArrAfter) total += 1 + std::max<int64_t>(0, min_items - f.index) * item;
+        else total += std::max<int64_t>(1, min_items - f.index) * item;  // after ','
+        break;
+      }
+      case Kind::object: {
+        const ordered_json* props = f.schema->contains("properties") ? &(*f.schema)["properties"] : nullptr;
+        const int64_t n = props ? int64_t(props->size()) : 0;
+        auto property = [&](int64_t j) {
+          auto it = props->begin();
+          std::advance(it, j);
+          return std::make_pair(int64_t(ordered_json(it.key()).dump().size()) + 2, min_length(it.value()));
+        };
+        int64_t from = f.index;  // properties not started yet
+        if (f.stage == kObjInKey || f.stage == kObjNeedValue) {
+          total += property(f.index).second;  // the key literal is the child frame
+          from = f.index + 1;
+        } else if (f.stage == kObjInValue) {
+          from = f.index + 1;
+        }
+        if (f.stage == kObjInClose || f.stage == kObjDone) break;  // the child literal counts
+        for (int64_t j = from; j < n; ++j) total += property(j).first + property(j).second;
+        total += (f.stage == kObjNeedKey && n == 0) ? 2 : 1;  // "}" (or "{}")
+        break;
+      }
+    }
+  }
+  return total;
+}
+
 int64_t JsonSchemaMatcher::max_length(const ordered_json& schema) {
   const auto type = type_of(schema);
   if (type == "enum") {
@@ -356,21 +436,26 @@ std::unique_ptr<TokenConstraint> JsonSchemaConstraint::clone() const {
   return copy;
 }
 
-void JsonSchemaConstraint::allowed(std::vector<char>& allowed) const {
+void JsonSchemaConstraint::allowed(std::vector<char>& allowed, int64_t remaining) const {
   const auto& texts = *token_texts_;
   const size_t n = std::min(allowed.size(), texts.size());
-  // Single-character tokens share the answer for their character.
-  int cache[256];
+  // A token is allowed when it continues valid JSON and what it leaves can
+  // still close (plus the stop token) within the remaining budget.
+  auto fits = [&](const std::string& text) {
+    JsonSchemaMatcher next(*matcher_);
+    return next.feed(text) && next.min_completion() + 1 <= remaining - 1;
+  };
+  int cache[256];  // single-character tokens share the answer for their character
   std::fill(std::begin(cache), std::end(cache), -1);
   for (size_t v = 0; v < n; ++v) {
     const auto& text = texts[v];
     if (text.empty()) continue;
     if (text.size() == 1) {
       auto& known = cache[static_cast<unsigned char>(text[0])];
-      if (known < 0) known = JsonSchemaMatcher(*matcher_).feed(text[0]) ? 1 : 0;
+      if (known < 0) known = fits(text) ? 1 : 0;
       allowed[v] = char(known);
     } else {
-      allowed[v] = JsonSchemaMatcher(*matcher_).feed(text) ? 1 : 0;
+      allowed[v] = fits(text) ? 1 : 0;
     }
   }
   if (stop_token_ >= 0 && size_t(stop_token_) < allowed.size() && matcher_->can_finish())

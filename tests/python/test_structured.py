@@ -118,3 +118,19 @@ def test_boxes_round_trip_through_text():
     assert vlmkit.parse_boxes("no boxes [1,2,3] [1000,1,2,3]", 100, 100) == []
     with pytest.raises(ValueError, match="expected \\[x1, y1, x2, y2\\]"):
         vlmkit.box_to_text([1, 2, 3], 10, 10)
+
+
+def test_json_closes_in_time_when_the_context_is_short():
+    torch.manual_seed(0)
+    model = vlmkit.EncoderDecoder(tiny("encoder_decoder", "pixel_shuffle", "concat",
+                                       decoder={"d_model": 32, "depth": 1, "num_heads": 4, "max_len": 90})).eval()
+    images = torch.rand(2, 3, 32, 32)
+    assert vlmkit.JsonSchemaMatcher.max_length(json.dumps(DETECTION_SCHEMA)) > 90
+    for seed in range(3):
+        for out in model.generate(images, ["Detect", "Find all"], 8, schema=DETECTION_SCHEMA,
+                                  do_sample=True, seed=seed, temperature=3.0):
+            validate(json.loads(out), DETECTION_SCHEMA)
+    tight = vlmkit.EncoderDecoder(tiny("encoder_decoder", "pixel_shuffle", "concat",
+                                       decoder={"d_model": 32, "depth": 1, "num_heads": 4, "max_len": 40}))
+    with pytest.raises(ValueError, match="needs at least .* new tokens"):
+        tight.generate(images[:1], ["Detect the objects in this picture"], 8, schema=EXTRACTION_SCHEMA)

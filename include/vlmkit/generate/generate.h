@@ -38,9 +38,12 @@ class TokenConstraint {
  public:
   virtual ~TokenConstraint() = default;
   virtual std::unique_ptr<TokenConstraint> clone() const = 0;
-  /// Sets allowed[v] (size vocab) to 1 for every token allowed next.
-  virtual void allowed(std::vector<char>& allowed) const = 0;
+  /// Sets allowed[v] (size vocab) to 1 for every token allowed next, given
+  /// that at most `remaining` tokens (this one included) may still come.
+  virtual void allowed(std::vector<char>& allowed, int64_t remaining) const = 0;
   virtual void advance(int64_t token) = 0;
+  /// Fewest tokens that can still complete the sequence (stop token included).
+  virtual int64_t min_tokens() const { return 0; }
 };
 using ConstraintFactory = std::function<std::unique_ptr<TokenConstraint>()>;
 

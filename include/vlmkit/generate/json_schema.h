@@ -6,7 +6,9 @@
 /// Supported: type object (properties, all emitted in order), array (items,
 /// minItems, maxItems), string (minLength, maxLength), integer (minimum,
 /// maximum), number, boolean, null, enum, const. Unbounded strings and arrays
-/// get the defaults below so generation always terminates.
+/// get the defaults below so generation always terminates, and the constraint
+/// knows the remaining token budget: it steers towards the shortest completion
+/// in time, so the value always closes.
 #include <nlohmann/json.hpp>
 
 #include <memory>
@@ -31,8 +33,12 @@ class JsonSchemaMatcher {
   bool feed(const std::string& text);
   /// The text so far is a complete value.
   bool can_finish() const;
+  /// Fewest characters that complete the value from here (0 when complete).
+  int64_t min_completion() const;
   /// Upper bound on the characters of any accepted value.
   static int64_t max_length(const ordered_json& schema);
+  /// Length of the shortest accepted value.
+  static int64_t min_length(const ordered_json& schema);
 
   /// One open value on the matcher's stack.
   struct Frame {
@@ -67,8 +73,9 @@ class JsonSchemaConstraint final : public TokenConstraint {
                        std::shared_ptr<const std::vector<std::string>> token_texts,
                        int64_t stop_token);
   std::unique_ptr<TokenConstraint> clone() const override;
-  void allowed(std::vector<char>& allowed) const override;
+  void allowed(std::vector<char>& allowed, int64_t remaining) const override;
   void advance(int64_t token) override;
+  int64_t min_tokens() const override { return matcher_->min_completion() + 1; }
 
  private:
   std::shared_ptr<JsonSchemaMatcher> matcher_;
