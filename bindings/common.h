@@ -2,7 +2,8 @@
 // Shared helpers for the bindings: kwargs <-> JSON, optional tensors, and the
 // binding of a module with its Python-visible options and repr.
 #include <pybind11/stl.h>
-#include <torch/python.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/torch.h>
 
 #include <optional>
 #include <sstream>
@@ -39,14 +40,38 @@ inline std::string module_repr(const torch::nn::Module& module) {
   return stream.str();
 }
 
-/// bind_module without the generic forward (we bind forward ourselves with
-/// keyword arguments and optional tensors), plus __repr__.
 template <class Impl>
-torch::python::detail::PyModuleClass<Impl> bind_block(py::module_& m, const char* name) {
-  auto cls = torch::python::bind_module<Impl, /*force_enable=*/true>(m, name);
-  // torch binds __repr__ to the bare name first and pybind keeps the first
-  // overload, so the tree printer gets its own name (the Python mixin uses it).
-  cls.def("_tree_repr", [](Impl& self) { return module_repr(self); });
+using ModuleClass = py::class_<Impl, torch::nn::Module, std::shared_ptr<Impl>>;
+
+/// Registers torch::nn::Module as a pybind base class unless libtorch_python
+/// already did (LibTorch 1.x does, 2.x no longer binds the C++ frontend).
+inline void ensure_module_base(py::module_& m) {
+  if (py::detail::get_type_info(typeid(torch::nn::Module))) return;
+  py::class_<torch::nn::Module, std::shared_ptr<torch::nn::Module>>(m, "Module");
+}
+
+template <class Items>
+py::dict to_dict(const Items& items) {
+  py::dict out;
+  for (const auto& item : items) out[py::str(item.key())] = item.value();
+  return out;
+}
+
+/// A C++ module as a pybind class with what vlmkit.CppModule (Python) needs:
+/// parameters and buffers by dotted name, children, train mode and a tree
+/// repr. The torch.nn.Module face is built in Python on top of this, the same
+/// way on every LibTorch version (no dependence on torch.nn.cpp).
+template <class Impl>
+ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
+  ModuleClass<Impl> cls(m, name);
+  cls.def("named_parameters", [](Impl& self, bool recurse) { return to_dict(self.named_parameters(recurse)); },
+          py::arg("recurse") = true)
+      .def("named_buffers", [](Impl& self, bool recurse) { return to_dict(self.named_buffers(recurse)); },
+           py::arg("recurse") = true)
+      .def("named_children", [](Impl& self) { return to_dict(self.named_children()); })
+      .def("train", [](Impl& self, bool mode) { self.train(mode); }, py::arg("mode") = true)
+      .def_property_readonly("training", [](Impl& self) { return self.is_training(); })
+      .def("_tree_repr", [](Impl& self) { return module_repr(self); });
   return cls;
 }
 

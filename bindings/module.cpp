@@ -27,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
         "Apply vlmkit's thread policy: 1 torch thread, OpenBLAS on every core "
         "(VLMKIT_TORCH_THREADS / VLMKIT_BLAS_THREADS override).");
 
+  vlmkit::bindings::ensure_module_base(m);
   vlmkit::bindings::bind_blocks(m);
   vlmkit::bindings::bind_models(m);
   vlmkit::bindings::bind_generative(m);

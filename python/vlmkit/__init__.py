@@ -30,8 +30,8 @@ apply_default_threads = _C.apply_default_threads
 
 # Child modules reached through a model (``model.image_encoder``) are the plain
 # C++ objects; make them callable like their nn.Module wrappers.
-for _name in dir(_C.cpp):
-    _cls = getattr(_C.cpp, _name)
+for _name in dir(_C):
+    _cls = getattr(_C, _name)
     if isinstance(_cls, type) and hasattr(_cls, "forward") and "__call__" not in _cls.__dict__:
         _cls.__call__ = lambda self, *args, **kwargs: self.forward(*args, **kwargs)
 

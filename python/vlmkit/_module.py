@@ -1,47 +1,109 @@
-"""Python side of the C++ modules: the gaps of ``torch.nn.cpp.ModuleWrapper``.
+"""The torch.nn.Module face of the C++ modules.
 
-``torch::python::bind_module`` makes every vlmkit block a ``torch.nn.Module``
-subclass, but the wrapper copies the C++ methods onto each instance, so a few
-``nn.Module`` methods come back with C++ signatures (``to("cpu")`` fails,
-``train()`` returns None) and ``state_dict()`` fails for modules with
-children. :class:`CppModule` restores the ``torch.nn.Module`` behaviour.
+The extension binds each C++ module as a plain pybind class (``vlmkit._C.ViT``)
+exposing its parameters and buffers by dotted name. :class:`CppModule` wraps
+one in a real ``torch.nn.Module``: to Python it is a leaf module whose
+``_parameters`` are a live view of every C++ parameter (``image_encoder.norm.weight``),
+so ``parameters()``, ``named_parameters()``, ``torch.optim``, ``.to()``,
+``.train()/.eval()``, hooks, ``nn.Sequential`` and ``DistributedDataParallel``
+work through torch's own code, on LibTorch 1.x and 2.x alike (torch 2.x no
+longer ships ``torch.nn.cpp.ModuleWrapper``). ``state_dict()`` and
+``load_state_dict()`` are implemented here for the dotted names.
 """
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from collections.abc import Mapping as _MappingABC
+from typing import Any, Callable, Dict, Iterator, Mapping
 
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
-# Instance attributes copied from C++ that nn.Module implements better: they
-# are removed so the class-level (nn.Module or mixin) versions apply.
-_TORCH_SIDE = (
-    "to", "cuda", "cpu", "float", "double", "half", "zero_grad", "train", "eval",
-    "named_parameters", "named_buffers",
-)
+
+class _TensorView(_MappingABC):
+    """Read-only live mapping over a C++ module's named parameters or buffers."""
+
+    def __init__(self, getter: Callable[[], Dict[str, torch.Tensor]]) -> None:
+        self._get = getter
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._get()
 
 
-class CppModule:
-    """Mixin placed before the bound class: ``class ViT(CppModule, _C.ViT)``."""
+class CppModule(torch.nn.Module):
+    """A ``torch.nn.Module`` backed by a bound C++ module (``self.cpp_module``).
 
-    def _finish_init(self) -> None:
-        for name in _TORCH_SIDE:
-            self.__dict__.pop(name, None)
+    Subclasses set ``_cpp_class``; constructor arguments go to it.
+    """
 
-    # -- iteration with torch's signatures ---------------------------------
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
-        for name, tensor in self.cpp_module.named_parameters(recurse).items():
-            yield prefix + ("." if prefix else "") + name, tensor
+    _cpp_class: Any = None
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True,
-                      remove_duplicate: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
-        for name, tensor in self.cpp_module.named_buffers(recurse).items():
-            yield prefix + ("." if prefix else "") + name, tensor
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if self._cpp_class is None:
+            raise TypeError(f"{type(self).__name__} has no C++ class to construct")
+        self._wrap(self._cpp_class(*args, **kwargs))
 
-    # -- state dict ----------------------------------------------------------
+    def _wrap(self, cpp: Any) -> None:
+        object.__setattr__(self, "cpp_module", cpp)
+        super().__init__()
+        object.__setattr__(self, "_parameters", _TensorView(lambda: cpp.named_parameters(True)))
+        object.__setattr__(self, "_buffers", _TensorView(lambda: cpp.named_buffers(True)))
+
+    @classmethod
+    def from_cpp(cls, cpp: Any) -> "CppModule":
+        """Wraps an existing C++ module object (for example a child of a model)."""
+        module = cls.__new__(cls)
+        module._wrap(cpp)
+        return module
+
+    # -- delegation -------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.cpp_module.forward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        cpp = self.__dict__.get("cpp_module")
+        if cpp is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        children = cpp.named_children()
+        if name in children:
+            return children[name]
+        return getattr(cpp, name)
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        cpp = self.__dict__.get("cpp_module")
+        return cpp.training if cpp is not None else True
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.cpp_module.train(bool(mode))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "CppModule":
+        # The tensors belong to C++: convert them in place (as torch.nn.cpp did).
+        with torch.no_grad():
+            for param in self.parameters():
+                param.data = fn(param.data)
+                if param.grad is not None:
+                    param.grad.data = fn(param.grad.data)
+            for buffer in self.buffers():
+                buffer.data = fn(buffer.data)
+        return self
+
+    # -- state dict ---------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Dict[str, torch.Tensor] | None = None,
                    prefix: str = "", keep_vars: bool = False) -> Dict[str, torch.Tensor]:
         """Parameters and buffers by their dotted C++ names (``image_encoder.norm.weight``)."""
@@ -56,9 +118,10 @@ class CppModule:
             out[prefix + name] = tensor if keep_vars else tensor.detach()
         return out
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> _IncompatibleKeys:
         """Copies tensors in place; raises like torch on missing/unexpected keys and size mismatches."""
-        if not isinstance(state_dict, Mapping):
+        if not isinstance(state_dict, _MappingABC):
             raise TypeError(f"expected state_dict to be a mapping of names to tensors, "
                             f"got {type(state_dict).__name__}")
         own = self.state_dict(keep_vars=True)
@@ -88,7 +151,7 @@ class CppModule:
                     target.copy_(state_dict[key])
         return _IncompatibleKeys(missing, unexpected)
 
-    # -- presentation ----------------------------------------------------------
+    # -- presentation ---------------------------------------------------------------
     def __repr__(self) -> str:
         cpp = self.__dict__.get("cpp_module")
         return cpp._tree_repr() if cpp is not None else f"<{type(self).__name__} (not constructed)>"
@@ -100,16 +163,12 @@ class CppModule:
             return json.loads(self.cpp_module.config_json())
         return dict(self.cpp_module.options)
 
+    def __reduce__(self):
+        raise TypeError(f"{type(self).__name__} is backed by C++ and cannot be pickled; "
+                        f"save model.config and model.state_dict() instead")
 
-def wrap_block(base: type, name: str, doc: str | None = None) -> type:
-    """A public class for a bound block: ``CppModule`` + the C++ wrapper."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        base.__init__(self, *args, **kwargs)
-        self._finish_init()
-
-    return type(name, (CppModule, base), {
-        "__init__": __init__,
-        "__module__": "vlmkit",
-        "__doc__": doc or base.__doc__,
-    })
+def wrap_block(cpp_class: type, name: str, doc: str | None = None) -> type:
+    """The public torch.nn.Module class for a bound C++ block."""
+    return type(name, (CppModule,), {"_cpp_class": cpp_class, "__module__": "vlmkit",
+                                     "__doc__": doc or cpp_class.__doc__})

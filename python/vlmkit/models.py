@@ -34,7 +34,7 @@ def _config(architecture: str, config: Optional[Mapping[str, Any]], overrides: M
     return merged
 
 
-class TwoTower(CppModule, _C.TwoTower):
+class TwoTower(CppModule):
     """Architecture 1: image and text towers in one contrastive embedding space.
 
     Args:
@@ -50,11 +50,10 @@ class TwoTower(CppModule, _C.TwoTower):
     """
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
-        _C.TwoTower.__init__(self, json.dumps(_config("two_tower", config, overrides)))
-        self._finish_init()
+        self._wrap(_C.TwoTower(json.dumps(_config("two_tower", config, overrides))))
 
 
-class TwoLeg(CppModule, _C.TwoLeg):
+class TwoLeg(CppModule):
     """Architecture 2: both encoders, a fusion block and a task head.
 
     Config keys: ``image_encoder``, ``text_encoder``, ``fusion`` (``type`` one of
@@ -66,8 +65,7 @@ class TwoLeg(CppModule, _C.TwoLeg):
     """
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
-        _C.TwoLeg.__init__(self, json.dumps(_config("two_leg", config, overrides)))
-        self._finish_init()
+        self._wrap(_C.TwoLeg(json.dumps(_config("two_leg", config, overrides))))
 
 
 class _Generative:
@@ -105,7 +103,7 @@ class _Generative:
         return (texts, ids) if return_ids else texts
 
 
-class EncoderDecoder(_Generative, CppModule, _C.EncoderDecoder):
+class EncoderDecoder(_Generative, CppModule):
     """Architecture 4: image encoder, projector, concatenation or cross-attention
     into a next-token text decoder (LLaVA / Flamingo family).
 
@@ -119,8 +117,7 @@ class EncoderDecoder(_Generative, CppModule, _C.EncoderDecoder):
     """
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
-        _C.EncoderDecoder.__init__(self, json.dumps(_config("encoder_decoder", config, overrides)))
-        self._finish_init()
+        self._wrap(_C.EncoderDecoder(json.dumps(_config("encoder_decoder", config, overrides))))
 
     def generate(self, images: torch.Tensor, prompts, max_new_tokens: int = 32, *,
                  schema: Optional[Mapping[str, Any]] = None, stream: Optional[Callable] = None,
@@ -140,7 +137,7 @@ class EncoderDecoder(_Generative, CppModule, _C.EncoderDecoder):
         return self._texts(tokens, return_ids)
 
 
-class EncoderTextDecoder(_Generative, CppModule, _C.EncoderTextDecoder):
+class EncoderTextDecoder(_Generative, CppModule):
     """Architecture 3: a conv stage on the image and a context text, concatenated
     and encoded together, projected, then joined to the decoder by cross-attention
     or concatenation.
@@ -152,8 +149,7 @@ class EncoderTextDecoder(_Generative, CppModule, _C.EncoderTextDecoder):
     """
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:
-        _C.EncoderTextDecoder.__init__(self, json.dumps(_config("encoder_text_decoder", config, overrides)))
-        self._finish_init()
+        self._wrap(_C.EncoderTextDecoder(json.dumps(_config("encoder_text_decoder", config, overrides))))
 
     def generate(self, images: torch.Tensor, contexts: Sequence[str], prompts, max_new_tokens: int = 32, *,
                  schema: Optional[Mapping[str, Any]] = None, stream: Optional[Callable] = None,
