@@ -272,7 +272,10 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
   if (blocked.defined())
     additive = torch::zeros(blocked.sizes(), q.options())
                    .masked_fill(blocked, detail::mask_fill_value(q.scalar_type()));
-  out = at::scaled_dot_product_attention(q, k, v, additive, dropout_p, false);
+  // An undefined tensor is not "no mask" for SDPA: pass an empty optional.
+  out = at::scaled_dot_product_attention(q, k, v,
+                                         additive.defined() ? c10::optional<torch::Tensor>(additive) : c10::nullopt,
+                                         dropout_p, false);
 #else
   auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
   if (blocked.defined())

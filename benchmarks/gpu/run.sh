@@ -18,11 +18,11 @@ PYBIND_DIR=$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())' 2>/dev/nu
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DVLMKIT_BUILD_TESTS=ON \
   -DVLMKIT_BUILD_PYTHON=ON -DVLMKIT_USE_CCACHE=OFF -DPython_EXECUTABLE="$(command -v $PY)" \
-  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$PWD/.gpu" ${PYBIND_DIR:+-Dpybind11_DIR=$PYBIND_DIR} \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$PWD/.gpu;$PWD/.gpu/json" ${PYBIND_DIR:+-Dpybind11_DIR=$PYBIND_DIR} \
   > "$OUT/configure.log" 2>&1 || { log "configure FAILED"; tail -30 "$OUT/configure.log"; exit 1; }
 cmake --build build-gpu --parallel 16 --target vlmkit vlmkit_tests example_encoder_decoder > "$OUT/build_cpp.log" 2>&1 \
   && log "C++ build OK in $(( $(date +%s) - start )) s" || { log "C++ build FAILED"; grep -m5 -A5 error "$OUT/build_cpp.log"; }
-(cd build-gpu && ctest -E consumer_project -j 8 --output-on-failure > "../$OUT/ctest.log" 2>&1) \
+ctest --test-dir build-gpu -E consumer_project -j 8 --output-on-failure > "$OUT/ctest.log" 2>&1 \
   && log "ctest OK: $(grep -E 'tests passed' "$OUT/ctest.log")" || { log "ctest FAILED"; tail -40 "$OUT/ctest.log"; }
 cmake --build build-gpu --parallel 16 --target _C > "$OUT/build_python.log" 2>&1 \
   && log "Python extension build OK" || { log "Python extension FAILED"; grep -m5 -A5 error "$OUT/build_python.log"; exit 1; }
