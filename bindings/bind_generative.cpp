@@ -64,7 +64,20 @@ TokenCallback python_callback(const py::object& stream) {
   };
 }
 
-py::tuple generation_to_python(const GenerationOutput& out) { return py::make_tuple(out.tokens, out.scores); }
+/// The shared tail of both architectures' generate_ids: constraint, stream
+/// callback, generation without the GIL, (tokens, scores) back to Python.
+template <class Run>
+py::tuple run_generation(const TextDecoderImpl& decoder, const GenerationOptions& options,
+                         const std::optional<std::string>& schema, const py::object& stream, Run&& run) {
+  auto constraint = schema_constraint(schema, options.stop_tokens().front(), decoder.options.vocab_size());
+  auto callback = python_callback(stream);
+  GenerationOutput out;
+  {
+    py::gil_scoped_release release;
+    out = run(options, constraint, callback);
+  }
+  return py::make_tuple(out.tokens, out.scores);
+}
 
 template <class Impl, class Options>
 void bind_projector(py::module_& m, const char* name, std::function<std::shared_ptr<Impl>(Options)> make,
@@ -166,14 +179,9 @@ void bind_generative(py::module_& m) {
             auto o = generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                                         length_penalty, stop_tokens, use_cache, seed,
                                         self.decoder->options.pad_id());
-            auto constraint = schema_constraint(schema, o.stop_tokens().front(), self.decoder->options.vocab_size());
-            auto callback = python_callback(stream);
-            GenerationOutput out;
-            {
-              py::gil_scoped_release release;
-              out = self.generate(images, prompts, o, constraint, callback);
-            }
-            return generation_to_python(out);
+            return run_generation(*self.decoder, o, schema, stream, [&](auto& opts, auto& constraint, auto& callback) {
+              return self.generate(images, prompts, opts, constraint, callback);
+            });
           },
           py::arg("images"), py::arg("prompts"), py::arg("max_new_tokens") = 32, py::arg("do_sample") = false,
           py::arg("temperature") = 1.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("num_beams") = 1,
@@ -206,15 +214,10 @@ void bind_generative(py::module_& m) {
             auto o = generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                                         length_penalty, stop_tokens, use_cache, seed,
                                         self.decoder->options.pad_id());
-            auto constraint = schema_constraint(schema, o.stop_tokens().front(), self.decoder->options.vocab_size());
-            auto callback = python_callback(stream);
-            GenerationOutput out;
-            {
-              py::gil_scoped_release release;
-              out = self.generate(images, context_ids, prompts, o, constraint, callback,
-                                  value_or_undefined(context_mask));
-            }
-            return generation_to_python(out);
+            return run_generation(*self.decoder, o, schema, stream, [&](auto& opts, auto& constraint, auto& callback) {
+              return self.generate(images, context_ids, prompts, opts, constraint, callback,
+                                   value_or_undefined(context_mask));
+            });
           },
           py::arg("images"), py::arg("context_ids"), py::arg("prompts"), py::arg("max_new_tokens") = 32,
           py::arg("do_sample") = false, py::arg("temperature") = 1.0, py::arg("top_k") = 0,

@@ -350,13 +350,11 @@ torch::Tensor positions_from_mask(const torch::Tensor& padding_mask) {
 }
 
 namespace {
-torch::Tensor prefix_from_labels(const torch::Tensor& labels, int64_t length, torch::Device device) {
-  if (!labels.defined())
-    return torch::full({labels.defined() ? labels.size(0) : 0}, length, torch::TensorOptions().dtype(torch::kLong).device(device));
+/// First labelled position per row (the answer starts there), or length.
+torch::Tensor prefix_from_labels(const torch::Tensor& labels, int64_t length) {
   auto labelled = labels.ne(kIgnoreIndex);
-  auto first = torch::where(labelled.any(1), labelled.to(torch::kLong).argmax(1),
-                            torch::full({labels.size(0)}, length, labels.options()));
-  return first;
+  return torch::where(labelled.any(1), labelled.to(torch::kLong).argmax(1),
+                      torch::full({labels.size(0)}, length, labels.options()));
 }
 }  // namespace
 
@@ -428,7 +426,7 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
   out.positions = positions_from_mask(out.padding_mask);
   if (labels.defined()) {
     out.labels = torch::tensor(out_labels, torch::kLong).view({b, length}).to(device);
-    out.prefix_len = prefix_from_labels(out.labels, length, device);
+    out.prefix_len = prefix_from_labels(out.labels, length);
   } else {
     out.prefix_len = torch::full({b}, length, torch::TensorOptions().dtype(torch::kLong).device(device));
   }
@@ -450,7 +448,7 @@ DecoderInputs CrossAttentionDecoderFusionImpl::fuse(const torch::Tensor& text_em
   out.padding_mask = padding_mask;
   out.positions = positions_from_mask(padding_mask);
   out.labels = labels;
-  out.prefix_len = labels.defined() ? prefix_from_labels(labels, t, text_embeds.device())
+  out.prefix_len = labels.defined() ? prefix_from_labels(labels, t)
                                     : torch::full({b}, t, torch::TensorOptions().dtype(torch::kLong).device(text_embeds.device()));
   out.context = memory;
   out.context_mask = memory_mask;
