@@ -31,4 +31,10 @@ PYBIND11_MODULE(_C, m) {
   vlmkit::bindings::bind_blocks(m);
   vlmkit::bindings::bind_models(m);
   vlmkit::bindings::bind_generative(m);
+#ifdef VLMKIT_WITH_OPENCV
+  vlmkit::bindings::bind_data(m);
+  m.attr("with_opencv") = true;
+#else
+  m.attr("with_opencv") = false;
+#endif
 }

@@ -1,0 +1,135 @@
+// Bindings of the OpenCV image pipeline. Images cross as [H, W, 3] uint8
+// tensors; boxes as lists of [x1, y1, x2, y2] pixel coordinates.
+#include "common.h"
+#include "vlmkit/data/image.h"
+
+namespace vlmkit::bindings {
+namespace {
+using BoxList = std::vector<std::array<double, 4>>;
+
+std::vector<Box> to_boxes(const std::optional<BoxList>& boxes) {
+  std::vector<Box> out;
+  if (boxes)
+    for (const auto& b : *boxes) out.push_back({b[0], b[1], b[2], b[3]});
+  return out;
+}
+
+BoxList from_boxes(const std::vector<Box>& boxes) {
+  BoxList out;
+  for (const auto& b : boxes) out.push_back({b.x1, b.y1, b.x2, b.y2});
+  return out;
+}
+
+using Release = py::call_guard<py::gil_scoped_release>;
+}  // namespace
+
+void bind_data(py::module_& m) {
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const FileNotFoundError& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    }
+  });
+  m.attr("DEFAULT_MAX_PIXELS") = kDefaultMaxPixels;
+  m.def("decode_image_bytes",
+        [](const py::bytes& data, int64_t max_pixels) {
+          std::string bytes = data;
+          py::gil_scoped_release release;
+          return image_to_tensor(decode_image(bytes, max_pixels));
+        },
+        py::arg("data"), py::arg("max_pixels") = kDefaultMaxPixels);
+  m.def("load_image_file",
+        [](const std::string& path, int64_t max_pixels) { return image_to_tensor(load_image(path, max_pixels)); },
+        py::arg("path"), py::arg("max_pixels") = kDefaultMaxPixels, Release());
+  m.def("decode_data_url",
+        [](const std::string& url, int64_t max_pixels) { return image_to_tensor(decode_data_url(url, max_pixels)); },
+        py::arg("url"), py::arg("max_pixels") = kDefaultMaxPixels, Release());
+  m.def("image_from_tensor", [](const torch::Tensor& t) { return image_to_tensor(image_from_tensor(t)); },
+        py::arg("image"));
+  m.def("peek_image_size",
+        [](const py::bytes& data) {
+          auto s = peek_image_size(std::string(data));
+          return py::make_tuple(s[0], s[1]);
+        },
+        py::arg("data"));
+  m.def("resize_square",
+        [](const torch::Tensor& img, int64_t size) { return image_to_tensor(resize_square(image_from_tensor(img), size)); },
+        py::arg("image"), py::arg("size"));
+  m.def("shortest_side_center_crop",
+        [](const torch::Tensor& img, int64_t size) {
+          return image_to_tensor(shortest_side_center_crop(image_from_tensor(img), size));
+        },
+        py::arg("image"), py::arg("size"));
+  m.def("letterbox",
+        [](const torch::Tensor& img, int64_t size, const std::optional<BoxList>& boxes, int fill) {
+          LetterboxInfo info;
+          auto out = letterbox(image_from_tensor(img), size, &info, fill);
+          return py::make_tuple(image_to_tensor(out), from_boxes(letterbox_boxes(to_boxes(boxes), info)),
+                                py::make_tuple(info.scale_x, info.scale_y, info.pad_x, info.pad_y));
+        },
+        py::arg("image"), py::arg("size"), py::arg("boxes") = py::none(), py::arg("fill") = 114);
+  m.def("dynamic_resolution",
+        [](int64_t h, int64_t w, int64_t patch, int64_t merge, int64_t min_pixels, int64_t max_pixels) {
+          auto s = dynamic_resolution(h, w, patch, merge, min_pixels, max_pixels);
+          return py::make_tuple(s[0], s[1]);
+        },
+        py::arg("height"), py::arg("width"), py::arg("patch") = 14, py::arg("merge") = 2,
+        py::arg("min_pixels") = 56 * 56, py::arg("max_pixels") = 14 * 14 * 4 * 1280);
+  m.def("tile_image",
+        [](const torch::Tensor& img, int64_t tile, int64_t max_tiles, bool global_view) {
+          std::array<int64_t, 2> grid{};
+          auto tiles = tile_image(image_from_tensor(img), tile, max_tiles, global_view, &grid);
+          std::vector<torch::Tensor> out;
+          for (const auto& t : tiles) out.push_back(image_to_tensor(t));
+          return py::make_tuple(out, py::make_tuple(grid[0], grid[1]));
+        },
+        py::arg("image"), py::arg("tile"), py::arg("max_tiles") = 4, py::arg("global_view") = true);
+  m.def("to_chw",
+        [](const torch::Tensor& img, const std::array<double, 3>& mean, const std::array<double, 3>& std) {
+          Normalization n;
+          n.mean = mean;
+          n.std = std;
+          return to_chw_tensor(image_from_tensor(img), n);
+        },
+        py::arg("image"), py::arg("mean"), py::arg("std"));
+  m.def("normalization_preset",
+        [](const std::string& name) {
+          auto n = Normalization::preset(name);
+          return py::make_tuple(n.mean, n.std);
+        },
+        py::arg("name"));
+  m.def("horizontal_flip",
+        [](const torch::Tensor& img, const std::optional<BoxList>& boxes) {
+          auto b = to_boxes(boxes);
+          auto out = horizontal_flip(image_from_tensor(img), &b);
+          return py::make_tuple(image_to_tensor(out), from_boxes(b));
+        },
+        py::arg("image"), py::arg("boxes") = py::none());
+  m.def("random_resized_crop",
+        [](const torch::Tensor& img, int64_t size, uint64_t seed, std::array<double, 2> scale,
+           std::array<double, 2> ratio, const std::optional<BoxList>& boxes) {
+          std::mt19937_64 rng(seed);
+          auto b = to_boxes(boxes);
+          auto out = random_resized_crop(image_from_tensor(img), size, rng, scale, ratio, &b);
+          return py::make_tuple(image_to_tensor(out), from_boxes(b));
+        },
+        py::arg("image"), py::arg("size"), py::arg("seed"), py::arg("scale") = std::array<double, 2>{0.5, 1.0},
+        py::arg("ratio") = std::array<double, 2>{3.0 / 4.0, 4.0 / 3.0}, py::arg("boxes") = py::none());
+  m.def("color_jitter",
+        [](const torch::Tensor& img, uint64_t seed, double brightness, double contrast, double saturation) {
+          std::mt19937_64 rng(seed);
+          return image_to_tensor(color_jitter(image_from_tensor(img), rng, brightness, contrast, saturation));
+        },
+        py::arg("image"), py::arg("seed"), py::arg("brightness") = 0.2, py::arg("contrast") = 0.2,
+        py::arg("saturation") = 0.2);
+  m.def("draw_boxes",
+        [](const torch::Tensor& img, const BoxList& boxes, const std::vector<std::string>& labels) {
+          return image_to_tensor(draw_boxes(image_from_tensor(img), to_boxes(boxes), labels));
+        },
+        py::arg("image"), py::arg("boxes"), py::arg("labels") = std::vector<std::string>{});
+  m.def("save_png", [](const torch::Tensor& img, const std::string& path) { save_png(image_from_tensor(img), path); },
+        py::arg("image"), py::arg("path"));
+}
+
+}  // namespace vlmkit::bindings

@@ -1,0 +1,98 @@
+#pragma once
+/// The OpenCV image pipeline (optional component, VLMKIT_WITH_OPENCV): decoding
+/// from any source to RGB, resize policies, normalisation to tensors,
+/// box-aware augmentation and drawing.
+#include <opencv2/core.hpp>
+#include <torch/types.h>
+
+#include <array>
+#include <cstdint>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "vlmkit/generate/boxes.h"
+
+namespace vlmkit {
+
+/// Raised for paths that do not exist (Python: FileNotFoundError).
+struct FileNotFoundError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Default decompression-bomb guard: 64 megapixels.
+constexpr int64_t kDefaultMaxPixels = 64LL * 1000 * 1000;
+
+/// Decodes JPEG, PNG, BMP, TIFF, WebP bytes to an RGB uint8 image (CV_8UC3).
+/// Grayscale and palette images become RGB, 16-bit images are scaled to 8
+/// bits, alpha is composited over white, JPEG EXIF orientation is applied.
+/// Images over max_pixels raise ValueError (checked from the header before
+/// decoding where the format allows). Empty, truncated or non-image bytes
+/// raise ValueError naming what was found.
+cv::Mat decode_image(const std::string& bytes, int64_t max_pixels = kDefaultMaxPixels);
+/// Reads and decodes a file; a missing file raises FileNotFoundError.
+cv::Mat load_image(const std::string& path, int64_t max_pixels = kDefaultMaxPixels);
+/// "data:image/jpeg;base64,...".
+cv::Mat decode_data_url(const std::string& url, int64_t max_pixels = kDefaultMaxPixels);
+std::string base64_decode(const std::string& text);
+/// H x W x C uint8 array (C = 1, 3 RGB or 4 RGBA), copied.
+cv::Mat image_from_array(const uint8_t* data, int64_t height, int64_t width, int64_t channels);
+/// [H, W, C] uint8 or [C, H, W] floating in [0, 1] tensor.
+cv::Mat image_from_tensor(const torch::Tensor& image);
+/// [H, W, 3] uint8 tensor (a copy).
+torch::Tensor image_to_tensor(const cv::Mat& rgb);
+/// Width and height from the header of PNG, JPEG, BMP, GIF, WebP bytes; {0, 0} if unknown.
+std::array<int64_t, 2> peek_image_size(const std::string& bytes);
+
+// ---------------------------------------------------------------- resizing
+/// Aspect kept, scaled to fit size x size, padded (centered) with `fill`.
+struct LetterboxInfo {
+  double scale_x = 1.0, scale_y = 1.0;  // resized size / original size, per axis
+  int64_t pad_x = 0, pad_y = 0;
+};
+cv::Mat resize_square(const cv::Mat& rgb, int64_t size);
+cv::Mat letterbox(const cv::Mat& rgb, int64_t size, LetterboxInfo* info = nullptr, int fill = 114);
+/// Maps pixel boxes of the original image into the letterboxed one.
+std::vector<Box> letterbox_boxes(const std::vector<Box>& boxes, const LetterboxInfo& info);
+/// Shortest side to `size`, then the central size x size crop.
+cv::Mat shortest_side_center_crop(const cv::Mat& rgb, int64_t size);
+/// Qwen2-VL's smart resize: (height, width) rounded to multiples of
+/// factor = patch * merge, keeping the aspect, within [min_pixels, max_pixels].
+std::array<int64_t, 2> dynamic_resolution(int64_t height, int64_t width, int64_t patch, int64_t merge,
+                                          int64_t min_pixels, int64_t max_pixels);
+/// nanoVLM / Idefics3 tiling: the image resized to a rows x cols grid of
+/// tile x tile crops (grid chosen to keep the aspect, at most max_tiles),
+/// plus a global view (the whole image at tile x tile) first when asked.
+std::vector<cv::Mat> tile_image(const cv::Mat& rgb, int64_t tile, int64_t max_tiles, bool global_view,
+                                std::array<int64_t, 2>* grid = nullptr);
+
+// ---------------------------------------------------------------- tensors
+struct Normalization {
+  std::array<double, 3> mean{0.0, 0.0, 0.0};
+  std::array<double, 3> std{1.0, 1.0, 1.0};
+  /// "clip", "siglip", "imagenet" or "none".
+  static Normalization preset(const std::string& name);
+};
+/// RGB uint8 -> [3, H, W] float32, (x / 255 - mean) / std.
+torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm = {});
+
+// ---------------------------------------------------------------- augmentation
+cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes = nullptr);
+/// torchvision's RandomResizedCrop: area in `scale`, aspect in `ratio`, then
+/// resized to size x size; boxes are mapped and clipped (empty ones dropped).
+cv::Mat random_resized_crop(const cv::Mat& rgb, int64_t size, std::mt19937_64& rng,
+                            std::array<double, 2> scale = {0.5, 1.0},
+                            std::array<double, 2> ratio = {3.0 / 4.0, 4.0 / 3.0},
+                            std::vector<Box>* boxes = nullptr);
+/// Brightness, contrast and saturation factors drawn from [1 - x, 1 + x].
+cv::Mat color_jitter(const cv::Mat& rgb, std::mt19937_64& rng, double brightness = 0.2,
+                     double contrast = 0.2, double saturation = 0.2);
+
+// ---------------------------------------------------------------- drawing
+/// Boxes (pixels) and labels drawn on a copy of the image.
+cv::Mat draw_boxes(const cv::Mat& rgb, const std::vector<Box>& boxes, const std::vector<std::string>& labels);
+/// Writes RGB as PNG; raises ValueError when it cannot.
+void save_png(const cv::Mat& rgb, const std::string& path);
+
+}  // namespace vlmkit

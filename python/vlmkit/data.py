@@ -1,0 +1,106 @@
+"""The image pipeline (OpenCV, in C++): decode from any source, resize, normalise,
+augment with boxes, draw. Images are [H, W, 3] uint8 RGB tensors; boxes are lists
+of [x1, y1, x2, y2] pixel coordinates.
+
+    image = vlmkit.data.load_image("photo.jpg")            # or bytes, a data URL, numpy, a tensor
+    pixels, boxes = vlmkit.data.preprocess(image, size=224, mode="letterbox", boxes=[[10, 20, 50, 80]])
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _C
+
+if not _C.with_opencv:  # pragma: no cover - builds without the OpenCV component
+    raise ImportError("vlmkit was built without its OpenCV image pipeline (VLMKIT_WITH_OPENCV=OFF)")
+
+DEFAULT_MAX_PIXELS: int = _C.DEFAULT_MAX_PIXELS
+Boxes = List[List[float]]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, torch.Tensor, "numpy.ndarray"]
+
+dynamic_resolution = _C.dynamic_resolution
+peek_image_size = _C.peek_image_size
+
+
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decodes any image source to an [H, W, 3] uint8 RGB tensor.
+
+    Sources: a path (str or PathLike), a data URL (``data:image/jpeg;base64,...``),
+    encoded bytes, a numpy HxW or HxWxC uint8 array, or a tensor ([H, W, C] uint8 or
+    [C, H, W] float in [0, 1]). Grayscale, alpha (composited over white), 16-bit and
+    palette images become RGB; JPEG EXIF orientation is applied. Missing files raise
+    FileNotFoundError; corrupt, truncated, empty or oversized (``max_pixels``) inputs
+    raise ValueError; unsupported source types raise TypeError.
+    """
+    if isinstance(source, str) and source.startswith("data:"):
+        return _C.decode_data_url(source, max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        return _C.load_image_file(os.fspath(source), max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _C.decode_image_bytes(bytes(source), max_pixels)
+    if isinstance(source, torch.Tensor):
+        return _C.image_from_tensor(_as_hwc(source))
+    if type(source).__module__ == "numpy" and hasattr(source, "dtype"):
+        import numpy as np
+
+        array = np.ascontiguousarray(source)
+        if array.dtype != np.uint8:
+            raise TypeError(f"expected a uint8 numpy image, got dtype {array.dtype}")
+        return _C.image_from_tensor(_as_hwc(torch.from_numpy(array)))
+    raise TypeError(f"expected a path, data URL, bytes, numpy array or tensor, got {type(source).__name__}")
+
+
+def _as_hwc(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 2 and t.dtype == torch.uint8:
+        return t.unsqueeze(-1)
+    return t
+
+
+def preprocess(image: ImageSource, size: int = 224, mode: str = "square", normalize: str = "clip",
+               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+               boxes: Optional[Boxes] = None) -> Tuple[torch.Tensor, Boxes]:
+    """Resizes (``mode``: "square", "letterbox" (maps boxes), "center_crop": shortest
+    side then a central crop) and normalises (preset "clip", "siglip", "imagenet",
+    "none", or explicit ``mean``/``std``) to a [3, size, size] float tensor."""
+    image = load_image(image) if not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+                                      and image.dim() == 3 and image.shape[-1] == 3) else image
+    out_boxes = [list(b) for b in boxes] if boxes else []
+    if mode == "square":
+        h, w = image.shape[:2]
+        image = _C.resize_square(image, size)
+        out_boxes = [[b[0] * size / w, b[1] * size / h, b[2] * size / w, b[3] * size / h] for b in out_boxes]
+    elif mode == "letterbox":
+        image, out_boxes, _ = _C.letterbox(image, size, out_boxes)
+    elif mode == "center_crop":
+        if out_boxes:
+            raise ValueError("mode 'center_crop' drops image borders; use 'letterbox' or 'square' with boxes")
+        image = _C.shortest_side_center_crop(image, size)
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; expected 'square', 'letterbox' or 'center_crop'")
+    preset_mean, preset_std = _C.normalization_preset(normalize)
+    pixels = _C.to_chw(image, list(mean) if mean is not None else preset_mean,
+                       list(std) if std is not None else preset_std)
+    return pixels, out_boxes
+
+
+letterbox = _C.letterbox
+resize_square = _C.resize_square
+shortest_side_center_crop = _C.shortest_side_center_crop
+tile_image = _C.tile_image
+horizontal_flip = _C.horizontal_flip
+random_resized_crop = _C.random_resized_crop
+color_jitter = _C.color_jitter
+save_png = _C.save_png
+
+
+def plot_bounding_boxes(image: ImageSource, boxes: Boxes, labels: Sequence[str] = (),
+                        path: Optional[str] = None) -> torch.Tensor:
+    """Draws pixel boxes and labels on the image; writes a PNG when ``path`` is given."""
+    drawn = _C.draw_boxes(load_image(image) if not isinstance(image, torch.Tensor) else _C.image_from_tensor(image),
+                          [list(map(float, b)) for b in boxes], list(labels))
+    if path is not None:
+        _C.save_png(drawn, os.fspath(path))
+    return drawn

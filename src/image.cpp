@@ -1,0 +1,454 @@
+// The OpenCV image pipeline (see data/image.h).
+#include "vlmkit/data/image.h"
+
+#include <c10/util/Exception.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iomanip>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <sstream>
+
+namespace vlmkit {
+namespace {
+uint32_t be16(const std::string& b, size_t i) {
+  return (uint32_t(uint8_t(b[i])) << 8) | uint8_t(b[i + 1]);
+}
+uint32_t be32(const std::string& b, size_t i) { return (be16(b, i) << 16) | be16(b, i + 2); }
+uint32_t le16(const std::string& b, size_t i) {
+  return uint32_t(uint8_t(b[i])) | (uint32_t(uint8_t(b[i + 1])) << 8);
+}
+uint32_t le24(const std::string& b, size_t i) { return le16(b, i) | (uint32_t(uint8_t(b[i + 2])) << 16); }
+
+std::string hex_prefix(const std::string& bytes) {
+  std::ostringstream s;
+  for (size_t i = 0; i < std::min<size_t>(8, bytes.size()); ++i)
+    s << (i ? " " : "") << std::hex << std::setw(2) << std::setfill('0') << int(uint8_t(bytes[i]));
+  return s.str();
+}
+
+bool is_jpeg(const std::string& b) {
+  return b.size() >= 3 && uint8_t(b[0]) == 0xFF && uint8_t(b[1]) == 0xD8 && uint8_t(b[2]) == 0xFF;
+}
+
+void check_pixels(int64_t width, int64_t height, int64_t max_pixels) {
+  TORCH_CHECK_VALUE(width * height <= max_pixels, "image of ", width, "x", height, " = ", width * height,
+                    " pixels exceeds the limit of ", max_pixels,
+                    " pixels (a decompression-bomb guard; raise max_pixels to allow it)");
+}
+
+/// Any decoded Mat (1/3/4 channels BGR order, 8/16-bit or float) -> RGB uint8.
+cv::Mat to_rgb8(const cv::Mat& decoded, bool bgr_order) {
+  cv::Mat img = decoded;
+  if (img.depth() == CV_16U) {
+    img.convertTo(img, CV_8U, 1.0 / 257.0);
+  } else if (img.depth() == CV_32F || img.depth() == CV_64F) {
+    img.convertTo(img, CV_8U, 255.0);
+  } else if (img.depth() != CV_8U) {
+    img.convertTo(img, CV_8U);
+  }
+  cv::Mat rgb;
+  switch (img.channels()) {
+    case 1: cv::cvtColor(img, rgb, cv::COLOR_GRAY2RGB); break;
+    case 2: {  // gray + alpha
+      std::vector<cv::Mat> ch;
+      cv::split(img, ch);
+      cv::Mat four;
+      cv::merge(std::vector<cv::Mat>{ch[0], ch[0], ch[0], ch[1]}, four);
+      return to_rgb8(four, true);
+    }
+    case 3:
+      if (bgr_order) cv::cvtColor(img, rgb, cv::COLOR_BGR2RGB);
+      else rgb = img.clone();
+      break;
+    case 4: {  // composite over white
+      cv::Mat color, alpha;
+      std::vector<cv::Mat> ch;
+      cv::split(img, ch);
+      cv::merge(std::vector<cv::Mat>{ch[0], ch[1], ch[2]}, color);
+      ch[3].convertTo(alpha, CV_32F, 1.0 / 255.0);
+      cv::Mat alpha3;
+      cv::merge(std::vector<cv::Mat>{alpha, alpha, alpha}, alpha3);
+      cv::Mat color_f;
+      color.convertTo(color_f, CV_32FC3);
+      cv::Mat out = color_f.mul(alpha3) + (cv::Scalar::all(1.0) - alpha3) * 255.0;
+      out.convertTo(color, CV_8UC3);
+      if (bgr_order) cv::cvtColor(color, rgb, cv::COLOR_BGR2RGB);
+      else rgb = color;
+      break;
+    }
+    default: TORCH_CHECK_VALUE(false, "unsupported image with ", img.channels(), " channels");
+  }
+  return rgb;
+}
+
+const char* kBase64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+}  // namespace
+
+std::array<int64_t, 2> peek_image_size(const std::string& b) {
+  const size_t n = b.size();
+  if (n >= 24 && b.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0) return {be32(b, 16), be32(b, 20)};
+  if (n >= 10 && (b.compare(0, 6, "GIF87a") == 0 || b.compare(0, 6, "GIF89a") == 0)) return {le16(b, 6), le16(b, 8)};
+  if (n >= 26 && b[0] == 'B' && b[1] == 'M') {
+    const int32_t w = int32_t(le16(b, 18) | (le16(b, 20) << 16));
+    const int32_t h = int32_t(le16(b, 22) | (le16(b, 24) << 16));
+    return {std::abs(int64_t(w)), std::abs(int64_t(h))};
+  }
+  if (n >= 30 && b.compare(0, 4, "RIFF") == 0 && b.compare(8, 4, "WEBP") == 0) {
+    if (b.compare(12, 4, "VP8X") == 0) return {1 + le24(b, 24), 1 + le24(b, 27)};
+    if (b.compare(12, 4, "VP8 ") == 0) return {le16(b, 26) & 0x3FFF, le16(b, 28) & 0x3FFF};
+    if (b.compare(12, 4, "VP8L") == 0) {
+      const uint32_t bits = uint32_t(uint8_t(b[21])) | (uint32_t(uint8_t(b[22])) << 8) |
+                            (uint32_t(uint8_t(b[23])) << 16) | (uint32_t(uint8_t(b[24])) << 24);
+      return {1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)};
+    }
+  }
+  if (is_jpeg(b)) {
+    size_t i = 2;
+    while (i + 9 < n) {
+      if (uint8_t(b[i]) != 0xFF) return {0, 0};
+      const uint8_t marker = uint8_t(b[i + 1]);
+      if (marker == 0xFF) { ++i; continue; }
+      const bool sof = marker >= 0xC0 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC;
+      if (sof) return {be16(b, i + 7), be16(b, i + 5)};
+      if (marker == 0xD8 || (marker >= 0xD0 && marker <= 0xD7)) { i += 2; continue; }
+      i += 2 + be16(b, i + 2);
+    }
+  }
+  return {0, 0};
+}
+
+cv::Mat decode_image(const std::string& bytes, int64_t max_pixels) {
+  TORCH_CHECK_VALUE(!bytes.empty(), "decode_image: expected image bytes, got 0 bytes");
+  TORCH_CHECK_VALUE(max_pixels > 0, "decode_image: max_pixels must be positive, got ", max_pixels);
+  const auto size = peek_image_size(bytes);
+  if (size[0] > 0 && size[1] > 0) check_pixels(size[0], size[1], max_pixels);
+  if (is_jpeg(bytes)) {
+    // libjpeg decodes a truncated file with a warning and grey rows; refuse it.
+    TORCH_CHECK_VALUE(bytes.find("\xFF\xD9", bytes.size() > 4096 ? bytes.size() - 4096 : 2) != std::string::npos,
+                      "decode_image: truncated JPEG (", bytes.size(), " bytes, no end-of-image marker)");
+  }
+  cv::Mat buffer(1, int(bytes.size()), CV_8U, const_cast<char*>(bytes.data()));
+  cv::Mat decoded;
+  try {
+    decoded = cv::imdecode(buffer, is_jpeg(bytes) ? cv::IMREAD_COLOR : cv::IMREAD_UNCHANGED);
+  } catch (const cv::Exception& e) {
+    TORCH_CHECK_VALUE(false, "decode_image: OpenCV could not decode ", bytes.size(), " bytes: ", e.what());
+  }
+  TORCH_CHECK_VALUE(!decoded.empty(), "decode_image: could not decode ", bytes.size(),
+                    " bytes starting with [", hex_prefix(bytes),
+                    "]: not a JPEG/PNG/BMP/TIFF/WebP image, or truncated");
+  check_pixels(decoded.cols, decoded.rows, max_pixels);
+  return to_rgb8(decoded, /*bgr_order=*/true);
+}
+
+cv::Mat load_image(const std::string& path, int64_t max_pixels) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw FileNotFoundError("image file not found or not readable: '" + path + "'");
+  std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  try {
+    return decode_image(bytes, max_pixels);
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "'", path, "': ", e.what_without_backtrace());
+  }
+}
+
+std::string base64_decode(const std::string& text) {
+  std::string out;
+  out.reserve(text.size() * 3 / 4);
+  uint32_t acc = 0;
+  int bits = 0;
+  for (char c : text) {
+    if (c == '=' ) break;
+    if (c == '\n' || c == '\r' || c == ' ' || c == '\t') continue;
+    const char* p = std::strchr(kBase64, c);
+    TORCH_CHECK_VALUE(p && c != '\0', "base64: invalid character '", c, "'");
+    acc = (acc << 6) | uint32_t(p - kBase64);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(char((acc >> bits) & 0xFF));
+    }
+  }
+  return out;
+}
+
+cv::Mat decode_data_url(const std::string& url, int64_t max_pixels) {
+  const auto comma = url.find(',');
+  TORCH_CHECK_VALUE(url.compare(0, 5, "data:") == 0 && comma != std::string::npos &&
+                        url.substr(0, comma).find(";base64") != std::string::npos,
+                    "expected a data URL like 'data:image/jpeg;base64,...', got '", url.substr(0, 40),
+                    url.size() > 40 ? "...'" : "'");
+  return decode_image(base64_decode(url.substr(comma + 1)), max_pixels);
+}
+
+cv::Mat image_from_array(const uint8_t* data, int64_t height, int64_t width, int64_t channels) {
+  TORCH_CHECK_VALUE(height > 0 && width > 0 && (channels == 1 || channels == 3 || channels == 4),
+                    "expected an H x W x C uint8 image with C in {1, 3, 4}, got ", height, " x ", width,
+                    " x ", channels);
+  cv::Mat view(int(height), int(width), CV_8UC(int(channels)), const_cast<uint8_t*>(data));
+  return to_rgb8(view.clone(), /*bgr_order=*/false);
+}
+
+cv::Mat image_from_tensor(const torch::Tensor& image) {
+  TORCH_CHECK_VALUE(image.defined() && image.dim() == 3, "expected an image tensor [H, W, C] uint8 or [C, H, W] float, got ",
+                    image.defined() ? image.sizes() : torch::IntArrayRef{});
+  auto t = image.to(torch::kCPU);
+  if (t.scalar_type() == torch::kUInt8) {
+    t = t.contiguous();
+    return image_from_array(t.data_ptr<uint8_t>(), t.size(0), t.size(1), t.size(2));
+  }
+  TORCH_CHECK_TYPE(torch::isFloatingType(t.scalar_type()), "expected a uint8 or floating image tensor, got ",
+                   t.scalar_type());
+  t = (t.clamp(0, 1) * 255).round().to(torch::kUInt8).permute({1, 2, 0}).contiguous();
+  return image_from_array(t.data_ptr<uint8_t>(), t.size(0), t.size(1), t.size(2));
+}
+
+torch::Tensor image_to_tensor(const cv::Mat& rgb) {
+  cv::Mat c = rgb.isContinuous() ? rgb : rgb.clone();
+  return torch::from_blob(c.data, {c.rows, c.cols, c.channels()}, torch::kUInt8).clone();
+}
+
+// ---------------------------------------------------------------- resizing
+namespace {
+cv::Mat resize_to(const cv::Mat& rgb, int64_t width, int64_t height) {
+  TORCH_CHECK_VALUE(width > 0 && height > 0, "resize: target size must be positive, got ", width, "x", height);
+  cv::Mat out;
+  const bool shrink = width < rgb.cols || height < rgb.rows;
+  cv::resize(rgb, out, cv::Size(int(width), int(height)), 0, 0, shrink ? cv::INTER_AREA : cv::INTER_LINEAR);
+  return out;
+}
+
+void check_rgb(const cv::Mat& rgb, const char* who) {
+  TORCH_CHECK_VALUE(!rgb.empty() && rgb.type() == CV_8UC3, who, ": expected a non-empty RGB uint8 image");
+}
+}  // namespace
+
+cv::Mat resize_square(const cv::Mat& rgb, int64_t size) {
+  check_rgb(rgb, "resize_square");
+  return resize_to(rgb, size, size);
+}
+
+cv::Mat letterbox(const cv::Mat& rgb, int64_t size, LetterboxInfo* info, int fill) {
+  check_rgb(rgb, "letterbox");
+  TORCH_CHECK_VALUE(size > 0, "letterbox: size must be positive, got ", size);
+  const double scale = std::min(double(size) / rgb.cols, double(size) / rgb.rows);
+  const int64_t w = std::max<int64_t>(1, std::llround(rgb.cols * scale));
+  const int64_t h = std::max<int64_t>(1, std::llround(rgb.rows * scale));
+  auto resized = resize_to(rgb, w, h);
+  LetterboxInfo li;
+  li.scale_x = double(w) / rgb.cols;
+  li.scale_y = double(h) / rgb.rows;
+  li.pad_x = (size - w) / 2;
+  li.pad_y = (size - h) / 2;
+  cv::Mat out;
+  cv::copyMakeBorder(resized, out, int(li.pad_y), int(size - h - li.pad_y), int(li.pad_x), int(size - w - li.pad_x),
+                     cv::BORDER_CONSTANT, cv::Scalar::all(fill));
+  if (info) *info = li;
+  return out;
+}
+
+std::vector<Box> letterbox_boxes(const std::vector<Box>& boxes, const LetterboxInfo& info) {
+  std::vector<Box> out;
+  for (const auto& b : boxes)
+    out.push_back({b.x1 * info.scale_x + info.pad_x, b.y1 * info.scale_y + info.pad_y,
+                   b.x2 * info.scale_x + info.pad_x, b.y2 * info.scale_y + info.pad_y});
+  return out;
+}
+
+cv::Mat shortest_side_center_crop(const cv::Mat& rgb, int64_t size) {
+  check_rgb(rgb, "shortest_side_center_crop");
+  TORCH_CHECK_VALUE(size > 0, "shortest_side_center_crop: size must be positive, got ", size);
+  const double scale = double(size) / std::min(rgb.cols, rgb.rows);
+  const int64_t w = std::max<int64_t>(size, std::llround(rgb.cols * scale));
+  const int64_t h = std::max<int64_t>(size, std::llround(rgb.rows * scale));
+  auto resized = resize_to(rgb, w, h);
+  return resized(cv::Rect(int((w - size) / 2), int((h - size) / 2), int(size), int(size))).clone();
+}
+
+std::array<int64_t, 2> dynamic_resolution(int64_t height, int64_t width, int64_t patch, int64_t merge,
+                                          int64_t min_pixels, int64_t max_pixels) {
+  TORCH_CHECK_VALUE(height > 0 && width > 0 && patch > 0 && merge > 0,
+                    "dynamic_resolution: sizes must be positive");
+  TORCH_CHECK_VALUE(min_pixels > 0 && min_pixels <= max_pixels,
+                    "dynamic_resolution: need 0 < min_pixels <= max_pixels, got ", min_pixels, " and ", max_pixels);
+  TORCH_CHECK_VALUE(std::max(height, width) <= 200 * std::min(height, width),
+                    "dynamic_resolution: aspect ratio over 200 (", width, "x", height, ")");
+  const double factor = double(patch * merge);
+  auto round_to = [&](double v) { return std::max(factor, std::round(v / factor) * factor); };
+  double h = round_to(height), w = round_to(width);
+  if (h * w > max_pixels) {
+    const double beta = std::sqrt(double(height) * width / max_pixels);
+    h = std::max(factor, std::floor(height / beta / factor) * factor);
+    w = std::max(factor, std::floor(width / beta / factor) * factor);
+  } else if (h * w < min_pixels) {
+    const double beta = std::sqrt(double(min_pixels) / (double(height) * width));
+    h = std::ceil(height * beta / factor) * factor;
+    w = std::ceil(width * beta / factor) * factor;
+  }
+  return {int64_t(h), int64_t(w)};
+}
+
+std::vector<cv::Mat> tile_image(const cv::Mat& rgb, int64_t tile, int64_t max_tiles, bool global_view,
+                                std::array<int64_t, 2>* grid) {
+  check_rgb(rgb, "tile_image");
+  TORCH_CHECK_VALUE(tile > 0 && max_tiles >= 1, "tile_image: tile and max_tiles must be positive");
+  const double aspect = std::log(double(rgb.cols) / rgb.rows);
+  int64_t best_r = 1, best_c = 1;
+  double best = 1e9;
+  for (int64_t r = 1; r <= max_tiles; ++r)
+    for (int64_t c = 1; r * c <= max_tiles; ++c) {
+      const double err = std::abs(std::log(double(c) / r) - aspect);
+      // Prefer the closer aspect; on ties, more tiles (more detail).
+      if (err < best - 1e-9 || (std::abs(err - best) < 1e-9 && r * c > best_r * best_c)) {
+        best = err, best_r = r, best_c = c;
+      }
+    }
+  std::vector<cv::Mat> out;
+  if (global_view) out.push_back(resize_to(rgb, tile, tile));
+  auto resized = resize_to(rgb, best_c * tile, best_r * tile);
+  for (int64_t r = 0; r < best_r; ++r)
+    for (int64_t c = 0; c < best_c; ++c)
+      out.push_back(resized(cv::Rect(int(c * tile), int(r * tile), int(tile), int(tile))).clone());
+  if (grid) *grid = {best_r, best_c};
+  return out;
+}
+
+// ---------------------------------------------------------------- tensors
+Normalization Normalization::preset(const std::string& name) {
+  if (name == "clip") return {{0.48145466, 0.4578275, 0.40821073}, {0.26862954, 0.26130258, 0.27577711}};
+  if (name == "siglip") return {{0.5, 0.5, 0.5}, {0.5, 0.5, 0.5}};
+  if (name == "imagenet") return {{0.485, 0.456, 0.406}, {0.229, 0.224, 0.225}};
+  if (name == "none") return {};
+  TORCH_CHECK_VALUE(false, "unknown normalisation preset '", name, "'; expected one of 'clip', 'siglip', 'imagenet', 'none'");
+}
+
+torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm) {
+  check_rgb(rgb, "to_chw_tensor");
+  for (double s : norm.std) TORCH_CHECK_VALUE(s > 0, "normalisation std must be positive, got ", s);
+  auto hwc = image_to_tensor(rgb);
+  auto mean = torch::tensor({norm.mean[0], norm.mean[1], norm.mean[2]}, torch::kFloat).view({3, 1, 1});
+  auto std = torch::tensor({norm.std[0], norm.std[1], norm.std[2]}, torch::kFloat).view({3, 1, 1});
+  return ((hwc.permute({2, 0, 1}).to(torch::kFloat) / 255.0 - mean) / std).contiguous();
+}
+
+// ---------------------------------------------------------------- augmentation
+cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes) {
+  check_rgb(rgb, "horizontal_flip");
+  cv::Mat out;
+  cv::flip(rgb, out, 1);
+  if (boxes)
+    for (auto& b : *boxes) {
+      const double x1 = rgb.cols - b.x2, x2 = rgb.cols - b.x1;
+      b.x1 = x1;
+      b.x2 = x2;
+    }
+  return out;
+}
+
+cv::Mat random_resized_crop(const cv::Mat& rgb, int64_t size, std::mt19937_64& rng, std::array<double, 2> scale,
+                            std::array<double, 2> ratio, std::vector<Box>* boxes) {
+  check_rgb(rgb, "random_resized_crop");
+  TORCH_CHECK_VALUE(scale[0] > 0 && scale[0] <= scale[1] && scale[1] <= 1 && ratio[0] > 0 && ratio[0] <= ratio[1],
+                    "random_resized_crop: need 0 < scale_min <= scale_max <= 1 and 0 < ratio_min <= ratio_max");
+  const double area = double(rgb.cols) * rgb.rows;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  int x = 0, y = 0, w = rgb.cols, h = rgb.rows;
+  bool found = false;
+  for (int attempt = 0; attempt < 10 && !found; ++attempt) {
+    const double target = area * (scale[0] + (scale[1] - scale[0]) * u(rng));
+    const double log_ratio = std::log(ratio[0]) + (std::log(ratio[1]) - std::log(ratio[0])) * u(rng);
+    const double ar = std::exp(log_ratio);
+    const int cw = int(std::lround(std::sqrt(target * ar))), ch = int(std::lround(std::sqrt(target / ar)));
+    if (cw > 0 && ch > 0 && cw <= rgb.cols && ch <= rgb.rows) {
+      x = int(std::floor(u(rng) * (rgb.cols - cw + 1)));
+      y = int(std::floor(u(rng) * (rgb.rows - ch + 1)));
+      w = cw, h = ch, found = true;
+    }
+  }
+  if (!found) {  // central crop at the clamped aspect ratio
+    const double in_ratio = double(rgb.cols) / rgb.rows;
+    if (in_ratio < ratio[0]) w = rgb.cols, h = int(std::lround(w / ratio[0]));
+    else if (in_ratio > ratio[1]) h = rgb.rows, w = int(std::lround(h * ratio[1]));
+    x = (rgb.cols - w) / 2, y = (rgb.rows - h) / 2;
+  }
+  auto out = resize_to(rgb(cv::Rect(x, y, w, h)), size, size);
+  if (boxes) {
+    std::vector<Box> kept;
+    const double sx = double(size) / w, sy = double(size) / h;
+    for (const auto& b : *boxes) {
+      Box c{std::clamp(b.x1 - x, 0.0, double(w)), std::clamp(b.y1 - y, 0.0, double(h)),
+            std::clamp(b.x2 - x, 0.0, double(w)), std::clamp(b.y2 - y, 0.0, double(h))};
+      if (c.x2 - c.x1 <= 0 || c.y2 - c.y1 <= 0) continue;
+      kept.push_back({c.x1 * sx, c.y1 * sy, c.x2 * sx, c.y2 * sy});
+    }
+    *boxes = std::move(kept);
+  }
+  return out;
+}
+
+cv::Mat color_jitter(const cv::Mat& rgb, std::mt19937_64& rng, double brightness, double contrast,
+                     double saturation) {
+  check_rgb(rgb, "color_jitter");
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  auto factor = [&](double x) { return 1.0 - x + 2.0 * x * u(rng); };
+  cv::Mat f;
+  rgb.convertTo(f, CV_32FC3);
+  f *= factor(brightness);
+  cv::Mat gray;
+  cv::cvtColor(f, gray, cv::COLOR_RGB2GRAY);
+  const double mean = cv::mean(gray)[0];
+  f = (f - cv::Scalar::all(mean)) * factor(contrast) + cv::Scalar::all(mean);
+  cv::cvtColor(f, gray, cv::COLOR_RGB2GRAY);
+  cv::Mat gray3;
+  cv::cvtColor(gray, gray3, cv::COLOR_GRAY2RGB);
+  f = gray3 + (f - gray3) * factor(saturation);
+  cv::Mat out;
+  f.convertTo(out, CV_8UC3);  // saturating
+  return out;
+}
+
+// ---------------------------------------------------------------- drawing
+cv::Mat draw_boxes(const cv::Mat& rgb, const std::vector<Box>& boxes, const std::vector<std::string>& labels) {
+  check_rgb(rgb, "draw_boxes");
+  TORCH_CHECK_VALUE(labels.empty() || labels.size() == boxes.size(), "draw_boxes: expected ", boxes.size(),
+                    " labels (one per box) or none, got ", labels.size());
+  static const cv::Scalar palette[] = {{230, 25, 75}, {60, 180, 75}, {0, 130, 200}, {245, 130, 48},
+                                       {145, 30, 180}, {70, 240, 240}, {240, 50, 230}, {128, 128, 0}};
+  cv::Mat out = rgb.clone();
+  const int thickness = std::max(1, std::min(out.cols, out.rows) / 200);
+  for (size_t i = 0; i < boxes.size(); ++i) {
+    const auto& b = boxes[i];
+    const auto color = palette[i % 8];
+    cv::rectangle(out, cv::Point(int(b.x1), int(b.y1)), cv::Point(int(b.x2), int(b.y2)), color, thickness);
+    if (!labels.empty() && !labels[i].empty()) {
+      int baseline = 0;
+      const double font = std::max(0.35, std::min(out.cols, out.rows) / 600.0);
+      auto text = cv::getTextSize(labels[i], cv::FONT_HERSHEY_SIMPLEX, font, 1, &baseline);
+      const int top = std::max(0, int(b.y1) - text.height - baseline - 2);
+      cv::rectangle(out, cv::Point(int(b.x1), top), cv::Point(int(b.x1) + text.width + 2, top + text.height + baseline + 2),
+                    color, cv::FILLED);
+      cv::putText(out, labels[i], cv::Point(int(b.x1) + 1, top + text.height + 1), cv::FONT_HERSHEY_SIMPLEX, font,
+                  cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
+    }
+  }
+  return out;
+}
+
+void save_png(const cv::Mat& rgb, const std::string& path) {
+  check_rgb(rgb, "save_png");
+  cv::Mat bgr;
+  cv::cvtColor(rgb, bgr, cv::COLOR_RGB2BGR);
+  bool ok = false;
+  try {
+    ok = cv::imwrite(path, bgr);
+  } catch (const cv::Exception& e) {
+    TORCH_CHECK_VALUE(false, "save_png: cannot write '", path, "': ", e.what());
+  }
+  TORCH_CHECK_VALUE(ok, "save_png: cannot write '", path, "' (does the folder exist? is the name a .png?)");
+}
+
+}  // namespace vlmkit
