@@ -2,6 +2,7 @@
 // tensors; boxes as lists of [x1, y1, x2, y2] pixel coordinates.
 #include "common.h"
 #include "vlmkit/data/image.h"
+#include "vlmkit/data/synthetic.h"
 
 namespace vlmkit::bindings {
 namespace {
@@ -130,6 +131,46 @@ void bind_data(py::module_& m) {
         py::arg("image"), py::arg("boxes"), py::arg("labels") = std::vector<std::string>{});
   m.def("save_png", [](const torch::Tensor& img, const std::string& path) { save_png(image_from_tensor(img), path); },
         py::arg("image"), py::arg("path"));
+
+  py::class_<SyntheticDataset>(m, "SyntheticDataset",
+                               "Deterministic multitask scenes: sample i depends only on (seed, i).")
+      .def(py::init([](int64_t size, int64_t image_size, int64_t min_shapes, int64_t max_shapes,
+                       double word_probability, uint64_t seed) {
+             SyntheticOptions o;
+             o.image_size = image_size;
+             o.min_shapes = min_shapes;
+             o.max_shapes = max_shapes;
+             o.word_probability = word_probability;
+             o.seed = seed;
+             return SyntheticDataset(size, o);
+           }),
+           py::arg("size"), py::arg("image_size") = 64, py::arg("min_shapes") = 1, py::arg("max_shapes") = 3,
+           py::arg("word_probability") = 0.5, py::arg("seed") = 0)
+      .def("__len__", &SyntheticDataset::size)
+      .def("__getitem__",
+           [](const SyntheticDataset& self, int64_t index) {
+             if (index < 0) index += self.size();
+             SyntheticSample sample;
+             {
+               py::gil_scoped_release release;
+               sample = self.get(index);
+             }
+             auto entry = self.manifest_entry(sample, "");
+             py::dict out = to_python(json::parse(entry.dump()));
+             out.attr("pop")("image");
+             out["image"] = image_to_tensor(sample.image);
+             return out;
+           },
+           py::arg("index"))
+      .def("write", &SyntheticDataset::write, py::arg("directory"), py::call_guard<py::gil_scoped_release>(),
+           "Writes images/NNNNNN.png and manifest.jsonl under directory.")
+      .def_property_readonly_static("colours", [](py::object) { return SyntheticDataset::colours(); })
+      .def_property_readonly_static("shapes", [](py::object) { return SyntheticDataset::shapes(); })
+      .def_property_readonly_static("words", [](py::object) { return SyntheticDataset::words(); })
+      .def_static("colour_rgb", [](const std::string& name) {
+        auto c = SyntheticDataset::colour_rgb(name);
+        return std::vector<int>{c[0], c[1], c[2]};
+      });
 }
 
 }  // namespace vlmkit::bindings

@@ -94,6 +94,7 @@ horizontal_flip = _C.horizontal_flip
 random_resized_crop = _C.random_resized_crop
 color_jitter = _C.color_jitter
 save_png = _C.save_png
+SyntheticDataset = _C.SyntheticDataset
 
 
 def plot_bounding_boxes(image: ImageSource, boxes: Boxes, labels: Sequence[str] = (),
