@@ -2,6 +2,7 @@
 // tensors; boxes as lists of [x1, y1, x2, y2] pixel coordinates.
 #include "common.h"
 #include "vlmkit/data/image.h"
+#include "vlmkit/data/loader.h"
 #include "vlmkit/data/synthetic.h"
 
 namespace vlmkit::bindings {
@@ -131,6 +132,96 @@ void bind_data(py::module_& m) {
         py::arg("image"), py::arg("boxes"), py::arg("labels") = std::vector<std::string>{});
   m.def("save_png", [](const torch::Tensor& img, const std::string& path) { save_png(image_from_tensor(img), path); },
         py::arg("image"), py::arg("path"));
+
+  auto policy = [](const std::string& name) {
+    TORCH_CHECK_VALUE(name == "raise" || name == "skip", "bad_samples must be 'raise' or 'skip', got '", name, "'");
+    return name == "raise" ? BadSamplePolicy::raise : BadSamplePolicy::skip;
+  };
+  auto read = [policy](const std::string& format, const std::string& path, const std::string& image_root,
+                       const std::string& bad_samples, ReadReport* report) {
+    const auto p = policy(bad_samples);
+    if (format == "jsonl") return read_jsonl_manifest(path, p, report);
+    if (format == "llava") return read_llava_json(path, image_root, p, report);
+    if (format == "coco_captions") return read_coco_captions(path, image_root, p, report);
+    if (format == "coco_instances") return read_coco_instances(path, image_root, p, report);
+    TORCH_CHECK_VALUE(false, "unknown dataset format '", format,
+                      "'; expected one of 'jsonl', 'llava', 'coco_captions', 'coco_instances'");
+  };
+  m.def("read_records",
+        [read](const std::string& format, const std::string& path, const std::string& image_root,
+               const std::string& bad_samples) {
+          ReadReport report;
+          auto records = read(format, path, image_root, bad_samples, &report);
+          py::list out;
+          for (const auto& r : records) {
+            py::list turns;
+            for (const auto& t : r.turns) turns.append(py::make_tuple(t.role, t.text));
+            py::dict d;
+            d["image"] = r.image;
+            d["turns"] = turns;
+            d["boxes"] = from_boxes(r.boxes);
+            d["labels"] = r.labels;
+            d["line"] = r.source_line;
+            out.append(d);
+          }
+          py::dict rep;
+          rep["read"] = report.read;
+          rep["skipped"] = report.skipped;
+          rep["problems"] = report.problems;
+          return py::make_tuple(out, rep);
+        },
+        py::arg("format"), py::arg("path"), py::arg("image_root") = "", py::arg("bad_samples") = "raise");
+  m.def("encode_conversation",
+        [](const std::vector<std::pair<std::string, std::string>>& turns) {
+          std::vector<Turn> t;
+          for (const auto& [role, text] : turns) t.push_back({role, text});
+          auto e = encode_conversation(t);
+          py::dict d;
+          d["input_ids"] = e.input_ids;
+          d["labels"] = e.labels;
+          d["image_positions"] = e.image_positions;
+          return d;
+        },
+        py::arg("turns"));
+
+  py::class_<Loader>(m, "Loader", "Threaded loader over a dataset file (see vlmkit.data.Loader).")
+      .def(py::init([read, policy](const std::string& format, const std::string& path, const std::string& image_root,
+                                   int64_t batch_size, int64_t num_workers, int64_t prefetch, bool shuffle,
+                                   uint64_t seed, bool drop_last, const std::string& bad_samples, int64_t image_size,
+                                   const std::string& resize, const std::string& normalize, int64_t max_pixels) {
+             ReadReport report;
+             auto records = read(format, path, image_root, bad_samples, &report);
+             LoaderOptions o;
+             o.batch_size(batch_size).num_workers(num_workers).prefetch(prefetch).shuffle(shuffle).seed(seed)
+                 .drop_last(drop_last).bad_samples(policy(bad_samples)).image_size(image_size).resize(resize)
+                 .normalize(normalize).max_pixels(max_pixels);
+             auto loader = std::make_unique<Loader>(std::move(records), o);
+             return loader;
+           }),
+           py::arg("format"), py::arg("path"), py::arg("image_root") = "", py::arg("batch_size") = 8,
+           py::arg("num_workers") = 2, py::arg("prefetch") = 4, py::arg("shuffle") = true, py::arg("seed") = 0,
+           py::arg("drop_last") = false, py::arg("bad_samples") = "raise", py::arg("image_size") = 64,
+           py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels)
+      .def("__len__", &Loader::num_batches)
+      .def_property_readonly("num_records", &Loader::size)
+      .def_property_readonly("skipped", &Loader::skipped)
+      .def("epoch_order", &Loader::epoch_order, py::arg("epoch"))
+      .def("start_epoch", &Loader::start_epoch, py::arg("epoch"), py::call_guard<py::gil_scoped_release>())
+      .def("next_batch", [](Loader& self) -> py::object {
+        std::optional<Batch> batch;
+        {
+          py::gil_scoped_release release;
+          batch = self.next();
+        }
+        if (!batch) return py::none();
+        py::dict d;
+        d["images"] = batch->images;
+        d["input_ids"] = batch->input_ids;
+        d["labels"] = batch->labels;
+        d["padding_mask"] = batch->padding_mask;
+        d["indices"] = batch->indices;
+        return d;
+      });
 
   py::class_<SyntheticDataset>(m, "SyntheticDataset",
                                "Deterministic multitask scenes: sample i depends only on (seed, i).")

@@ -95,6 +95,56 @@ random_resized_crop = _C.random_resized_crop
 color_jitter = _C.color_jitter
 save_png = _C.save_png
 SyntheticDataset = _C.SyntheticDataset
+encode_conversation = _C.encode_conversation
+FORMATS = ("jsonl", "llava", "coco_captions", "coco_instances")
+
+
+def read_records(path, format: str = "jsonl", image_root=None, bad_samples: str = "raise"):
+    """Reads a dataset file into records (image, turns, boxes, labels, line) and a
+    report {"read", "skipped", "problems"}. Malformed entries raise ValueError with
+    the file and line, or with ``bad_samples="skip"`` are skipped and counted."""
+    root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
+    return _C.read_records(format, os.fspath(path), root, bad_samples)
+
+
+class Loader:
+    """Batches of a dataset file, decoded on C++ worker threads outside the GIL.
+
+    Each batch is a dict: ``images`` [B, 3, S, S] float (normalised), ``input_ids``,
+    ``labels`` (answer tokens, -100 elsewhere) and ``padding_mask`` [B, T] from the
+    prompt template, and ``indices`` [B]. The order is a permutation of (seed,
+    epoch), the same for any ``num_workers``; ``prefetch`` bounds the batches in
+    flight. ``bad_samples="skip"`` drops unreadable samples and counts them
+    (``loader.skipped``); "raise" raises their ValueError.
+    """
+
+    def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
+                 prefetch: int = 4, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 bad_samples: str = "raise", image_size: int = 64, resize: str = "square",
+                 normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
+        self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
+                                 drop_last, bad_samples, image_size, resize, normalize, max_pixels)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    @property
+    def skipped(self) -> int:
+        return self._loader.skipped
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        return self._loader.epoch_order(epoch)
+
+    def __iter__(self):
+        self._loader.start_epoch(self.epoch)
+        self.epoch += 1
+        while True:
+            batch = self._loader.next_batch()
+            if batch is None:
+                return
+            yield batch
 
 
 def plot_bounding_boxes(image: ImageSource, boxes: Boxes, labels: Sequence[str] = (),

@@ -1,0 +1,75 @@
+#pragma once
+/// Dataset formats and the prompt template. Records hold what a sample is
+/// (image reference, texts, boxes); decoding happens in the loader.
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "vlmkit/data/tokenizer.h"
+#include "vlmkit/generate/boxes.h"
+
+namespace vlmkit {
+
+/// One turn of a conversation: role "user" or "assistant".
+struct Turn {
+  std::string role;
+  std::string text;
+};
+
+struct Record {
+  /// Absolute image path or a data URL.
+  std::string image;
+  /// Conversation; single-turn formats become [user: prompt, assistant: answer].
+  std::vector<Turn> turns;
+  std::vector<Box> boxes;  // pixels
+  std::vector<std::string> labels;
+  /// 1-based line (JSONL) or entry index (JSON) in the source, for messages.
+  int64_t source_line = 0;
+};
+
+/// What to do with a malformed entry: raise ValueError naming file and line,
+/// or skip it and count it in the report.
+enum class BadSamplePolicy { raise, skip };
+
+struct ReadReport {
+  int64_t read = 0;
+  int64_t skipped = 0;
+  std::vector<std::string> problems;  // one line per skipped entry
+};
+
+/// JSONL manifest: one object per line with "image" (path relative to the
+/// manifest, absolute, or a data URL) and either "conversations" (LLaVA
+/// style), or "question"/"answer", or "text"/"caption"; optional "boxes"
+/// ([[x1, y1, x2, y2]] pixels) with "labels". Blank lines are ignored. Image
+/// paths that escape the manifest's folder are malformed.
+std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy = BadSamplePolicy::raise,
+                                        ReadReport* report = nullptr);
+/// LLaVA conversation JSON: [{"image": ..., "conversations": [{"from": "human"|"gpt", "value": ...}]}].
+std::vector<Record> read_llava_json(const std::string& path, const std::string& image_root,
+                                    BadSamplePolicy policy = BadSamplePolicy::raise, ReadReport* report = nullptr);
+/// COCO captions: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}; one
+/// record per caption.
+std::vector<Record> read_coco_captions(const std::string& path, const std::string& image_root,
+                                       BadSamplePolicy policy = BadSamplePolicy::raise, ReadReport* report = nullptr);
+/// COCO instances: boxes ([x, y, w, h] -> [x1, y1, x2, y2]) and category names per image; the answer
+/// is the detection JSON of the generation docs ({"Object": [...], "Bounding_box": [...]}, 0..999 grid).
+std::vector<Record> read_coco_instances(const std::string& path, const std::string& image_root,
+                                        BadSamplePolicy policy = BadSamplePolicy::raise, ReadReport* report = nullptr);
+
+/// Prompt template (LLaVA-style turns):
+///   <bos>User: {user}\nAssistant: {assistant}<eos>\nUser: ...
+/// Labels hold the assistant tokens (and their <eos>) and kIgnoreIndex
+/// elsewhere. A user turn's "<image>" becomes the placeholder token.
+struct EncodedConversation {
+  std::vector<int64_t> input_ids;
+  std::vector<int64_t> labels;
+  std::vector<int64_t> image_positions;
+};
+EncodedConversation encode_conversation(const std::vector<Turn>& turns, const ByteTokenizer& tokenizer = {});
+/// The prompt for generation: all turns, then "Assistant: " awaiting the answer.
+std::vector<int64_t> encode_prompt(const std::vector<Turn>& turns, const ByteTokenizer& tokenizer = {});
+
+}  // namespace vlmkit

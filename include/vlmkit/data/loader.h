@@ -1,0 +1,93 @@
+#pragma once
+/// A threaded loader: worker threads decode and transform records outside the
+/// GIL into batches, a bounded window of batches is prefetched, and the order
+/// is a per-epoch permutation of (seed, epoch) — the same whatever the number
+/// of threads.
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "vlmkit/data/datasets.h"
+#include "vlmkit/data/image.h"
+
+namespace vlmkit {
+
+struct LoaderOptions {
+  TORCH_ARG(int64_t, batch_size) = 8;
+  TORCH_ARG(int64_t, num_workers) = 2;
+  /// Batches decoded ahead of the consumer (the bounded queue).
+  TORCH_ARG(int64_t, prefetch) = 4;
+  TORCH_ARG(bool, shuffle) = true;
+  TORCH_ARG(uint64_t, seed) = 0;
+  TORCH_ARG(bool, drop_last) = false;
+  TORCH_ARG(BadSamplePolicy, bad_samples) = BadSamplePolicy::raise;
+  TORCH_ARG(int64_t, image_size) = 64;
+  /// "square", "letterbox" or "center_crop".
+  TORCH_ARG(std::string, resize) = "square";
+  /// Normalisation preset: "clip", "siglip", "imagenet", "none".
+  TORCH_ARG(std::string, normalize) = "clip";
+  TORCH_ARG(int64_t, max_pixels) = kDefaultMaxPixels;
+};
+
+struct Batch {
+  torch::Tensor images;        // [B, 3, S, S] float
+  torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
+  torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
+  torch::Tensor padding_mask;  // [B, T] bool
+  torch::Tensor indices;       // [B] record indices
+};
+
+class Loader {
+ public:
+  Loader(std::vector<Record> records, LoaderOptions options = {});
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  int64_t size() const { return int64_t(records_.size()); }
+  int64_t num_batches() const;
+  /// The record order of an epoch.
+  std::vector<int64_t> epoch_order(int64_t epoch) const;
+  /// Starts (or restarts) an epoch: workers begin decoding its batches.
+  void start_epoch(int64_t epoch);
+  /// The next batch of the epoch, blocking; nullopt once the epoch is done.
+  /// A bad sample under the raise policy rethrows its ValueError here.
+  std::optional<Batch> next();
+  /// Samples skipped so far under the skip policy.
+  int64_t skipped() const { return skipped_.load(); }
+  const LoaderOptions& options() const { return options_; }
+
+  /// Decodes and encodes one record (what the workers run).
+  std::pair<torch::Tensor, EncodedConversation> load(int64_t index) const;
+
+ private:
+  void stop();
+  void work();
+  Batch collate(const std::vector<int64_t>& indices, std::vector<std::pair<torch::Tensor, EncodedConversation>>& items) const;
+
+  std::vector<Record> records_;
+  LoaderOptions options_;
+  ByteTokenizer tokenizer_;
+  Normalization norm_;
+
+  std::vector<int64_t> order_;
+  int64_t batches_ = 0;
+  int64_t next_to_claim_ = 0;
+  int64_t next_to_yield_ = 0;
+  bool stopping_ = false;
+  std::map<int64_t, std::optional<Batch>> ready_;  // nullopt: every sample of the batch was skipped
+  std::map<int64_t, std::exception_ptr> errors_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  std::atomic<int64_t> skipped_{0};
+};
+
+}  // namespace vlmkit

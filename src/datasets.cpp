@@ -1,0 +1,483 @@
+// Dataset readers, the prompt template and the threaded loader.
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "vlmkit/data/loader.h"
+#include "vlmkit/fusion/decoder_fusion.h"
+
+namespace fs = std::filesystem;
+
+namespace vlmkit {
+namespace {
+using ojson = nlohmann::ordered_json;
+
+/// Collects problems under the skip policy, raises under the raise policy.
+struct Problems {
+  BadSamplePolicy policy;
+  ReadReport* report;
+  std::string file;
+  void bad(int64_t line, const std::string& what) {
+    const std::string message = file + ":" + std::to_string(line) + ": " + what;
+    TORCH_CHECK_VALUE(policy == BadSamplePolicy::skip, message, " (use bad_samples='skip' to skip and count such entries)");
+    if (report) {
+      ++report->skipped;
+      report->problems.push_back(message);
+    }
+  }
+  void ok() {
+    if (report) ++report->read;
+  }
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw FileNotFoundError("dataset file not found or not readable: '" + path + "'");
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+ojson parse_document(const std::string& path) {
+  try {
+    return ojson::parse(read_file(path));
+  } catch (const ojson::parse_error& e) {
+    TORCH_CHECK_VALUE(false, path, ": not valid JSON: ", e.what());
+  }
+}
+
+/// Resolves an image reference against root; refuses paths escaping it.
+std::string resolve_image(const ojson& value, const fs::path& root) {
+  TORCH_CHECK_VALUE(value.is_string(), "'image' must be a string (path or data URL), got ", value.dump());
+  const auto image = value.get<std::string>();
+  TORCH_CHECK_VALUE(!image.empty(), "'image' is empty");
+  if (image.rfind("data:", 0) == 0) return image;
+  const auto base = fs::weakly_canonical(root);
+  const auto full = fs::weakly_canonical(fs::path(image).is_absolute() ? fs::path(image) : root / image);
+  const auto rel = full.lexically_relative(base);
+  TORCH_CHECK_VALUE(!rel.empty() && *rel.begin() != "..", "image path '", image, "' escapes the dataset folder '",
+                    base.string(), "'");
+  return full.string();
+}
+
+std::string text_field(const ojson& entry, const char* key) {
+  const auto& v = entry.at(key);
+  TORCH_CHECK_VALUE(v.is_string(), "'", key, "' must be a string, got ", v.dump());
+  return v.get<std::string>();
+}
+
+std::vector<Turn> llava_turns(const ojson& conversations) {
+  TORCH_CHECK_VALUE(conversations.is_array() && !conversations.empty(), "'conversations' must be a non-empty list");
+  std::vector<Turn> turns;
+  for (const auto& c : conversations) {
+    TORCH_CHECK_VALUE(c.is_object() && c.contains("from") && c.contains("value") && c["value"].is_string(),
+                      "each conversation turn needs 'from' and a string 'value', got ", c.dump());
+    const auto from = c["from"].get<std::string>();
+    TORCH_CHECK_VALUE(from == "human" || from == "gpt" || from == "user" || from == "assistant",
+                      "turn 'from' must be 'human'/'user' or 'gpt'/'assistant', got '", from, "'");
+    turns.push_back({from == "human" || from == "user" ? "user" : "assistant", c["value"].get<std::string>()});
+  }
+  TORCH_CHECK_VALUE(turns.front().role == "user" && turns.back().role == "assistant",
+                    "a conversation starts with the user and ends with the assistant");
+  return turns;
+}
+
+std::vector<Box> read_boxes(const ojson& boxes, bool xywh) {
+  TORCH_CHECK_VALUE(boxes.is_array(), "'boxes' must be a list of [x1, y1, x2, y2]");
+  std::vector<Box> out;
+  for (const auto& b : boxes) {
+    TORCH_CHECK_VALUE(b.is_array() && b.size() == 4 && std::all_of(b.begin(), b.end(), [](const ojson& v) { return v.is_number(); }),
+                      "a box must be 4 numbers, got ", b.dump());
+    Box box{b[0].get<double>(), b[1].get<double>(), b[2].get<double>(), b[3].get<double>()};
+    if (xywh) box.x2 += box.x1, box.y2 += box.y1;
+    TORCH_CHECK_VALUE(box.x1 >= 0 && box.y1 >= 0 && box.x2 > box.x1 && box.y2 > box.y1,
+                      "a box needs 0 <= x1 < x2 and 0 <= y1 < y2, got ", b.dump());
+    out.push_back(box);
+  }
+  return out;
+}
+}  // namespace
+
+std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy, ReadReport* report) {
+  std::ifstream in(path);
+  if (!in) throw FileNotFoundError("manifest not found or not readable: '" + path + "'");
+  const fs::path root = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
+  Problems problems{policy, report, path};
+  std::vector<Record> out;
+  std::string line;
+  int64_t number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    try {
+      ojson entry;
+      try {
+        entry = ojson::parse(line);
+      } catch (const ojson::parse_error& e) {
+        TORCH_CHECK_VALUE(false, "not valid JSON (", e.what(), ")");
+      }
+      TORCH_CHECK_VALUE(entry.is_object(), "expected a JSON object, got ", entry.type_name());
+      TORCH_CHECK_VALUE(entry.contains("image"), "missing 'image'");
+      Record r;
+      r.source_line = number;
+      r.image = resolve_image(entry["image"], root);
+      if (entry.contains("conversations")) {
+        r.turns = llava_turns(entry["conversations"]);
+      } else if (entry.contains("question") || entry.contains("answer")) {
+        TORCH_CHECK_VALUE(entry.contains("question") && entry.contains("answer"), "'question' needs 'answer' and vice versa");
+        r.turns = {{"user", text_field(entry, "question")}, {"assistant", text_field(entry, "answer")}};
+      } else if (entry.contains("text") || entry.contains("caption")) {
+        r.turns = {{"user", "Describe the image."},
+                   {"assistant", text_field(entry, entry.contains("text") ? "text" : "caption")}};
+      } else {
+        TORCH_CHECK_VALUE(false, "needs 'conversations', 'question'+'answer', or 'text'/'caption'");
+      }
+      if (entry.contains("boxes")) {
+        r.boxes = read_boxes(entry["boxes"], false);
+        if (entry.contains("labels")) {
+          TORCH_CHECK_VALUE(entry["labels"].is_array() && entry["labels"].size() == r.boxes.size(),
+                            "'labels' must be a list with one label per box");
+          for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
+        }
+      }
+      out.push_back(std::move(r));
+      problems.ok();
+    } catch (const c10::ValueError& e) {
+      problems.bad(number, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      problems.bad(number, e.what_without_backtrace());
+    }
+  }
+  return out;
+}
+
+std::vector<Record> read_llava_json(const std::string& path, const std::string& image_root, BadSamplePolicy policy,
+                                    ReadReport* report) {
+  const auto doc = parse_document(path);
+  TORCH_CHECK_VALUE(doc.is_array(), path, ": a LLaVA file is a JSON list of samples, got ", doc.type_name());
+  Problems problems{policy, report, path};
+  std::vector<Record> out;
+  int64_t number = 0;
+  for (const auto& entry : doc) {
+    ++number;
+    try {
+      TORCH_CHECK_VALUE(entry.is_object() && entry.contains("image") && entry.contains("conversations"),
+                        "each sample needs 'image' and 'conversations'");
+      Record r;
+      r.source_line = number;
+      r.image = resolve_image(entry["image"], image_root);
+      r.turns = llava_turns(entry["conversations"]);
+      out.push_back(std::move(r));
+      problems.ok();
+    } catch (const c10::Error& e) {
+      problems.bad(number, e.what_without_backtrace());
+    }
+  }
+  return out;
+}
+
+namespace {
+std::map<int64_t, std::string> coco_images(const ojson& doc, const std::string& path) {
+  TORCH_CHECK_VALUE(doc.is_object() && doc.contains("images") && doc["images"].is_array() &&
+                        doc.contains("annotations") && doc["annotations"].is_array(),
+                    path, ": a COCO file needs 'images' and 'annotations' lists");
+  std::map<int64_t, std::string> files;
+  for (const auto& image : doc["images"]) {
+    TORCH_CHECK_VALUE(image.is_object() && image.contains("id") && image["id"].is_number_integer() &&
+                          image.contains("file_name") && image["file_name"].is_string(),
+                      path, ": each image needs an integer 'id' and a 'file_name', got ", image.dump());
+    files[image["id"].get<int64_t>()] = image["file_name"].get<std::string>();
+  }
+  return files;
+}
+}  // namespace
+
+std::vector<Record> read_coco_captions(const std::string& path, const std::string& image_root, BadSamplePolicy policy,
+                                       ReadReport* report) {
+  const auto doc = parse_document(path);
+  const auto files = coco_images(doc, path);
+  Problems problems{policy, report, path};
+  std::vector<Record> out;
+  int64_t number = 0;
+  for (const auto& a : doc["annotations"]) {
+    ++number;
+    try {
+      TORCH_CHECK_VALUE(a.is_object() && a.contains("image_id") && a["image_id"].is_number_integer() &&
+                            a.contains("caption") && a["caption"].is_string(),
+                        "an annotation needs an integer 'image_id' and a string 'caption'");
+      auto it = files.find(a["image_id"].get<int64_t>());
+      TORCH_CHECK_VALUE(it != files.end(), "image_id ", a["image_id"].get<int64_t>(), " is not in 'images'");
+      Record r;
+      r.source_line = number;
+      r.image = resolve_image(it->second, image_root);
+      r.turns = {{"user", "Describe the image."}, {"assistant", a["caption"].get<std::string>()}};
+      out.push_back(std::move(r));
+      problems.ok();
+    } catch (const c10::Error& e) {
+      problems.bad(number, e.what_without_backtrace());
+    }
+  }
+  return out;
+}
+
+std::vector<Record> read_coco_instances(const std::string& path, const std::string& image_root, BadSamplePolicy policy,
+                                        ReadReport* report) {
+  const auto doc = parse_document(path);
+  const auto files = coco_images(doc, path);
+  std::map<int64_t, std::string> categories;
+  if (doc.contains("categories") && doc["categories"].is_array())
+    for (const auto& c : doc["categories"])
+      if (c.is_object() && c.contains("id") && c.contains("name") && c["name"].is_string())
+        categories[c["id"].get<int64_t>()] = c["name"].get<std::string>();
+  Problems problems{policy, report, path};
+  std::map<int64_t, Record> by_image;
+  std::map<int64_t, std::pair<int64_t, int64_t>> sizes;
+  for (const auto& image : doc["images"])
+    if (image.contains("width") && image.contains("height"))
+      sizes[image["id"].get<int64_t>()] = {image["width"].get<int64_t>(), image["height"].get<int64_t>()};
+  int64_t number = 0;
+  for (const auto& a : doc["annotations"]) {
+    ++number;
+    try {
+      TORCH_CHECK_VALUE(a.is_object() && a.contains("image_id") && a.contains("bbox") && a.contains("category_id"),
+                        "an annotation needs 'image_id', 'bbox' and 'category_id'");
+      const int64_t id = a["image_id"].get<int64_t>();
+      auto file = files.find(id);
+      TORCH_CHECK_VALUE(file != files.end(), "image_id ", id, " is not in 'images'");
+      auto category = categories.find(a["category_id"].get<int64_t>());
+      TORCH_CHECK_VALUE(category != categories.end(), "category_id ", a["category_id"].dump(), " is not in 'categories'");
+      auto boxes = read_boxes(ojson::array({a["bbox"]}), /*xywh=*/true);
+      auto size = sizes.find(id);
+      if (size != sizes.end())
+        TORCH_CHECK_VALUE(boxes[0].x2 <= size->second.first + 1 && boxes[0].y2 <= size->second.second + 1,
+                          "box ", a["bbox"].dump(), " lies outside the ", size->second.first, "x", size->second.second,
+                          " image");
+      auto& r = by_image[id];
+      if (r.image.empty()) {
+        r.image = resolve_image(file->second, image_root);
+        r.source_line = number;
+      }
+      r.boxes.push_back(boxes[0]);
+      r.labels.push_back(category->second);
+      problems.ok();
+    } catch (const c10::Error& e) {
+      problems.bad(number, e.what_without_backtrace());
+    } catch (const ojson::exception& e) {
+      problems.bad(number, e.what());
+    }
+  }
+  std::vector<Record> out;
+  for (auto& [id, r] : by_image) {
+    const auto size = sizes.count(id) ? sizes[id] : std::pair<int64_t, int64_t>{0, 0};
+    ojson objects = ojson::array(), boxes = ojson::array();
+    for (size_t i = 0; i < r.boxes.size(); ++i) {
+      objects.push_back(r.labels[i]);
+      if (size.first > 0)
+        boxes.push_back({normalize_coordinate(r.boxes[i].x1, size.first), normalize_coordinate(r.boxes[i].y1, size.second),
+                         normalize_coordinate(r.boxes[i].x2, size.first), normalize_coordinate(r.boxes[i].y2, size.second)});
+    }
+    r.turns = {{"user", "Detect the objects."}, {"assistant", ojson{{"Object", objects}, {"Bounding_box", boxes}}.dump()}};
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- prompt template
+namespace {
+void append(std::vector<int64_t>& ids, std::vector<int64_t>& labels, const std::vector<int64_t>& add, bool learn) {
+  ids.insert(ids.end(), add.begin(), add.end());
+  labels.insert(labels.end(), add.size(), kIgnoreIndex);
+  if (learn) std::copy(add.begin(), add.end(), labels.end() - int64_t(add.size()));
+}
+}  // namespace
+
+EncodedConversation encode_conversation(const std::vector<Turn>& turns, const ByteTokenizer& tokenizer) {
+  TORCH_CHECK_VALUE(!turns.empty(), "encode_conversation: expected at least one turn");
+  EncodedConversation out;
+  append(out.input_ids, out.labels, {tokenizer.special().bos}, false);
+  for (size_t i = 0; i < turns.size(); ++i) {
+    const auto& t = turns[i];
+    TORCH_CHECK_VALUE(t.role == "user" || t.role == "assistant", "encode_conversation: role must be 'user' or ",
+                      "'assistant', got '", t.role, "'");
+    if (t.role == "user") {
+      append(out.input_ids, out.labels, tokenizer.encode((i ? "\nUser: " : "User: ") + t.text + "\nAssistant: ", false, false),
+             false);
+    } else {
+      auto answer = tokenizer.encode(t.text, false, false);
+      answer.push_back(tokenizer.special().eos);
+      append(out.input_ids, out.labels, answer, true);
+    }
+  }
+  for (size_t i = 0; i < out.input_ids.size(); ++i)
+    if (out.input_ids[i] == tokenizer.special().image) out.image_positions.push_back(int64_t(i));
+  return out;
+}
+
+std::vector<int64_t> encode_prompt(const std::vector<Turn>& turns, const ByteTokenizer& tokenizer) {
+  TORCH_CHECK_VALUE(!turns.empty() && turns.back().role == "user", "encode_prompt: the last turn must be the user's");
+  return encode_conversation(turns, tokenizer).input_ids;
+}
+
+// ---------------------------------------------------------------- loader
+Loader::Loader(std::vector<Record> records, LoaderOptions options)
+    : records_(std::move(records)), options_(std::move(options)), norm_(Normalization::preset(options_.normalize())) {
+  TORCH_CHECK_VALUE(options_.batch_size() >= 1, "Loader: batch_size must be >= 1, got ", options_.batch_size());
+  TORCH_CHECK_VALUE(options_.num_workers() >= 1 && options_.num_workers() <= 64,
+                    "Loader: num_workers must be in [1, 64], got ", options_.num_workers());
+  TORCH_CHECK_VALUE(options_.prefetch() >= 1, "Loader: prefetch must be >= 1, got ", options_.prefetch());
+  TORCH_CHECK_VALUE(options_.resize() == "square" || options_.resize() == "letterbox" || options_.resize() == "center_crop",
+                    "Loader: resize must be 'square', 'letterbox' or 'center_crop', got '", options_.resize(), "'");
+  TORCH_CHECK_VALUE(options_.image_size() >= 1, "Loader: image_size must be >= 1");
+}
+
+Loader::~Loader() { stop(); }
+
+int64_t Loader::num_batches() const {
+  const int64_t n = size(), b = options_.batch_size();
+  return options_.drop_last() ? n / b : (n + b - 1) / b;
+}
+
+std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
+  std::vector<int64_t> order(records_.size());
+  std::iota(order.begin(), order.end(), 0);
+  if (options_.shuffle()) {
+    std::mt19937_64 rng(options_.seed() * 1000003ULL + uint64_t(epoch));
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[size_t(rng() % i)]);
+  }
+  return order;
+}
+
+std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index) const {
+  const auto& r = records_.at(size_t(index));
+  auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels())
+                                              : load_image(r.image, options_.max_pixels());
+  const auto& mode = options_.resize();
+  const int64_t s = options_.image_size();
+  image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
+  auto turns = r.turns;
+  // One image per record: its placeholder goes in front of the first user turn.
+  bool has_image = false;
+  for (const auto& t : turns) has_image |= t.text.find(ByteTokenizer::kImageText) != std::string::npos;
+  if (!has_image) turns.front().text = std::string(ByteTokenizer::kImageText) + turns.front().text;
+  return {to_chw_tensor(image, norm_), encode_conversation(turns, tokenizer_)};
+}
+
+Batch Loader::collate(const std::vector<int64_t>& indices,
+                      std::vector<std::pair<torch::Tensor, EncodedConversation>>& items) const {
+  Batch batch;
+  std::vector<torch::Tensor> images;
+  size_t longest = 0;
+  for (auto& item : items) {
+    images.push_back(item.first);
+    longest = std::max(longest, item.second.input_ids.size());
+  }
+  const int64_t b = int64_t(items.size()), t = int64_t(longest);
+  batch.images = torch::stack(images);
+  batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
+  batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
+  batch.padding_mask = torch::ones({b, t}, torch::kBool);
+  for (int64_t i = 0; i < b; ++i) {
+    const auto& e = items[size_t(i)].second;
+    const int64_t n = int64_t(e.input_ids.size());
+    batch.input_ids[i].slice(0, 0, n).copy_(torch::tensor(e.input_ids, torch::kLong));
+    batch.labels[i].slice(0, 0, n).copy_(torch::tensor(e.labels, torch::kLong));
+    batch.padding_mask[i].slice(0, 0, n).fill_(false);
+  }
+  batch.indices = torch::tensor(indices, torch::kLong);
+  return batch;
+}
+
+void Loader::work() {
+  while (true) {
+    int64_t k;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      cv_.wait(lock, [&] { return stopping_ || next_to_claim_ >= batches_ || next_to_claim_ < next_to_yield_ + options_.prefetch(); });
+      if (stopping_ || next_to_claim_ >= batches_) return;
+      k = next_to_claim_++;
+    }
+    const int64_t bs = options_.batch_size();
+    const int64_t begin = k * bs, end = std::min<int64_t>(begin + bs, int64_t(order_.size()));
+    std::vector<int64_t> indices;
+    std::vector<std::pair<torch::Tensor, EncodedConversation>> items;
+    std::exception_ptr error;
+    for (int64_t p = begin; p < end && !error; ++p) {
+      const int64_t index = order_[size_t(p)];
+      try {
+        items.push_back(load(index));
+        indices.push_back(index);
+      } catch (const std::exception& e) {
+        if (options_.bad_samples() == BadSamplePolicy::skip) {
+          ++skipped_;
+        } else {
+          const auto& r = records_[size_t(index)];
+          try {
+            TORCH_CHECK_VALUE(false, "Loader: record ", index, " (source line ", r.source_line, ", image '",
+                              r.image.substr(0, 120), "'): ", e.what());
+          } catch (...) {
+            error = std::current_exception();
+          }
+        }
+      }
+    }
+    std::optional<Batch> batch;
+    if (!error && !items.empty()) {
+      try {
+        batch = collate(indices, items);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (error) errors_[k] = error;
+      else ready_[k] = std::move(batch);
+    }
+    cv_.notify_all();
+  }
+}
+
+void Loader::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& w : workers_) w.join();
+  workers_.clear();
+}
+
+void Loader::start_epoch(int64_t epoch) {
+  stop();
+  order_ = epoch_order(epoch);
+  if (options_.drop_last()) order_.resize(size_t(num_batches() * options_.batch_size()));
+  batches_ = num_batches();
+  next_to_claim_ = next_to_yield_ = 0;
+  ready_.clear();
+  errors_.clear();
+  stopping_ = false;
+  for (int64_t i = 0; i < options_.num_workers(); ++i) workers_.emplace_back([this] { work(); });
+}
+
+std::optional<Batch> Loader::next() {
+  while (true) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (next_to_yield_ >= batches_) return std::nullopt;
+    const int64_t k = next_to_yield_;
+    cv_.wait(lock, [&] { return ready_.count(k) || errors_.count(k); });
+    ++next_to_yield_;
+    cv_.notify_all();
+    if (errors_.count(k)) {
+      auto error = errors_[k];
+      errors_.erase(k);
+      lock.unlock();
+      std::rethrow_exception(error);
+    }
+    auto batch = std::move(ready_[k]);
+    ready_.erase(k);
+    if (batch) return batch;  // else every sample was skipped: go on
+  }
+}
+
+}  // namespace vlmkit
