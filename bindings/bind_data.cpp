@@ -3,6 +3,7 @@
 #include "common.h"
 #include "vlmkit/data/image.h"
 #include "vlmkit/data/loader.h"
+#include "vlmkit/data/sentencepiece.h"
 #include "vlmkit/data/synthetic.h"
 
 namespace vlmkit::bindings {
@@ -222,6 +223,22 @@ void bind_data(py::module_& m) {
         d["indices"] = batch->indices;
         return d;
       });
+
+  py::class_<SentencePieceTokenizer>(m, "SentencePieceTokenizer",
+                                     "SentencePiece with vlmkit's special ids (0 <pad>, 1 <bos>, 2 <eos>, 3 <image>).")
+      .def(py::init<const std::string&>(), py::arg("model_path"))
+      .def_static("train", &SentencePieceTokenizer::train, py::arg("text_file"), py::arg("model_prefix"),
+                  py::arg("vocab_size"), py::arg("model_type") = "bpe", py::call_guard<py::gil_scoped_release>())
+      .def("encode", &SentencePieceTokenizer::encode, py::arg("text"), py::arg("add_bos") = true,
+           py::arg("add_eos") = false)
+      .def("decode", &SentencePieceTokenizer::decode, py::arg("ids"), py::arg("skip_special") = true)
+      .def("token_text", &SentencePieceTokenizer::token_text, py::arg("id"))
+      .def("save", &SentencePieceTokenizer::save, py::arg("path"))
+      .def_property_readonly("vocab_size", &SentencePieceTokenizer::vocab_size)
+      .def_property_readonly("pad_id", [](const SentencePieceTokenizer& t) { return t.special().pad; })
+      .def_property_readonly("bos_id", [](const SentencePieceTokenizer& t) { return t.special().bos; })
+      .def_property_readonly("eos_id", [](const SentencePieceTokenizer& t) { return t.special().eos; })
+      .def_property_readonly("image_id", [](const SentencePieceTokenizer& t) { return t.special().image; });
 
   py::class_<SyntheticDataset>(m, "SyntheticDataset",
                                "Deterministic multitask scenes: sample i depends only on (seed, i).")

@@ -95,6 +95,8 @@ random_resized_crop = _C.random_resized_crop
 color_jitter = _C.color_jitter
 save_png = _C.save_png
 SyntheticDataset = _C.SyntheticDataset
+SentencePieceTokenizer = _C.SentencePieceTokenizer
+ByteTokenizer = _C.ByteTokenizer
 encode_conversation = _C.encode_conversation
 FORMATS = ("jsonl", "llava", "coco_captions", "coco_instances")
 
