@@ -350,10 +350,10 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
 
 std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index) const {
   const auto& r = records_.at(size_t(index));
-  auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels())
-                                              : load_image(r.image, options_.max_pixels());
-  const auto& mode = options_.resize();
   const int64_t s = options_.image_size();
+  auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), s)
+                                              : load_image(r.image, options_.max_pixels(), s);
+  const auto& mode = options_.resize();
   image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
   auto turns = r.turns;
   // One image per record: its placeholder goes in front of the first user turn.

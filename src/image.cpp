@@ -121,7 +121,7 @@ std::array<int64_t, 2> peek_image_size(const std::string& b) {
   return {0, 0};
 }
 
-cv::Mat decode_image(const std::string& bytes, int64_t max_pixels) {
+cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_side) {
   TORCH_CHECK_VALUE(!bytes.empty(), "decode_image: expected image bytes, got 0 bytes");
   TORCH_CHECK_VALUE(max_pixels > 0, "decode_image: max_pixels must be positive, got ", max_pixels);
   const auto size = peek_image_size(bytes);
@@ -132,9 +132,16 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels) {
                       "decode_image: truncated JPEG (", bytes.size(), " bytes, no end-of-image marker)");
   }
   cv::Mat buffer(1, int(bytes.size()), CV_8U, const_cast<char*>(bytes.data()));
+  int flags = is_jpeg(bytes) ? cv::IMREAD_COLOR : cv::IMREAD_UNCHANGED;
+  if (is_jpeg(bytes) && min_side > 0 && size[0] > 0) {
+    const int64_t shortest = std::min(size[0], size[1]);
+    if (shortest >= 8 * min_side) flags = cv::IMREAD_REDUCED_COLOR_8;
+    else if (shortest >= 4 * min_side) flags = cv::IMREAD_REDUCED_COLOR_4;
+    else if (shortest >= 2 * min_side) flags = cv::IMREAD_REDUCED_COLOR_2;
+  }
   cv::Mat decoded;
   try {
-    decoded = cv::imdecode(buffer, is_jpeg(bytes) ? cv::IMREAD_COLOR : cv::IMREAD_UNCHANGED);
+    decoded = cv::imdecode(buffer, flags);
   } catch (const cv::Exception& e) {
     TORCH_CHECK_VALUE(false, "decode_image: OpenCV could not decode ", bytes.size(), " bytes: ", e.what());
   }
@@ -145,12 +152,12 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels) {
   return to_rgb8(decoded, /*bgr_order=*/true);
 }
 
-cv::Mat load_image(const std::string& path, int64_t max_pixels) {
+cv::Mat load_image(const std::string& path, int64_t max_pixels, int64_t min_side) {
   std::ifstream file(path, std::ios::binary);
   if (!file) throw FileNotFoundError("image file not found or not readable: '" + path + "'");
   std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   try {
-    return decode_image(bytes, max_pixels);
+    return decode_image(bytes, max_pixels, min_side);
   } catch (const c10::ValueError& e) {
     TORCH_CHECK_VALUE(false, "'", path, "': ", e.what_without_backtrace());
   }
@@ -176,13 +183,13 @@ std::string base64_decode(const std::string& text) {
   return out;
 }
 
-cv::Mat decode_data_url(const std::string& url, int64_t max_pixels) {
+cv::Mat decode_data_url(const std::string& url, int64_t max_pixels, int64_t min_side) {
   const auto comma = url.find(',');
   TORCH_CHECK_VALUE(url.compare(0, 5, "data:") == 0 && comma != std::string::npos &&
                         url.substr(0, comma).find(";base64") != std::string::npos,
                     "expected a data URL like 'data:image/jpeg;base64,...', got '", url.substr(0, 40),
                     url.size() > 40 ? "...'" : "'");
-  return decode_image(base64_decode(url.substr(comma + 1)), max_pixels);
+  return decode_image(base64_decode(url.substr(comma + 1)), max_pixels, min_side);
 }
 
 cv::Mat image_from_array(const uint8_t* data, int64_t height, int64_t width, int64_t channels) {
@@ -329,10 +336,15 @@ Normalization Normalization::preset(const std::string& name) {
 torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm) {
   check_rgb(rgb, "to_chw_tensor");
   for (double s : norm.std) TORCH_CHECK_VALUE(s > 0, "normalisation std must be positive, got ", s);
-  auto hwc = image_to_tensor(rgb);
-  auto mean = torch::tensor({norm.mean[0], norm.mean[1], norm.mean[2]}, torch::kFloat).view({3, 1, 1});
-  auto std = torch::tensor({norm.std[0], norm.std[1], norm.std[2]}, torch::kFloat).view({3, 1, 1});
-  return ((hwc.permute({2, 0, 1}).to(torch::kFloat) / 255.0 - mean) / std).contiguous();
+  // One SIMD pass per channel straight into the tensor's planes.
+  auto out = torch::empty({3, rgb.rows, rgb.cols}, torch::kFloat);
+  cv::Mat channel;
+  for (int c = 0; c < 3; ++c) {
+    cv::Mat plane(rgb.rows, rgb.cols, CV_32F, out[c].data_ptr<float>());
+    cv::extractChannel(rgb, channel, c);
+    channel.convertTo(plane, CV_32F, 1.0 / (255.0 * norm.std[c]), -norm.mean[c] / norm.std[c]);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------- augmentation

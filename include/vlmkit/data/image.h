@@ -30,11 +30,15 @@ constexpr int64_t kDefaultMaxPixels = 64LL * 1000 * 1000;
 /// Images over max_pixels raise ValueError (checked from the header before
 /// decoding where the format allows). Empty, truncated or non-image bytes
 /// raise ValueError naming what was found.
-cv::Mat decode_image(const std::string& bytes, int64_t max_pixels = kDefaultMaxPixels);
+///
+/// min_side > 0 allows a JPEG to be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+/// DCT scaling, like PIL's draft mode) as long as both sides stay >= min_side:
+/// several times faster when the image is about to be shrunk anyway.
+cv::Mat decode_image(const std::string& bytes, int64_t max_pixels = kDefaultMaxPixels, int64_t min_side = 0);
 /// Reads and decodes a file; a missing file raises FileNotFoundError.
-cv::Mat load_image(const std::string& path, int64_t max_pixels = kDefaultMaxPixels);
+cv::Mat load_image(const std::string& path, int64_t max_pixels = kDefaultMaxPixels, int64_t min_side = 0);
 /// "data:image/jpeg;base64,...".
-cv::Mat decode_data_url(const std::string& url, int64_t max_pixels = kDefaultMaxPixels);
+cv::Mat decode_data_url(const std::string& url, int64_t max_pixels = kDefaultMaxPixels, int64_t min_side = 0);
 std::string base64_decode(const std::string& text);
 /// H x W x C uint8 array (C = 1, 3 RGB or 4 RGBA), copied.
 cv::Mat image_from_array(const uint8_t* data, int64_t height, int64_t width, int64_t channels);
