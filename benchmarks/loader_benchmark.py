@@ -84,10 +84,14 @@ def main():
             ours.append(run_vlmkit(folder, args.size, args.workers))
             peer.append(run_peer(paths, args.size, args.workers))
         a, b = statistics.median(ours), statistics.median(peer)
-        # Same resize mode, same image: how far apart are the pixels (in [0, 1] units)?
-        mine = data.preprocess(paths[0], args.size, "square", normalize="none")[0]
-        with Image.open(paths[0]) as im:
-            theirs = transforms.ToTensor()(transforms.Resize((args.size, args.size))(im.convert("RGB")))
+        # The loader's own pixels (DCT-scaled decode + resize) against PIL's bilinear
+        # resize of the same files, in [0, 1] units after undoing the normalisation.
+        loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=8, image_size=args.size,
+                             resize="square", normalize="imagenet", shuffle=False)
+        batch = next(iter(loader))["images"]
+        mine = batch * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        theirs = torch.stack([PilFolder(paths[:8], args.size)[i] for i in range(8)])
+        theirs = theirs * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
         diff = (mine - theirs).abs()
     print(f"| pipeline | images/s (median of {args.repeats}) |")
     print("|---|---:|")
