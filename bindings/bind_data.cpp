@@ -133,6 +133,14 @@ void bind_data(py::module_& m) {
         py::arg("image"), py::arg("boxes"), py::arg("labels") = std::vector<std::string>{});
   m.def("save_png", [](const torch::Tensor& img, const std::string& path) { save_png(image_from_tensor(img), path); },
         py::arg("image"), py::arg("path"));
+  m.def("save_grid",
+        [](const std::vector<torch::Tensor>& images, const std::vector<std::string>& texts, const std::string& path,
+           int64_t columns) {
+          std::vector<cv::Mat> mats;
+          for (const auto& t : images) mats.push_back(image_from_tensor(t));
+          return image_to_tensor(save_grid(mats, texts, path, columns));
+        },
+        py::arg("images"), py::arg("texts"), py::arg("path"), py::arg("columns") = 4);
 
   auto policy = [](const std::string& name) {
     TORCH_CHECK_VALUE(name == "raise" || name == "skip", "bad_samples must be 'raise' or 'skip', got '", name, "'");
@@ -189,20 +197,23 @@ void bind_data(py::module_& m) {
       .def(py::init([read, policy](const std::string& format, const std::string& path, const std::string& image_root,
                                    int64_t batch_size, int64_t num_workers, int64_t prefetch, bool shuffle,
                                    uint64_t seed, bool drop_last, const std::string& bad_samples, int64_t image_size,
-                                   const std::string& resize, const std::string& normalize, int64_t max_pixels) {
+                                   const std::string& resize, const std::string& normalize, int64_t max_pixels,
+                                   double flip_probability, double crop_scale, double color_jitter) {
              ReadReport report;
              auto records = read(format, path, image_root, bad_samples, &report);
              LoaderOptions o;
              o.batch_size(batch_size).num_workers(num_workers).prefetch(prefetch).shuffle(shuffle).seed(seed)
                  .drop_last(drop_last).bad_samples(policy(bad_samples)).image_size(image_size).resize(resize)
-                 .normalize(normalize).max_pixels(max_pixels);
+                 .normalize(normalize).max_pixels(max_pixels).flip_probability(flip_probability)
+                 .crop_scale(crop_scale).color_jitter(color_jitter);
              auto loader = std::make_unique<Loader>(std::move(records), o);
              return loader;
            }),
            py::arg("format"), py::arg("path"), py::arg("image_root") = "", py::arg("batch_size") = 8,
            py::arg("num_workers") = 2, py::arg("prefetch") = 4, py::arg("shuffle") = true, py::arg("seed") = 0,
            py::arg("drop_last") = false, py::arg("bad_samples") = "raise", py::arg("image_size") = 64,
-           py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels)
+           py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels,
+           py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0)
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)

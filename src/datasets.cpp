@@ -141,6 +141,12 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
           for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
         }
       }
+      r.fixed_geometry = !r.boxes.empty() || (entry.contains("ocr") && entry["ocr"].is_string() &&
+                                              !entry["ocr"].get<std::string>().empty()) ||
+                         (entry.contains("fixed_geometry") && entry["fixed_geometry"].is_boolean() &&
+                          entry["fixed_geometry"].get<bool>());
+      for (const auto& t : r.turns)
+        r.fixed_geometry |= t.text.find("left") != std::string::npos || t.text.find("right") != std::string::npos;
       out.push_back(std::move(r));
       problems.ok();
     } catch (const c10::ValueError& e) {
@@ -278,6 +284,7 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
                          normalize_coordinate(r.boxes[i].x2, size.first), normalize_coordinate(r.boxes[i].y2, size.second)});
     }
     r.turns = {{"user", "Detect the objects."}, {"assistant", ojson{{"Object", objects}, {"Bounding_box", boxes}}.dump()}};
+    r.fixed_geometry = true;
     out.push_back(std::move(r));
   }
   return out;
@@ -329,6 +336,10 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
   TORCH_CHECK_VALUE(options_.resize() == "square" || options_.resize() == "letterbox" || options_.resize() == "center_crop",
                     "Loader: resize must be 'square', 'letterbox' or 'center_crop', got '", options_.resize(), "'");
   TORCH_CHECK_VALUE(options_.image_size() >= 1, "Loader: image_size must be >= 1");
+  TORCH_CHECK_VALUE(options_.flip_probability() >= 0 && options_.flip_probability() <= 1 &&
+                        options_.crop_scale() > 0 && options_.crop_scale() <= 1 && options_.color_jitter() >= 0 &&
+                        options_.color_jitter() < 1,
+                    "Loader: need flip_probability in [0, 1], crop_scale in (0, 1], color_jitter in [0, 1)");
 }
 
 Loader::~Loader() { stop(); }
@@ -348,13 +359,23 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
   return order;
 }
 
-std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index) const {
+std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_t epoch) const {
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
   auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), s)
                                               : load_image(r.image, options_.max_pixels(), s);
   const auto& mode = options_.resize();
-  image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
+  std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const bool geometry = !r.fixed_geometry;
+  if (geometry && options_.crop_scale() < 1.0) {
+    image = random_resized_crop(image, s, rng, {options_.crop_scale(), 1.0});
+  } else {
+    image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
+  }
+  if (geometry && options_.flip_probability() > 0 && u(rng) < options_.flip_probability()) image = horizontal_flip(image);
+  if (options_.color_jitter() > 0)
+    image = color_jitter(image, rng, options_.color_jitter(), options_.color_jitter(), options_.color_jitter());
   auto turns = r.turns;
   // One image per record: its placeholder goes in front of the first user turn.
   bool has_image = false;
@@ -405,7 +426,7 @@ void Loader::work() {
     for (int64_t p = begin; p < end && !error; ++p) {
       const int64_t index = order_[size_t(p)];
       try {
-        items.push_back(load(index));
+        items.push_back(load(index, epoch_));
         indices.push_back(index);
       } catch (const std::exception& e) {
         if (options_.bad_samples() == BadSamplePolicy::skip) {
@@ -451,6 +472,7 @@ void Loader::stop() {
 void Loader::start_epoch(int64_t epoch) {
   stop();
   order_ = epoch_order(epoch);
+  epoch_ = epoch;
   if (options_.drop_last()) order_.resize(size_t(num_batches() * options_.batch_size()));
   batches_ = num_batches();
   next_to_claim_ = next_to_yield_ = 0;

@@ -465,4 +465,30 @@ void save_png(const cv::Mat& rgb, const std::string& path) {
   TORCH_CHECK_VALUE(ok, "save_png: cannot write '", path, "' (does the folder exist? is the name a .png?)");
 }
 
+cv::Mat save_grid(const std::vector<cv::Mat>& images, const std::vector<std::string>& texts,
+                  const std::string& path, int64_t columns) {
+  TORCH_CHECK_VALUE(!images.empty(), "save_grid: expected at least one image");
+  TORCH_CHECK_VALUE(texts.empty() || texts.size() == images.size(), "save_grid: expected ", images.size(),
+                    " texts (one per image) or none, got ", texts.size());
+  TORCH_CHECK_VALUE(columns >= 1, "save_grid: columns must be >= 1, got ", columns);
+  const int w = std::max(images[0].cols, 128), h = std::max(images[0].rows, 128);
+  const int strip = texts.empty() ? 0 : 34;
+  const int cols = int(std::min<int64_t>(columns, int64_t(images.size())));
+  const int rows = int((images.size() + cols - 1) / cols);
+  cv::Mat grid(rows * (h + strip), cols * w, CV_8UC3, cv::Scalar(255, 255, 255));
+  for (size_t i = 0; i < images.size(); ++i) {
+    check_rgb(images[i], "save_grid");
+    const int x = int(i % cols) * w, y = int(i / cols) * (h + strip);
+    resize_to(images[i], w, h).copyTo(grid(cv::Rect(x, y, w, h)));
+    if (!texts.empty()) {  // up to two lines of ~w/7 characters
+      const size_t per_line = size_t(std::max(8, w / 7));
+      for (size_t line = 0; line < 2 && line * per_line < texts[i].size(); ++line)
+        cv::putText(grid, texts[i].substr(line * per_line, per_line), cv::Point(x + 2, y + h + 14 + int(line) * 15),
+                    cv::FONT_HERSHEY_PLAIN, 0.9, cv::Scalar(0, 0, 0), 1, cv::LINE_AA);
+    }
+  }
+  save_png(grid, path);
+  return grid;
+}
+
 }  // namespace vlmkit

@@ -94,6 +94,7 @@ horizontal_flip = _C.horizontal_flip
 random_resized_crop = _C.random_resized_crop
 color_jitter = _C.color_jitter
 save_png = _C.save_png
+save_grid = _C.save_grid
 SyntheticDataset = _C.SyntheticDataset
 SentencePieceTokenizer = _C.SentencePieceTokenizer
 ByteTokenizer = _C.ByteTokenizer
@@ -117,16 +118,21 @@ class Loader:
     prompt template, and ``indices`` [B]. The order is a permutation of (seed,
     epoch), the same for any ``num_workers``; ``prefetch`` bounds the batches in
     flight. ``bad_samples="skip"`` drops unreadable samples and counts them
-    (``loader.skipped``); "raise" raises their ValueError.
+    (``loader.skipped``); "raise" raises their ValueError. Augmentation (seeded by
+    seed, epoch and record): ``flip_probability``, ``crop_scale`` (random resized crop
+    down to that area fraction) and ``color_jitter``; flips and crops skip records whose
+    answer depends on geometry or reads text (boxes, "left"/"right", OCR).
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
                  prefetch: int = 4, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  bad_samples: str = "raise", image_size: int = 64, resize: str = "square",
-                 normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
+                 crop_scale: float = 1.0, color_jitter: float = 0.0) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
-                                 drop_last, bad_samples, image_size, resize, normalize, max_pixels)
+                                 drop_last, bad_samples, image_size, resize, normalize, max_pixels,
+                                 flip_probability, crop_scale, color_jitter)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -168,3 +168,37 @@ def test_loader_feeds_an_encoder_decoder(folder):
     batch = next(iter(loader))
     out = model(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"])
     assert torch.isfinite(out.loss)
+
+
+def test_loader_augmentation_is_seeded_and_text_aware(folder):
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :5] = [255, 0, 0]                      # red on the left only
+    Image.fromarray(image).save(folder / "img" / "left.png")
+    manifest = folder / "aug.jsonl"
+    manifest.write_text("\n".join(json.dumps(e) for e in [
+        {"image": "img/left.png", "text": "a red bar"},                                  # may flip
+        {"image": "img/left.png", "question": "Is the bar on the left?", "answer": "yes"},  # must not
+        {"image": "img/left.png", "text": "word", "ocr": "word"},                        # reads text: must not
+    ]))
+    plain = next(iter(data.Loader(manifest, batch_size=3, shuffle=False, image_size=16, normalize="none")))
+    loader = data.Loader(manifest, batch_size=3, shuffle=False, image_size=16, normalize="none", flip_probability=1.0)
+    flipped = next(iter(loader))["images"]
+    assert torch.equal(flipped[0], plain["images"][0].flip(-1))
+    assert torch.equal(flipped[1], plain["images"][1]) and torch.equal(flipped[2], plain["images"][2])
+    def epoch_images(workers, epoch):
+        l = data.Loader(manifest, batch_size=3, shuffle=False, image_size=16, num_workers=workers, crop_scale=0.3,
+                        color_jitter=0.4, seed=9)
+        l.epoch = epoch
+        return next(iter(l))["images"]
+    assert torch.equal(epoch_images(1, 0), epoch_images(3, 0))
+    assert not torch.equal(epoch_images(1, 0), epoch_images(1, 1))
+    with pytest.raises(ValueError, match="flip_probability"):
+        data.Loader(manifest, flip_probability=2.0)
+
+
+def test_sample_grid_with_texts(tmp_path):
+    dataset = data.SyntheticDataset(6, image_size=64, seed=0)
+    samples = [dataset[i] for i in range(6)]
+    grid = data.save_grid([s["image"] for s in samples], [s["caption"] for s in samples], str(tmp_path / "grid.png"), 3)
+    assert grid.shape == (2 * (128 + 34), 3 * 128, 3)
+    assert torch.equal(data.load_image(tmp_path / "grid.png"), grid)

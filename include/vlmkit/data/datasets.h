@@ -28,6 +28,9 @@ struct Record {
   std::vector<std::string> labels;
   /// 1-based line (JSONL) or entry index (JSON) in the source, for messages.
   int64_t source_line = 0;
+  /// The answer depends on geometry or reads text (boxes, left/right, OCR):
+  /// augmentation must not flip or crop it.
+  bool fixed_geometry = false;
 };
 
 /// What to do with a malformed entry: raise ValueError naming file and line,

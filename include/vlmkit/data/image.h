@@ -98,5 +98,9 @@ cv::Mat color_jitter(const cv::Mat& rgb, std::mt19937_64& rng, double brightness
 cv::Mat draw_boxes(const cv::Mat& rgb, const std::vector<Box>& boxes, const std::vector<std::string>& labels);
 /// Writes RGB as PNG; raises ValueError when it cannot.
 void save_png(const cv::Mat& rgb, const std::string& path);
+/// A grid of images (resized to the first one's size) with a caption strip
+/// under each, written as PNG and returned.
+cv::Mat save_grid(const std::vector<cv::Mat>& images, const std::vector<std::string>& texts,
+                  const std::string& path, int64_t columns = 4);
 
 }  // namespace vlmkit

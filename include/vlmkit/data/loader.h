@@ -34,6 +34,14 @@ struct LoaderOptions {
   /// Normalisation preset: "clip", "siglip", "imagenet", "none".
   TORCH_ARG(std::string, normalize) = "clip";
   TORCH_ARG(int64_t, max_pixels) = kDefaultMaxPixels;
+  /// Training augmentation, seeded by (seed, epoch, record): horizontal flips
+  /// with this probability and random resized crops down to this area
+  /// fraction (1 = off) only for records without fixed geometry (text-aware:
+  /// no flips for answers that read text or say left/right); colour jitter of
+  /// this strength (0 = off) for all.
+  TORCH_ARG(double, flip_probability) = 0.0;
+  TORCH_ARG(double, crop_scale) = 1.0;
+  TORCH_ARG(double, color_jitter) = 0.0;
 };
 
 struct Batch {
@@ -64,8 +72,8 @@ class Loader {
   int64_t skipped() const { return skipped_.load(); }
   const LoaderOptions& options() const { return options_; }
 
-  /// Decodes and encodes one record (what the workers run).
-  std::pair<torch::Tensor, EncodedConversation> load(int64_t index) const;
+  /// Decodes, augments (for `epoch`) and encodes one record (what the workers run).
+  std::pair<torch::Tensor, EncodedConversation> load(int64_t index, int64_t epoch = 0) const;
 
  private:
   void stop();
@@ -78,6 +86,7 @@ class Loader {
   Normalization norm_;
 
   std::vector<int64_t> order_;
+  int64_t epoch_ = 0;
   int64_t batches_ = 0;
   int64_t next_to_claim_ = 0;
   int64_t next_to_yield_ = 0;
