@@ -99,6 +99,12 @@ SyntheticDataset = _C.SyntheticDataset
 SentencePieceTokenizer = _C.SentencePieceTokenizer
 ByteTokenizer = _C.ByteTokenizer
 encode_conversation = _C.encode_conversation
+
+
+def chat_prompt(question: str) -> str:
+    """The prompt text of the template for generation ("User: {question}\nAssistant: "):
+    encoded with <bos>, it equals the prefix that encode_conversation trains on."""
+    return f"User: {question}\nAssistant: "
 FORMATS = ("jsonl", "llava", "coco_captions", "coco_instances")
 
 

@@ -34,7 +34,7 @@ PROMPTS = {"caption": "Describe the image.", "ocr": "What does the text say?",
 class VlmRun:
     train_scenes: int = 3000
     eval_scenes: int = 60
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -118,8 +118,8 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
         for start in range(0, len(chunk), batch):
             part = chunk[start:start + batch]
             images = torch.stack([p for p, _, _ in part])
-            outputs = model.generate(images, [t["question"] for _, t, _ in part], 160 if schema else 96,
-                                     schema=schema)
+            prompts = [data.chat_prompt("<image>" + t["question"]) for _, t, _ in part]
+            outputs = model.generate(images, prompts, 160 if schema else 96, schema=schema)
             for out, (_, task, sample) in zip(outputs, part):
                 truth = task["answer"]
                 results.setdefault(f"{kind}/exact_match", []).append(float(out == truth))

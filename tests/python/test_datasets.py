@@ -120,6 +120,8 @@ def test_prompt_template_single_and_multi_turn():
     multi = data.encode_conversation([("user", "<image>Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Ciao")])
     learned = [t for t, l in zip(multi["input_ids"], multi["labels"]) if l != -100]
     assert text.decode([t for t in learned if t != text.EOS]) == "HelloCiao" and learned.count(text.EOS) == 2
+    prompt = text.encode(data.chat_prompt("<image>What colour?"), add_bos=True, add_eos=False)
+    assert prompt == single["input_ids"][:len(prompt)] and single["labels"][len(prompt)] != -100
     with pytest.raises(ValueError, match="role must be"):
         data.encode_conversation([("system", "x")])
 
