@@ -36,7 +36,7 @@ class VlmRun:
     eval_scenes: int = 60
     steps: int = 600
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3  # measured: 2e-3 gave colour accuracy 0.48 vs 0.83 at 600 steps
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
