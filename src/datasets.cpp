@@ -149,9 +149,7 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
         r.fixed_geometry |= t.text.find("left") != std::string::npos || t.text.find("right") != std::string::npos;
       out.push_back(std::move(r));
       problems.ok();
-    } catch (const c10::ValueError& e) {
-      problems.bad(number, e.what_without_backtrace());
-    } catch (const c10::Error& e) {
+    } catch (const c10::Error& e) {  // ValueError, TypeError, ...
       problems.bad(number, e.what_without_backtrace());
     }
   }

@@ -13,30 +13,13 @@
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/generative.h"
 #include "vlmkit/projectors/projector.h"
+#include "internal.h"
 
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+using detail::shape_str;
 namespace {
-std::string shape_str(const torch::Tensor& t) {
-  if (!t.defined()) return "undefined";
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-void print_fields(std::ostream& stream, const char* name, const json& fields) {
-  stream << name << "(";
-  bool first = true;
-  for (const auto& item : fields.items()) {
-    if (item.key() == "type") continue;
-    stream << (first ? "" : ", ") << item.key() << "="
-           << (item.value().is_string() ? item.value().get<std::string>() : item.value().dump());
-    first = false;
-  }
-  stream << ")";
-}
-
 void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who) {
   TORCH_CHECK_VALUE(image.tokens.defined() && image.tokens.dim() == 3 && image.tokens.size(2) == in_dim,
                     who, ": expected image tokens of shape [B, N, ", in_dim, "], got ",
@@ -108,7 +91,7 @@ void TextDecoderImpl::reset() {
 }
 
 void TextDecoderImpl::pretty_print(std::ostream& stream) const {
-  print_fields(stream, "vlmkit::TextDecoder", options_to_json(options));
+  detail::print_options(stream, "vlmkit::TextDecoder", options_to_json(options));
 }
 
 json TextDecoderImpl::config() const { return options_to_json(options); }
@@ -194,6 +177,26 @@ json projector_config(const ProjectorOptions& options, ProjectorType type) {
 }
 }  // namespace
 
+void ProjectorModule::pretty_print(std::ostream& stream) const {
+  auto fields = config();
+  fields["in_dim"] = input_dim();
+  fields["out_dim"] = output_dim();
+  detail::print_options(stream, name().c_str(), fields);
+}
+
+namespace {
+/// Space-to-depth on a token grid: each r x r block of tokens [B, rows*cols, D]
+/// becomes one token of r*r*D features, row-major: [B, (rows/r)*(cols/r), r*r*D].
+torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2> grid, int64_t r, const char* who) {
+  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, who, ": the token grid ", grid[0], "x", grid[1],
+                    " must be divisible by ", r);
+  const int64_t b = tokens.size(0), d = tokens.size(2);
+  return tokens.reshape({b, grid[0] / r, r, grid[1] / r, r, d})
+      .permute({0, 1, 3, 2, 4, 5})
+      .reshape({b, (grid[0] / r) * (grid[1] / r), r * r * d});
+}
+}  // namespace
+
 MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_)
     : ProjectorModule(hidden_layer_ ? "vlmkit::MlpProjector" : "vlmkit::LinearProjector"),
       options(std::move(options_)),
@@ -207,13 +210,6 @@ MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_
     fc1 = register_module("fc1", torch::nn::Linear(options.in_dim(), options.out_dim()));
   }
   detail::init_transformer_weights(*this);
-}
-
-void MlpProjectorImpl::pretty_print(std::ostream& stream) const {
-  auto fields = config();
-  fields["in_dim"] = options.in_dim();
-  fields["out_dim"] = options.out_dim();
-  print_fields(stream, hidden_layer ? "vlmkit::MlpProjector" : "vlmkit::LinearProjector", fields);
 }
 
 json MlpProjectorImpl::config() const {
@@ -236,13 +232,6 @@ PixelShuffleProjectorImpl::PixelShuffleProjectorImpl(ProjectorOptions options_)
   detail::init_transformer_weights(*this);
 }
 
-void PixelShuffleProjectorImpl::pretty_print(std::ostream& stream) const {
-  auto fields = config();
-  fields["in_dim"] = options.in_dim();
-  fields["out_dim"] = options.out_dim();
-  print_fields(stream, "vlmkit::PixelShuffleProjector", fields);
-}
-
 json PixelShuffleProjectorImpl::config() const {
   return projector_config(options, ProjectorType::pixel_shuffle);
 }
@@ -253,14 +242,8 @@ int64_t PixelShuffleProjectorImpl::num_output_tokens(int64_t rows, int64_t cols)
 
 torch::Tensor PixelShuffleProjectorImpl::forward(const EncoderOutput& image) {
   check_image_tokens(image, options.in_dim(), "PixelShuffleProjector");
-  const auto grid = token_grid(image, "PixelShuffleProjector");
-  const int64_t r = options.factor(), b = image.tokens.size(0), d = options.in_dim();
-  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, "PixelShuffleProjector: the token grid ",
-                    grid[0], "x", grid[1], " must be divisible by factor ", r);
-  auto x = image.tokens.reshape({b, grid[0] / r, r, grid[1] / r, r, d})
-               .permute({0, 1, 3, 2, 4, 5})
-               .reshape({b, (grid[0] / r) * (grid[1] / r), r * r * d});
-  return proj->forward(x);
+  return proj->forward(space_to_depth(image.tokens, token_grid(image, "PixelShuffleProjector"), options.factor(),
+                                      "PixelShuffleProjector"));
 }
 
 PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
@@ -273,11 +256,6 @@ PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
   detail::init_transformer_weights(*this);
 }
 
-void PatchMergerProjectorImpl::pretty_print(std::ostream& stream) const {
-  print_fields(stream, "vlmkit::PatchMergerProjector",
-               json{{"in_dim", options.in_dim()}, {"out_dim", options.out_dim()}});
-}
-
 json PatchMergerProjectorImpl::config() const {
   return projector_config(options, ProjectorType::patch_merger);
 }
@@ -288,14 +266,8 @@ int64_t PatchMergerProjectorImpl::num_output_tokens(int64_t rows, int64_t cols) 
 
 torch::Tensor PatchMergerProjectorImpl::forward(const EncoderOutput& image) {
   check_image_tokens(image, options.in_dim(), "PatchMergerProjector");
-  const auto grid = token_grid(image, "PatchMergerProjector");
-  TORCH_CHECK_VALUE(grid[0] % 2 == 0 && grid[1] % 2 == 0, "PatchMergerProjector: the token grid ",
-                    grid[0], "x", grid[1], " must have even sides to merge 2x2 patches");
-  const int64_t b = image.tokens.size(0), d = options.in_dim();
-  auto x = norm->forward(image.tokens)
-               .reshape({b, grid[0] / 2, 2, grid[1] / 2, 2, d})
-               .permute({0, 1, 3, 2, 4, 5})
-               .reshape({b, (grid[0] / 2) * (grid[1] / 2), 4 * d});
+  auto x = space_to_depth(norm->forward(image.tokens), token_grid(image, "PatchMergerProjector"), 2,
+                          "PatchMergerProjector");
   return fc2->forward(torch::gelu(fc1->forward(x)));
 }
 
@@ -314,13 +286,6 @@ ResamplerProjectorImpl::ResamplerProjectorImpl(ProjectorOptions options_)
                                            .context_dim(options.in_dim())));
   norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.out_dim()})));
   detail::init_transformer_weights(*this);
-}
-
-void ResamplerProjectorImpl::pretty_print(std::ostream& stream) const {
-  auto fields = config();
-  fields["in_dim"] = options.in_dim();
-  fields["out_dim"] = options.out_dim();
-  print_fields(stream, "vlmkit::ResamplerProjector", fields);
 }
 
 json ResamplerProjectorImpl::config() const { return projector_config(options, ProjectorType::resampler); }
@@ -763,7 +728,9 @@ GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs pr
     auto step_mask = torch::tensor(std::vector<int64_t>(feed_pad.begin(), feed_pad.end()), torch::kLong)
                          .to(torch::kBool).view({n, 1}).to(device);
     last_pos = last_pos + 1;
-    logits = run(false, decoder.embed(feed_ids), step_mask, last_pos.view({n, 1}));
+    // Generated ids are in range by construction: skip embed()'s range check
+    // (two device syncs per step).
+    logits = run(false, decoder.token_embed->forward(feed_ids), step_mask, last_pos.view({n, 1}));
   }
 
   GenerationOutput out;

@@ -115,22 +115,13 @@ E type_of(const json& config, const std::string& path, E fallback) {
   if (!config.is_object()) return fallback;
   auto it = config.find("type");
   if (it == config.end() || it->is_null()) return fallback;
-  TORCH_CHECK_TYPE(it->is_string(), "config key '", path, ".type': expected a string naming a ",
-                   EnumNames<E>::what, " (one of ", detail::join_names(enum_names<E>()),
-                   "), got ", detail::json_kind(*it));
-  const auto name = it->get<std::string>();
-  for (const auto& entry : EnumNames<E>::table())
-    if (name == entry.second) return entry.first;
-  TORCH_CHECK_VALUE(false, "config key '", path, ".type': unknown ", EnumNames<E>::what, " '",
-                    name, "'; expected one of ", detail::join_names(enum_names<E>()));
+  return enum_from_json<E>(*it, path + ".type");
 }
 
 void check_architecture(const json& config, Architecture expected) {
   if (!config.is_object() || !config.contains("architecture")) return;
   const auto& a = config["architecture"];
-  TORCH_CHECK_TYPE(a.is_string(), "config key 'architecture': expected a string, got ",
-                   detail::json_kind(a));
-  const auto got = from_name<Architecture>(a.get<std::string>());
+  const auto got = enum_from_json<Architecture>(a, "architecture");
   TORCH_CHECK_VALUE(got == expected, "config says architecture '", to_name(got),
                     "' but a '", to_name(expected), "' model is being built");
 }
@@ -230,12 +221,7 @@ std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_d
 
 DecoderFusionType fusion_type(const json& config) {
   if (config.is_null()) return DecoderFusionType::concat;
-  if (config.is_string()) {
-    for (const auto& entry : EnumNames<DecoderFusionType>::table())
-      if (config.get<std::string>() == entry.second) return entry.first;
-    TORCH_CHECK_VALUE(false, "config key 'fusion': unknown decoder fusion '", config.get<std::string>(),
-                      "'; expected one of ", detail::join_names(enum_names<DecoderFusionType>()));
-  }
+  if (config.is_string()) return enum_from_json<DecoderFusionType>(config, "fusion");
   TORCH_CHECK_TYPE(config.is_object(), "config key 'fusion': expected a name (",
                    detail::join_names(enum_names<DecoderFusionType>()), ") or an object, got ",
                    detail::json_kind(config));
@@ -305,10 +291,7 @@ std::shared_ptr<torch::nn::Module> build_model(const json& config) {
   Architecture architecture = Architecture::two_tower;
   if (config.is_object() && config.contains("architecture")) {
     const auto& a = config["architecture"];
-    TORCH_CHECK_TYPE(a.is_string(), "config key 'architecture': expected a string (one of ",
-                     detail::join_names(enum_names<Architecture>()), "), got ",
-                     detail::json_kind(a));
-    architecture = from_name<Architecture>(a.get<std::string>());
+    architecture = enum_from_json<Architecture>(a, "architecture");
   }
   switch (architecture) {
     case Architecture::two_tower: return make_two_tower(config);

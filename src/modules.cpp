@@ -11,14 +11,13 @@
 #include "vlmkit/modules/heads.h"
 #include "vlmkit/modules/text_encoder.h"
 #include "vlmkit/modules/vit.h"
+#include "internal.h"
 
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
 namespace detail {
 
-namespace {
-/// "vlmkit::ViT(image_size=64, patch_size=8, ...)" from an options JSON.
 void print_options(std::ostream& stream, const char* name, const json& fields) {
   stream << name << "(";
   bool first = true;
@@ -35,11 +34,13 @@ void print_options(std::ostream& stream, const char* name, const json& fields) {
 }
 
 std::string shape_str(const torch::Tensor& t) {
+  if (!t.defined()) return "undefined";
   std::ostringstream s;
   s << t.sizes();
   return s.str();
 }
 
+namespace {
 void check_heads(int64_t dim, int64_t heads, const char* who) {
   TORCH_CHECK_VALUE(dim > 0 && heads > 0, who, ": width and num_heads must be positive, got width ",
                     dim, " and num_heads ", heads);

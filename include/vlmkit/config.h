@@ -26,6 +26,19 @@ template <class T>
 struct has_enum_names<T, std::void_t<decltype(EnumNames<T>::table())>> : std::true_type {};
 }  // namespace detail
 
+/// A JSON string naming an enum value; `at` names the config key in errors
+/// (TypeError for a non-string, ValueError listing the names for an unknown one).
+template <class E>
+E enum_from_json(const json& v, const std::string& at) {
+  TORCH_CHECK_TYPE(v.is_string(), "config key '", at, "': expected a string naming a ", EnumNames<E>::what,
+                   " (one of ", detail::join_names(enum_names<E>()), "), got ", detail::json_kind(v));
+  const auto name = v.get<std::string>();
+  for (const auto& entry : EnumNames<E>::table())
+    if (name == entry.second) return entry.first;
+  TORCH_CHECK_VALUE(false, "config key '", at, "': unknown ", EnumNames<E>::what, " '", name,
+                    "'; expected one of ", detail::join_names(enum_names<E>()));
+}
+
 /// Reads fields of a JSON object into options; `path` names the object in
 /// error messages ("image_encoder").
 class ConfigReader {
@@ -57,17 +70,7 @@ class ConfigReader {
   static void read(const json& v, const std::string& at, std::vector<int64_t>& out);
   template <class E, std::enable_if_t<detail::has_enum_names<E>::value, int> = 0>
   static void read(const json& v, const std::string& at, E& out) {
-    TORCH_CHECK_TYPE(v.is_string(), "config key '", at, "': expected a string naming a ",
-                     EnumNames<E>::what, " (one of ", detail::join_names(enum_names<E>()),
-                     "), got ", detail::json_kind(v));
-    const auto name = v.get<std::string>();
-    for (const auto& entry : EnumNames<E>::table())
-      if (name == entry.second) {
-        out = entry.first;
-        return;
-      }
-    TORCH_CHECK_VALUE(false, "config key '", at, "': unknown ", EnumNames<E>::what, " '", name,
-                      "'; expected one of ", detail::join_names(enum_names<E>()));
+    out = enum_from_json<E>(v, at);
   }
 
   const json& object_;

@@ -97,9 +97,20 @@ def test_several_images_per_sample_and_prefix_lm():
     assert out.logits.shape[1] == ids.shape[1] + 2 * 15
     assert (out.labels != -100).sum() == (labels != -100).sum()
     model.eval()
-    a = model.generate(torch.rand(1, 3, 32, 32), ["<image>q"], 6, use_cache=True, return_ids=True)[1]
-    b = model.generate(torch.rand(1, 3, 32, 32).mul(0).add(0.5), ["<image>q"], 6, return_ids=True)[1]
-    assert len(a[0]) >= 1 and len(b[0]) >= 1
+    causal = vlmkit.EncoderDecoder(tiny("encoder_decoder", "mlp", "concat", attention="causal")).eval()
+    causal.load_state_dict(model.state_dict())
+    images = torch.rand(3, 3, 32, 32)
+    changed = ids.clone()
+    changed[1, 3] += 1  # a prompt byte of sample 1: fused position 3 + 15 = 18
+    with torch.no_grad():
+        for m, prompt_sees_ahead in ((model, True), (causal, False)):
+            before, after = m(images, ids, mask).logits, m(images, changed, mask).logits
+            assert torch.allclose(before[1, :18], after[1, :18], atol=1e-6) != prompt_sees_ahead
+    # Prefix-LM generation with the cache equals generation without it.
+    single = torch.rand(2, 3, 32, 32)
+    a = model.generate(single, ["<image>q", "<image>longer prompt"], 6, use_cache=True, return_ids=True)[1]
+    b = model.generate(single, ["<image>q", "<image>longer prompt"], 6, use_cache=False, return_ids=True)[1]
+    assert a == b
 
 
 def test_decoder_options_rotary_learned_gated_every_n():
@@ -156,7 +167,7 @@ def test_bad_inputs_raise_clear_errors():
         vlmkit.build_model(tiny("encoder_decoder", "qformer"))
     with pytest.raises(ValueError, match="unknown decoder fusion 'sum'"):
         vlmkit.build_model(tiny("encoder_decoder", "mlp", "sum"))
-    with pytest.raises(ValueError, match="divisible by factor 3"):
+    with pytest.raises(ValueError, match="grid 4x4 must be divisible by 3"):
         bad = vlmkit.build_model(tiny("encoder_decoder", "mlp"))
         vlmkit.PixelShuffleProjector(32, 32, factor=3)(bad.image_encoder(torch.rand(1, 3, 32, 32)))
     with pytest.raises(ValueError, match="one image per prompt"):

@@ -29,13 +29,14 @@ class ProjectorModule : public torch::nn::Module {
   virtual int64_t input_dim() const = 0;
   virtual int64_t output_dim() const = 0;
   virtual nlohmann::json config() const = 0;
+  /// name(in_dim=..., out_dim=..., <config fields>), shared by all projectors.
+  void pretty_print(std::ostream& stream) const override;
 };
 
 /// linear and mlp: a per-token map; N tokens out.
 class MlpProjectorImpl final : public ProjectorModule {
  public:
   MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer);
-  void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override { return rows * cols; }
   int64_t input_dim() const override { return options.in_dim(); }
@@ -53,7 +54,6 @@ TORCH_MODULE(MlpProjector);
 class PixelShuffleProjectorImpl final : public ProjectorModule {
  public:
   explicit PixelShuffleProjectorImpl(ProjectorOptions options_);
-  void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
   int64_t input_dim() const override { return options.in_dim(); }
@@ -70,7 +70,6 @@ TORCH_MODULE(PixelShuffleProjector);
 class PatchMergerProjectorImpl final : public ProjectorModule {
  public:
   explicit PatchMergerProjectorImpl(ProjectorOptions options_);
-  void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
   int64_t input_dim() const override { return options.in_dim(); }
@@ -89,7 +88,6 @@ TORCH_MODULE(PatchMergerProjector);
 class ResamplerProjectorImpl final : public ProjectorModule {
  public:
   explicit ResamplerProjectorImpl(ProjectorOptions options_);
-  void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const EncoderOutput& image) override;
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
   int64_t input_dim() const override { return options.in_dim(); }
