@@ -193,19 +193,20 @@ void bind_data(py::module_& m) {
         },
         py::arg("turns"));
 
-  py::class_<Loader>(m, "Loader", "Threaded loader over a dataset file (see vlmkit.data.Loader).")
+  py::class_<Loader, BatchSource>(m, "Loader", "Threaded loader over a dataset file (see vlmkit.data.Loader).")
       .def(py::init([read, policy](const std::string& format, const std::string& path, const std::string& image_root,
                                    int64_t batch_size, int64_t num_workers, int64_t prefetch, bool shuffle,
                                    uint64_t seed, bool drop_last, const std::string& bad_samples, int64_t image_size,
                                    const std::string& resize, const std::string& normalize, int64_t max_pixels,
-                                   double flip_probability, double crop_scale, double color_jitter) {
+                                   double flip_probability, double crop_scale, double color_jitter,
+                                   int64_t rank, int64_t world_size) {
              ReadReport report;
              auto records = read(format, path, image_root, bad_samples, &report);
              LoaderOptions o;
              o.batch_size(batch_size).num_workers(num_workers).prefetch(prefetch).shuffle(shuffle).seed(seed)
                  .drop_last(drop_last).bad_samples(policy(bad_samples)).image_size(image_size).resize(resize)
                  .normalize(normalize).max_pixels(max_pixels).flip_probability(flip_probability)
-                 .crop_scale(crop_scale).color_jitter(color_jitter);
+                 .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size);
              auto loader = std::make_unique<Loader>(std::move(records), o);
              return loader;
            }),
@@ -213,12 +214,13 @@ void bind_data(py::module_& m) {
            py::arg("num_workers") = 2, py::arg("prefetch") = 4, py::arg("shuffle") = true, py::arg("seed") = 0,
            py::arg("drop_last") = false, py::arg("bad_samples") = "raise", py::arg("image_size") = 64,
            py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels,
-           py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0)
+           py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0,
+           py::arg("rank") = 0, py::arg("world_size") = 1)
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)
       .def("epoch_order", &Loader::epoch_order, py::arg("epoch"))
-      .def("start_epoch", &Loader::start_epoch, py::arg("epoch"), py::call_guard<py::gil_scoped_release>())
+      .def("start_epoch", &Loader::start_epoch, py::arg("epoch"), py::arg("first_batch") = 0, py::call_guard<py::gil_scoped_release>())
       .def("next_batch", [](Loader& self) -> py::object {
         std::optional<Batch> batch;
         {

@@ -85,6 +85,7 @@ void add_options(Cls& cls) {
 void bind_blocks(py::module_& m);
 void bind_models(py::module_& m);
 void bind_generative(py::module_& m);
+void bind_train(py::module_& m);
 void bind_data(py::module_& m);  // OpenCV component only
 
 }  // namespace vlmkit::bindings

@@ -31,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
   vlmkit::bindings::bind_blocks(m);
   vlmkit::bindings::bind_models(m);
   vlmkit::bindings::bind_generative(m);
+  vlmkit::bindings::bind_train(m);
 #ifdef VLMKIT_WITH_OPENCV
   vlmkit::bindings::bind_data(m);
   m.attr("with_opencv") = true;

@@ -8,7 +8,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache git
   libtorch-dev python3-torch libopenblas0-pthread
   libopencv-dev pybind11-dev python3-pybind11 libfmt-dev catch2
-  libsentencepiece-dev nlohmann-json3-dev libbenchmark-dev
+  libsentencepiece-dev nlohmann-json3-dev libbenchmark-dev libssl-dev clang
   python3-dev python3-venv python3-pip python3-setuptools python3-wheel
   python3-pytest python3-nbclient python3-nbformat python3-ipykernel
   python3-matplotlib python3-tqdm python3-numpy python3-pil python3-torchvision

@@ -334,6 +334,8 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
   TORCH_CHECK_VALUE(options_.resize() == "square" || options_.resize() == "letterbox" || options_.resize() == "center_crop",
                     "Loader: resize must be 'square', 'letterbox' or 'center_crop', got '", options_.resize(), "'");
   TORCH_CHECK_VALUE(options_.image_size() >= 1, "Loader: image_size must be >= 1");
+  TORCH_CHECK_VALUE(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
+                    "Loader: need 0 <= rank < world_size, got rank ", options_.rank(), " of ", options_.world_size());
   TORCH_CHECK_VALUE(options_.flip_probability() >= 0 && options_.flip_probability() <= 1 &&
                         options_.crop_scale() > 0 && options_.crop_scale() <= 1 && options_.color_jitter() >= 0 &&
                         options_.color_jitter() < 1,
@@ -343,8 +345,9 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
 Loader::~Loader() { stop(); }
 
 int64_t Loader::num_batches() const {
-  const int64_t n = size(), b = options_.batch_size();
-  return options_.drop_last() ? n / b : (n + b - 1) / b;
+  const int64_t w = options_.world_size(), b = options_.batch_size() * w;
+  const int64_t n = w > 1 ? size() / b * b : size();  // ranks always see whole global batches
+  return options_.drop_last() || w > 1 ? n / b : (n + b - 1) / b;
 }
 
 std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
@@ -467,13 +470,24 @@ void Loader::stop() {
   workers_.clear();
 }
 
-void Loader::start_epoch(int64_t epoch) {
+void Loader::start_epoch(int64_t epoch, int64_t first_batch) {
   stop();
+  TORCH_CHECK_VALUE(epoch >= 0 && first_batch >= 0, "Loader.start_epoch: need epoch >= 0 and first_batch >= 0, got ",
+                    epoch, " and ", first_batch);
   order_ = epoch_order(epoch);
   epoch_ = epoch;
-  if (options_.drop_last()) order_.resize(size_t(num_batches() * options_.batch_size()));
+  const int64_t b = options_.batch_size(), w = options_.world_size();
+  if (w > 1) {
+    // This rank's slice of every global batch.
+    std::vector<int64_t> mine;
+    for (int64_t k = 0; k < num_batches(); ++k)
+      for (int64_t i = 0; i < b; ++i) mine.push_back(order_[size_t((k * w + options_.rank()) * b + i)]);
+    order_ = std::move(mine);
+  } else if (options_.drop_last()) {
+    order_.resize(size_t(num_batches() * b));
+  }
   batches_ = num_batches();
-  next_to_claim_ = next_to_yield_ = 0;
+  next_to_claim_ = next_to_yield_ = std::min(first_batch, batches_);
   ready_.clear();
   errors_.clear();
   stopping_ = false;

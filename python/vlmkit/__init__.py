@@ -16,7 +16,8 @@ import torch as _torch  # loads libtorch before the extension
 
 from . import _C
 from ._module import CppModule, wrap_block
-from . import text
+from . import checkpoint, text
+from .trainer import Trainer
 from .models import (ARCHITECTURES, EncoderDecoder, EncoderTextDecoder, TwoLeg, TwoTower,
                      build_model, default_config)
 
@@ -92,8 +93,11 @@ parse_boxes = _C.parse_boxes
 if _os.environ.get("VLMKIT_KEEP_THREADS", "") not in ("1", "true", "yes"):
     apply_default_threads()
 
+load_model = checkpoint.load_model
+save_model = checkpoint.save_model
+
 __all__ = [
-    "ARCHITECTURES", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "ARCHITECTURES", "Trainer", "checkpoint", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
     "JsonSchemaMatcher", "MlpProjector", "PatchMergerProjector", "PixelShuffleProjector",
     "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",

@@ -128,17 +128,19 @@ class Loader:
     seed, epoch and record): ``flip_probability``, ``crop_scale`` (random resized crop
     down to that area fraction) and ``color_jitter``; flips and crops skip records whose
     answer depends on geometry or reads text (boxes, "left"/"right", OCR).
+    Data parallel: ``rank`` / ``world_size`` split every global batch of
+    ``batch_size * world_size`` records (one order shared by all ranks) into slices.
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
                  prefetch: int = 4, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  bad_samples: str = "raise", image_size: int = 64, resize: str = "square",
                  normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
-                 crop_scale: float = 1.0, color_jitter: float = 0.0) -> None:
+                 crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
                                  drop_last, bad_samples, image_size, resize, normalize, max_pixels,
-                                 flip_probability, crop_scale, color_jitter)
+                                 flip_probability, crop_scale, color_jitter, rank, world_size)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@
 #include <optional>
 #include <thread>
 
+#include "vlmkit/data/batch.h"
 #include "vlmkit/data/datasets.h"
 #include "vlmkit/data/image.h"
 
@@ -42,32 +43,30 @@ struct LoaderOptions {
   TORCH_ARG(double, flip_probability) = 0.0;
   TORCH_ARG(double, crop_scale) = 1.0;
   TORCH_ARG(double, color_jitter) = 0.0;
+  /// Data-parallel sharding: each global batch of batch_size * world_size
+  /// records (one permutation shared by every rank) is split into world_size
+  /// consecutive slices and this loader yields slice `rank`.
+  TORCH_ARG(int64_t, rank) = 0;
+  TORCH_ARG(int64_t, world_size) = 1;
 };
 
-struct Batch {
-  torch::Tensor images;        // [B, 3, S, S] float
-  torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
-  torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
-  torch::Tensor padding_mask;  // [B, T] bool
-  torch::Tensor indices;       // [B] record indices
-};
-
-class Loader {
+class Loader : public BatchSource {
  public:
   Loader(std::vector<Record> records, LoaderOptions options = {});
-  ~Loader();
+  ~Loader() override;
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
 
   int64_t size() const { return int64_t(records_.size()); }
-  int64_t num_batches() const;
+  int64_t num_batches() const override;
   /// The record order of an epoch.
   std::vector<int64_t> epoch_order(int64_t epoch) const;
-  /// Starts (or restarts) an epoch: workers begin decoding its batches.
-  void start_epoch(int64_t epoch);
+  /// Starts (or restarts) an epoch at batch `first_batch`: workers begin
+  /// decoding its batches.
+  void start_epoch(int64_t epoch, int64_t first_batch = 0) override;
   /// The next batch of the epoch, blocking; nullopt once the epoch is done.
   /// A bad sample under the raise policy rethrows its ValueError here.
-  std::optional<Batch> next();
+  std::optional<Batch> next() override;
   /// Samples skipped so far under the skip policy.
   int64_t skipped() const { return skipped_.load(); }
   const LoaderOptions& options() const { return options_; }

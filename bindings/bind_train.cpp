@@ -1,0 +1,214 @@
+// Checkpoints, safetensors and the C++ Trainer, bound for vlmkit.checkpoint
+// and vlmkit.Trainer.
+#include <Python.h>
+
+#include "common.h"
+#include "vlmkit/train/checkpoint.h"
+#include "vlmkit/train/trainer.h"
+
+namespace vlmkit::bindings {
+namespace {
+
+TensorMap to_tensor_map(const py::dict& d) {
+  TensorMap out;
+  for (const auto& item : d) out[item.first.cast<std::string>()] = item.second.cast<torch::Tensor>();
+  return out;
+}
+
+py::dict from_tensor_map(const TensorMap& m) {
+  py::dict d;
+  for (const auto& [k, v] : m) d[py::str(k)] = v;
+  return d;
+}
+
+py::dict batch_dict(const Batch& b) {
+  py::dict d;
+  d["images"] = b.images;
+  d["input_ids"] = b.input_ids;
+  d["labels"] = b.labels;
+  d["padding_mask"] = b.padding_mask;
+  d["indices"] = b.indices;
+  return d;
+}
+
+/// Wraps a Python callable so C++ may call it from a GIL-free section.
+template <class R, class... Args, class F>
+std::function<R(Args...)> with_gil(py::object fn, F convert) {
+  if (fn.is_none()) return nullptr;
+  auto holder = std::make_shared<py::object>(std::move(fn));
+  return [holder, convert](Args... args) -> R {
+    py::gil_scoped_acquire gil;
+    return convert(*holder, args...);
+  };
+}
+
+}  // namespace
+
+void bind_train(py::module_& m) {
+  static py::exception<NotFound> not_found(m, "CheckpointNotFound", PyExc_FileNotFoundError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const NotFound& e) {
+      PyErr_SetString(not_found.ptr(), e.what_without_backtrace());
+    }
+  });
+
+  py::class_<BatchSource>(m, "BatchSource", "Anything the Trainer can draw batches from (vlmkit.data.Loader).");
+
+  m.def("save_safetensors",
+        [](const std::string& path, const py::dict& tensors, const StringMap& metadata) {
+          auto t = to_tensor_map(tensors);
+          py::gil_scoped_release release;
+          save_safetensors(path, t, metadata);
+        },
+        py::arg("path"), py::arg("tensors"), py::arg("metadata") = StringMap{});
+  m.def("load_safetensors",
+        [](const std::string& path) {
+          std::pair<TensorMap, StringMap> out;
+          {
+            py::gil_scoped_release release;
+            out = load_safetensors(path);
+          }
+          return py::make_tuple(from_tensor_map(out.first), out.second);
+        },
+        py::arg("path"));
+  m.def("parse_safetensors",
+        [](const py::bytes& data, const std::string& what) {
+          auto out = parse_safetensors(std::string(data), what);
+          return py::make_tuple(from_tensor_map(out.first), out.second);
+        },
+        py::arg("data"), py::arg("what") = "bytes");
+  m.def("sha256_hex", [](const py::bytes& data) { return sha256_hex(std::string(data)); }, py::arg("data"));
+  m.def("latest_checkpoint", &latest_checkpoint, py::arg("root"));
+  m.def("prune_checkpoints", &prune_checkpoints, py::arg("root"), py::arg("keep"));
+  m.def("load_module_state",
+        [](torch::nn::Module& module, const py::dict& state, const std::string& what) {
+          load_module_state(module, to_tensor_map(state), what);
+        },
+        py::arg("module"), py::arg("state"), py::arg("what") = "state");
+  m.def("save_model", &save_model, py::arg("root"), py::arg("model"), py::arg("name") = "model",
+        py::call_guard<py::gil_scoped_release>());
+
+  py::class_<CheckpointWriter>(m, "CheckpointWriter")
+      .def(py::init<std::string, std::string>(), py::arg("root"), py::arg("name"))
+      .def("add_json", [](CheckpointWriter& w, const std::string& file, const py::object& value) {
+        w.add_json(file, to_json(value));
+      }, py::arg("file"), py::arg("value"))
+      .def("add_tensors", [](CheckpointWriter& w, const std::string& file, const py::dict& tensors,
+                             const StringMap& metadata) { w.add_tensors(file, to_tensor_map(tensors), metadata); },
+           py::arg("file"), py::arg("tensors"), py::arg("metadata") = StringMap{})
+      .def("commit", &CheckpointWriter::commit, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<Checkpoint>(m, "Checkpoint")
+      .def(py::init<const std::string&>(), py::arg("path"))
+      .def_property_readonly("path", &Checkpoint::path)
+      .def("has", &Checkpoint::has, py::arg("file"))
+      .def("verify", &Checkpoint::verify, py::call_guard<py::gil_scoped_release>())
+      .def("read_json", [](const Checkpoint& c, const std::string& file) { return to_python(c.read_json(file)); },
+           py::arg("file"))
+      .def("read_tensors", [](const Checkpoint& c, const std::string& file) {
+        StringMap meta;
+        TensorMap t;
+        {
+          py::gil_scoped_release release;
+          t = c.read_tensors(file, &meta);
+        }
+        return py::make_tuple(from_tensor_map(t), meta);
+      }, py::arg("file"));
+
+  py::class_<Trainer>(m, "Trainer", "The C++ training loop (see vlmkit.Trainer).")
+      .def(py::init([](std::shared_ptr<torch::nn::Module> model, const py::dict& options, py::object loss) {
+             const auto j = to_json(options);
+             TrainerOptions o;
+             ConfigReader r(j, "Trainer");
+             r("steps", o.steps());
+             r("lr", o.lr());
+             r.allow("group_lr");
+             r.allow("freeze");
+             if (j.contains("group_lr") && !j["group_lr"].is_null()) {
+               TORCH_CHECK_TYPE(j["group_lr"].is_object(), "Trainer: group_lr must be a dict of component name to "
+                                "learning rate, got ", detail::json_kind(j["group_lr"]));
+               for (const auto& [k, v] : j["group_lr"].items()) {
+                 TORCH_CHECK_TYPE(v.is_number(), "Trainer: group_lr['", k, "'] must be a number, got ",
+                                  detail::json_kind(v));
+                 o.group_lr()[k] = v.get<double>();
+               }
+             }
+             if (j.contains("freeze") && !j["freeze"].is_null()) {
+               TORCH_CHECK_TYPE(j["freeze"].is_array(), "Trainer: freeze must be a list of component names");
+               for (const auto& v : j["freeze"]) {
+                 TORCH_CHECK_TYPE(v.is_string(), "Trainer: freeze entries must be strings, got ", detail::json_kind(v));
+                 o.freeze().push_back(v.get<std::string>());
+               }
+             }
+             r("weight_decay", o.weight_decay());
+             r("beta1", o.beta1());
+             r("beta2", o.beta2());
+             r("eps", o.eps());
+             r("warmup_steps", o.warmup_steps());
+             r("min_lr_ratio", o.min_lr_ratio());
+             r("clip_norm", o.clip_norm());
+             r("accumulation", o.accumulation());
+             r("max_nonfinite_steps", o.max_nonfinite_steps());
+             r("log_every", o.log_every());
+             r("eval_every", o.eval_every());
+             r("checkpoint_every", o.checkpoint_every());
+             r("keep_checkpoints", o.keep_checkpoints());
+             r("output_dir", o.output_dir());
+             r("rank", o.rank());
+             r.finish();
+             auto fn = with_gil<torch::Tensor, torch::nn::Module&, const Batch&>(
+                 loss, [](py::object& f, torch::nn::Module&, const Batch& b) {
+                   return f(batch_dict(b)).cast<torch::Tensor>();
+                 });
+             return std::make_unique<Trainer>(std::move(model), o, fn);
+           }),
+           py::arg("model"), py::arg("options"), py::arg("loss") = py::none())
+      .def("resume", &Trainer::resume, py::arg("path") = "", py::call_guard<py::gil_scoped_release>())
+      .def("save_checkpoint", &Trainer::save_checkpoint, py::call_guard<py::gil_scoped_release>())
+      .def("schedule", &Trainer::schedule, py::arg("step"))
+      .def_property_readonly("options", [](const Trainer& t) { return to_python(trainer_options_to_json(t.options())); })
+      .def_property_readonly("state", [](const Trainer& t) {
+        const auto& s = t.state();
+        py::dict d;
+        d["step"] = s.step;
+        d["epoch"] = s.epoch;
+        d["batch_in_epoch"] = s.batch_in_epoch;
+        d["samples"] = s.samples;
+        d["nonfinite_steps"] = s.nonfinite_steps;
+        d["last_loss"] = s.last_loss;
+        return d;
+      })
+      .def_property_readonly("trainable", [](const Trainer& t) {
+        std::vector<std::string> names;
+        for (const auto& p : t.trainable()) names.push_back(p.first);
+        return names;
+      })
+      .def("fit",
+           [](Trainer& self, BatchSource& data, py::object on_log, py::object evaluate, py::object gradients) {
+             if (!on_log.is_none())
+               self.on_log(with_gil<void, const json&>(on_log, [](py::object& f, const json& r) { f(to_python(r)); }));
+             self.on_eval(with_gil<json, int64_t>(evaluate, [](py::object& f, int64_t step) {
+               auto out = f(step);
+               return out.is_none() ? json::object() : to_json(out);
+             }));
+             self.on_gradients(with_gil<void, std::vector<torch::Tensor>&>(
+                 gradients, [](py::object& f, std::vector<torch::Tensor>& g) { f(py::cast(g)); }));
+             // Ctrl-C (and other pending signals) stop training between steps.
+             self.on_step([](int64_t) {
+               py::gil_scoped_acquire gil;
+               if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+             });
+             json out;
+             {
+               py::gil_scoped_release release;
+               out = self.fit(data);
+             }
+             return to_python(out);
+           },
+           py::arg("data"), py::arg("on_log") = py::none(), py::arg("evaluate") = py::none(),
+           py::arg("gradients") = py::none());
+}
+
+}  // namespace vlmkit::bindings

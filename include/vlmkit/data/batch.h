@@ -1,0 +1,29 @@
+#pragma once
+/// A training batch and the interface of anything that yields them per epoch
+/// (the threaded Loader, or a user's own source in C++).
+#include <torch/types.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace vlmkit {
+
+struct Batch {
+  torch::Tensor images;        // [B, 3, S, S] float
+  torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
+  torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
+  torch::Tensor padding_mask;  // [B, T] bool
+  torch::Tensor indices;       // [B] record indices
+};
+
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  /// Starts epoch `epoch` at its batch `first_batch` (resuming mid-epoch).
+  virtual void start_epoch(int64_t epoch, int64_t first_batch = 0) = 0;
+  /// The next batch of the epoch; nullopt once the epoch is done.
+  virtual std::optional<Batch> next() = 0;
+  virtual int64_t num_batches() const = 0;
+};
+
+}  // namespace vlmkit

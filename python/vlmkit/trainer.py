@@ -1,0 +1,124 @@
+"""``vlmkit.Trainer``: the C++ training loop from Python.
+
+The loop runs in C++ without the GIL (the Loader's workers decode in C++ too);
+Python is called only for logging, evaluation and, in data-parallel runs, the
+gradient all-reduce through ``torch.distributed``. Checkpoints are the format of
+``vlmkit.checkpoint``. Users who prefer their own loop use ``torch.optim`` with
+any vlmkit model directly (see docs/training.md).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from . import _C
+
+
+def _all_reduce_mean(grads: Sequence[torch.Tensor]) -> None:
+    """Averages gradients over the default torch.distributed group (one flat buffer)."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+class Trainer:
+    """Trains a vlmkit model with AdamW.
+
+    Args:
+        model: a vlmkit model (encoder_decoder has a built-in loss; others need ``loss``).
+        steps, lr, weight_decay, warmup_steps, min_lr_ratio, clip_norm, accumulation:
+            the optimisation (AdamW, linear warmup then cosine to ``lr * min_lr_ratio``,
+            global-norm clipping, batches per step).
+        group_lr: learning rates per component, e.g. ``{"image_encoder": 1e-4}``.
+        freeze: components to freeze, e.g. ``["image_encoder", "decoder"]`` (LLaVA stage 1).
+        log_every, eval_every, checkpoint_every, keep_checkpoints, output_dir: bookkeeping;
+            ``output_dir`` receives ``metrics.jsonl`` and ``checkpoints/``.
+        loss: optional ``f(batch_dict) -> scalar tensor``.
+        distributed: average gradients over ``torch.distributed`` (default: when it is
+            initialised with more than one process); only rank 0 writes files.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, steps: int = 1000, lr: float = 1e-3,
+                 group_lr: Optional[Mapping[str, float]] = None, freeze: Iterable[str] = (),
+                 weight_decay: float = 0.05, betas=(0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 50,
+                 min_lr_ratio: float = 0.0, clip_norm: float = 1.0, accumulation: int = 1,
+                 max_nonfinite_steps: int = 5, log_every: int = 50, eval_every: int = 0,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2, output_dir: str = "",
+                 loss: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
+                 distributed: Optional[bool] = None) -> None:
+        if not hasattr(model, "cpp_module"):
+            raise TypeError(f"Trainer: expected a vlmkit model, got {type(model).__name__}")
+        import torch.distributed as dist
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = active if distributed is None else bool(distributed)
+        if self.distributed and not active:
+            raise ValueError("Trainer: distributed=True needs torch.distributed initialised with world size > 1")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.model = model
+        options = {"steps": steps, "lr": lr, "group_lr": dict(group_lr or {}), "freeze": list(freeze),
+                   "weight_decay": weight_decay, "beta1": betas[0], "beta2": betas[1], "eps": eps,
+                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio, "clip_norm": clip_norm,
+                   "accumulation": accumulation, "max_nonfinite_steps": max_nonfinite_steps,
+                   "log_every": log_every, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+                   "keep_checkpoints": keep_checkpoints, "output_dir": os.fspath(output_dir), "rank": self.rank}
+        self._trainer = _C.Trainer(model.cpp_module, options, loss)
+
+    @property
+    def state(self) -> Dict[str, Any]:
+        """step, epoch, batch_in_epoch, samples, nonfinite_steps, last_loss."""
+        return self._trainer.state
+
+    @property
+    def options(self) -> Dict[str, Any]:
+        return self._trainer.options
+
+    @property
+    def trainable(self):
+        """Names of the parameters being trained (frozen ones left out)."""
+        return self._trainer.trainable
+
+    def schedule(self, step: int) -> float:
+        """Learning-rate multiplier at ``step``."""
+        return self._trainer.schedule(step)
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Restores model, optimizer, RNG and data position from ``path`` or, when None,
+        from the latest checkpoint under ``output_dir``; False when there is none."""
+        return self._trainer.resume(os.fspath(path) if path is not None else "")
+
+    def save_checkpoint(self) -> str:
+        return self._trainer.save_checkpoint()
+
+    def fit(self, loader, evaluate: Optional[Callable[[int], Mapping[str, float]]] = None,
+            on_log: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Trains until ``steps`` on a ``vlmkit.data.Loader``; ``evaluate(step)`` returns
+        metrics (every ``eval_every`` steps and at the end); ``on_log(record)`` replaces the
+        progress line. Ctrl-C stops between steps (``save_checkpoint()`` then keeps the
+        state). Returns the last loss, rates and evaluation."""
+        source = getattr(loader, "_loader", loader)
+        if not isinstance(source, _C.BatchSource):
+            raise TypeError(f"Trainer.fit: expected a vlmkit.data.Loader, got {type(loader).__name__}")
+        if on_log is None:
+            on_log = self._print if self.rank == 0 else (lambda record: None)
+        return self._trainer.fit(source, on_log, evaluate, _all_reduce_mean if self.distributed else None)
+
+    @staticmethod
+    def _print(record: Dict[str, Any]) -> None:
+        if "eval" in record:
+            print(f"eval at step {record['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in record["eval"].items()
+                                                               if isinstance(v, (int, float))), flush=True)
+            return
+        eta = record["eta_seconds"]
+        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+        print(f"step {record['step']:6d}/{record['steps']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+              f"{record['samples_per_second']:6.1f} samples/s  eta {eta_text}", flush=True)
