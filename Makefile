@@ -34,7 +34,7 @@ test-cpp: build
 	VLMKIT_EXPECT_BLAS=openblas ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 
 test-python: install
-	cd tests/python && VLMKIT_EXPECT_BLAS=openblas ../../$(PY) -m pytest -q
+	cd tests/python && VLMKIT_BUILD_DIR=$(abspath $(BUILD)) VLMKIT_EXPECT_BLAS=openblas ../../$(PY) -m pytest -q
 
 test: test-cpp test-python
 

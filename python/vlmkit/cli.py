@@ -1,55 +1,302 @@
-"""The `vlmkit` command."""
+"""The `vlmkit` command: train, eval, predict."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
+
+TASKS = ("caption", "vqa", "ocr", "detect", "extract")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from . import thread_info
+class CliError(Exception):
+    """An error shown as one line, without a traceback."""
 
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    # C++ errors may carry "Exception raised from ..." context after the message.
+    return message.split(" (Exception raised from")[0]
+
+
+def _print_metrics(metrics: Dict[str, Any]) -> None:
+    print("\nmetric                          value")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            print(f"{key:30s}  {value:10.4f}")
+
+
+def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
+    from .train_vlm import SMALL_VLM
+    import copy
+
+    config = copy.deepcopy(SMALL_VLM)
+    config["architecture"] = args.architecture
+    if args.projector:
+        config["projector"] = {"type": args.projector}
+    if args.fusion:
+        config["fusion"] = args.fusion
+        if args.fusion == "cross_attention":
+            config.pop("attention", None)
+    if args.image_size:
+        config["image_encoder"]["image_size"] = args.image_size
+    if args.d_model:
+        config["image_encoder"]["d_model"] = config["decoder"]["d_model"] = args.d_model
+    if args.depth:
+        config["decoder"]["depth"] = args.depth
+    return config
+
+
+def _init_distributed() -> bool:
+    """Joins the torch.distributed group that torchrun (or --nproc) set up."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _launch(args: argparse.Namespace, argv: List[str]) -> int:
+    """`--nproc N`: re-runs this command under PyTorch's own launcher (torchrun)."""
+    from torch.distributed import run as torchrun
+
+    rest: List[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    torchrun.main([f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",
+                   f"--master_port={args.master_port}", "-m", "vlmkit", *rest])
+    return 0
+
+
+def _train(args: argparse.Namespace, argv: List[str]) -> int:
+    if args.nproc > 1:
+        return _launch(args, argv)
+    from . import set_num_threads, thread_info
+
+    if args.threads:
+        set_num_threads(1, args.threads)
+    distributed = _init_distributed()
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if distributed else 0
     info = thread_info()
-    print(f"threads: torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}")
+    if rank == 0:
+        print(f"threads: torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}")
     if args.architecture == "two_tower":
         from .train_two_tower import TwoTowerRun, train
 
         run = TwoTowerRun(steps=args.steps or 1000, batch_size=args.batch_size or 20, lr=args.lr or 2e-3,
                           seed=args.seed)
-        metrics = train(run, out_dir=args.output or "runs/two_tower")
         output = args.output or "runs/two_tower"
-    elif args.architecture == "encoder_decoder":
-        from .train_vlm import VlmRun, train
-
-        run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
-                     lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes)
-        output = args.output or "runs/vlm"
         metrics = train(run, out_dir=output)
+        _print_metrics(metrics)
+        print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, log: {output}/metrics.jsonl)")
+        return 0
+    if args.architecture != "encoder_decoder":
+        raise CliError(f"architecture {args.architecture!r} has no training recipe in `vlmkit train` yet; "
+                       "available: 'encoder_decoder', 'two_tower' (any model trains with vlmkit.Trainer "
+                       "and a loss function from Python or C++)")
+    from .train_vlm import VlmRun, train
+
+    if args.data != "synthetic":
+        raise CliError("--data: only 'synthetic' trains from the command line in this version; "
+                       "train on manifest/LLaVA/COCO files with vlmkit.Trainer and vlmkit.data.Loader")
+    run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
+                 lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
+                 eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every)
+    output = args.output or "runs/vlm"
+    metrics = train(run, config=_model_config(args), out_dir=output, resume=not args.no_resume,
+                    verbose=True)
+    if rank == 0:
+        _print_metrics(metrics)
+        print(f"\ncheckpoint: {output}/checkpoints/latest  log: {output}/metrics.jsonl  "
+              f"plot: {output}/loss.png  metrics: {output}/eval.json")
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def _load(path: str):
+    from .checkpoint import load_model
+
+    if not os.path.exists(path):
+        raise CliError(f"no checkpoint at '{path}'")
+    model = load_model(path)
+    model.eval()
+    return model
+
+
+def _eval(args: argparse.Namespace, argv: List[str]) -> int:
+    from .train_vlm import evaluate
+
+    model = _load(args.checkpoint)
+    config = model.config
+    if config.get("architecture") != "encoder_decoder":
+        raise CliError(f"vlmkit eval handles encoder_decoder checkpoints, this one is {config.get('architecture')!r}")
+    size = config["image_encoder"]["image_size"]
+    if args.data == "synthetic":
+        metrics = evaluate(model, args.scenes, args.seed + 10_000, size)
     else:
-        print(f"vlmkit train: architecture {args.architecture!r} cannot be trained by this version yet; "
-              f"available: 'encoder_decoder', 'two_tower'", file=sys.stderr)
-        return 2
-    print("\nmetric                          value")
-    for key, value in metrics.items():
-        print(f"{key:30s}  {value:10.4f}")
-    print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, log: {output}/metrics.jsonl)")
+        metrics = _evaluate_file(model, args.data, args.format, size, args.limit)
+    _print_metrics(metrics)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict[str, float]:
+    """Exact match, character error rate and BLEU-4 of the first answer of each record."""
+    import torch
+
+    from . import data
+    from .metrics import bleu4, char_error_rate
+
+    records, report = data.read_records(path, format, bad_samples="skip")
+    if report.get("skipped"):
+        print(f"skipped {report['skipped']} malformed records", file=sys.stderr)
+    pairs = []
+    for r in records[:limit] if limit else records:
+        turns = r["turns"]
+        user = next((t for t in turns if t[0] == "user"), None)
+        answer = next((t for t in turns if t[0] == "assistant"), None)
+        if user is None or answer is None:
+            continue
+        pixels, _ = data.preprocess(r["image"], size, "square", normalize="clip")
+        question = user[1] if "<image>" in user[1] else "<image>" + user[1]
+        pairs.append((pixels, question, answer[1]))
+    if not pairs:
+        raise CliError(f"{path}: no record with a question and an answer to evaluate")
+    outputs = []
+    for start in range(0, len(pairs), 16):
+        part = pairs[start:start + 16]
+        outputs += model.generate(torch.stack([p for p, _, _ in part]), [data.chat_prompt(q) for _, q, _ in part], 96)
+    truths = [a for _, _, a in pairs]
+    return {"records": float(len(pairs)),
+            "exact_match": sum(o == t for o, t in zip(outputs, truths)) / len(pairs),
+            "cer": sum(char_error_rate(o, t) for o, t in zip(outputs, truths)) / len(pairs),
+            "bleu4": bleu4(outputs, truths)}
+
+
+def _predict(args: argparse.Namespace, argv: List[str]) -> int:
+    from . import data, parse_boxes
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS
+
+    model = _load(args.checkpoint)
+    config = model.config
+    if config.get("architecture") != "encoder_decoder":
+        raise CliError(f"vlmkit predict handles encoder_decoder checkpoints, this one is "
+                       f"{config.get('architecture')!r}")
+    if not os.path.isfile(args.image):
+        raise CliError(f"no image file '{args.image}'")
+    image = data.load_image(args.image)
+    size = config["image_encoder"]["image_size"]
+    pixels, _ = data.preprocess(image, size, "square", normalize="clip")
+    task_prompt = {"caption": PROMPTS["caption"], "ocr": PROMPTS["ocr"], "detect": PROMPTS["detection"],
+                   "extract": PROMPTS["extraction"], "vqa": None}[args.task]
+    prompt = args.prompt or task_prompt
+    if prompt is None:
+        raise CliError("--task vqa needs --prompt 'your question'")
+    schema = None
+    if args.schema:
+        try:
+            with open(args.schema) as f:
+                schema = json.load(f)
+        except OSError as e:
+            raise CliError(f"cannot read schema '{args.schema}': {e.strerror}")
+        except ValueError as e:
+            raise CliError(f"schema '{args.schema}' is not valid JSON: {e}")
+    elif args.task == "detect":
+        schema = DETECTION_SCHEMA
+    elif args.task == "extract":
+        schema = EXTRACTION_SCHEMA
+    max_new = args.max_new_tokens or (160 if schema else 96)
+    text = model.generate(pixels.unsqueeze(0), [data.chat_prompt("<image>" + prompt)], max_new, schema=schema)[0]
+    print(text)
+    if args.task == "detect":
+        height, width = int(image.shape[0]), int(image.shape[1])
+        boxes = parse_boxes(text, width, height)
+        try:
+            labels = json.loads(text).get("Object", [])
+        except (ValueError, AttributeError):
+            labels = []
+        labels = [str(l) for l in labels][:len(boxes)] + [""] * max(0, len(boxes) - len(labels))
+        out = args.output or os.path.splitext(args.image)[0] + ".boxes.png"
+        data.plot_bounding_boxes(image, boxes, labels, path=out)
+        print(f"boxes drawn: {out}", file=sys.stderr)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models on LibTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("train", help="train a small model on the built-in data")
     p.add_argument("--architecture", default="encoder_decoder", help="encoder_decoder (default) or two_tower")
+    p.add_argument("--projector", default="", help="linear, mlp, pixel_shuffle (default), patch_merger, resampler")
+    p.add_argument("--fusion", default="", help="concat (default) or cross_attention")
+    p.add_argument("--image-size", type=int, default=0)
+    p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")
+    p.add_argument("--depth", type=int, default=0, help="decoder layers")
+    p.add_argument("--data", default="synthetic", help="synthetic (default)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the architecture's default)")
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=0, help="global batch size")
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes (encoder_decoder)")
+    p.add_argument("--eval-scenes", type=int, default=60, help="held-out synthetic scenes evaluated at the end")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
+    p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
+    p.add_argument("--master-port", type=int, default=29511)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run folder")
+    p.add_argument("--data", default="synthetic", help="synthetic (held-out scenes) or a dataset file")
+    p.add_argument("--format", default="jsonl", help="jsonl, llava, coco_captions, coco_instances")
+    p.add_argument("--scenes", type=int, default=60)
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most this many records of a file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also write the metrics to this file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="run a checkpoint on one image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--task", choices=TASKS, default="caption")
+    p.add_argument("--prompt", default="", help="the question (vqa) or a prompt replacing the task's")
+    p.add_argument("--schema", default="", help="JSON schema file: constrain the output to it")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--output", default="", help="detect: where to write the image with boxes")
+    p.set_defaults(func=_predict)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args, argv)
+    except CliError as e:
+        print(f"vlmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        print(f"vlmkit {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

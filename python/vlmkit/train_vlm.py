@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import data, text
+from .metrics import average_precision, bleu4, box_iou, char_error_rate
 from .models import EncoderDecoder
 
 SMALL_VLM = {
@@ -29,6 +30,14 @@ SMALL_VLM = {
 PROMPTS = {"caption": "Describe the image.", "ocr": "What does the text say?",
            "detection": "Detect the shapes.", "extraction": "Extract the fields as JSON."}
 
+# Constrained decoding of the JSON tasks: the output always parses.
+DETECTION_SCHEMA = {"type": "object", "properties": {
+    "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+    "Bounding_box": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 4, "maxItems": 4,
+                     "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
+EXTRACTION_SCHEMA = {"type": "object", "properties": {k: {"type": "string", "maxLength": 80}
+                                                      for k in ("Description", "Colour", "Shapes", "Text")}}
+
 
 @dataclass
 class VlmRun:
@@ -40,7 +49,8 @@ class VlmRun:
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
-    log_every: int = 100
+    log_every: int = 50
+    checkpoint_every: int = 100
     workers: int = 2
 
 
@@ -75,24 +85,6 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int) ->
     return manifest
 
 
-def char_error_rate(predicted: str, truth: str) -> float:
-    previous = list(range(len(truth) + 1))
-    for i, p in enumerate(predicted, 1):
-        current = [i]
-        for j, t in enumerate(truth, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (p != t)))
-        previous = current
-    return previous[-1] / max(1, len(truth))
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 @torch.no_grad()
 def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, batch: int = 16) -> Dict[str, float]:
     """Per-task metrics on held-out synthetic scenes (greedy decoding; JSON tasks constrained)."""
@@ -106,22 +98,22 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
         for task in scene_tasks(sample):
             examples.append((pixels, task, sample))
     results: Dict[str, List[float]] = {}
-    detection_schema = {"type": "object", "properties": {
-        "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
-        "Bounding_box": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 4, "maxItems": 4,
-                         "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
-    extraction_schema = {"type": "object", "properties": {k: {"type": "string", "maxLength": 80}
-                                                         for k in ("Description", "Colour", "Shapes", "Text")}}
+    captions: List[tuple] = []
+    det_predictions: List[tuple] = []
+    det_truths: List[tuple] = []
     for kind in sorted({t["kind"] for _, t, _ in examples}):
         chunk = [e for e in examples if e[1]["kind"] == kind]
-        schema = detection_schema if kind == "detection" else extraction_schema if kind == "extraction" else None
+        schema = DETECTION_SCHEMA if kind == "detection" else EXTRACTION_SCHEMA if kind == "extraction" else None
         for start in range(0, len(chunk), batch):
             part = chunk[start:start + batch]
             images = torch.stack([p for p, _, _ in part])
             prompts = [data.chat_prompt("<image>" + t["question"]) for _, t, _ in part]
             outputs = model.generate(images, prompts, 160 if schema else 96, schema=schema)
-            for out, (_, task, sample) in zip(outputs, part):
+            for number, (out, (_, task, sample)) in enumerate(zip(outputs, part)):
                 truth = task["answer"]
+                image_id = start + number
+                if kind == "caption":
+                    captions.append((out, truth))
                 results.setdefault(f"{kind}/exact_match", []).append(float(out == truth))
                 if kind == "ocr":
                     results.setdefault("ocr/cer", []).append(char_error_rate(out, truth))
@@ -134,6 +126,11 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         results.setdefault(f"{kind}/valid_json", []).append(0.0)
                     if kind == "detection":
                         predicted = vlmkit_boxes(out, image_size)
+                        labels = value.get("Object", []) if isinstance(value, dict) else []
+                        for rank, box in enumerate(predicted):
+                            label = labels[rank] if rank < len(labels) and isinstance(labels[rank], str) else ""
+                            det_predictions.append((image_id, label, box, -rank))
+                        det_truths += [(image_id, o["label"], o["box"]) for o in sample["objects"]]
                         ious = [max([box_iou(p, o["box"]) for p in predicted] or [0.0]) for o in sample["objects"]]
                         results.setdefault("detection/mean_iou", []).append(sum(ious) / len(ious))
                     if kind == "extraction" and isinstance(value, dict):
@@ -141,7 +138,13 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         results.setdefault("extraction/field_accuracy", []).append(
                             sum(value.get(k) == v for k, v in fields.items()) / len(fields))
     model.train(was_training)
-    return {k: sum(v) / len(v) for k, v in sorted(results.items())}
+    metrics = {k: sum(v) / len(v) for k, v in sorted(results.items())}
+    if captions:
+        metrics["caption/bleu4"] = bleu4([c for c, _ in captions], [r for _, r in captions])
+    if det_truths:
+        # Boxes come without confidences: earlier boxes of an answer rank higher.
+        metrics["detection/map50"] = average_precision(det_predictions, det_truths, 0.5)
+    return dict(sorted(metrics.items()))
 
 
 def vlmkit_boxes(text_out: str, size: int):
@@ -149,63 +152,79 @@ def vlmkit_boxes(text_out: str, size: int):
     return parse_boxes(text_out, size, size)
 
 
+def plot_metrics(log_path: str, png_path: str) -> Optional[str]:
+    """Loss (and learning rate) curves of a metrics.jsonl as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in open(log_path) if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange", alpha=0.6, label="lr")
+    lr.set_ylabel("learning rate")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
 def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = "runs/vlm",
-          data_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, float]:
+          data_dir: Optional[str] = None, verbose: bool = True, resume: bool = True) -> Dict[str, float]:
+    """Trains with the C++ Trainer, evaluates every task on held-out scenes and writes
+    out_dir/{checkpoints/, metrics.jsonl, eval.json, loss.png}. With ``resume`` an
+    interrupted run continues from its latest checkpoint. Under torch.distributed
+    (``vlmkit train --nproc N``) every rank trains on its slice of each global batch
+    and rank 0 writes files and evaluates."""
+    import torch.distributed as dist
+    from .trainer import Trainer
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if run.batch_size % world:
+        raise ValueError(f"batch size {run.batch_size} does not split over {world} processes")
     torch.manual_seed(run.seed)
     config = config or SMALL_VLM
     size = config["image_encoder"]["image_size"]
     data_dir = data_dir or os.path.join(out_dir, f"synthetic-{run.train_scenes}-{size}-seed{run.seed}")
-    manifest = write_task_manifest(data_dir, run.train_scenes, run.seed, size)
-    loader = data.Loader(manifest, batch_size=run.batch_size, num_workers=run.workers, image_size=size,
-                         seed=run.seed, drop_last=True, color_jitter=0.1)
+    if rank == 0:
+        manifest = write_task_manifest(data_dir, run.train_scenes, run.seed, size)
+    if distributed:
+        dist.barrier()
+    manifest = os.path.join(data_dir, "tasks.jsonl")
+    loader = data.Loader(manifest, batch_size=run.batch_size // world, num_workers=run.workers, image_size=size,
+                         seed=run.seed, drop_last=True, color_jitter=0.1, rank=rank, world_size=world)
     model = EncoderDecoder(config)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms, biases, gates
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=run.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / run.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, run.steps) / run.steps)))
+    trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
+                      log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
+                      distributed=distributed)
     params = sum(p.numel() for p in model.parameters())
-    if verbose:
+    resumed = trainer.resume() if resume else False
+    if verbose and rank == 0:
         print(f"model: {params / 1e6:.2f} M parameters; data: {loader._loader.num_records} examples "
-              f"from {run.train_scenes} scenes", flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
-    start, step, samples = time.perf_counter(), 0, 0
-    model.train()
-    while step < run.steps:
-        for batch in loader:
-            out = model(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            samples += len(batch["indices"])
-            if not math.isfinite(out.loss.item()):
-                raise FloatingPointError(f"non-finite loss at step {step}")
-            if step % run.log_every == 0 or step == 1:
-                elapsed = time.perf_counter() - start
-                rate = samples / elapsed
-                entry = {"step": step, "loss": out.loss.item(), "samples_per_second": rate,
-                         "lr": schedule.get_last_lr()[0]}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-                if verbose:
-                    eta = (run.steps - step) * run.batch_size / rate
-                    print(f"step {step:5d}/{run.steps}  loss {entry['loss']:.4f}  {rate:6.1f} samples/s  "
-                          f"eta {eta:6.1f}s", flush=True)
-            if step >= run.steps:
-                break
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate(model, run.eval_scenes, run.seed + 10_000, size)
-    metrics.update({"train_seconds": train_seconds, "samples_per_second": samples / train_seconds,
-                    "final_loss": out.loss.item(), "parameters_millions": params / 1e6})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config, f, indent=2)
-    torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"run": asdict(run), "metrics": metrics}, f, indent=2)
-    log.close()
+              f"from {run.train_scenes} scenes" + (f"; {world} processes" if distributed else ""), flush=True)
+        if resumed:
+            print(f"resumed from step {trainer.state['step']}", flush=True)
+    evaluate_fn = (lambda step: evaluate(model, run.eval_scenes, run.seed + 10_000, size)) if rank == 0 else None
+    summary = trainer.fit(loader, evaluate=evaluate_fn)
+    metrics = dict(summary["eval"])
+    metrics.update({"train_seconds": summary["train_seconds"], "samples_per_second": summary["samples_per_second"],
+                    "final_loss": summary["loss"], "parameters_millions": params / 1e6})
+    if rank == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(model.config, f, indent=2)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"run": asdict(run), "metrics": metrics, "checkpoint": summary.get("checkpoint")}, f, indent=2)
+        plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
     return metrics

@@ -22,9 +22,11 @@ def test_vlm_training_runs_and_reports_every_metric(tmp_path):
         assert key in metrics, key
     # Constrained decoding keeps the JSON tasks valid even after 6 steps.
     assert metrics["detection/valid_json"] == 1.0 and metrics["extraction/valid_json"] == 1.0
-    assert (tmp_path / "model.pt").exists() and (tmp_path / "config.json").exists()
+    assert (tmp_path / "checkpoints" / "latest").exists() and (tmp_path / "config.json").exists()
+    assert (tmp_path / "loss.png").exists()
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [1, 3, 6]
+    assert [e["step"] for e in log if "loss" in e] == [1, 3, 6]
+    assert log[-1]["step"] == 6 and "caption/bleu4" in log[-1]["eval"]
 
 
 def test_cli_two_tower(tmp_path, capsys):

@@ -1,0 +1,117 @@
+"""Evaluation metrics of the tasks a VLM serves (pure Python, no extra dependencies)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+Box = Sequence[float]
+
+
+def char_error_rate(predicted: str, truth: str) -> float:
+    """Levenshtein distance over characters divided by the reference length."""
+    previous = list(range(len(truth) + 1))
+    for i, p in enumerate(predicted, 1):
+        current = [i]
+        for j, t in enumerate(truth, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (p != t)))
+        previous = current
+    return previous[-1] / max(1, len(truth))
+
+
+def bleu4(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU-4 (Papineni et al.) on whitespace tokens, one reference per
+    candidate, uniform weights and the brevity penalty; 0 when any n-gram order has
+    no match (no smoothing, as in the original definition)."""
+    if len(candidates) != len(references):
+        raise ValueError(f"bleu4: {len(candidates)} candidates but {len(references)} references")
+    matches, totals = [0] * 4, [0] * 4
+    cand_len = ref_len = 0
+    for cand, ref in zip(candidates, references):
+        c, r = cand.split(), ref.split()
+        cand_len += len(c)
+        ref_len += len(r)
+        for n in range(1, 5):
+            cn = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+            rn = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matches[n - 1] += sum(min(k, rn[g]) for g, k in cn.items())
+            totals[n - 1] += max(0, len(c) - n + 1)
+    if cand_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
+    return brevity * math.exp(log_precision)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
+                      truths: Sequence[Tuple[int, str, Box]], iou_threshold: float = 0.5) -> float:
+    """Mean over classes of all-point interpolated AP (PASCAL VOC 2010+).
+
+    predictions: (image id, label, box, score); truths: (image id, label, box).
+    Generated boxes carry no confidence: callers give earlier boxes higher scores.
+    """
+    classes = sorted({t[1] for t in truths})
+    if not classes:
+        return float("nan")
+    aps = []
+    for label in classes:
+        gt: Dict[int, List[Box]] = {}
+        for image, l, box in truths:
+            if l == label:
+                gt.setdefault(image, []).append(box)
+        used = {image: [False] * len(boxes) for image, boxes in gt.items()}
+        preds = sorted((p for p in predictions if p[1] == label), key=lambda p: -p[3])
+        tp, fp = [], []
+        for image, _, box, _ in preds:
+            best, best_j = 0.0, -1
+            for j, g in enumerate(gt.get(image, [])):
+                iou = box_iou(box, g)
+                if iou > best:
+                    best, best_j = iou, j
+            if best >= iou_threshold and not used[image][best_j]:
+                used[image][best_j] = True
+                tp.append(1)
+                fp.append(0)
+            else:
+                tp.append(0)
+                fp.append(1)
+        n_gt = sum(len(b) for b in gt.values())
+        recall, precision = [0.0], [1.0]
+        ctp = cfp = 0
+        for t, f in zip(tp, fp):
+            ctp += t
+            cfp += f
+            recall.append(ctp / n_gt)
+            precision.append(ctp / (ctp + cfp))
+        ap = 0.0
+        for i in range(len(precision) - 2, -1, -1):
+            precision[i] = max(precision[i], precision[i + 1])
+        for i in range(1, len(recall)):
+            ap += (recall[i] - recall[i - 1]) * precision[i]
+        aps.append(ap)
+    return sum(aps) / len(aps)
+
+
+def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Recall@k both ways for a square image x text similarity matrix whose
+    diagonal holds the matching pairs."""
+    if similarity.dim() != 2 or similarity.size(0) != similarity.size(1):
+        raise ValueError(f"retrieval_recall: expected a square [N, N] matrix, got {tuple(similarity.shape)}")
+    n = similarity.size(0)
+    target = torch.arange(n)
+    out = {}
+    for name, sims in (("image_to_text", similarity), ("text_to_image", similarity.t())):
+        rank = (sims > sims[target, target].unsqueeze(1)).sum(1)  # how many beat the match
+        for k in ks:
+            out[f"{name}_recall@{k}"] = (rank < k).float().mean().item()
+    return out

@@ -1,0 +1,347 @@
+"""The C++ Trainer from Python, checkpoints across languages, crash safety, DDP, predict."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit import checkpoint, cli, data
+from vlmkit.metrics import average_precision, bleu4, char_error_rate, retrieval_recall
+from vlmkit.train_vlm import write_task_manifest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+TINY_VLM = {"architecture": "encoder_decoder",
+            "image_encoder": {"type": "vit", "image_size": 32, "patch_size": 8, "d_model": 32, "depth": 1,
+                              "num_heads": 2},
+            "projector": {"type": "mlp"}, "fusion": "concat",
+            "decoder": {"d_model": 32, "depth": 1, "num_heads": 2, "max_len": 192}}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_task_manifest(str(tmp_path_factory.mktemp("tasks")), 4, 0, 32)
+
+
+class Stop(Exception):
+    pass
+
+
+def _run(manifest, out, steps=12, stop_at=None, resume=False, **options):
+    torch.manual_seed(0)
+    model = vlmkit.build_model(TINY_VLM)
+    loader = data.Loader(manifest, batch_size=4, num_workers=2, image_size=32, seed=0, drop_last=True,
+                         color_jitter=0.1)
+    trainer = vlmkit.Trainer(model, steps=steps, lr=1e-3, warmup_steps=2, log_every=1, checkpoint_every=3,
+                             output_dir=str(out), **options)
+    resumed = trainer.resume() if resume else False
+    losses = []
+
+    def log(record):
+        if "loss" in record:
+            losses.append(record["loss"])
+            if stop_at is not None and record["step"] == stop_at:
+                raise Stop()
+
+    try:
+        trainer.fit(loader, on_log=log)
+    except Stop:
+        pass
+    return model, losses, resumed, trainer
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_equals_uninterrupted(manifest, tmp_path):
+    full, full_losses, _, _ = _run(manifest, tmp_path / "full")
+    _, first, _, _ = _run(manifest, tmp_path / "cut", stop_at=8)  # checkpoints at 3 and 6
+    rest, second, resumed, trainer = _run(manifest, tmp_path / "cut", resume=True)
+    assert resumed and len(first) == 8 and len(second) == 6
+    assert second == full_losses[6:]  # bit-identical losses after the resume
+    assert _same_weights(full, rest)
+    # 4 scenes give 27 examples: 6 batches of 4 per epoch, so the run crossed epochs.
+    assert trainer.state["epoch"] >= 1
+
+
+def test_trainer_options_are_checked(manifest):
+    model = vlmkit.build_model(TINY_VLM)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        vlmkit.Trainer(model, freeze=["vision_tower"])
+    with pytest.raises(ValueError, match="unknown config key .Trainer.stepz"):
+        vlmkit._C.Trainer(model.cpp_module, {"stepz": 3}, None)
+    with pytest.raises(TypeError, match="expected a vlmkit model"):
+        vlmkit.Trainer(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="group_lr"):
+        vlmkit._C.Trainer(model.cpp_module, {"group_lr": [1]}, None)
+    trainer = vlmkit.Trainer(model, freeze=["image_encoder", "decoder"], steps=2)
+    assert trainer.trainable and all(n.startswith("projector.") for n in trainer.trainable)
+    with pytest.raises(TypeError, match="Loader"):
+        trainer.fit([1, 2, 3])
+
+
+def test_checkpoint_files_are_verified(manifest, tmp_path):
+    _run(manifest, tmp_path, steps=3)
+    path = checkpoint.latest(str(tmp_path / "checkpoints"))
+    assert path.endswith("step-00000003")
+    sums = open(os.path.join(path, "SHA256SUMS")).read()
+    assert "model.safetensors" in sums and "optimizer.safetensors" in sums and "trainer.json" in sums
+    # `sha256sum -c` accepts the file as written.
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=path).returncode == 0
+    weights = os.path.join(path, "model.safetensors")
+    blob = bytearray(open(weights, "rb").read())
+    blob[-3] ^= 0xFF
+    open(weights, "wb").write(bytes(blob))
+    with pytest.raises(ValueError, match="SHA-256"):
+        checkpoint.load_model(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load_model(str(tmp_path / "missing"))
+    with open(weights, "wb") as f:  # truncated file
+        f.write(bytes(blob[:100]))
+    with pytest.raises(ValueError):
+        checkpoint.load_model(path)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    model = vlmkit.build_model(TINY_VLM)
+    path = checkpoint.save(tmp_path, model)
+    other = vlmkit.build_model({**TINY_VLM, "decoder": {**TINY_VLM["decoder"], "depth": 2}})
+    with pytest.raises(ValueError, match="missing decoder.blocks.1"):
+        checkpoint.load(path, other)
+
+
+# A worker that trains and checkpoints every step; the test kills it at random moments.
+KILL_WORKER = r"""
+import sys, torch, vlmkit
+from vlmkit import data
+config, manifest, out = sys.argv[1:4]
+import json
+torch.manual_seed(0)
+model = vlmkit.build_model(json.loads(config))
+loader = data.Loader(manifest, batch_size=4, num_workers=2, image_size=32, seed=0, drop_last=True)
+trainer = vlmkit.Trainer(model, steps=100, lr=1e-3, warmup_steps=2, log_every=1, checkpoint_every=1,
+                         keep_checkpoints=2, output_dir=out)
+trainer.resume()
+trainer.fit(loader, on_log=lambda r: print("step", r["step"], flush=True) if "loss" in r else None)
+print("finished", flush=True)
+"""
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(manifest, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(KILL_WORKER)
+    config = json.dumps(TINY_VLM)
+
+    def launch(out):
+        return subprocess.Popen([sys.executable, str(script), config, manifest, str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = launch(tmp_path / "reference")
+    assert "finished" in reference.communicate(timeout=300)[0]
+    rng = random.Random(1234)
+    out = tmp_path / "killed"
+    for kill in range(4):
+        proc = launch(out)
+        # Kill a few steps after the resume point, at a random moment inside a
+        # step (most of a step's time here is its checkpoint write).
+        target, step = None, -1
+        for line in proc.stdout:
+            if line.startswith("step"):
+                step = int(line.split()[1])
+                target = target or step + rng.randint(3, 15)
+                if step >= target:
+                    break
+        assert step > 0, proc.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.03))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Whatever the kill interrupted, the latest checkpoint is complete and verifies.
+        latest = checkpoint.latest(str(out / "checkpoints"))
+        checkpoint.Checkpoint(latest).verify()
+        assert int(os.path.basename(latest).split("-")[1]) >= step - 1
+    proc = launch(out)
+    assert "finished" in proc.communicate(timeout=300)[0]
+    final = checkpoint.load_model(str(out))
+    expected = checkpoint.load_model(str(tmp_path / "reference"))
+    assert _same_weights(final, expected)
+
+
+def _tiny_loop(manifest, steps):
+    """The notebook way: a plain torch.optim loop over the Loader."""
+    torch.manual_seed(0)
+    model = vlmkit.build_model(TINY_VLM)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    loader = data.Loader(manifest, batch_size=4, num_workers=1, image_size=32, seed=0, drop_last=True)
+    loader._loader.start_epoch(0)
+    for _ in range(steps):
+        batch = loader._loader.next_batch()
+        out = model(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return model, optimizer, loader
+
+
+def test_python_loop_checkpoint_resumes_in_the_cpp_trainer(manifest, tmp_path):
+    model, optimizer, loader = _tiny_loop(manifest, 3)
+    path = checkpoint.save(tmp_path / "py", model, optimizer, step=3, epoch=0, batch_in_epoch=3)
+    # One more step in Python...
+    batch = loader._loader.next_batch()
+    out = model(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"])
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    # ...equals one step of the C++ Trainer resumed from the Python checkpoint (constant lr, no clipping).
+    torch.manual_seed(1)
+    resumed_model = vlmkit.build_model(TINY_VLM)
+    trainer = vlmkit.Trainer(resumed_model, steps=4, lr=1e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
+                             clip_norm=0.0, log_every=0)
+    assert trainer.resume(path)
+    assert trainer.state["step"] == 3
+    source = data.Loader(manifest, batch_size=4, num_workers=1, image_size=32, seed=0, drop_last=True)
+    trainer.fit(source)
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+
+
+def test_checkpoint_round_trip_python_cpp_identical_logits(manifest, tmp_path):
+    model, optimizer, _ = _tiny_loop(manifest, 2)
+    path = checkpoint.save(tmp_path, model, optimizer, step=2)
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(8, 200, (2, 9))
+    ids[:, 1] = 3  # <image>
+    expected = model(images, ids).logits
+    # The checkpoint reader and weight loader are C++ (vlmkit::Checkpoint, load_module_state)...
+    loaded = checkpoint.load_model(path)
+    assert torch.equal(loaded(images, ids).logits, expected)
+    # ...and a C++ save (vlmkit::save_model) reads back in Python bit-identically.
+    cpp_path = vlmkit.save_model(tmp_path / "cpp", loaded)
+    assert torch.equal(checkpoint.load_model(cpp_path)(images, ids).logits, expected)
+
+
+def test_cpp_example_captions_with_a_python_checkpoint(manifest, tmp_path):
+    build = os.environ.get("VLMKIT_BUILD_DIR")
+    if not build:
+        pytest.skip("VLMKIT_BUILD_DIR is not set (make test sets it)")
+    program = os.path.join(build, "tests", "cpp", "consumer", "build", "caption")
+    assert os.path.exists(program), f"{program} missing: ctest's consumer_project builds it"
+    model, _, _ = _tiny_loop(manifest, 5)
+    path = checkpoint.save(tmp_path, model, step=5)
+    image = os.path.join(os.path.dirname(manifest), "images", "000000.png")
+    done = subprocess.run([program, path, image], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    caption_line, logits_line = done.stdout.rstrip("\n").rsplit("\n", 1)
+    model.eval()
+    pixels, _ = data.preprocess(image, 32, "square", normalize="clip")
+    prompt = data.chat_prompt("<image>Describe the image.")
+    assert caption_line == model.generate(pixels.unsqueeze(0), [prompt], 96)[0]
+    ids = torch.tensor([vlmkit.ByteTokenizer().encode(prompt)])
+    logits_sum = model(pixels.unsqueeze(0), ids).logits.sum().item()
+    assert abs(float(logits_line.split()[1]) - logits_sum) <= 1e-4 * max(1.0, abs(logits_sum))
+    bad = subprocess.run([program, str(tmp_path / "nothing"), image], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no checkpoint" in bad.stderr
+
+
+DDP_WORKER = r"""
+import json, os, sys, torch, torch.distributed as dist, vlmkit
+from vlmkit import data
+rank, world, manifest, out, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+if world > 1:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = vlmkit.build_model(json.loads(sys.argv[6]))
+loader = data.Loader(manifest, batch_size=8 // world, num_workers=1, image_size=32, seed=0, drop_last=True,
+                     rank=rank, world_size=world)
+trainer = vlmkit.Trainer(model, steps=6, lr=2e-3, warmup_steps=0, log_every=0, output_dir=out)
+trainer.fit(loader)
+"""
+
+
+def test_data_parallel_two_processes_equal_one(tmp_path):
+    # Answers of one length: every rank holds the same number of answer tokens,
+    # so the mean of the per-rank mean losses is the global mean.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    scenes = data.SyntheticDataset(16, image_size=32, seed=5)
+    scenes.write(str(folder))
+    entries = [json.loads(l) for l in open(folder / "manifest.jsonl")]
+    with open(folder / "fixed.jsonl", "w") as f:
+        for i, e in enumerate(entries):
+            f.write(json.dumps({"image": e["image"], "question": "Colour?", "answer": ["red", "blu"][i % 2]}) + "\n")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_WORKER)
+    config = json.dumps(TINY_VLM)
+    port = str(29600 + os.getpid() % 300)
+
+    def run(world, out):
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(folder / "fixed.jsonl"),
+                                   str(out), port, config], stderr=subprocess.PIPE, text=True)
+                 for r in range(world)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+
+    run(1, tmp_path / "one")
+    run(2, tmp_path / "two")
+    one, two = checkpoint.load_model(str(tmp_path / "one")), checkpoint.load_model(str(tmp_path / "two"))
+    start = vlmkit.build_model(TINY_VLM)
+    moved = max((a - b).abs().max().item() for a, b in zip(one.state_dict().values(), start.state_dict().values()))
+    assert moved > 1e-3  # training did change the weights
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), name
+
+
+def test_predict_every_task_and_one_line_errors(manifest, tmp_path, capsys):
+    model, _, _ = _tiny_loop(manifest, 2)
+    run = tmp_path / "run"
+    checkpoint.save(run, model, step=2)
+    image = os.path.join(os.path.dirname(manifest), "images", "000001.png")
+    for task in ("caption", "ocr", "detect", "extract"):
+        assert cli.main(["predict", "--checkpoint", str(run), "--image", image, "--task", task,
+                         "--max-new-tokens", "40", "--output", str(tmp_path / "boxes.png")]) == 0, task
+        out = capsys.readouterr().out
+        if task in ("detect", "extract"):
+            assert json.loads(out), (task, out)  # constrained: always valid JSON
+    assert (tmp_path / "boxes.png").exists()
+    assert cli.main(["predict", "--checkpoint", str(run), "--image", image, "--task", "vqa",
+                     "--prompt", "What colour is the circle?", "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}}))
+    assert cli.main(["predict", "--checkpoint", str(run), "--image", image, "--schema", str(schema)]) == 0
+    assert json.loads(capsys.readouterr().out)["colour"] in ("red", "blue")
+    for argv, message in (
+            (["--checkpoint", str(tmp_path / "nope"), "--image", image], "no checkpoint"),
+            (["--checkpoint", str(run), "--image", str(tmp_path / "nope.png")], "no image file"),
+            (["--checkpoint", str(run), "--image", str(schema)], "could not decode"),
+            (["--checkpoint", str(run), "--image", image, "--task", "vqa"], "needs --prompt"),
+            (["--checkpoint", str(run), "--image", image, "--schema", str(tmp_path / "x.json")], "cannot read schema")):
+        assert cli.main(["predict", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert cli.main(["eval", "--checkpoint", str(run), "--scenes", "1"]) == 0
+    assert "extraction/valid_json" in capsys.readouterr().out
+
+
+def test_metrics():
+    assert char_error_rate("kitten", "sitting") == pytest.approx(3 / 7)
+    assert bleu4(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert bleu4(["the cat"], ["the cat sat on the mat"]) == 0.0  # no 3- or 4-gram
+    partial = bleu4(["a red circle and a blue square here"], ["a red circle and a blue square"])
+    assert 0.7 < partial < 1.0
+    truths = [(0, "cat", [0, 0, 10, 10]), (1, "cat", [5, 5, 15, 15])]
+    assert average_precision([(0, "cat", [0, 0, 10, 10], 1.0), (1, "cat", [5, 5, 15, 15], 0.9)], truths) == 1.0
+    half = average_precision([(0, "cat", [0, 0, 10, 10], 1.0), (1, "cat", [50, 50, 60, 60], 0.9)], truths)
+    assert half == pytest.approx(0.5)
+    recall = retrieval_recall(torch.eye(6) + 0.01 * torch.arange(6.0))
+    assert recall["image_to_text_recall@1"] == 1.0 and recall["text_to_image_recall@5"] == 1.0
+    with pytest.raises(ValueError, match="square"):
+        retrieval_recall(torch.zeros(2, 3))
