@@ -40,3 +40,42 @@ test: test-cpp test-python
 
 clean:
 	rm -rf $(BUILD) $(VENV) python/vlmkit.egg-info
+
+# ---------------------------------------------------------------- sanitizers and fuzzing (clang)
+# `make sanitize`: the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+# `make fuzz`: each libFuzzer target for FUZZ_SECONDS from its seed corpus (same build).
+# `make tsan`: the threaded loader's tests under ThreadSanitizer.
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:detect_odr_violation=0 \
+  LSAN_OPTIONS=suppressions=$(abspath tests/fuzz/lsan.supp):print_suppressions=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+FUZZ_SECONDS ?= 30
+
+build-asan/build.ninja:
+	bash scripts/setup.sh
+	cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+	  -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g1" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS) -fsanitize=fuzzer-no-link" \
+	  -DVLMKIT_BUILD_TESTS=ON -DVLMKIT_BUILD_FUZZERS=ON
+
+sanitize: build-asan/build.ninja
+	$(SAN_ENV) cmake --build build-asan --parallel $(JOBS)
+	cd build-asan && $(SAN_ENV) VLMKIT_EXPECT_BLAS=openblas ctest -E 'consumer_project' --output-on-failure -j $(JOBS)
+
+fuzz: sanitize
+	@set -e; for f in $$(ls tests/fuzz/corpus); do \
+	  work=$$(mktemp -d); cp tests/fuzz/corpus/$$f/* $$work/; \
+	  echo "fuzz: $$f for $(FUZZ_SECONDS) s"; \
+	  $(SAN_ENV) build-asan/tests/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=20 \
+	    -print_final_stats=1 -artifact_prefix=build-asan/$$f- $$work 2>&1 | grep -E "^(stat::number_of_executed_units|stat::new_units_added|==|SUMMARY|INFO: Seed)" || true; \
+	  test -z "$$(ls build-asan/$$f-crash-* build-asan/$$f-leak-* build-asan/$$f-timeout-* 2>/dev/null)" || \
+	    { echo "fuzz: $$f found a failing input:"; ls build-asan/$$f-*; exit 1; }; \
+	  rm -rf $$work; done
+
+tsan: 
+	bash scripts/setup.sh
+	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
+	  -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g1" -DCMAKE_CXX_FLAGS="-fsanitize=thread" -DVLMKIT_BUILD_TESTS=ON
+	cmake --build build-tsan --parallel $(JOBS) --target vlmkit_tests
+	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 build-tsan/tests/cpp/vlmkit_tests "[loader]"
+
+.PHONY: sanitize fuzz tsan

@@ -39,11 +39,28 @@ std::string read_file(const std::string& path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+/// A parser message with the offending input quoted: bytes outside printable
+/// ASCII become \xNN, so the message is valid UTF-8 (Python str) whatever the file held.
+std::string printable(const std::string& text) {
+  std::string out;
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7f) {
+      out += char(c);
+    } else {
+      const char* hex = "0123456789abcdef";
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
 ojson parse_document(const std::string& path) {
   try {
     return ojson::parse(read_file(path));
   } catch (const ojson::parse_error& e) {
-    TORCH_CHECK_VALUE(false, path, ": not valid JSON: ", e.what());
+    TORCH_CHECK_VALUE(false, path, ": not valid JSON (text must be UTF-8): ", printable(e.what()));
   }
 }
 
@@ -115,7 +132,7 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
       try {
         entry = ojson::parse(line);
       } catch (const ojson::parse_error& e) {
-        TORCH_CHECK_VALUE(false, "not valid JSON (", e.what(), ")");
+        TORCH_CHECK_VALUE(false, "not valid JSON, or text not UTF-8 (", printable(e.what()), ")");
       }
       TORCH_CHECK_VALUE(entry.is_object(), "expected a JSON object, got ", entry.type_name());
       TORCH_CHECK_VALUE(entry.contains("image"), "missing 'image'");
@@ -363,8 +380,17 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
 std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_t epoch) const {
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
-  auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), s)
-                                              : load_image(r.image, options_.max_pixels(), s);
+  // Records with boxes decode at full size: their pixel boxes are checked against it.
+  const int64_t min_side = r.boxes.empty() ? s : 0;
+  auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), min_side)
+                                              : load_image(r.image, options_.max_pixels(), min_side);
+  for (const auto& b : r.boxes) {
+    // One pixel of slack for rounding in the annotation tool.
+    TORCH_CHECK_VALUE(b.x1 >= -1 && b.y1 >= -1 && b.x2 <= image.cols + 1 && b.y2 <= image.rows + 1 && b.x1 < b.x2 &&
+                          b.y1 < b.y2,
+                      "box [", b.x1, ", ", b.y1, ", ", b.x2, ", ", b.y2,
+                      "] is not a non-empty [x1, y1, x2, y2] inside the ", image.cols, "x", image.rows, " image");
+  }
   const auto& mode = options_.resize();
   std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
   std::uniform_real_distribution<double> u(0.0, 1.0);

@@ -432,7 +432,7 @@ torch::Tensor policy_attention_mask(AttentionPolicy policy, const torch::Tensor&
 }
 
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                              double label_smoothing) {
+                              double label_smoothing, LossReduction reduction) {
   TORCH_CHECK_VALUE(logits.dim() == 3 && labels.dim() == 2 && labels.size(0) == logits.size(0) &&
                         labels.size(1) == logits.size(1),
                     "next_token_loss: expected logits [B, L, V] and labels [B, L], got ",
@@ -442,12 +442,19 @@ torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& 
   auto target = labels.slice(1, 1).reshape({-1});
   TORCH_CHECK_VALUE(target.ne(kIgnoreIndex).any().item<bool>(),
                     "next_token_loss: no labelled positions (every label is ", kIgnoreIndex, ")");
-  return F::cross_entropy(pred, target,
-                          F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).label_smoothing(label_smoothing));
+  auto options = F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).label_smoothing(label_smoothing);
+  if (reduction == LossReduction::token) return F::cross_entropy(pred, target, options);
+  // Per sample: mean over its labelled tokens, then mean over samples that have any.
+  auto per_token = F::cross_entropy(pred, target, options.reduction(torch::kNone)).view({logits.size(0), -1});
+  auto valid = labels.slice(1, 1).ne(kIgnoreIndex).to(per_token.scalar_type());
+  auto count = valid.sum(1);
+  auto per_sample = (per_token * valid).sum(1) / count.clamp_min(1);
+  auto has = count.gt(0).to(per_sample.scalar_type());
+  return (per_sample * has).sum() / has.sum();
 }
 
 DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& in, AttentionPolicy policy,
-                           double label_smoothing) {
+                           double label_smoothing, LossReduction reduction) {
   torch::Tensor attn;
   if (policy == AttentionPolicy::prefix_lm)
     attn = policy_attention_mask(policy, in.prefix_len, in.embeds.size(1), in.embeds.device());
@@ -456,8 +463,21 @@ DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& in, At
   out.logits = decoder.logits(hidden);
   out.labels = in.labels;
   out.padding_mask = in.padding_mask;
-  if (in.labels.defined()) out.loss = next_token_loss(out.logits, in.labels, label_smoothing);
+  if (in.labels.defined()) out.loss = next_token_loss(out.logits, in.labels, label_smoothing, reduction);
   return out;
+}
+
+void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const TextDecoderImpl& decoder,
+                  const char* who) {
+  if (!labels.defined()) return;
+  TORCH_CHECK_TYPE(labels.scalar_type() == torch::kLong, who, ": expected labels of dtype int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.sizes() == ids.sizes(), who, ": expected labels of shape ", shape_str(ids),
+                    " (that of input_ids), got ", shape_str(labels));
+  const int64_t v = decoder.options.vocab_size();
+  TORCH_CHECK_INDEX(labels.eq(kIgnoreIndex).logical_or(labels.ge(0).logical_and(labels.lt(v))).all().item<bool>(),
+                    who, ": labels must be token ids in [0, ", v, ") or ", kIgnoreIndex, " (ignored), got values in [",
+                    labels.min().item<int64_t>(), ", ", labels.max().item<int64_t>(), "]");
 }
 
 torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,

@@ -30,6 +30,22 @@ int64_t get_int(const ordered_json& schema, const char* key, int64_t fallback) {
 
 std::string type_of(const ordered_json& schema) {
   TORCH_CHECK_VALUE(schema.is_object(), "JSON schema: expected a schema object, got ", schema.dump());
+  // A keyword that would constrain the value but is not enforced here is an
+  // error, not silently ignored (the output would not honour it).
+  static const std::vector<std::string> supported = {
+      "type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "minimum",
+      "maximum", "enum", "const", "additionalProperties", "title", "description", "default", "examples",
+      "$schema", "$id", "$comment"};
+  for (const auto& item : schema.items()) {
+    TORCH_CHECK_VALUE(std::find(supported.begin(), supported.end(), item.key()) != supported.end(),
+                      "JSON schema: keyword '", item.key(),
+                      "' is not supported (supported: type, properties, required, items, minItems, maxItems, "
+                      "minLength, maxLength, minimum, maximum, enum, const; title/description/default are ignored)");
+  }
+  auto extra = schema.find("additionalProperties");
+  TORCH_CHECK_VALUE(extra == schema.end() || (extra->is_boolean() && !extra->get<bool>()),
+                    "JSON schema: only additionalProperties: false is supported (outputs hold exactly the listed "
+                    "properties), got ", extra == schema.end() ? "" : extra->dump());
   if (schema.contains("enum") || schema.contains("const")) return "enum";
   auto it = schema.find("type");
   TORCH_CHECK_VALUE(it != schema.end(), "JSON schema: every schema needs a 'type' (or 'enum'/'const'), got ",

@@ -94,7 +94,7 @@ torch::Tensor masked_mean(const torch::Tensor& tokens, const torch::Tensor& padd
   return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0);
 }
 
-void check_images(const torch::Tensor& images, int64_t channels, const char* who) {
+void check_images(const torch::Tensor& images, int64_t channels, const char* who, const torch::Tensor& like) {
   TORCH_CHECK_TYPE(images.defined(), who, ": expected images of shape [B, ", channels,
                    ", H, W], got an undefined tensor");
   TORCH_CHECK_VALUE(images.dim() == 4 && images.size(1) == channels, who,
@@ -105,6 +105,13 @@ void check_images(const torch::Tensor& images, int64_t channels, const char* who
   TORCH_CHECK_TYPE(torch::isFloatingType(images.scalar_type()), who,
                    ": expected floating-point images (float32 or float64), got ",
                    images.scalar_type());
+  if (like.defined()) {
+    TORCH_CHECK_VALUE(images.device() == like.device(), who, ": expected images on ", like.device(),
+                      " (where the model is), got ", images.device());
+    TORCH_CHECK_TYPE(images.scalar_type() == like.scalar_type(), who, ": expected images of dtype ",
+                     like.scalar_type(), " (the model's), got ", images.scalar_type());
+  }
+  TORCH_CHECK_VALUE(torch::isfinite(images).all().item<bool>(), who, ": images contain NaN or Inf values");
 }
 
 torch::Tensor check_token_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
@@ -399,7 +406,7 @@ json ConvStageImpl::config() const {
 }
 
 torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {
-  detail::check_images(images, options.in_channels(), "ConvStage");
+  detail::check_images(images, options.in_channels(), "ConvStage", stages->parameters().front());
   const int64_t s = downsample();
   TORCH_CHECK_VALUE(images.size(2) % s == 0 && images.size(3) % s == 0,
                     "ConvStage: expected image height and width to be multiples of ", s,
@@ -490,7 +497,7 @@ torch::Tensor ViTImpl::patch_positions(int64_t rows, int64_t cols, torch::Tensor
 }
 
 EncoderOutput ViTImpl::forward(const torch::Tensor& images) {
-  detail::check_images(images, options.in_channels(), "ViT");
+  detail::check_images(images, options.in_channels(), "ViT", blocks->parameters().front());
   const int64_t p = options.patch_size();
   TORCH_CHECK_VALUE(images.size(2) % p == 0 && images.size(3) % p == 0,
                     "ViT: expected image height and width to be multiples of patch_size ", p,

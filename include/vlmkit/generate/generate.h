@@ -73,7 +73,7 @@ torch::Tensor policy_attention_mask(AttentionPolicy policy, const torch::Tensor&
 /// Next-token cross-entropy: logits [B, L, V] at t predict labels[t + 1];
 /// kIgnoreIndex positions do not count.
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                              double label_smoothing = 0.0);
+                              double label_smoothing = 0.0, LossReduction reduction = LossReduction::token);
 
 /// Right-padded [B, T] ids and padding mask from token lists.
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,

@@ -49,6 +49,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
   DecoderInputs prepare(const torch::Tensor& images, const torch::Tensor& input_ids,
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderDecoder");
+    check_labels(labels, input_ids, *decoder, "EncoderDecoder");
     auto memory = encode_images(images);
     return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, {}, labels);
   }
@@ -58,7 +59,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
   DecoderOutput forward(const torch::Tensor& images, const torch::Tensor& input_ids,
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
     return decode_fused(*decoder, prepare(images, input_ids, padding_mask, labels),
-                        options.attention(), options.label_smoothing());
+                        options.attention(), options.label_smoothing(), options.loss_reduction());
   }
 
   /// Generates continuations of prompts (token lists of any lengths).

@@ -86,6 +86,7 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
                         const torch::Tensor& input_ids, const torch::Tensor& context_mask = {},
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderTextDecoder");
+    check_labels(labels, input_ids, *decoder, "EncoderTextDecoder");
     if (options.fusion() == DecoderFusionType::concat) {
       auto per_sample = input_ids.eq(options.image_token_id()).sum(1);
       TORCH_CHECK_VALUE(per_sample.eq(1).all().item<bool>(),
@@ -102,7 +103,7 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
     return decode_fused(*decoder,
                         prepare(images, context_ids, input_ids, context_mask, padding_mask, labels),
-                        options.attention(), options.label_smoothing());
+                        options.attention(), options.label_smoothing(), options.loss_reduction());
   }
 
   GenerationOutput generate(const torch::Tensor& images, const torch::Tensor& context_ids,

@@ -18,12 +18,17 @@ struct DecoderOutput {
 /// Runs the decoder on fused inputs under the attention policy; computes the
 /// next-token loss when inputs.labels is defined.
 DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& inputs,
-                           AttentionPolicy policy, double label_smoothing);
+                           AttentionPolicy policy, double label_smoothing,
+                           LossReduction reduction = LossReduction::token);
 
 /// Validates token ids [B, T] int64 and returns the padding mask (given, or
 /// ids == pad_id); `who` names the caller in errors.
 torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& padding_mask,
                                 const TextDecoderImpl& decoder, const char* who);
+
+/// Labels [B, T] int64 like ids, each a token id or kIgnoreIndex (undefined: fine).
+void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const TextDecoderImpl& decoder,
+                  const char* who);
 
 /// Checks that projector, fusion and decoder fit together; raises ValueError
 /// naming the mismatch.

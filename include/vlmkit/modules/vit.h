@@ -47,7 +47,8 @@ namespace detail {
 /// Fixed 2D sin-cos position table [rows*cols, dim] (MAE), dim % 4 == 0.
 torch::Tensor sincos_2d(int64_t rows, int64_t cols, int64_t dim);
 /// Validates images [B, C, H, W] of a floating dtype with C == channels.
-void check_images(const torch::Tensor& images, int64_t channels, const char* who);
+/// Shape, dtype, finiteness and (with `like`, a parameter) device and dtype of images.
+void check_images(const torch::Tensor& images, int64_t channels, const char* who, const torch::Tensor& like = {});
 }  // namespace detail
 
 }  // namespace vlmkit

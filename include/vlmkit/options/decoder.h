@@ -105,6 +105,14 @@ enum class AttentionPolicy { causal, prefix_lm };
 VLMKIT_ENUM_NAMES(AttentionPolicy, "attention policy", {AttentionPolicy::causal, "causal"},
                   {AttentionPolicy::prefix_lm, "prefix_lm"});
 
+/// How the next-token loss averages: over every answer token of the batch
+/// ("token", the usual), or per sample first and then over samples ("sample":
+/// a one-word answer weighs as much as a 100-token JSON, which balances
+/// mixed-task batches).
+enum class LossReduction { token, sample };
+VLMKIT_ENUM_NAMES(LossReduction, "loss reduction", {LossReduction::token, "token"},
+                  {LossReduction::sample, "sample"});
+
 /// Options of the generative architectures (3 and 4).
 struct GenerativeOptions {
   TORCH_ARG(DecoderFusionType, fusion) = DecoderFusionType::concat;
@@ -112,6 +120,7 @@ struct GenerativeOptions {
   /// Token id of the image placeholder in the text (concat fusion).
   TORCH_ARG(int64_t, image_token_id) = 3;
   TORCH_ARG(double, label_smoothing) = 0.0;
+  TORCH_ARG(LossReduction, loss_reduction) = LossReduction::token;
 };
 
 template <class V>
@@ -119,6 +128,7 @@ void visit_fields(GenerativeOptions& o, V& v) {
   v("attention", o.attention());
   v("image_token_id", o.image_token_id());
   v("label_smoothing", o.label_smoothing());
+  v("loss_reduction", o.loss_reduction());
 }
 
 }  // namespace vlmkit
