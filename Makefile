@@ -7,7 +7,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: setup venv build install train test test-cpp test-python clean
+.PHONY: setup venv build install train test test-cpp test-python clean bench bench-full
 
 setup:
 	bash scripts/setup.sh
@@ -37,6 +37,18 @@ test-python: install
 	cd tests/python && VLMKIT_BUILD_DIR=$(abspath $(BUILD)) VLMKIT_EXPECT_BLAS=openblas ../../$(PY) -m pytest -q
 
 test: test-cpp test-python
+
+# The benchmark suite: vlmkit beside a plain-PyTorch peer (quick: < 5 minutes;
+# bench-full: < 30), then the C++ microbenchmarks. Results under results/bench*.
+bench: install
+	$(PY) benchmarks/suite.py --quick --out results/bench
+	cmake -S . -B $(BUILD) -DVLMKIT_BUILD_BENCHMARKS=ON >/dev/null && cmake --build $(BUILD) --target vlmkit_micro
+	$(BUILD)/vlmkit_micro --benchmark_min_time=0.2 --benchmark_out=results/bench/micro.json --benchmark_out_format=json
+
+bench-full: install
+	$(PY) benchmarks/suite.py --out results/bench-full
+	cmake -S . -B $(BUILD) -DVLMKIT_BUILD_BENCHMARKS=ON >/dev/null && cmake --build $(BUILD) --target vlmkit_micro
+	$(BUILD)/vlmkit_micro --benchmark_out=results/bench-full/micro.json --benchmark_out_format=json
 
 clean:
 	rm -rf $(BUILD) $(VENV) python/vlmkit.egg-info

@@ -35,7 +35,10 @@ bool is_jpeg(const std::string& b) {
 }
 
 void check_pixels(int64_t width, int64_t height, int64_t max_pixels) {
-  TORCH_CHECK_VALUE(width * height <= max_pixels, "image of ", width, "x", height, " = ", width * height,
+  TORCH_CHECK_VALUE(width >= 0 && height >= 0, "image header declares a negative size ", width, "x", height);
+  // Divide rather than multiply: headers may declare sizes whose product overflows
+  // (found by fuzz_image; regression input in tests/fuzz/corpus/fuzz_image).
+  TORCH_CHECK_VALUE(height == 0 || width <= max_pixels / height, "image of ", width, "x", height,
                     " pixels exceeds the limit of ", max_pixels,
                     " pixels (a decompression-bomb guard; raise max_pixels to allow it)");
 }

@@ -241,6 +241,13 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, argv: List[str]) -> int:
+    from .bench.suite import main as suite_main
+
+    rest = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--skip-loader"] if args.skip_loader else [])
+    return suite_main(rest)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models on LibTorch.")
@@ -287,6 +294,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--output", default="", help="detect: where to write the image with boxes")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("bench", help="benchmark vlmkit beside a plain-PyTorch peer")
+    p.add_argument("--quick", action="store_true", help="quick mode (under 5 minutes)")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--skip-loader", action="store_true")
+    p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,111 @@
+// C++ microbenchmarks (Google Benchmark): the hot paths a VLM spends its time
+// in, measured without Python. Built as vlmkit_micro when libbenchmark-dev is
+// installed; `make bench` runs it.
+#include <benchmark/benchmark.h>
+#include <torch/torch.h>
+
+#include "vlmkit/generate/json_schema.h"
+#include "vlmkit/models/build.h"
+#include "vlmkit/modules/attention.h"
+#include "vlmkit/runtime.h"
+#ifdef VLMKIT_WITH_OPENCV
+#include "vlmkit/data/image.h"
+#include "vlmkit/data/synthetic.h"
+#endif
+
+namespace {
+
+vlmkit::json small_vlm() {
+  return {{"architecture", "encoder_decoder"},
+          {"image_encoder", {{"type", "vit"}, {"image_size", 64}, {"patch_size", 8}, {"d_model", 128}, {"depth", 3},
+                             {"num_heads", 4}, {"stem", "conv"}, {"pool", "mean"}}},
+          {"projector", {{"type", "pixel_shuffle"}, {"factor", 2}}},
+          {"fusion", "concat"},
+          {"attention", "prefix_lm"},
+          {"decoder", {{"d_model", 128}, {"depth", 4}, {"num_heads", 4}, {"max_len", 256}}}};
+}
+
+void BM_Attention(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const int64_t t = state.range(0);
+  vlmkit::MultiheadAttention attn(vlmkit::MultiheadAttentionOptions(128, 4));
+  auto x = torch::randn({8, t, 128});
+  for (auto _ : state) benchmark::DoNotOptimize(attn->forward(x, {}, {}, {}, true));
+  state.SetItemsProcessed(state.iterations() * 8 * t);
+}
+BENCHMARK(BM_Attention)->Arg(32)->Arg(128)->Arg(512)->Unit(benchmark::kMicrosecond);
+
+void BM_TrainStep(benchmark::State& state) {
+  const int64_t b = state.range(0);
+  torch::manual_seed(0);
+  auto model = std::dynamic_pointer_cast<vlmkit::EncoderDecoderImpl<>>(vlmkit::build_model(small_vlm()));
+  torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-4));
+  auto images = torch::randn({b, 3, 64, 64});
+  auto ids = torch::randint(8, 264, {b, 48});
+  ids.select(1, 1).fill_(3);
+  auto labels = ids.clone();
+  for (auto _ : state) {
+    opt.zero_grad();
+    model->forward(images, ids, {}, labels).loss.backward();
+    opt.step();
+  }
+  state.SetItemsProcessed(state.iterations() * b);
+}
+BENCHMARK(BM_TrainStep)->Arg(1)->Arg(32)->Unit(benchmark::kMillisecond);
+
+void BM_GenerateToken(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  const bool cache = state.range(0) != 0;
+  auto model = std::dynamic_pointer_cast<vlmkit::EncoderDecoderImpl<>>(vlmkit::build_model(small_vlm()));
+  model->eval();
+  auto images = torch::randn({1, 3, 64, 64});
+  std::vector<int64_t> prompt = {1, 3, 50, 60, 70, 80};
+  const int64_t n = 32;
+  for (auto _ : state)
+    benchmark::DoNotOptimize(
+        model->generate(images, {prompt}, vlmkit::GenerationOptions().max_new_tokens(n).stop_tokens({}).use_cache(cache)));
+  state.SetItemsProcessed(state.iterations() * n);
+}
+BENCHMARK(BM_GenerateToken)->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
+
+void BM_JsonSchemaFeed(benchmark::State& state) {
+  vlmkit::ordered_json schema = vlmkit::ordered_json::parse(
+      R"({"type":"object","properties":{"Object":{"type":"array","items":{"type":"string"}},
+          "Bounding_box":{"type":"array","items":{"type":"array","items":{"type":"integer","minimum":0,"maximum":999}}}}})");
+  const std::string text = R"({"Object":["red circle","blue square"],"Bounding_box":[[1,2,300,400],[500,6,700,800]]})";
+  for (auto _ : state) {
+    vlmkit::JsonSchemaMatcher m(schema);
+    for (char c : text) benchmark::DoNotOptimize(m.feed(c));
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(text.size()));
+}
+BENCHMARK(BM_JsonSchemaFeed);
+
+#ifdef VLMKIT_WITH_OPENCV
+void BM_DecodeResizeNormalize(benchmark::State& state) {
+  vlmkit::SyntheticOptions options;
+  options.image_size = 256;
+  auto sample = vlmkit::SyntheticDataset(1, options).get(0);
+  std::vector<uchar> png;
+  cv::Mat bgr;
+  cv::cvtColor(sample.image, bgr, cv::COLOR_RGB2BGR);
+  cv::imencode(".jpg", bgr, png);
+  const std::string bytes(png.begin(), png.end());
+  auto norm = vlmkit::Normalization::preset("clip");
+  for (auto _ : state)
+    benchmark::DoNotOptimize(vlmkit::to_chw_tensor(vlmkit::resize_square(vlmkit::decode_image(bytes, vlmkit::kDefaultMaxPixels, 224), 224), norm));
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_DecodeResizeNormalize)->Unit(benchmark::kMicrosecond);
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  vlmkit::apply_default_threads();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

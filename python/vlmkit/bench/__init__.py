@@ -1,0 +1,1 @@
+"""The benchmark suite (`vlmkit bench`, `make bench`): vlmkit beside a plain-PyTorch peer."""

@@ -1,0 +1,112 @@
+"""Image loading throughput: vlmkit's C++ loader vs PIL + torchvision in a torch
+DataLoader (2 workers), on the same folder of JPEGs, interleaved A B A B, medians.
+
+    .venv/bin/python benchmarks/loader_benchmark.py [--images 256] [--size 224] [--repeats 3]
+
+Both decode, resize to size x size and normalise (ImageNet mean/std) into float
+batches of 32. Also reports how far apart the two pipelines' pixels are.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from vlmkit import data
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class PilFolder(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths = paths
+        self.transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                             transforms.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+def make_jpegs(folder, count):
+    rng = np.random.default_rng(0)
+    synthetic = data.SyntheticDataset(count, image_size=96, seed=1)
+    paths = []
+    for i in range(count):
+        small = synthetic[i]["image"].numpy()
+        image = Image.fromarray(small).resize((640, 480), Image.BILINEAR)
+        noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-8, 8, (480, 640, 3)), 0, 255).astype(np.uint8)
+        path = os.path.join(folder, f"{i:05d}.jpg")
+        Image.fromarray(noisy).save(path, quality=90)
+        paths.append(path)
+    with open(os.path.join(folder, "manifest.jsonl"), "w") as f:
+        for p in paths:
+            f.write(json.dumps({"image": os.path.basename(p), "text": "x"}) + "\n")
+    return paths
+
+
+def run_vlmkit(folder, size, workers):
+    loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=32, num_workers=workers,
+                         image_size=size, resize="square", normalize="imagenet", shuffle=False, prefetch=8)
+    start = time.perf_counter()
+    n = sum(len(b["indices"]) for b in loader)
+    return n / (time.perf_counter() - start)
+
+
+def run_peer(paths, size, workers):
+    loader = torch.utils.data.DataLoader(PilFolder(paths, size), batch_size=32, num_workers=workers)
+    start = time.perf_counter()
+    n = sum(len(b) for b in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="also print one JSON line (for benchmarks/suite.py)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_jpegs(folder, args.images)
+        ours, peer = [], []
+        for _ in range(args.repeats):
+            ours.append(run_vlmkit(folder, args.size, args.workers))
+            peer.append(run_peer(paths, args.size, args.workers))
+        a, b = statistics.median(ours), statistics.median(peer)
+        # The loader's own pixels (DCT-scaled decode + resize) against PIL's bilinear
+        # resize of the same files, in [0, 1] units after undoing the normalisation.
+        loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=8, image_size=args.size,
+                             resize="square", normalize="imagenet", shuffle=False)
+        batch = next(iter(loader))["images"]
+        mine = batch * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        theirs = torch.stack([PilFolder(paths[:8], args.size)[i] for i in range(8)])
+        theirs = theirs * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        diff = (mine - theirs).abs()
+    print(f"| pipeline | images/s (median of {args.repeats}) |")
+    print("|---|---:|")
+    print(f"| vlmkit Loader ({args.workers} threads) | {a:.0f} |")
+    print(f"| PIL + torchvision DataLoader ({args.workers} workers) | {b:.0f} |")
+    print(f"| ratio vlmkit / peer | {a / b:.2f}x |")
+    print(f"pixel difference vs PIL bilinear resize: mean {diff.mean().item() * 255:.2f}/255, "
+          f"99th percentile {diff.flatten().quantile(0.99).item() * 255:.2f}/255, max {diff.max().item() * 255:.1f}/255")
+    if args.json:
+        import json
+        print(json.dumps({"vlmkit_images_per_s": a, "peer_images_per_s": b, "ratio": a / b,
+                          "mean_abs_diff_255": diff.mean().item() * 255,
+                          "p99_abs_diff_255": diff.flatten().quantile(0.99).item() * 255}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The peer: what a user would write instead of vlmkit, in plain eager PyTorch.
+
+Same configurations as vlmkit (built from a vlmkit config dict, so the shapes and
+parameter counts match — `check_parameter_counts` verifies it), the same
+initialisation scheme (truncated normal 0.02 for weights, zero biases, unit
+norms), torch.optim.AdamW, and a greedy generation loop with a KV cache. Attention
+uses torch's fused scaled_dot_product_attention where the installed torch has it
+(2.x), else the textbook matmul-softmax-matmul.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_SDPA = getattr(F, "scaled_dot_product_attention", None)
+
+
+def _init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """x [B, H, T, Dh], positions [T] -> rotated (half-split convention)."""
+    dh = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+    angles = positions.float()[:, None] * freqs[None]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, context_dim: int = 0, rope: bool = False):
+        super().__init__()
+        c = context_dim or d
+        self.h, self.rope = heads, rope
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(c, d), nn.Linear(c, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x, context=None, mask=None, causal=False, cache=None, positions=None):
+        b, t, d = x.shape
+        h, dh = self.h, d // self.h
+        q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
+        src = x if context is None else context
+        if cache is not None and context is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]  # cross-attention keys computed once
+        else:
+            k = self.k_proj(src).view(b, -1, h, dh).transpose(1, 2)
+            v = self.v_proj(src).view(b, -1, h, dh).transpose(1, 2)
+            if self.rope and context is None:
+                q, k = rotary(q, positions), rotary(k, positions)
+            if cache is not None:
+                if context is None and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                cache["k"], cache["v"] = k, v
+        if _SDPA is not None:
+            out = _SDPA(q, k, v, attn_mask=None if mask is None else ~mask, is_causal=causal and mask is None)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
+            if causal and mask is None:
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool).triu(k.shape[2] - t + 1)
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, mlp_ratio=4.0, cross=False, context_dim=0, rope=False):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(d), Attention(d, heads, rope=rope)
+        self.cross = cross
+        if cross:
+            self.norm_cross, self.cross_attn = nn.LayerNorm(d), Attention(d, heads, context_dim)
+        self.norm2 = nn.LayerNorm(d)
+        hidden = round(d * mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x, mask=None, causal=False, context=None, cache=None, positions=None):
+        x = x + self.self_attn(self.norm1(x), mask=mask, causal=causal,
+                               cache=None if cache is None else cache.setdefault("self", {}), positions=positions)
+        if self.cross:
+            x = x + self.cross_attn(self.norm_cross(x), context,
+                                    cache=None if cache is None else cache.setdefault("cross", {}))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ConvStem(nn.Module):
+    def __init__(self, channels: List[int], d: int, in_ch: int = 3):
+        super().__init__()
+        layers = []
+        for c in channels:
+            layers += [nn.Conv2d(in_ch, c, 3, 2, 1, bias=False), nn.GroupNorm(math.gcd(8, c), c), nn.GELU()]
+            in_ch = c
+        self.stages = nn.Sequential(*layers)
+        self.proj, self.norm = nn.Conv2d(in_ch, d, 1), nn.LayerNorm(d)
+
+    def forward(self, images):
+        f = self.proj(self.stages(images))
+        return self.norm(f.flatten(2).transpose(1, 2)), (f.shape[2], f.shape[3])
+
+
+class ViT(nn.Module):
+    def __init__(self, c: Dict):
+        super().__init__()
+        d, p = c["d_model"], c["patch_size"]
+        grid = c["image_size"] // p
+        if c.get("stem", "patch") == "patch":
+            self.patch_embed = nn.Conv2d(c.get("in_channels", 3), d, p, p)
+        else:
+            stages = int(math.log2(p))  # vlmkit: log2(p) stride-2 stages widening to d
+            self.conv_stem = ConvStem([max(8, d >> (stages - 1 - i)) for i in range(stages)], d)
+        self.cls = c.get("pool", "cls") == "cls"
+        if self.cls:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0)) for _ in range(c["depth"]))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, images):
+        if hasattr(self, "patch_embed"):
+            f = self.patch_embed(images)
+            x, grid = f.flatten(2).transpose(1, 2), (f.shape[2], f.shape[3])
+        else:
+            x, grid = self.conv_stem(images)
+        x = x + self.pos_embed
+        if self.cls:
+            x = torch.cat([(self.cls_token + self.cls_pos).expand(len(x), -1, -1), x], 1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if self.cls:
+            return x[:, 1:], x[:, 0], grid
+        return x, x.mean(1), grid
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, c: Dict):
+        super().__init__()
+        d = c["d_model"]
+        self.pad, self.pool = c.get("pad_id", 0), c.get("pool", "mean")
+        self.token_embed = nn.Embedding(c["vocab_size"], d)
+        self.pos_embed = nn.Parameter(torch.randn(1, c["max_len"], d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0)) for _ in range(c["depth"]))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, ids):
+        pad = ids.eq(self.pad)
+        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
+        mask = pad[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        x = self.norm(x)
+        keep = (~pad).unsqueeze(-1).float()
+        return (x * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def space_to_depth(x, grid, r):
+    b, _, d = x.shape
+    return x.reshape(b, grid[0] // r, r, grid[1] // r, r, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, r * r * d)
+
+
+class Projector(nn.Module):
+    def __init__(self, c: Dict, in_dim: int, out_dim: int):
+        super().__init__()
+        self.kind = c.get("type", "mlp")
+        if self.kind in ("linear", "mlp"):
+            hidden = c.get("hidden_dim", 0) or out_dim
+            self.fc1 = nn.Linear(in_dim, hidden if self.kind == "mlp" else out_dim)
+            if self.kind == "mlp":
+                self.fc2 = nn.Linear(hidden, out_dim)
+        elif self.kind == "pixel_shuffle":
+            self.r = c.get("factor", 2)
+            self.proj = nn.Linear(in_dim * self.r ** 2, out_dim)
+        elif self.kind == "patch_merger":
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(in_dim), nn.Linear(4 * in_dim, 4 * in_dim), \
+                nn.Linear(4 * in_dim, out_dim)
+        elif self.kind == "resampler":
+            self.queries = nn.Parameter(torch.randn(1, c.get("num_queries", 16), out_dim) * 0.02)
+            self.blocks = nn.ModuleList(Block(out_dim, c.get("num_heads", 4), cross=True, context_dim=in_dim)
+                                        for _ in range(c.get("num_layers", 1)))
+            self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, tokens, grid):
+        if self.kind == "linear":
+            return self.fc1(tokens)
+        if self.kind == "mlp":
+            return self.fc2(F.gelu(self.fc1(tokens)))
+        if self.kind == "pixel_shuffle":
+            return self.proj(space_to_depth(tokens, grid, self.r))
+        if self.kind == "patch_merger":
+            return self.fc2(F.gelu(self.fc1(space_to_depth(self.norm(tokens), grid, 2))))
+        x = self.queries.expand(len(tokens), -1, -1)
+        for block in self.blocks:
+            x = block(x, context=tokens)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: Dict, context_dim: int):
+        super().__init__()
+        d, every = c["d_model"], c.get("cross_attention_every", 0)
+        self.token_embed = nn.Embedding(c["vocab_size"], d)
+        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), cross=every > 0 and (i + 1) % every == 0,
+                                          context_dim=context_dim, rope=True) for i in range(c["depth"]))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0):
+        positions = torch.arange(start, start + x.shape[1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, causal=causal, context=context,
+                      cache=None if caches is None else caches[i], positions=positions)
+        return self.norm(x) @ self.token_embed.weight.t()
+
+
+class EncoderDecoder(nn.Module):
+    """Architecture 4 (LLaVA-style concat at <image>, or Flamingo-style cross-attention)."""
+
+    def __init__(self, c: Dict):
+        super().__init__()
+        dec = dict(c["decoder"])
+        self.concat = c.get("fusion", "concat") == "concat"
+        self.prefix_lm = c.get("attention", "causal") == "prefix_lm"
+        self.image_token = c.get("image_token_id", 3)
+        self.image_encoder = ViT(c["image_encoder"])
+        self.projector = Projector(c["projector"], c["image_encoder"]["d_model"], dec["d_model"])
+        self.decoder = Decoder(dec, dec.get("context_dim", 0) or dec["d_model"])
+        _init(self)
+
+    def fuse(self, images, ids):
+        tokens, _, grid = self.image_encoder(images)
+        memory = self.projector(tokens, grid)
+        embeds = self.decoder.token_embed(ids)
+        if not self.concat:
+            return embeds, memory, None
+        # Each row's <image> placeholder is replaced by the image tokens.
+        pos = ids.eq(self.image_token).float().argmax(1)
+        rows = [torch.cat([embeds[b, :p], memory[b], embeds[b, p + 1:]]) for b, p in enumerate(pos.tolist())]
+        return torch.stack(rows), None, pos + memory.shape[1]
+
+    def forward(self, images, ids, labels=None):
+        x, context, prefix = self.fuse(images, ids)
+        mask = None
+        if self.prefix_lm and prefix is not None:
+            t = x.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+            mask = (causal[None] & (torch.arange(t)[None, None, :] >= prefix[:, None, None]))[:, None]
+        logits = self.decoder(x, mask=mask, causal=mask is None, context=context)
+        if labels is None:
+            return logits, None
+        if self.concat:
+            m = x.shape[1] - ids.shape[1]
+            pos = ids.eq(self.image_token).float().argmax(1)
+            full = torch.full(x.shape[:2], -100, dtype=torch.long)
+            for b, p in enumerate(pos.tolist()):
+                full[b, :p] = labels[b, :p]
+                full[b, p + m + 1:] = labels[b, p + 1:]
+            labels = full
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, images, ids, max_new_tokens: int, use_cache: bool = True, eos: int = 2) -> List[List[int]]:
+        """Greedy decoding of equal-length prompts, with or without a KV cache."""
+        x, context, _ = self.fuse(images, ids)
+        out = [[] for _ in range(len(ids))]
+        if use_cache:
+            caches = [{} for _ in self.decoder.blocks]
+            logits = self.decoder(x, causal=True, context=context, caches=caches)
+            length = x.shape[1]
+            for _ in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1)
+                for b, t in enumerate(nxt.tolist()):
+                    out[b].append(t)
+                logits = self.decoder(self.decoder.token_embed(nxt[:, None]), causal=False, context=context,
+                                      caches=caches, start=length)
+                length += 1
+        else:
+            for _ in range(max_new_tokens):
+                nxt = self.decoder(x, causal=True, context=context)[:, -1].argmax(-1)
+                for b, t in enumerate(nxt.tolist()):
+                    out[b].append(t)
+                x = torch.cat([x, self.decoder.token_embed(nxt[:, None])], 1)
+        return out
+
+
+class TwoTower(nn.Module):
+    def __init__(self, c: Dict):
+        super().__init__()
+        self.image_encoder, self.text_encoder = ViT(c["image_encoder"]), TextEncoder(c["text_encoder"])
+        e = c.get("embed_dim", 128)
+        self.image_proj = nn.Linear(c["image_encoder"]["d_model"], e, bias=False)
+        self.text_proj = nn.Linear(c["text_encoder"]["d_model"], e, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(c.get("logit_scale_init", math.log(1 / 0.07))))
+        if c.get("loss") == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(c.get("logit_bias_init", -10.0)))
+        _init(self)
+
+    def forward(self, images, ids, labels=None):
+        i = F.normalize(self.image_proj(self.image_encoder(images)[1]), dim=-1)
+        t = F.normalize(self.text_proj(self.text_encoder(ids)), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * i @ t.t()
+        target = torch.arange(len(i))
+        return logits, (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+class TwoLeg(nn.Module):
+    def __init__(self, c: Dict):
+        super().__init__()
+        self.image_encoder, self.text_encoder = ViT(c["image_encoder"]), TextEncoder(c["text_encoder"])
+        f, h = c["fusion"], c["head"]
+        di, dt = c["image_encoder"]["d_model"], c["text_encoder"]["d_model"]
+        dim = f.get("dim", 256)
+        hidden = f.get("hidden_dim", 0) or dim
+        self.fusion = nn.Sequential(nn.Linear(di + dt, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, h.get("num_classes", 16))
+        _init(self)
+
+    def forward(self, images, ids, labels=None):
+        joint = torch.cat([self.image_encoder(images)[1], self.text_encoder(ids)], -1)
+        logits = self.head(self.fusion(joint))
+        return logits, None if labels is None else F.cross_entropy(logits, labels)
+
+
+PEERS = {"encoder_decoder": EncoderDecoder, "two_tower": TwoTower, "two_leg": TwoLeg}
+
+
+def build_peer(config: Dict) -> nn.Module:
+    arch = config["architecture"]
+    if arch not in PEERS:
+        raise ValueError(f"no PyTorch peer for {arch!r} (have {sorted(PEERS)})")
+    return PEERS[arch](config)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,393 @@
+"""vlmkit's benchmark suite: vlmkit beside a plain-PyTorch peer, in one run.
+
+    vlmkit bench [--quick] [--out results/bench]
+    make bench            # quick mode, then the C++ microbenchmarks; make bench-full for everything
+
+Every comparison is measured interleaved (vlmkit, peer, vlmkit, peer, ...) on
+the same thread settings and reported as medians and vlmkit / peer ratios.
+Writes results.json, results.md and PNG plots under --out. What it measures:
+
+* fp32 GEMM peak of this machine (torch.mm, best of several sizes), the
+  physical limit that achieved GFLOP/s are compared with;
+* training step (forward + backward + AdamW) and forward throughput of every
+  architecture with default blocks and of each projector x fusion on the
+  encoder-decoder, with the FLOPs counted by torch.profiler on the peer (same shapes);
+* generation latency per token at batch 1 and 8, with and without KV cache;
+* peak memory (RSS) of a training run, each implementation in its own process;
+* scaling with image resolution, text length and batch size (PNG plots);
+* the image loader against PIL + torchvision (vlmkit.bench.loader).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import vlmkit
+from vlmkit.train_vlm import SMALL_VLM
+
+from . import peers
+
+# ------------------------------------------------------------------ helpers
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each function, run A B A B ... after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_peak(quick: bool) -> Dict[str, float]:
+    best, per_size = 0.0, {}
+    for n in ((512, 1024) if quick else (256, 512, 1024, 2048)):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        reps = max(3, int(2e9 / (2 * n ** 3)))
+        torch.mm(a, b)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        gflops = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+        per_size[str(n)] = gflops
+        best = max(best, gflops)
+    return {"gflops": best, "per_size": per_size}
+
+
+def batch_for(config: Dict, batch: int, text_len: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = config["image_encoder"]["image_size"]
+    images = torch.randn(batch, 3, size, size, generator=g)
+    arch = config["architecture"]
+    if arch == "encoder_decoder":
+        vocab = config["decoder"]["vocab_size"]
+        ids = torch.randint(8, vocab, (batch, text_len), generator=g)
+        ids[:, 1] = config.get("image_token_id", 3)
+        labels = ids.clone()
+        labels[:, :4] = -100
+        return images, ids, labels
+    vocab = config["text_encoder"]["vocab_size"]
+    ids = torch.randint(8, vocab, (batch, min(text_len, config["text_encoder"]["max_len"])), generator=g)
+    if arch == "two_leg":
+        return images, ids, torch.randint(0, config["head"]["num_classes"], (batch,), generator=g)
+    return images, ids, None
+
+
+def vlmkit_loss(model, config, images, ids, labels):
+    arch = config["architecture"]
+    if arch == "encoder_decoder":
+        return model(images, ids, None, labels).loss
+    if arch == "two_leg":
+        return model(images, ids, None, labels).loss
+    return model(images, ids).loss
+
+
+def training_step(model, loss_fn, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+    return step
+
+
+def flops_per_forward(peer, config, images, ids, labels) -> float:
+    """FLOPs of one forward pass, counted by torch.profiler on the peer."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with torch.no_grad():
+            peer(images, ids, labels)
+    return float(sum(e.flops for e in prof.key_averages() if e.flops))
+
+
+def pair(config: Dict) -> Tuple[torch.nn.Module, torch.nn.Module, Dict]:
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config)
+    full = model.config
+    torch.manual_seed(0)
+    peer = peers.build_peer(full)
+    assert peers.parameter_count(peer) == sum(p.numel() for p in model.parameters()), "peer differs in size"
+    return model, peer, full
+
+
+def train_and_forward(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Dict:
+    model, peer, full = pair(config)
+    images, ids, labels = batch_for(full, batch, text_len)
+    opt_v = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_p = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    step_v = training_step(model, lambda: vlmkit_loss(model, full, images, ids, labels), opt_v)
+    step_p = training_step(peer, lambda: peer(images, ids, labels)[1], opt_p)
+    train = interleaved({"vlmkit": step_v, "peer": step_p}, repeats)
+
+    def fwd_v():
+        with torch.no_grad():
+            vlmkit_loss(model, full, images, ids, labels)
+
+    def fwd_p():
+        with torch.no_grad():
+            peer(images, ids, labels)
+    forward = interleaved({"vlmkit": fwd_v, "peer": fwd_p}, repeats)
+    flops = flops_per_forward(peer, full, images, ids, labels)
+    tokens = batch * ids.shape[1]
+    return {"batch": batch, "text_len": int(ids.shape[1]), "params_m": peers.parameter_count(peer) / 1e6,
+            "train_s": train, "forward_s": forward, "train_flops": 3 * flops, "forward_flops": flops,
+            "train_samples_per_s": {k: batch / v for k, v in train.items()},
+            "train_tokens_per_s": {k: tokens / v for k, v in train.items()},
+            "forward_samples_per_s": {k: batch / v for k, v in forward.items()},
+            "train_ratio": train["peer"] / train["vlmkit"], "forward_ratio": forward["peer"] / forward["vlmkit"]}
+
+
+def generation(config: Dict, batch: int, new_tokens: int, repeats: int) -> Dict:
+    model, peer, full = pair(config)
+    model.eval()
+    peer.eval()
+    images, ids, _ = batch_for(full, batch, 12)
+    prompts = [[int(t) for t in row] for row in ids]
+    out = {}
+    for cache in (True, False):
+        # Both generate exactly new_tokens tokens (no stop token): same work.
+        fns = {"vlmkit": lambda: model.cpp_module.generate_ids(images, prompts, max_new_tokens=new_tokens,
+                                                               stop_tokens=[], use_cache=cache),
+               "peer": lambda: peer.generate(images, ids, new_tokens, use_cache=cache)}
+        t = interleaved(fns, repeats, warmup=1)
+        out["cache" if cache else "no_cache"] = {
+            "ms_per_token": {k: 1e3 * v / new_tokens for k, v in t.items()},
+            "tokens_per_s": {k: batch * new_tokens / v for k, v in t.items()},
+            "ratio": t["peer"] / t["vlmkit"]}
+    return out
+
+
+MEMORY_PROBE = r"""
+import json, resource, sys, torch
+import vlmkit
+from vlmkit.bench import suite
+config, impl, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model, peer, full = suite.pair(config)
+net = model if impl == "vlmkit" else peer
+del model, peer
+images, ids, labels = suite.batch_for(full, batch)
+opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+for _ in range(steps):
+    opt.zero_grad(set_to_none=True)
+    loss = suite.vlmkit_loss(net, full, images, ids, labels) if impl == "vlmkit" else net(images, ids, labels)[1]
+    loss.backward()
+    opt.step()
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "baseline_rss_mb": base / 1024}))
+"""
+
+
+def peak_memory(config: Dict, batch: int) -> Dict:
+    out = {}
+    for impl in ("vlmkit", "peer"):
+        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(config), impl, str(batch), "3"],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe ({impl}) failed: {done.stderr[-2000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        out[impl] = r["peak_rss_mb"] - r["baseline_rss_mb"]
+    out["ratio"] = out["vlmkit"] / max(out["peer"], 1e-9)
+    return out
+
+
+def scaling(config: Dict, quick: bool, repeats: int) -> Dict:
+    curves = {"image_size": [], "text_len": [], "batch": []}
+    sizes = (32, 64, 128) if quick else (32, 64, 128, 256)
+    for s in sizes:
+        c = copy.deepcopy(config)
+        c["image_encoder"]["image_size"] = s
+        r = train_and_forward(c, 8, repeats)
+        curves["image_size"].append({"x": s, **{k: r["train_s"][k] for k in ("vlmkit", "peer")}})
+    for t in ((16, 64, 256) if quick else (16, 64, 128, 256, 512)):
+        c = copy.deepcopy(config)
+        c["decoder"]["max_len"] = max(c["decoder"]["max_len"], t + 64)
+        r = train_and_forward(c, 8, repeats, text_len=t)
+        curves["text_len"].append({"x": t, **{k: r["train_s"][k] for k in ("vlmkit", "peer")}})
+    for b in ((1, 8, 32) if quick else (1, 4, 16, 32, 64)):
+        r = train_and_forward(config, b, repeats)
+        curves["batch"].append({"x": b, **{k: r["train_s"][k] for k in ("vlmkit", "peer")}})
+    return curves
+
+
+def plot_scaling(curves: Dict, out_dir: str) -> List[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    labels = {"image_size": "image resolution (px)", "text_len": "text length (tokens)", "batch": "batch size"}
+    for key, points in curves.items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for impl in ("vlmkit", "peer"):
+            ax.plot([p["x"] for p in points], [1e3 * p[impl] for p in points], marker="o",
+                    label="vlmkit" if impl == "vlmkit" else "PyTorch peer")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(labels[key])
+        ax.set_ylabel("training step (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"scaling_{key}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def loader(quick: bool) -> Dict:
+    args = [sys.executable, "-m", "vlmkit.bench.loader", "--json"]
+    if quick:
+        args += ["--images", "200"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ report
+
+
+def markdown(results: Dict) -> str:
+    m = results["machine"]
+    lines = [f"# vlmkit benchmark ({'quick' if results['quick'] else 'full'})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['threads']}); "
+             f"fp32 GEMM peak {results['gemm']['gflops']:.1f} GFLOP/s. Ratios are vlmkit / PyTorch peer "
+             "throughput (> 1: vlmkit faster), medians of interleaved runs.", "",
+             "## Training step (forward + backward + AdamW) and forward", "",
+             "| model | batch | params (M) | train samples/s vlmkit | peer | ratio | forward ratio | "
+             "train GFLOP/s vlmkit | % of GEMM peak |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["training"].items():
+        gflops = r["train_flops"] / r["train_s"]["vlmkit"] / 1e9
+        lines.append(f"| {name} | {r['batch']} | {r['params_m']:.2f} | {r['train_samples_per_s']['vlmkit']:.1f} | "
+                     f"{r['train_samples_per_s']['peer']:.1f} | {r['train_ratio']:.2f} | {r['forward_ratio']:.2f} | "
+                     f"{gflops:.1f} | {100 * gflops / results['gemm']['gflops']:.0f}% |")
+    lines += ["", "## Generation (greedy, default small encoder-decoder)", "",
+              "| batch | KV cache | ms/token vlmkit | peer | tokens/s vlmkit | peer | ratio |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for b, r in results["generation"].items():
+        for mode in ("cache", "no_cache"):
+            g = r[mode]
+            lines.append(f"| {b} | {'yes' if mode == 'cache' else 'no'} | {g['ms_per_token']['vlmkit']:.2f} | "
+                         f"{g['ms_per_token']['peer']:.2f} | {g['tokens_per_s']['vlmkit']:.0f} | "
+                         f"{g['tokens_per_s']['peer']:.0f} | {g['ratio']:.2f} |")
+    mem = results.get("memory")
+    if mem:
+        lines += ["", "## Peak memory of training (RSS above the imports, batch 32)", "",
+                  f"vlmkit {mem['vlmkit']:.0f} MB, peer {mem['peer']:.0f} MB (vlmkit / peer {mem['ratio']:.2f})."]
+    ld = results.get("loader")
+    if ld and "error" not in ld:
+        lines += ["", "## Image loader (decode, resize to 224, normalise)", "",
+                  f"vlmkit {ld['vlmkit_images_per_s']:.0f} images/s, PIL + torchvision DataLoader (2 workers) "
+                  f"{ld['peer_images_per_s']:.0f} images/s: ratio {ld['ratio']:.2f}."]
+    if results.get("plots"):
+        lines += ["", "## Scaling", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in results["plots"]]
+    targets = results.get("targets", {})
+    if targets:
+        lines += ["", "## Targets", "", "| target | measured | met |", "|---|---:|---|"]
+        for k, v in targets.items():
+            lines.append(f"| {k} | {v['value']:.2f} (need {v['need']}) | {'yes' if v['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer configurations and repeats (< 5 minutes)")
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--repeats", type=int, default=0)
+    parser.add_argument("--skip-loader", action="store_true")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    repeats = args.repeats or (5 if quick else 9)
+    os.makedirs(args.out, exist_ok=True)
+    info = vlmkit.thread_info()
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
+    results = {"quick": quick, "repeats": repeats,
+               "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                           "threads": f"torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}"}}
+    start = time.time()
+    results["gemm"] = gemm_peak(quick)
+    print(f"fp32 GEMM peak: {results['gemm']['gflops']:.1f} GFLOP/s", flush=True)
+
+    configs = {"encoder_decoder (main job's small VLM)": SMALL_VLM,
+               "encoder_decoder (default)": vlmkit.default_config("encoder_decoder"),
+               "two_tower (default)": vlmkit.default_config("two_tower"),
+               "two_leg (default)": vlmkit.default_config("two_leg")}
+    projectors = ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler")
+    for proj in (("mlp", "resampler") if quick else projectors):
+        for fusion in ("concat", "cross_attention"):
+            c = vlmkit.default_config("encoder_decoder")
+            c["projector"] = {"type": proj}
+            c["fusion"] = fusion
+            if fusion == "cross_attention":
+                c["decoder"]["cross_attention_every"] = 2
+            configs[f"encoder_decoder {proj} + {fusion}"] = c
+    results["training"] = {}
+    batches = {"encoder_decoder (main job's small VLM)": (32, 1)}
+    for name, config in configs.items():
+        for b in batches.get(name, (32,)):
+            key = name if b == 32 else f"{name}, batch {b}"
+            results["training"][key] = r = train_and_forward(config, b, repeats)
+            print(f"train {key}: vlmkit {r['train_samples_per_s']['vlmkit']:.1f} samples/s, "
+                  f"peer {r['train_samples_per_s']['peer']:.1f}, ratio {r['train_ratio']:.2f}", flush=True)
+
+    results["generation"] = {}
+    for b in (1, 8):
+        results["generation"][str(b)] = g = generation(SMALL_VLM, b, 24 if quick else 48, max(3, repeats // 2))
+        print(f"generate batch {b}: cache ratio {g['cache']['ratio']:.2f}, no-cache ratio {g['no_cache']['ratio']:.2f}",
+              flush=True)
+
+    results["memory"] = peak_memory(SMALL_VLM, 32)
+    print(f"peak RSS: vlmkit {results['memory']['vlmkit']:.0f} MB, peer {results['memory']['peer']:.0f} MB", flush=True)
+
+    results["scaling"] = scaling(SMALL_VLM, quick, max(3, repeats // 2))
+    results["plots"] = plot_scaling(results["scaling"], args.out)
+    if not args.skip_loader:
+        results["loader"] = loader(quick)
+
+    main_job = results["training"]["encoder_decoder (main job's small VLM)"]
+    main_b1 = results["training"]["encoder_decoder (main job's small VLM), batch 1"]
+    gflops = main_job["train_flops"] / main_job["train_s"]["vlmkit"] / 1e9
+    results["targets"] = {
+        "training step, batch 32, vlmkit / peer": {"value": main_job["train_ratio"], "need": ">= 1.3"},
+        "training step, batch 1, vlmkit / peer": {"value": main_b1["train_ratio"], "need": ">= 1.5"},
+        "generation batch 1 with cache, vlmkit / peer": {"value": results["generation"]["1"]["cache"]["ratio"],
+                                                         "need": ">= 1.5"},
+        "training GFLOP/s / GEMM peak": {"value": gflops / results["gemm"]["gflops"], "need": ">= 0.70"},
+        "peak training memory, vlmkit / peer": {"value": results["memory"]["ratio"], "need": "<= 1.0"},
+    }
+    for v in results["targets"].values():
+        need = float(v["need"].split()[1])
+        v["met"] = v["value"] >= need if v["need"].startswith(">=") else v["value"] <= need
+    results["seconds"] = time.time() - start
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    report = markdown(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(report)
+    print(f"wrote {args.out}/results.json, results.md and plots in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
