@@ -88,6 +88,6 @@ tsan:
 	cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=clang++ \
 	  -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g1" -DCMAKE_CXX_FLAGS="-fsanitize=thread" -DVLMKIT_BUILD_TESTS=ON
 	cmake --build build-tsan --parallel $(JOBS) --target vlmkit_tests
-	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 build-tsan/tests/cpp/vlmkit_tests "[loader]"
+	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(abspath tests/fuzz/tsan.supp) build-tsan/tests/cpp/vlmkit_tests "[loader]"
 
 .PHONY: sanitize fuzz tsan
