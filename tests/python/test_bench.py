@@ -43,14 +43,13 @@ def test_suite_measures_a_tiny_pair():
     assert r["train_ratio"] > 0 and r["train_flops"] > 0
     g = suite.generation(tiny, 1, 4, 1)
     assert g["cache"]["ratio"] > 0 and g["no_cache"]["ratio"] > 0
-    # Both generate the same greedy tokens from the same weights? Not required (separate
-    # initialisations); both must produce exactly the requested number of tokens.
+    # Without stop tokens both produce exactly the requested number of tokens (same work).
     model, peer, full = suite.pair(tiny)
     images, ids, _ = suite.batch_for(full, 1, 6)
     assert len(peer.generate(images, ids, 5)[0]) == 5
     assert len(peer.generate(images, ids, 5, use_cache=False)[0]) == 5
-    out = model.cpp_module.generate_ids(images, [ids[0].tolist()], max_new_tokens=5, stop_tokens=[])
-    assert len(out[0]) == 5 if isinstance(out[0], list) else True
+    tokens, _ = model.cpp_module.generate_ids(images, [ids[0].tolist()], max_new_tokens=5, stop_tokens=[])
+    assert len(tokens[0]) == 5
 
 
 def test_peer_cache_equals_no_cache():
