@@ -173,11 +173,19 @@ def generation(config: Dict, batch: int, new_tokens: int, repeats: int) -> Dict:
 
 
 MEMORY_PROBE = r"""
-import json, resource, sys, torch
+import json, sys, threading, time, torch
 import vlmkit
 from vlmkit.bench import suite
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2 ** 20
 config, impl, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base, peak, done = rss_mb(), [0.0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
 model, peer, full = suite.pair(config)
 net = model if impl == "vlmkit" else peer
 del model, peer
@@ -188,9 +196,27 @@ for _ in range(steps):
     loss = suite.vlmkit_loss(net, full, images, ids, labels) if impl == "vlmkit" else net(images, ids, labels)[1]
     loss.backward()
     opt.step()
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "baseline_rss_mb": base / 1024}))
+done.append(1)
+time.sleep(0.01)
+print(json.dumps({"peak_rss_mb": max(peak[0], rss_mb()), "baseline_rss_mb": base}))
 """
+
+
+def profile_step(config: Dict, batch: int, top: int = 10) -> List[Dict]:
+    """Where a vlmkit training step spends its time (torch.profiler, self CPU time by op)."""
+    from torch.profiler import ProfilerActivity, profile
+    model, _, full = pair(config)
+    images, ids, labels = batch_for(full, batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = training_step(model, lambda: vlmkit_loss(model, full, images, ids, labels), opt)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_step": e.self_cpu_time_total / 3e3}
+            for e in events[:top]]
 
 
 def peak_memory(config: Dict, batch: int) -> Dict:
@@ -293,6 +319,12 @@ def markdown(results: Dict) -> str:
     if mem:
         lines += ["", "## Peak memory of training (RSS above the imports, batch 32)", "",
                   f"vlmkit {mem['vlmkit']:.0f} MB, peer {mem['peer']:.0f} MB (vlmkit / peer {mem['ratio']:.2f})."]
+    prof = results.get("profile")
+    if prof:
+        lines += ["", "## Where a training step goes (main job's small VLM, batch 32, torch.profiler)", "",
+                  "Self CPU time by ATen op; the peer runs the same ops, which is why the ratios sit near 1.", "",
+                  "| op | share | ms per step |", "|---|---:|---:|"]
+        lines += [f"| {p['op']} | {100 * p['share']:.1f}% | {p['ms_per_step']:.2f} |" for p in prof]
     ld = results.get("loader")
     if ld and "error" not in ld:
         lines += ["", "## Image loader (decode, resize to 224, normalise)", "",
@@ -359,6 +391,7 @@ def main(argv=None) -> int:
     results["memory"] = peak_memory(SMALL_VLM, 32)
     print(f"peak RSS: vlmkit {results['memory']['vlmkit']:.0f} MB, peer {results['memory']['peer']:.0f} MB", flush=True)
 
+    results["profile"] = profile_step(SMALL_VLM, 32)
     results["scaling"] = scaling(SMALL_VLM, quick, max(3, repeats // 2))
     results["plots"] = plot_scaling(results["scaling"], args.out)
     if not args.skip_loader:
