@@ -117,7 +117,8 @@ def _train(args: argparse.Namespace, argv: List[str]) -> int:
                        "train on manifest/LLaVA/COCO files with vlmkit.Trainer and vlmkit.data.Loader")
     run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
-                 eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every)
+                 eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
+                 pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps)
     output = args.output or "runs/vlm"
     metrics = train(run, config=_model_config(args), out_dir=output, resume=not args.no_resume,
                     verbose=True)
@@ -267,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes (encoder_decoder)")
     p.add_argument("--eval-scenes", type=int, default=60, help="held-out synthetic scenes evaluated at the end")
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--pretrain-steps", type=int, default=-1,
+                   help="stage 1: image-encoder steps on the scene tags before the VLM stage (-1: default 400, 0: off)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

@@ -43,9 +43,15 @@ EXTRACTION_SCHEMA = {"type": "object", "properties": {k: {"type": "string", "max
 class VlmRun:
     train_scenes: int = 3000
     eval_scenes: int = 60
-    steps: int = 1000
+    steps: int = 750
     batch_size: int = 32
     lr: float = 1e-3  # measured: 2e-3 gave colour accuracy 0.48 vs 0.83 at 600 steps
+    # Stage 1: the image encoder learns the scenes' tags (colours, shapes, words,
+    # counts, coarse positions) before the VLM stage. Without it the small VLM
+    # never learns to read shapes from image tokens (shape accuracy stays at
+    # chance, 0.25); with 400 steps it reached 0.77 on shape questions.
+    pretrain_steps: int = 400
+    pretrain_lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
@@ -152,6 +158,66 @@ def vlmkit_boxes(text_out: str, size: int):
     return parse_boxes(text_out, size, size)
 
 
+def scene_tags(sample: Dict) -> List[str]:
+    """What a scene shows, as tags for image-encoder pretraining: each object's
+    colour, shape, both, and its centre cell on a 4x4 grid; the word; the count."""
+    size = sample["image"].shape[0]
+    tags = {f"n:{len(sample['objects'])}"}
+    for o in sample["objects"]:
+        colour, shape = o["label"].split()[:2]
+        x1, y1, x2, y2 = o["box"]
+        cell = f"{min(3, int(2 * (y1 + y2) / size))}{min(3, int(2 * (x1 + x2) / size))}"
+        tags |= {f"c:{colour}", f"s:{shape}", f"o:{o['label']}", f"p:{cell}", f"op:{o['label']}@{cell}"}
+    if sample["ocr"]:
+        tags.add(f"w:{sample['ocr']}")
+    return sorted(tags)
+
+
+def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps: int, lr: float = 2e-3,
+                           batch: int = 64, verbose: bool = True) -> Dict[str, float]:
+    """Stage 1: trains the model's image encoder (a standalone copy, then loaded back)
+    to predict every scene tag (multi-label, max-pooled tokens, linear head), like a
+    VLM that starts from a pretrained vision tower. Returns the held-out tag accuracy."""
+    from . import ConvStage, ViT
+    config = {k: v for k, v in model.config["image_encoder"].items() if k != "type"}
+    size = config["image_size"]
+    encoder = ViT(**config) if model.config["image_encoder"].get("type", "vit") == "vit" else ConvStage(**config)
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
+    images, tags = [], []
+    for i in range(scenes):
+        sample = dataset[i]
+        images.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
+        tags.append(scene_tags(sample))
+    vocab = {t: i for i, t in enumerate(sorted({t for ts in tags for t in ts}))}
+    x = torch.stack(images)
+    y = torch.zeros(len(x), len(vocab))
+    for i, ts in enumerate(tags):
+        y[i, [vocab[t] for t in ts]] = 1
+    held = max(1, len(x) // 10)
+    train_x, train_y, test_x, test_y = x[held:], y[held:], x[:held], y[:held]
+    head = torch.nn.Linear(model.config["image_encoder"]["d_model"], len(vocab))
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(0, len(train_x), (batch,), generator=generator)
+        logits = head(encoder(train_x[index]).tokens.max(1).values)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train_y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if verbose and (step + 1) % 100 == 0:
+            print(f"stage 1 (image encoder) step {step + 1}/{steps}  loss {loss.item():.4f}  "
+                  f"{(step + 1) * batch / (time.perf_counter() - start):.0f} images/s", flush=True)
+    with torch.no_grad():
+        predicted = head(encoder(test_x).tokens.max(1).values) > 0
+    accuracy = (predicted == test_y.bool()).all(1).float().mean().item()
+    state = model.state_dict()
+    state.update({f"image_encoder.{k}": v for k, v in encoder.state_dict().items()})
+    model.load_state_dict(state)
+    return {"pretrain/tag_set_accuracy": accuracy, "pretrain/seconds": time.perf_counter() - start}
+
+
 def plot_metrics(log_path: str, png_path: str) -> Optional[str]:
     """Loss (and learning rate) curves of a metrics.jsonl as a PNG; None without matplotlib."""
     try:
@@ -216,9 +282,18 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
               f"from {run.train_scenes} scenes" + (f"; {world} processes" if distributed else ""), flush=True)
         if resumed:
             print(f"resumed from step {trainer.state['step']}", flush=True)
+    stage1: Dict[str, float] = {}
+    if not resumed and run.pretrain_steps > 0:
+        # Every rank pretrains identically (same seed), so the weights agree.
+        stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
+                                        verbose=verbose and rank == 0)
+        if verbose and rank == 0:
+            print(f"stage 1: held-out tag-set accuracy {stage1['pretrain/tag_set_accuracy']:.3f} "
+                  f"in {stage1['pretrain/seconds']:.0f} s", flush=True)
     evaluate_fn = (lambda step: evaluate(model, run.eval_scenes, run.seed + 10_000, size)) if rank == 0 else None
     summary = trainer.fit(loader, evaluate=evaluate_fn)
     metrics = dict(summary["eval"])
+    metrics.update(stage1)
     metrics.update({"train_seconds": summary["train_seconds"], "samples_per_second": summary["samples_per_second"],
                     "final_loss": summary["loss"], "parameters_millions": params / 1e6})
     if rank == 0:

@@ -15,7 +15,8 @@ def test_scene_tasks_cover_every_task():
 
 
 def test_vlm_training_runs_and_reports_every_metric(tmp_path):
-    metrics = train(VlmRun(train_scenes=40, steps=6, batch_size=8, eval_scenes=2, log_every=3), out_dir=str(tmp_path),
+    metrics = train(VlmRun(train_scenes=40, steps=6, batch_size=8, eval_scenes=2, log_every=3, pretrain_steps=5),
+                    out_dir=str(tmp_path),
                     verbose=False)
     for key in ("caption/exact_match", "colour/exact_match", "count/exact_match", "detection/mean_iou",
                 "detection/valid_json", "extraction/valid_json", "extraction/field_accuracy"):
