@@ -62,6 +62,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:detect_odr_violation=0 \
   LSAN_OPTIONS=suppressions=$(abspath tests/fuzz/lsan.supp):print_suppressions=0 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 FUZZ_SECONDS ?= 30
+FUZZ_SEED ?= 1
 
 build-asan/build.ninja:
 	bash scripts/setup.sh
@@ -77,7 +78,7 @@ fuzz: sanitize
 	@set -e; for f in $$(ls tests/fuzz/corpus); do \
 	  work=$$(mktemp -d); cp tests/fuzz/corpus/$$f/* $$work/; \
 	  echo "fuzz: $$f for $(FUZZ_SECONDS) s"; \
-	  $(SAN_ENV) build-asan/tests/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=20 \
+	  $(SAN_ENV) build-asan/tests/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED) -rss_limit_mb=4096 -timeout=20 \
 	    -print_final_stats=1 -artifact_prefix=build-asan/$$f- $$work 2>&1 | grep -E "^(stat::number_of_executed_units|stat::new_units_added|==|SUMMARY|INFO: Seed)" || true; \
 	  test -z "$$(ls build-asan/$$f-crash-* build-asan/$$f-leak-* build-asan/$$f-timeout-* 2>/dev/null)" || \
 	    { echo "fuzz: $$f found a failing input:"; ls build-asan/$$f-*; exit 1; }; \

@@ -269,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-scenes", type=int, default=60, help="held-out synthetic scenes evaluated at the end")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, default=-1,
-                   help="stage 1: image-encoder steps on the scene tags before the VLM stage (-1: default 400, 0: off)")
+                   help="stage 1: image-encoder steps on the scene tags before the VLM stage (default 0: off)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
