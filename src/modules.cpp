@@ -406,7 +406,7 @@ json ConvStageImpl::config() const {
 }
 
 torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {
-  detail::check_images(images, options.in_channels(), "ConvStage", stages->parameters().front());
+  detail::check_images(images, options.in_channels(), "ConvStage", proj->weight);
   const int64_t s = downsample();
   TORCH_CHECK_VALUE(images.size(2) % s == 0 && images.size(3) % s == 0,
                     "ConvStage: expected image height and width to be multiples of ", s,
@@ -497,7 +497,7 @@ torch::Tensor ViTImpl::patch_positions(int64_t rows, int64_t cols, torch::Tensor
 }
 
 EncoderOutput ViTImpl::forward(const torch::Tensor& images) {
-  detail::check_images(images, options.in_channels(), "ViT", blocks->parameters().front());
+  detail::check_images(images, options.in_channels(), "ViT", norm->weight);
   const int64_t p = options.patch_size();
   TORCH_CHECK_VALUE(images.size(2) % p == 0 && images.size(3) % p == 0,
                     "ViT: expected image height and width to be multiples of patch_size ", p,

@@ -123,3 +123,11 @@ TEST_CASE("encoders: same seed, same weights and outputs", "[encoder][determinis
   };
   REQUIRE(torch::equal(run(), run()));
 }
+
+TEST_CASE("vit: depth 0 (patch embedding and norm only) still checks and encodes images", "[vit][errors]") {
+  vlmkit::ViT vit(vlmkit::ViTOptions().image_size(16).patch_size(8).d_model(16).num_heads(2).depth(0));
+  auto out = vit->forward(torch::rand({2, 3, 16, 16}));
+  REQUIRE(out.tokens.sizes() == torch::IntArrayRef({2, 4, 16}));
+  REQUIRE_THROWS_AS(vit->forward(torch::rand({2, 3, 16, 16}, torch::kDouble)), c10::TypeError);
+  REQUIRE_THROWS_AS(vit->forward(torch::full({1, 3, 16, 16}, NAN)), c10::ValueError);
+}
