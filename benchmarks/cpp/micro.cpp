@@ -11,6 +11,9 @@
 #ifdef VLMKIT_WITH_OPENCV
 #include "vlmkit/data/image.h"
 #include "vlmkit/data/synthetic.h"
+
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
 #endif
 
 namespace {
