@@ -228,13 +228,7 @@ void bind_data(py::module_& m) {
           batch = self.next();
         }
         if (!batch) return py::none();
-        py::dict d;
-        d["images"] = batch->images;
-        d["input_ids"] = batch->input_ids;
-        d["labels"] = batch->labels;
-        d["padding_mask"] = batch->padding_mask;
-        d["indices"] = batch->indices;
-        return d;
+        return batch_to_dict(*batch);
       });
 
   py::class_<SentencePieceTokenizer>(m, "SentencePieceTokenizer",

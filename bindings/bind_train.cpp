@@ -21,16 +21,6 @@ py::dict from_tensor_map(const TensorMap& m) {
   return d;
 }
 
-py::dict batch_dict(const Batch& b) {
-  py::dict d;
-  d["images"] = b.images;
-  d["input_ids"] = b.input_ids;
-  d["labels"] = b.labels;
-  d["padding_mask"] = b.padding_mask;
-  d["indices"] = b.indices;
-  return d;
-}
-
 /// Wraps a Python callable so C++ may call it from a GIL-free section.
 template <class R, class... Args, class F>
 std::function<R(Args...)> with_gil(py::object fn, F convert) {
@@ -160,7 +150,7 @@ void bind_train(py::module_& m) {
              r.finish();
              auto fn = with_gil<torch::Tensor, torch::nn::Module&, const Batch&>(
                  loss, [](py::object& f, torch::nn::Module&, const Batch& b) {
-                   return f(batch_dict(b)).cast<torch::Tensor>();
+                   return f(batch_to_dict(b)).cast<torch::Tensor>();
                  });
              return std::make_unique<Trainer>(std::move(model), o, fn);
            }),

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "vlmkit/config.h"
+#include "vlmkit/data/batch.h"
 #include "vlmkit/modules/encoder.h"
 
 namespace vlmkit::bindings {
@@ -31,6 +32,17 @@ inline json to_json(const py::handle& object) {
 
 inline py::object to_python(const json& value) {
   return py::module_::import("json").attr("loads")(value.dump());
+}
+
+/// A training batch as the dict the Python Loader yields.
+inline py::dict batch_to_dict(const Batch& b) {
+  py::dict d;
+  d["images"] = b.images;
+  d["input_ids"] = b.input_ids;
+  d["labels"] = b.labels;
+  d["padding_mask"] = b.padding_mask;
+  d["indices"] = b.indices;
+  return d;
 }
 
 /// torch's printer of the module tree (our pretty_print overrides).

@@ -345,3 +345,23 @@ def test_metrics():
     assert recall["image_to_text_recall@1"] == 1.0 and recall["text_to_image_recall@5"] == 1.0
     with pytest.raises(ValueError, match="square"):
         retrieval_recall(torch.zeros(2, 3))
+
+
+def test_trainer_with_a_python_loss_function(manifest):
+    """Any model trains through vlmkit.Trainer given loss(batch) -> scalar."""
+    torch.manual_seed(0)
+    model = vlmkit.build_model(TINY_VLM)
+    calls = []
+
+    def loss(batch):
+        calls.append(batch["images"].shape[0])
+        out = model(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"])
+        return out.loss * 2.0
+
+    loader = data.Loader(manifest, batch_size=4, num_workers=1, image_size=32, seed=0, drop_last=True)
+    trainer = vlmkit.Trainer(model, steps=3, accumulation=2, log_every=0, loss=loss)
+    summary = trainer.fit(loader)
+    assert calls == [4] * 6 and summary["step"] == 3
+    bad = vlmkit.Trainer(model, steps=1, log_every=0, loss=lambda batch: torch.zeros(2))
+    with pytest.raises(ValueError, match="must return a scalar"):
+        bad.fit(loader)
