@@ -17,7 +17,7 @@ TORCH_PREFIX=$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')
 PYBIND_DIR=$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())' 2>/dev/null || true)
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DVLMKIT_BUILD_TESTS=ON \
-  -DVLMKIT_BUILD_PYTHON=ON -DVLMKIT_USE_CCACHE=OFF -DPython_EXECUTABLE="$(command -v $PY)" \
+  -DVLMKIT_BUILD_PYTHON=ON -DVLMKIT_USE_CCACHE=OFF -DVLMKIT_WITH_OPENCV=OFF -DPython_EXECUTABLE="$(command -v $PY)" \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$PWD/.gpu;$PWD/.gpu/json" ${PYBIND_DIR:+-Dpybind11_DIR=$PYBIND_DIR} \
   > "$OUT/configure.log" 2>&1 || { log "configure FAILED"; tail -30 "$OUT/configure.log"; exit 1; }
 cmake --build build-gpu --parallel 16 --target vlmkit vlmkit_tests example_encoder_decoder > "$OUT/build_cpp.log" 2>&1 \
