@@ -114,13 +114,13 @@ std::atomic<int64_t> temp_counter{0};
 
 }  // namespace
 
-void save_safetensors(const std::string& path, const TensorMap& tensors, const StringMap& metadata) {
+std::string serialize_safetensors(const TensorMap& tensors, const StringMap& metadata) {
   json header = json::object();
   std::vector<torch::Tensor> data;
   uint64_t offset = 0;
   for (const auto& [name, tensor] : tensors) {
-    TORCH_CHECK_VALUE(tensor.defined(), "save_safetensors: tensor '", name, "' is undefined");
-    TORCH_CHECK_VALUE(name != "__metadata__", "save_safetensors: '__metadata__' is reserved");
+    TORCH_CHECK_VALUE(tensor.defined(), "safetensors: tensor '", name, "' is undefined");
+    TORCH_CHECK_VALUE(name != "__metadata__", "safetensors: '__metadata__' is reserved");
     auto t = tensor.detach().to(torch::kCPU).contiguous();
     const uint64_t bytes = uint64_t(t.numel()) * uint64_t(t.element_size());
     header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()},
@@ -137,7 +137,11 @@ void save_safetensors(const std::string& path, const TensorMap& tensors, const S
   out += text;
   out.reserve(out.size() + offset);
   for (const auto& t : data) out.append(static_cast<const char*>(t.data_ptr()), size_t(t.numel() * t.element_size()));
-  write_synced(path, out);
+  return out;
+}
+
+void save_safetensors(const std::string& path, const TensorMap& tensors, const StringMap& metadata) {
+  write_synced(path, serialize_safetensors(tensors, metadata));
 }
 
 std::pair<TensorMap, StringMap> parse_safetensors(const std::string& bytes, const std::string& what) {
@@ -248,9 +252,7 @@ void CheckpointWriter::add_bytes(const std::string& file, const std::string& byt
 void CheckpointWriter::add_json(const std::string& file, const json& value) { add_bytes(file, value.dump(2) + "\n"); }
 
 void CheckpointWriter::add_tensors(const std::string& file, const TensorMap& tensors, const StringMap& metadata) {
-  const auto path = (fs::path(temp_) / file).string();
-  save_safetensors(path, tensors, metadata);
-  sums_[file] = sha256_hex(read_file(path));
+  add_bytes(file, serialize_safetensors(tensors, metadata));
 }
 
 std::string CheckpointWriter::commit() {

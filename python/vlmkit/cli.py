@@ -67,14 +67,9 @@ def _launch(args: argparse.Namespace, argv: List[str]) -> int:
 
     rest: List[str] = []
     skip = False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
+    for a in argv:  # everything but --nproc N / --nproc=N
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
             continue
         rest.append(a)
     torchrun.main([f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1",

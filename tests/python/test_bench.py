@@ -30,7 +30,7 @@ def test_peer_matches_vlmkit_parameter_shapes(config):
     theirs = sorted(tuple(p.shape) for p in peer.parameters())
     assert ours == theirs
     images, ids, labels = suite.batch_for(model.config, 2, 12)
-    _, loss = peer(images, ids, labels if labels is not None else None)
+    _, loss = peer(images, ids, labels)
     if loss is not None:
         assert torch.isfinite(loss)
 

@@ -31,7 +31,10 @@ namespace vlmkit {
 using TensorMap = std::map<std::string, torch::Tensor>;
 using StringMap = std::map<std::string, std::string>;
 
-/// Writes tensors (any device; copied to CPU) and string metadata.
+/// The bytes of a safetensors file holding tensors (any device; copied to
+/// CPU) and string metadata.
+std::string serialize_safetensors(const TensorMap& tensors, const StringMap& metadata = {});
+/// Writes (and fsyncs) such a file.
 void save_safetensors(const std::string& path, const TensorMap& tensors, const StringMap& metadata = {});
 /// Reads a file written by save_safetensors (or any safetensors file with
 /// supported dtypes). Malformed files raise ValueError naming the problem.

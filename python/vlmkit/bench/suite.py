@@ -90,10 +90,7 @@ def batch_for(config: Dict, batch: int, text_len: int = 32, seed: int = 0):
 
 
 def vlmkit_loss(model, config, images, ids, labels):
-    arch = config["architecture"]
-    if arch == "encoder_decoder":
-        return model(images, ids, None, labels).loss
-    if arch == "two_leg":
+    if config["architecture"] in ("encoder_decoder", "two_leg"):
         return model(images, ids, None, labels).loss
     return model(images, ids).loss
 
