@@ -7,7 +7,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build ccache git
   libtorch-dev python3-torch libopenblas0-pthread
-  libopencv-dev pybind11-dev python3-pybind11 libfmt-dev catch2
+  libopencv-dev libjpeg-dev pybind11-dev python3-pybind11 libfmt-dev catch2
   libsentencepiece-dev nlohmann-json3-dev libbenchmark-dev libssl-dev clang
   python3-dev python3-venv python3-pip python3-setuptools python3-wheel
   python3-pytest python3-nbclient python3-nbformat python3-ipykernel

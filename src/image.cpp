@@ -12,6 +12,12 @@
 #include <opencv2/imgproc.hpp>
 #include <sstream>
 
+// libjpeg-turbo's libjpeg API (the library OpenCV and PIL decode JPEGs with on
+// Debian), used directly for the common JPEG case; see decode_jpeg_direct.
+#include <csetjmp>
+#include <cstdio>
+#include <jpeglib.h>
+
 namespace vlmkit {
 namespace {
 uint32_t be16(const std::string& b, size_t i) {
@@ -88,6 +94,100 @@ cv::Mat to_rgb8(const cv::Mat& decoded, bool bgr_order) {
   return rgb;
 }
 
+/// EXIF orientation (1-8) from a JPEG's APP1 segment; 1 when absent, 0 when
+/// the segment is there but cannot be read.
+int jpeg_exif_orientation(const std::string& b) {
+  size_t i = 2;
+  const size_t n = b.size();
+  while (i + 4 <= n && uint8_t(b[i]) == 0xFF) {
+    const uint8_t marker = uint8_t(b[i + 1]);
+    if (marker == 0xDA || marker == 0xD9) break;  // start of scan: no more metadata
+    const size_t length = be16(b, i + 2);
+    if (length < 2 || i + 2 + length > n) return 0;
+    if (marker == 0xE1 && length >= 8 && b.compare(i + 4, 6, std::string("Exif\0\0", 6)) == 0) {
+      const size_t t = i + 10, end = i + 2 + length;  // TIFF header
+      if (t + 8 > end) return 0;
+      const bool le = b[t] == 'I';
+      auto u16 = [&](size_t k) { return le ? le16(b, k) : be16(b, k); };
+      auto u32 = [&](size_t k) { return le ? (le16(b, k) | (le16(b, k + 2) << 16)) : be32(b, k); };
+      const size_t ifd = t + u32(t + 4);
+      if (ifd + 2 > end || ifd < t) return 0;
+      const size_t count = u16(ifd);
+      for (size_t e = 0; e < count && ifd + 2 + 12 * (e + 1) <= end; ++e) {
+        const size_t entry = ifd + 2 + 12 * e;
+        if (u16(entry) == 0x0112) {
+          const int value = int(u16(entry + 8));
+          return value >= 1 && value <= 8 ? value : 0;
+        }
+      }
+      return 1;
+    }
+    i += 2 + length;
+  }
+  return 1;
+}
+
+struct JpegErrorManager {
+  jpeg_error_mgr base;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+[[noreturn]] void jpeg_error_exit(j_common_ptr cinfo) {
+  auto* err = reinterpret_cast<JpegErrorManager*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, err->message);
+  std::longjmp(err->jump, 1);
+}
+
+void jpeg_silent(j_common_ptr, int) {}  // warnings (e.g. extraneous bytes) are not errors, as in PIL
+
+enum class JpegResult { ok, unsupported, too_large, error };
+
+/// Decodes baseline/progressive YCbCr or grayscale JPEG straight to RGB with
+/// libjpeg, scaled by 1/denom (DCT scaling). About 2x faster than
+/// cv::imdecode for the same pixels (no BGR round trip, no extra copies).
+/// Other colour spaces (CMYK, YCCK) report `unsupported`; errors fill
+/// `message`. No C++ object with a destructor lives across setjmp.
+JpegResult decode_jpeg_direct(const std::string& bytes, int denom, int64_t max_pixels, cv::Mat* out,
+                              int64_t* width, int64_t* height, char* message) {
+  jpeg_decompress_struct cinfo;
+  JpegErrorManager err;
+  cinfo.err = jpeg_std_error(&err.base);
+  err.base.error_exit = jpeg_error_exit;
+  err.base.emit_message = jpeg_silent;
+  if (setjmp(err.jump)) {
+    std::snprintf(message, JMSG_LENGTH_MAX, "%s", err.message);
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::error;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&cinfo, TRUE);
+  *width = cinfo.image_width;
+  *height = cinfo.image_height;
+  if (*height > 0 && *width > max_pixels / *height) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::too_large;
+  }
+  if (cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_GRAYSCALE &&
+      cinfo.jpeg_color_space != JCS_RGB) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::unsupported;
+  }
+  cinfo.out_color_space = JCS_RGB;
+  cinfo.scale_num = 1;
+  cinfo.scale_denom = static_cast<unsigned int>(denom);
+  jpeg_start_decompress(&cinfo);
+  out->create(int(cinfo.output_height), int(cinfo.output_width), CV_8UC3);
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW row = out->ptr(int(cinfo.output_scanline));
+    jpeg_read_scanlines(&cinfo, &row, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return JpegResult::ok;
+}
+
 const char* kBase64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 }  // namespace
 
@@ -134,14 +234,30 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_s
     TORCH_CHECK_VALUE(bytes.find("\xFF\xD9", bytes.size() > 4096 ? bytes.size() - 4096 : 2) != std::string::npos,
                       "decode_image: truncated JPEG (", bytes.size(), " bytes, no end-of-image marker)");
   }
-  cv::Mat buffer(1, int(bytes.size()), CV_8U, const_cast<char*>(bytes.data()));
-  int flags = is_jpeg(bytes) ? cv::IMREAD_COLOR : cv::IMREAD_UNCHANGED;
+  int denom = 1;
   if (is_jpeg(bytes) && min_side > 0 && size[0] > 0) {
     const int64_t shortest = std::min(size[0], size[1]);
-    if (shortest >= 8 * min_side) flags = cv::IMREAD_REDUCED_COLOR_8;
-    else if (shortest >= 4 * min_side) flags = cv::IMREAD_REDUCED_COLOR_4;
-    else if (shortest >= 2 * min_side) flags = cv::IMREAD_REDUCED_COLOR_2;
+    denom = shortest >= 8 * min_side ? 8 : shortest >= 4 * min_side ? 4 : shortest >= 2 * min_side ? 2 : 1;
   }
+  // EXIF-rotated and CMYK JPEGs take OpenCV's path, which handles both.
+  if (is_jpeg(bytes) && jpeg_exif_orientation(bytes) == 1) {
+    cv::Mat rgb;
+    char message[JMSG_LENGTH_MAX] = {0};
+    int64_t width = 0, height = 0;
+    const auto result = decode_jpeg_direct(bytes, denom, max_pixels, &rgb, &width, &height, message);
+    if (result == JpegResult::too_large) check_pixels(width, height, max_pixels);
+    TORCH_CHECK_VALUE(result != JpegResult::error, "decode_image: could not decode JPEG of ", bytes.size(),
+                      " bytes: ", message);
+    if (result == JpegResult::ok) {
+      check_pixels(rgb.cols, rgb.rows, max_pixels);
+      return rgb;
+    }
+  }
+  cv::Mat buffer(1, int(bytes.size()), CV_8U, const_cast<char*>(bytes.data()));
+  int flags = is_jpeg(bytes) ? cv::IMREAD_COLOR : cv::IMREAD_UNCHANGED;
+  if (denom == 8) flags = cv::IMREAD_REDUCED_COLOR_8;
+  else if (denom == 4) flags = cv::IMREAD_REDUCED_COLOR_4;
+  else if (denom == 2) flags = cv::IMREAD_REDUCED_COLOR_2;
   cv::Mat decoded;
   try {
     decoded = cv::imdecode(buffer, flags);
@@ -158,7 +274,18 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_s
 cv::Mat load_image(const std::string& path, int64_t max_pixels, int64_t min_side) {
   std::ifstream file(path, std::ios::binary);
   if (!file) throw FileNotFoundError("image file not found or not readable: '" + path + "'");
-  std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  // One read of the whole file (an istreambuf_iterator copy goes byte by byte).
+  std::string bytes;
+  file.seekg(0, std::ios::end);
+  const std::streamoff length = file.tellg();
+  file.seekg(0, std::ios::beg);
+  if (length > 0) {
+    bytes.resize(size_t(length));
+    file.read(bytes.data(), length);
+    bytes.resize(size_t(file.gcount()));
+  } else {  // not seekable (a pipe): read as a stream
+    bytes.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+  }
   try {
     return decode_image(bytes, max_pixels, min_side);
   } catch (const c10::ValueError& e) {

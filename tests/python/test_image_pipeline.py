@@ -49,6 +49,26 @@ def test_other_formats_decode(fmt, rgb_array):
     assert (image.int() - torch.from_numpy(rgb_array).int()).abs().float().mean() <= tolerance
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_pixels_equal_pil_decode(mode):
+    # vlmkit decodes YCbCr and grayscale JPEGs with libjpeg directly (the library
+    # PIL uses, same IDCT and upsampling): identical pixels. CMYK goes through OpenCV.
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    encoded = png_bytes(Image.fromarray(array).convert(mode), "JPEG", quality=85)
+    expected = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).astype(int)
+    diff = np.abs(data.load_image(encoded).numpy().astype(int) - expected).max()
+    assert diff <= (1 if mode == "CMYK" else 0)
+
+
+def test_corrupt_jpeg_body_raises_value_error():
+    encoded = bytearray(png_bytes(Image.fromarray(np.zeros((16, 16, 3), np.uint8)), "JPEG"))
+    sof = encoded.index(b"\xff\xc0")
+    encoded[sof + 9] = 9                       # 9 colour components: not a JPEG any decoder accepts
+    with pytest.raises(ValueError, match="JPEG"):
+        data.load_image(bytes(encoded))
+
+
 def test_gray_alpha_16bit_palette_become_rgb():
     gray = np.full((8, 8), 77, np.uint8)
     assert torch.equal(data.load_image(png_bytes(Image.fromarray(gray))), torch.full((8, 8, 3), 77, dtype=torch.uint8))
