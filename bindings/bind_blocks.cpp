@@ -25,7 +25,14 @@ void bind_image_encoder(py::module_& m, const char* name) {
   cls.def(py::init([name](const py::kwargs& kwargs) {
             return std::make_shared<Impl>(options_from_kwargs(Options(), kwargs, name));
           }))
-      .def("forward", &Impl::forward, py::arg("images"), Release())
+      .def(
+          "forward",
+          [](Impl& self, const torch::Tensor& images, const OptTensor& image_sizes) {
+            return self.forward(images, value_or_undefined(image_sizes));
+          },
+          py::arg("images"), py::arg("image_sizes") = py::none(), Release(),
+          "images [B, C, H, W]; image_sizes [B, 2] int64 (height, width) for variable-size images "
+          "zero-padded into the batch: padded tokens are masked (padding_mask).")
       .def("output_dim", &Impl::output_dim)
       .def("config_json", [](Impl& self) { return self.config().dump(); });
 }

@@ -79,6 +79,21 @@ void bind_data(py::module_& m) {
         },
         py::arg("height"), py::arg("width"), py::arg("patch") = 14, py::arg("merge") = 2,
         py::arg("min_pixels") = 56 * 56, py::arg("max_pixels") = 14 * 14 * 4 * 1280);
+  m.def("resize_image",
+        [](const torch::Tensor& img, int64_t height, int64_t width) {
+          return image_to_tensor(resize_image(image_from_tensor(img), width, height));
+        },
+        py::arg("image"), py::arg("height"), py::arg("width"));
+  m.def("collate_images",
+        [](const std::vector<torch::Tensor>& images, int64_t multiple) {
+          ImageBatch out;
+          {
+            py::gil_scoped_release release;
+            out = collate_images(images, multiple);
+          }
+          return py::make_tuple(out.images, out.image_sizes);
+        },
+        py::arg("images"), py::arg("multiple") = 1);
   m.def("tile_image",
         [](const torch::Tensor& img, int64_t tile, int64_t max_tiles, bool global_view) {
           std::array<int64_t, 2> grid{};
@@ -199,14 +214,17 @@ void bind_data(py::module_& m) {
                                    uint64_t seed, bool drop_last, const std::string& bad_samples, int64_t image_size,
                                    const std::string& resize, const std::string& normalize, int64_t max_pixels,
                                    double flip_probability, double crop_scale, double color_jitter,
-                                   int64_t rank, int64_t world_size) {
+                                   int64_t rank, int64_t world_size, int64_t patch_size, int64_t merge_size,
+                                   int64_t dynamic_min_pixels, int64_t dynamic_max_pixels) {
              ReadReport report;
              auto records = read(format, path, image_root, bad_samples, &report);
              LoaderOptions o;
              o.batch_size(batch_size).num_workers(num_workers).prefetch(prefetch).shuffle(shuffle).seed(seed)
                  .drop_last(drop_last).bad_samples(policy(bad_samples)).image_size(image_size).resize(resize)
                  .normalize(normalize).max_pixels(max_pixels).flip_probability(flip_probability)
-                 .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size);
+                 .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size)
+                 .patch_size(patch_size).merge_size(merge_size).dynamic_min_pixels(dynamic_min_pixels)
+                 .dynamic_max_pixels(dynamic_max_pixels);
              auto loader = std::make_unique<Loader>(std::move(records), o);
              return loader;
            }),
@@ -215,7 +233,8 @@ void bind_data(py::module_& m) {
            py::arg("drop_last") = false, py::arg("bad_samples") = "raise", py::arg("image_size") = 64,
            py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels,
            py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0,
-           py::arg("rank") = 0, py::arg("world_size") = 1)
+           py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("patch_size") = 8, py::arg("merge_size") = 2,
+           py::arg("dynamic_min_pixels") = 0, py::arg("dynamic_max_pixels") = 0)
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)

@@ -164,29 +164,52 @@ void bind_generative(py::module_& m) {
       .def(
           "forward",
           [](EncDec& self, const torch::Tensor& images, const torch::Tensor& ids, const OptTensor& mask,
-             const OptTensor& labels) {
-            return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(labels));
+             const OptTensor& labels, const OptTensor& image_sizes) {
+            return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(labels),
+                                value_or_undefined(image_sizes));
           },
           py::arg("images"), py::arg("input_ids"), py::arg("padding_mask") = py::none(),
-          py::arg("labels") = py::none(), Release())
-      .def("encode_images", &EncDec::encode_images, py::arg("images"), Release())
+          py::arg("labels") = py::none(), py::arg("image_sizes") = py::none(), Release())
+      .def(
+          "encode_images",
+          [](EncDec& self, const torch::Tensor& images, const OptTensor& image_sizes) -> py::object {
+            if (!image_sizes) {
+              torch::Tensor tokens;
+              {
+                py::gil_scoped_release release;
+                tokens = self.encode_images(images);
+              }
+              return py::cast(tokens);
+            }
+            std::pair<torch::Tensor, torch::Tensor> out;
+            {
+              py::gil_scoped_release release;
+              out = self.encode_images(images, *image_sizes);
+            }
+            return py::make_tuple(out.first, out.second.defined() ? py::cast(out.second) : py::none());
+          },
+          py::arg("images"), py::arg("image_sizes") = py::none(),
+          "images [I, C, H, W] -> image tokens [I, M, D]; with image_sizes [I, 2] (variable-size "
+          "images, zero-padded), returns (tokens, padding_mask [I, M] or None).")
       .def(
           "generate_ids",
           [](EncDec& self, const torch::Tensor& images, const std::vector<std::vector<int64_t>>& prompts,
              int64_t max_new_tokens, bool do_sample, double temperature, int64_t top_k, double top_p,
              int64_t num_beams, double length_penalty, const std::optional<std::vector<int64_t>>& stop_tokens,
-             bool use_cache, int64_t seed, const std::optional<std::string>& schema, const py::object& stream) {
+             bool use_cache, int64_t seed, const std::optional<std::string>& schema, const py::object& stream,
+             const OptTensor& image_sizes) {
             auto o = generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                                         length_penalty, stop_tokens, use_cache, seed,
                                         self.decoder->options.pad_id());
             return run_generation(*self.decoder, o, schema, stream, [&](auto& opts, auto& constraint, auto& callback) {
-              return self.generate(images, prompts, opts, constraint, callback);
+              return self.generate(images, prompts, opts, constraint, callback, value_or_undefined(image_sizes));
             });
           },
           py::arg("images"), py::arg("prompts"), py::arg("max_new_tokens") = 32, py::arg("do_sample") = false,
           py::arg("temperature") = 1.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("num_beams") = 1,
           py::arg("length_penalty") = 1.0, py::arg("stop_tokens") = py::none(), py::arg("use_cache") = true,
-          py::arg("seed") = -1, py::arg("schema") = py::none(), py::arg("stream") = py::none())
+          py::arg("seed") = -1, py::arg("schema") = py::none(), py::arg("stream") = py::none(),
+          py::arg("image_sizes") = py::none())
       .def("config_json", [](EncDec& self) { return self.config().dump(); });
 
   using EncTextDec = EncoderTextDecoderImpl<>;

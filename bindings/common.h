@@ -38,6 +38,7 @@ inline py::object to_python(const json& value) {
 inline py::dict batch_to_dict(const Batch& b) {
   py::dict d;
   d["images"] = b.images;
+  if (b.image_sizes.defined()) d["image_sizes"] = b.image_sizes;
   d["input_ids"] = b.input_ids;
   d["labels"] = b.labels;
   d["padding_mask"] = b.padding_mask;

@@ -348,8 +348,23 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
   TORCH_CHECK_VALUE(options_.num_workers() >= 1 && options_.num_workers() <= 64,
                     "Loader: num_workers must be in [1, 64], got ", options_.num_workers());
   TORCH_CHECK_VALUE(options_.prefetch() >= 1, "Loader: prefetch must be >= 1, got ", options_.prefetch());
-  TORCH_CHECK_VALUE(options_.resize() == "square" || options_.resize() == "letterbox" || options_.resize() == "center_crop",
-                    "Loader: resize must be 'square', 'letterbox' or 'center_crop', got '", options_.resize(), "'");
+  const auto& mode = options_.resize();
+  TORCH_CHECK_VALUE(mode == "square" || mode == "letterbox" || mode == "center_crop" || mode == "dynamic",
+                    "Loader: resize must be 'square', 'letterbox', 'center_crop' or 'dynamic', got '", mode, "'");
+  if (mode == "dynamic") {
+    const int64_t factor = options_.patch_size() * options_.merge_size();
+    TORCH_CHECK_VALUE(options_.patch_size() >= 1 && options_.merge_size() >= 1,
+                      "Loader: patch_size and merge_size must be >= 1");
+    if (options_.dynamic_min_pixels() == 0) options_.dynamic_min_pixels(factor * factor);
+    if (options_.dynamic_max_pixels() == 0)
+      options_.dynamic_max_pixels(std::max(options_.image_size() * options_.image_size(), factor * factor));
+    TORCH_CHECK_VALUE(options_.dynamic_min_pixels() >= 1 && options_.dynamic_min_pixels() <= options_.dynamic_max_pixels(),
+                      "Loader: need 1 <= dynamic_min_pixels <= dynamic_max_pixels, got ",
+                      options_.dynamic_min_pixels(), " and ", options_.dynamic_max_pixels());
+    TORCH_CHECK_VALUE(options_.crop_scale() == 1.0,
+                      "Loader: crop_scale < 1 (random resized crops to a square) does not combine with resize "
+                      "'dynamic'; use flips and colour jitter");
+  }
   TORCH_CHECK_VALUE(options_.image_size() >= 1, "Loader: image_size must be >= 1");
   TORCH_CHECK_VALUE(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
                     "Loader: need 0 <= rank < world_size, got rank ", options_.rank(), " of ", options_.world_size());
@@ -381,7 +396,7 @@ std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
   // Records with boxes decode at full size: their pixel boxes are checked against it.
-  const int64_t min_side = r.boxes.empty() ? s : 0;
+  const int64_t min_side = r.boxes.empty() && options_.resize() != "dynamic" ? s : 0;
   auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), min_side)
                                               : load_image(r.image, options_.max_pixels(), min_side);
   for (const auto& b : r.boxes) {
@@ -395,7 +410,11 @@ std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_
   std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const bool geometry = !r.fixed_geometry;
-  if (geometry && options_.crop_scale() < 1.0) {
+  if (mode == "dynamic") {
+    const auto size = dynamic_resolution(image.rows, image.cols, options_.patch_size(), options_.merge_size(),
+                                         options_.dynamic_min_pixels(), options_.dynamic_max_pixels());
+    if (size[0] != image.rows || size[1] != image.cols) image = resize_image(image, size[1], size[0]);
+  } else if (geometry && options_.crop_scale() < 1.0) {
     image = random_resized_crop(image, s, rng, {options_.crop_scale(), 1.0});
   } else {
     image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
@@ -421,7 +440,14 @@ Batch Loader::collate(const std::vector<int64_t>& indices,
     longest = std::max(longest, item.second.input_ids.size());
   }
   const int64_t b = int64_t(items.size()), t = int64_t(longest);
-  batch.images = torch::stack(images);
+  if (options_.resize() == "dynamic") {
+    auto padded = collate_images(images, options_.patch_size() * options_.merge_size());
+    batch.images = padded.images;
+    batch.image_sizes = padded.image_sizes;
+  } else {
+    batch.images = torch::stack(images);
+    batch.image_sizes = torch::tensor({images[0].size(1), images[0].size(2)}, torch::kLong).repeat({b, 1});
+  }
   batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
   batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
   batch.padding_mask = torch::ones({b, t}, torch::kBool);

@@ -195,6 +195,22 @@ torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2>
       .permute({0, 1, 3, 2, 4, 5})
       .reshape({b, (grid[0] / r) * (grid[1] / r), r * r * d});
 }
+
+/// Padding mask [B, rows*cols] -> [B, (rows/r)*(cols/r)]: a block is padding
+/// only when all its tokens are.
+torch::Tensor merge_padding_mask(const EncoderOutput& image, int64_t r, const char* who) {
+  if (!image.padding_mask.defined()) return {};
+  const auto grid = image.grid;
+  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, who, ": the token grid ", grid[0], "x", grid[1],
+                    " must be divisible by ", r);
+  const int64_t b = image.padding_mask.size(0);
+  auto blocks = image.padding_mask.reshape({b, grid[0] / r, r, grid[1] / r, r});
+  auto all = blocks.all(4).all(2), any = blocks.any(4).any(2);
+  TORCH_CHECK_VALUE(all.eq(any).all().item<bool>(), who, ": an image's token grid must be divisible by ", r,
+                    " (image sizes multiples of patch_size * ", r, ", as data.dynamic_resolution with merge=", r,
+                    " gives)");
+  return all.reshape({b, -1});
+}
 }  // namespace
 
 MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_)
@@ -244,6 +260,14 @@ torch::Tensor PixelShuffleProjectorImpl::forward(const EncoderOutput& image) {
   check_image_tokens(image, options.in_dim(), "PixelShuffleProjector");
   return proj->forward(space_to_depth(image.tokens, token_grid(image, "PixelShuffleProjector"), options.factor(),
                                       "PixelShuffleProjector"));
+}
+
+torch::Tensor PixelShuffleProjectorImpl::output_padding_mask(const EncoderOutput& image) const {
+  return merge_padding_mask(image, options.factor(), "PixelShuffleProjector");
+}
+
+torch::Tensor PatchMergerProjectorImpl::output_padding_mask(const EncoderOutput& image) const {
+  return merge_padding_mask(image, 2, "PatchMergerProjector");
 }
 
 PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
@@ -339,12 +363,29 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
   TORCH_CHECK_VALUE(placeholders == images, "ConcatFusion: the prompts hold ", placeholders,
                     " <image> placeholder(s) (token id ", image_token_id, ") but ", images,
                     " image(s) were given; each placeholder takes the next image in order");
+  // Padded image tokens (memory_mask, variable-size images) are left out:
+  // sequences are packed, and each image contributes only its valid tokens.
+  std::vector<char> mem_valid(size_t(images * m), 1);
+  if (memory_mask.defined()) {
+    TORCH_CHECK_VALUE(memory_mask.dim() == 2 && memory_mask.size(0) == images && memory_mask.size(1) == m,
+                      "ConcatFusion: expected memory_mask of shape [", images, ", ", m, "], got ",
+                      shape_str(memory_mask));
+    auto mem_pad = memory_mask.to(torch::kCPU).to(torch::kBool).contiguous();
+    const auto* mp = mem_pad.data_ptr<bool>();
+    for (int64_t i = 0; i < images * m; ++i) mem_valid[size_t(i)] = !mp[i];
+  }
+  std::vector<int64_t> image_len(images, 0);
+  for (int64_t i = 0; i < images * m; ++i) image_len[i / m] += mem_valid[size_t(i)];
   std::vector<int64_t> lengths(b, 0);
-  for (int64_t r = 0; r < b; ++r)
-    for (int64_t c = 0; c < t; ++c) lengths[r] += (ids[r * t + c] == image_token_id && !pad[r * t + c]) ? m : 1;
+  {
+    int64_t next = 0;
+    for (int64_t r = 0; r < b; ++r)
+      for (int64_t c = 0; c < t; ++c)
+        lengths[r] += (ids[r * t + c] == image_token_id && !pad[r * t + c]) ? image_len[next++] : 1;
+  }
   const int64_t length = *std::max_element(lengths.begin(), lengths.end());
   // Gather table: rows [0, b*t) are text embeddings, then the image tokens.
-  std::vector<int64_t> source(b * length, 0), is_image(b * length, 0), memory_row(b * length, -1);
+  std::vector<int64_t> source(b * length, 0);
   std::vector<char> out_pad(b * length, 1);
   std::vector<int64_t> out_labels(b * length, kIgnoreIndex);
   auto labels_cpu = labels.defined() ? labels.to(torch::kCPU).contiguous() : torch::Tensor();
@@ -355,10 +396,11 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
     for (int64_t c = 0; c < t; ++c) {
       const int64_t i = r * t + c;
       if (ids[i] == image_token_id && !pad[i]) {
-        for (int64_t k = 0; k < m; ++k, ++o) {
+        for (int64_t k = 0; k < m; ++k) {
+          if (!mem_valid[size_t(next_image * m + k)]) continue;
           source[o] = b * t + next_image * m + k;
-          memory_row[o] = next_image * m + k;
           out_pad[o] = 0;
+          ++o;
         }
         ++next_image;
       } else {
@@ -377,16 +419,6 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
   auto pad_out = torch::tensor(std::vector<int64_t>(out_pad.begin(), out_pad.end()), torch::kLong)
                      .to(torch::kBool)
                      .view({b, length});
-  if (memory_mask.defined()) {  // padded memory positions (architecture 3's context text)
-    auto mem_pad = memory_mask.reshape({-1}).to(torch::kCPU);
-    auto mem_pad_acc = mem_pad.accessor<bool, 1>();
-    auto acc = pad_out.accessor<bool, 2>();
-    for (int64_t r = 0; r < b; ++r)
-      for (int64_t c = 0; c < length; ++c) {
-        const int64_t row = memory_row[r * length + c];
-        if (row >= 0 && mem_pad_acc[row]) acc[r][c] = true;
-      }
-  }
   out.padding_mask = pad_out.to(device);
   out.positions = positions_from_mask(out.padding_mask);
   if (labels.defined()) {

@@ -366,6 +366,11 @@ void check_rgb(const cv::Mat& rgb, const char* who) {
 }
 }  // namespace
 
+cv::Mat resize_image(const cv::Mat& rgb, int64_t width, int64_t height) {
+  check_rgb(rgb, "resize_image");
+  return resize_to(rgb, width, height);
+}
+
 cv::Mat resize_square(const cv::Mat& rgb, int64_t size) {
   check_rgb(rgb, "resize_square");
   return resize_to(rgb, size, size);
@@ -475,6 +480,37 @@ torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm) {
     cv::Mat plane(rgb.rows, rgb.cols, CV_32F, out[c].data_ptr<float>());
     cv::extractChannel(rgb, channel, c);
     channel.convertTo(plane, CV_32F, 1.0 / (255.0 * norm.std[c]), -norm.mean[c] / norm.std[c]);
+  }
+  return out;
+}
+
+ImageBatch collate_images(const std::vector<torch::Tensor>& images, int64_t multiple) {
+  TORCH_CHECK_VALUE(!images.empty(), "collate_images: expected at least one image");
+  TORCH_CHECK_VALUE(multiple >= 1, "collate_images: multiple must be >= 1, got ", multiple);
+  int64_t height = 0, width = 0;
+  const auto& first = images.front();
+  for (size_t i = 0; i < images.size(); ++i) {
+    const auto& t = images[i];
+    TORCH_CHECK_VALUE(t.defined() && t.dim() == 3 && t.size(0) == first.size(0) && t.size(1) > 0 && t.size(2) > 0,
+                      "collate_images: expected [C, H, W] images with C = ", first.defined() ? first.size(0) : 0,
+                      ", got image ", i, " of shape ", t.defined() ? t.sizes() : torch::IntArrayRef{});
+    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type() && t.device() == first.device(),
+                     "collate_images: image ", i, " is ", t.scalar_type(), " on ", t.device(), ", image 0 is ",
+                     first.scalar_type(), " on ", first.device());
+    height = std::max(height, t.size(1));
+    width = std::max(width, t.size(2));
+  }
+  height = (height + multiple - 1) / multiple * multiple;
+  width = (width + multiple - 1) / multiple * multiple;
+  ImageBatch out;
+  const auto b = int64_t(images.size());
+  out.images = torch::zeros({b, first.size(0), height, width}, first.options());
+  out.image_sizes = torch::empty({b, 2}, torch::kLong);
+  for (int64_t i = 0; i < b; ++i) {
+    const auto& t = images[size_t(i)];
+    out.images[i].slice(1, 0, t.size(1)).slice(2, 0, t.size(2)).copy_(t);
+    out.image_sizes[i][0] = t.size(1);
+    out.image_sizes[i][1] = t.size(2);
   }
   return out;
 }

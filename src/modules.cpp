@@ -2,6 +2,8 @@
 // encoders, Two-Leg fusion blocks, heads and losses.
 #include <torch/torch.h>
 
+#include <map>
+
 #include <numeric>
 #include <sstream>
 
@@ -92,6 +94,42 @@ torch::Tensor masked_mean(const torch::Tensor& tokens, const torch::Tensor& padd
   if (!padding_mask.defined()) return tokens.mean(1);
   auto keep = padding_mask.logical_not().unsqueeze(-1).to(tokens.scalar_type());  // [B, N, 1]
   return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0);
+}
+
+torch::Tensor check_image_sizes(const torch::Tensor& image_sizes, const torch::Tensor& images, int64_t multiple,
+                                const char* who) {
+  TORCH_CHECK_TYPE(image_sizes.scalar_type() == torch::kLong, who,
+                   ": expected image_sizes of dtype int64 (torch.long), got ", image_sizes.scalar_type());
+  TORCH_CHECK_VALUE(image_sizes.dim() == 2 && image_sizes.size(0) == images.size(0) && image_sizes.size(1) == 2, who,
+                    ": expected image_sizes of shape [", images.size(0), ", 2] (height, width per image), got ",
+                    shape_str(image_sizes));
+  auto sizes = image_sizes.to(torch::kCPU).contiguous();
+  const auto* s = sizes.data_ptr<int64_t>();
+  const int64_t height = images.size(2), width = images.size(3);
+  for (int64_t i = 0; i < sizes.size(0); ++i) {
+    const int64_t h = s[2 * i], w = s[2 * i + 1];
+    TORCH_CHECK_VALUE(h >= 1 && h <= height && w >= 1 && w <= width, who, ": image_sizes[", i, "] = (", h, ", ", w,
+                      ") does not fit the padded ", height, "x", width, " batch");
+    TORCH_CHECK_VALUE(h % multiple == 0 && w % multiple == 0, who, ": image_sizes[", i, "] = (", h, ", ", w,
+                      ") must be multiples of ", multiple,
+                      " (resize with data.dynamic_resolution or the Loader's 'dynamic' mode)");
+  }
+  return sizes;
+}
+
+torch::Tensor patch_padding_mask(const torch::Tensor& sizes_cpu, int64_t height, int64_t width, int64_t patch,
+                                 torch::Device device) {
+  const int64_t b = sizes_cpu.size(0), rows = height / patch, cols = width / patch;
+  auto mask = torch::ones({b, rows, cols}, torch::kBool);
+  const auto* s = sizes_cpu.data_ptr<int64_t>();
+  bool any = false;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t r = s[2 * i] / patch, c = s[2 * i + 1] / patch;
+    mask[i].slice(0, 0, r).slice(1, 0, c).fill_(false);
+    any |= r < rows || c < cols;
+  }
+  if (!any) return {};
+  return mask.view({b, rows * cols}).to(device);
 }
 
 void check_images(const torch::Tensor& images, int64_t channels, const char* who, const torch::Tensor& like) {
@@ -414,6 +452,18 @@ torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {
   return stages->forward(images);
 }
 
+EncoderOutput ImageEncoderModule::forward(const torch::Tensor& images, const torch::Tensor& image_sizes) {
+  // Sizes that all fill the batch (fixed-size loaders report them too) are fine.
+  const bool padded = image_sizes.defined() &&
+                      detail::patch_padding_mask(detail::check_image_sizes(image_sizes, images, 1, name().c_str()),
+                                                 images.size(2), images.size(3), 1, torch::kCPU)
+                          .defined();
+  TORCH_CHECK_VALUE(!padded, name(),
+                    ": variable-size images (image_sizes) are not supported by this encoder; use the ViT "
+                    "(it masks padded patches) or resize every image to one size");
+  return forward(images);
+}
+
 EncoderOutput ConvStageImpl::forward(const torch::Tensor& images) {
   auto f = features(images);  // [B, C, r, c]
   EncoderOutput out;
@@ -496,36 +546,72 @@ torch::Tensor ViTImpl::patch_positions(int64_t rows, int64_t cols, torch::Tensor
   return table.permute({0, 2, 3, 1}).reshape({1, rows * cols, d});
 }
 
-EncoderOutput ViTImpl::forward(const torch::Tensor& images) {
+EncoderOutput ViTImpl::forward(const torch::Tensor& images) { return forward(images, torch::Tensor()); }
+
+EncoderOutput ViTImpl::forward(const torch::Tensor& images, const torch::Tensor& image_sizes) {
   detail::check_images(images, options.in_channels(), "ViT", norm->weight);
   const int64_t p = options.patch_size();
   TORCH_CHECK_VALUE(images.size(2) % p == 0 && images.size(3) % p == 0,
                     "ViT: expected image height and width to be multiples of patch_size ", p,
                     ", got ", images.size(2), "x", images.size(3));
   const int64_t b = images.size(0), rows = images.size(2) / p, cols = images.size(3) / p;
+  const int64_t d = options.d_model();
+  torch::Tensor sizes, pad;  // sizes on the CPU; pad [B, rows*cols], true = padding
+  if (image_sizes.defined()) {
+    sizes = detail::check_image_sizes(image_sizes, images, p, "ViT");
+    pad = detail::patch_padding_mask(sizes, images.size(2), images.size(3), p, images.device());
+  }
+  // Images grouped by size: the conv stem and learned positions see each
+  // group's own grid, so a padded image's tokens equal its unpadded ones.
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
+  if (pad.defined())
+    for (int64_t i = 0; i < b; ++i)
+      groups[{sizes[i][0].item<int64_t>(), sizes[i][1].item<int64_t>()}].push_back(i);
+  auto per_group = [&](auto&& grid_tokens) {  // grid_tokens(h, w, indices) -> [n, h/p * w/p, D]
+    auto out = torch::zeros({b, rows, cols, d}, images.options());
+    for (const auto& [size, members] : groups) {
+      auto index = torch::tensor(members, torch::kLong).to(images.device());
+      const int64_t r = size.first / p, c = size.second / p;
+      auto tokens = grid_tokens(size.first, size.second, index).reshape({-1, r, c, d});
+      out.index_put_({index}, F::pad(tokens, F::PadFuncOptions({0, 0, 0, cols - c, 0, rows - r})));
+    }
+    return out.view({b, rows * cols, d});
+  };
   torch::Tensor x;
   if (patch_embed) {
-    x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, N, D]
-  } else {
+    x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, N, D]; per patch, exact under padding
+  } else if (!pad.defined()) {
     x = conv_stem->forward(images).tokens;
+  } else {
+    x = per_group([&](int64_t h, int64_t w, const torch::Tensor& index) {
+      return conv_stem->forward(images.index_select(0, index).slice(2, 0, h).slice(3, 0, w)).tokens;
+    });
   }
-  x = x + patch_positions(rows, cols, x.options());
+  if (!pad.defined() || options.pos_embedding() == PosEmbedding::sincos2d) {
+    // Fixed sin-cos positions depend on (row, col) only, not on the grid size.
+    x = x + patch_positions(rows, cols, x.options());
+  } else {
+    x = x + per_group([&](int64_t h, int64_t w, const torch::Tensor& index) {
+      return patch_positions(h / p, w / p, x.options()).expand({index.size(0), -1, -1});
+    });
+  }
   const bool use_cls = options.pool() == ImagePool::cls;
+  torch::Tensor key_pad = pad;
   if (use_cls) {
     auto cls = cls_pos.defined() ? cls_token + cls_pos : cls_token;
     x = torch::cat({cls.expand({b, 1, -1}), x}, 1);
+    if (pad.defined()) key_pad = torch::cat({torch::zeros({b, 1}, pad.options()), pad}, 1);
   }
-  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x);
+  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, key_pad);
   x = norm->forward(x);
   EncoderOutput out;
   out.grid = {rows, cols};
-  if (use_cls) {
-    out.pooled = x.select(1, 0);
-    out.tokens = x.slice(1, 1);
-  } else {
-    out.tokens = x;
-    out.pooled = x.mean(1);
+  out.tokens = use_cls ? x.slice(1, 1) : x;
+  if (pad.defined()) {
+    out.tokens = out.tokens.masked_fill(pad.unsqueeze(-1), 0.0);
+    out.padding_mask = pad;
   }
+  out.pooled = use_cls ? x.select(1, 0) : detail::masked_mean(out.tokens, pad);
   return out;
 }
 

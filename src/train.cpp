@@ -449,7 +449,7 @@ json trainer_options_to_json(const TrainerOptions& o) {
 
 torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {
   if (auto* m = dynamic_cast<EncoderDecoderImpl<>*>(&model))
-    return m->forward(batch.images, batch.input_ids, batch.padding_mask, batch.labels).loss;
+    return m->forward(batch.images, batch.input_ids, batch.padding_mask, batch.labels, batch.image_sizes).loss;
   TORCH_CHECK_VALUE(false, "Trainer: no built-in loss for ", model.name(),
                     " (it handles encoder_decoder models); pass a loss function");
 }

@@ -61,10 +61,17 @@ def _as_hwc(t: torch.Tensor) -> torch.Tensor:
 
 def preprocess(image: ImageSource, size: int = 224, mode: str = "square", normalize: str = "clip",
                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-               boxes: Optional[Boxes] = None) -> Tuple[torch.Tensor, Boxes]:
+               boxes: Optional[Boxes] = None, patch_size: int = 14, merge_size: int = 2,
+               min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> Tuple[torch.Tensor, Boxes]:
     """Resizes (``mode``: "square", "letterbox" (maps boxes), "center_crop": shortest
     side then a central crop) and normalises (preset "clip", "siglip", "imagenet",
-    "none", or explicit ``mean``/``std``) to a [3, size, size] float tensor."""
+    "none", or explicit ``mean``/``std``) to a [3, size, size] float tensor.
+
+    ``mode="dynamic"`` (Qwen2-VL): the aspect is kept and both sides are rounded to
+    multiples of ``patch_size * merge_size`` with the pixel count in [``min_pixels``
+    (default one merged patch), ``max_pixels`` (default size * size)], so the tensor
+    is [3, h, w] and the number of image tokens follows the image. Batch such
+    tensors with ``collate_images``. Boxes are scaled with the image."""
     image = load_image(image) if not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8
                                       and image.dim() == 3 and image.shape[-1] == 3) else image
     out_boxes = [list(b) for b in boxes] if boxes else []
@@ -74,19 +81,37 @@ def preprocess(image: ImageSource, size: int = 224, mode: str = "square", normal
         out_boxes = [[b[0] * size / w, b[1] * size / h, b[2] * size / w, b[3] * size / h] for b in out_boxes]
     elif mode == "letterbox":
         image, out_boxes, _ = _C.letterbox(image, size, out_boxes)
+    elif mode == "dynamic":
+        h, w = image.shape[:2]
+        factor = patch_size * merge_size
+        nh, nw = _C.dynamic_resolution(h, w, patch_size, merge_size,
+                                       min_pixels if min_pixels is not None else factor * factor,
+                                       max_pixels if max_pixels is not None else max(size * size, factor * factor))
+        image = _C.resize_image(image, nh, nw)
+        out_boxes = [[b[0] * nw / w, b[1] * nh / h, b[2] * nw / w, b[3] * nh / h] for b in out_boxes]
     elif mode == "center_crop":
         if out_boxes:
             raise ValueError("mode 'center_crop' drops image borders; use 'letterbox' or 'square' with boxes")
         image = _C.shortest_side_center_crop(image, size)
     else:
-        raise ValueError(f"unknown resize mode {mode!r}; expected 'square', 'letterbox' or 'center_crop'")
+        raise ValueError(f"unknown resize mode {mode!r}; expected 'square', 'letterbox', 'center_crop' or 'dynamic'")
     preset_mean, preset_std = _C.normalization_preset(normalize)
     pixels = _C.to_chw(image, list(mean) if mean is not None else preset_mean,
                        list(std) if std is not None else preset_std)
     return pixels, out_boxes
 
 
+def collate_images(images: Sequence[torch.Tensor], multiple: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batches [C, h, w] images of different sizes: returns ``images`` [B, C, H, W]
+    (each top-left, zeros elsewhere; H and W the largest sides rounded up to
+    ``multiple``) and ``image_sizes`` [B, 2] int64 (height, width). Pass both to the
+    model (``model(images, ids, image_sizes=sizes)``): the ViT masks the padded
+    patches and concat fusion packs only each image's own tokens."""
+    return _C.collate_images(list(images), multiple)
+
+
 letterbox = _C.letterbox
+resize_image = _C.resize_image
 resize_square = _C.resize_square
 shortest_side_center_crop = _C.shortest_side_center_crop
 tile_image = _C.tile_image
@@ -119,7 +144,8 @@ def read_records(path, format: str = "jsonl", image_root=None, bad_samples: str 
 class Loader:
     """Batches of a dataset file, decoded on C++ worker threads outside the GIL.
 
-    Each batch is a dict: ``images`` [B, 3, S, S] float (normalised), ``input_ids``,
+    Each batch is a dict: ``images`` [B, 3, S, S] float (normalised), ``image_sizes``
+    [B, 2] (height, width of each image), ``input_ids``,
     ``labels`` (answer tokens, -100 elsewhere) and ``padding_mask`` [B, T] from the
     prompt template, and ``indices`` [B]. The order is a permutation of (seed,
     epoch), the same for any ``num_workers``; ``prefetch`` bounds the batches in
@@ -130,17 +156,26 @@ class Loader:
     answer depends on geometry or reads text (boxes, "left"/"right", OCR).
     Data parallel: ``rank`` / ``world_size`` split every global batch of
     ``batch_size * world_size`` records (one order shared by all ranks) into slices.
+
+    ``resize="dynamic"`` (Qwen2-VL-style dynamic resolution): each image keeps its
+    aspect with sides multiples of ``patch_size * merge_size`` and at most
+    ``dynamic_max_pixels`` (default ``image_size ** 2``) pixels; a batch is padded
+    to its largest image and ``image_sizes`` tells the model which patches are real
+    (pass ``image_sizes=batch["image_sizes"]`` to the model; the Trainer does).
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
                  prefetch: int = 4, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  bad_samples: str = "raise", image_size: int = 64, resize: str = "square",
                  normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
-                 crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1) -> None:
+                 crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1,
+                 patch_size: int = 8, merge_size: int = 2, dynamic_min_pixels: int = 0,
+                 dynamic_max_pixels: int = 0) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
                                  drop_last, bad_samples, image_size, resize, normalize, max_pixels,
-                                 flip_probability, crop_scale, color_jitter, rank, world_size)
+                                 flip_probability, crop_scale, color_jitter, rank, world_size, patch_size,
+                                 merge_size, dynamic_min_pixels, dynamic_max_pixels)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -9,7 +9,8 @@
 namespace vlmkit {
 
 struct Batch {
-  torch::Tensor images;        // [B, 3, S, S] float
+  torch::Tensor images;        // [B, 3, H, W] float (zero-padded to the batch's largest in "dynamic" mode)
+  torch::Tensor image_sizes;   // [B, 2] int64 (height, width) of each image inside `images`
   torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
   torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
   torch::Tensor padding_mask;  // [B, T] bool

@@ -56,6 +56,8 @@ struct LetterboxInfo {
   int64_t pad_x = 0, pad_y = 0;
 };
 cv::Mat resize_square(const cv::Mat& rgb, int64_t size);
+/// To width x height: area averaging when shrinking 2x or more, else bilinear.
+cv::Mat resize_image(const cv::Mat& rgb, int64_t width, int64_t height);
 cv::Mat letterbox(const cv::Mat& rgb, int64_t size, LetterboxInfo* info = nullptr, int fill = 114);
 /// Maps pixel boxes of the original image into the letterboxed one.
 std::vector<Box> letterbox_boxes(const std::vector<Box>& boxes, const LetterboxInfo& info);
@@ -80,6 +82,17 @@ struct Normalization {
 };
 /// RGB uint8 -> [3, H, W] float32, (x / 255 - mean) / std.
 torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm = {});
+
+/// Images of different sizes in one batch (dynamic resolution).
+struct ImageBatch {
+  torch::Tensor images;       // [B, C, H, W]: each image top-left, zeros elsewhere
+  torch::Tensor image_sizes;  // [B, 2] int64: (height, width) of each image
+};
+/// Pads [C, h, w] tensors (one dtype, one channel count) into one batch whose
+/// H and W are the largest heights and widths rounded up to `multiple`. The
+/// models take image_sizes to mask the padded patches (ViT) and pack the
+/// image tokens (concat fusion).
+ImageBatch collate_images(const std::vector<torch::Tensor>& images, int64_t multiple = 1);
 
 // ---------------------------------------------------------------- augmentation
 cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes = nullptr);

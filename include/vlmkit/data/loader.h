@@ -30,8 +30,18 @@ struct LoaderOptions {
   TORCH_ARG(bool, drop_last) = false;
   TORCH_ARG(BadSamplePolicy, bad_samples) = BadSamplePolicy::raise;
   TORCH_ARG(int64_t, image_size) = 64;
-  /// "square", "letterbox" or "center_crop".
+  /// "square", "letterbox", "center_crop" (image_size x image_size) or
+  /// "dynamic" (Qwen2-VL: each image keeps its aspect, sides rounded to
+  /// multiples of patch_size * merge_size within [dynamic_min_pixels,
+  /// dynamic_max_pixels]; a batch is zero-padded to its largest image and
+  /// Batch::image_sizes tells the model which patches are real).
   TORCH_ARG(std::string, resize) = "square";
+  TORCH_ARG(int64_t, patch_size) = 8;
+  TORCH_ARG(int64_t, merge_size) = 2;
+  /// 0: (patch_size * merge_size)^2, one merged token.
+  TORCH_ARG(int64_t, dynamic_min_pixels) = 0;
+  /// 0: image_size^2, the pixel budget of the square modes.
+  TORCH_ARG(int64_t, dynamic_max_pixels) = 0;
   /// Normalisation preset: "clip", "siglip", "imagenet", "none".
   TORCH_ARG(std::string, normalize) = "clip";
   TORCH_ARG(int64_t, max_pixels) = kDefaultMaxPixels;

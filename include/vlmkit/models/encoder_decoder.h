@@ -43,22 +43,35 @@ class EncoderDecoderImpl : public torch::nn::Module {
     return projector->forward(image_encoder->forward(images));
   }
 
+  /// Variable-size images (dynamic resolution): images zero-padded into one
+  /// [I, C, H, W] batch, image_sizes [I, 2] their (height, width) (see
+  /// data::collate_images). Returns the projected tokens [I, M, D] and their
+  /// padding mask [I, M] (undefined when nothing is padded).
+  std::pair<torch::Tensor, torch::Tensor> encode_images(const torch::Tensor& images,
+                                                        const torch::Tensor& image_sizes) {
+    auto encoded = image_encoder->forward(images, image_sizes);
+    return {projector->forward(encoded), projector->output_padding_mask(encoded)};
+  }
+
   /// Fuses images into the token sequence. Concat: images are assigned to the
-  /// <image> placeholders in reading order across the batch. Cross-attention:
-  /// one image per sample.
+  /// <image> placeholders in reading order across the batch (with
+  /// image_sizes, each contributes only its valid tokens: packed). Cross-
+  /// attention: one image per sample (padded tokens masked).
   DecoderInputs prepare(const torch::Tensor& images, const torch::Tensor& input_ids,
-                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
+                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
+                        const torch::Tensor& image_sizes = {}) {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderDecoder");
     check_labels(labels, input_ids, *decoder, "EncoderDecoder");
-    auto memory = encode_images(images);
-    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, {}, labels);
+    auto [memory, memory_mask] = encode_images(images, image_sizes);
+    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels);
   }
 
   /// labels [B, T]: the target token at each position, kIgnoreIndex on the
-  /// prompt; logits at t predict labels[t + 1].
+  /// prompt; logits at t predict labels[t + 1]. image_sizes: see encode_images.
   DecoderOutput forward(const torch::Tensor& images, const torch::Tensor& input_ids,
-                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
-    return decode_fused(*decoder, prepare(images, input_ids, padding_mask, labels),
+                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
+                        const torch::Tensor& image_sizes = {}) {
+    return decode_fused(*decoder, prepare(images, input_ids, padding_mask, labels, image_sizes),
                         options.attention(), options.label_smoothing(), options.loss_reduction());
   }
 
@@ -67,11 +80,12 @@ class EncoderDecoderImpl : public torch::nn::Module {
                             const std::vector<std::vector<int64_t>>& prompts,
                             const GenerationOptions& generation = {},
                             const ConstraintFactory& constraint = nullptr,
-                            const TokenCallback& callback = nullptr) {
+                            const TokenCallback& callback = nullptr,
+                            const torch::Tensor& image_sizes = {}) {
     auto [ids, mask] = pad_token_lists(prompts, decoder->options.pad_id());
     ids = ids.to(images.device());
     mask = mask.to(images.device());
-    return generate_from_inputs(*decoder, prepare(images, ids, mask), options.attention(),
+    return generate_from_inputs(*decoder, prepare(images, ids, mask, {}, image_sizes), options.attention(),
                                 generation, constraint, callback);
   }
 

@@ -25,6 +25,7 @@ class ConvStageImpl final : public ImageEncoderModule {
   void reset();
   void pretty_print(std::ostream& stream) const override;
 
+  using ImageEncoderModule::forward;  // variable sizes: refused (GroupNorm statistics would include padding)
   EncoderOutput forward(const torch::Tensor& images) override;
   /// Feature map [B, C_last, H/s, W/s] before the token projection.
   torch::Tensor features(const torch::Tensor& images);

@@ -30,6 +30,13 @@ class ImageEncoderModule : public torch::nn::Module {
   using torch::nn::Module::Module;
   /// images: [B, C, H, W] float.
   virtual EncoderOutput forward(const torch::Tensor& images) = 0;
+  /// Variable-size images (dynamic resolution): each image sits in the top-left
+  /// corner of the [B, C, H, W] batch, zero-padded on the right and bottom;
+  /// image_sizes [B, 2] int64 holds each one's (height, width). Tokens of the
+  /// padding are masked (EncoderOutput.padding_mask) and every valid token
+  /// equals what the image alone gives. Undefined image_sizes: forward(images).
+  /// Encoders that cannot do this exactly raise ValueError (the default).
+  virtual EncoderOutput forward(const torch::Tensor& images, const torch::Tensor& image_sizes);
   /// Width D of tokens and pooled vector.
   virtual int64_t output_dim() const = 0;
   /// The config that rebuilds this encoder by name (includes "type").
@@ -61,6 +68,14 @@ namespace detail {
 /// Mean over the non-padding positions of tokens [B, N, D]; mask [B, N] bool
 /// (true = padding) or undefined.
 torch::Tensor masked_mean(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
+/// Checks image_sizes [B, 2] int64 against images [B, C, H, W] (each size in
+/// [1, H] x [1, W] and a multiple of `multiple`) and returns it on the CPU.
+torch::Tensor check_image_sizes(const torch::Tensor& image_sizes, const torch::Tensor& images, int64_t multiple,
+                                const char* who);
+/// The patch padding mask [B, (H/patch) * (W/patch)] bool (true = padding) of
+/// checked sizes; undefined when no image is padded.
+torch::Tensor patch_padding_mask(const torch::Tensor& sizes_cpu, int64_t height, int64_t width, int64_t patch,
+                                 torch::Device device);
 }  // namespace detail
 
 }  // namespace vlmkit

@@ -27,6 +27,11 @@ class ViTImpl final : public ImageEncoderModule {
   void pretty_print(std::ostream& stream) const override;
 
   EncoderOutput forward(const torch::Tensor& images) override;
+  /// Variable-size images (see ImageEncoderModule): sizes must be multiples of
+  /// patch_size; padded patches are masked out of attention and pooling.
+  /// Learned positions are interpolated per image size and the conv stem runs
+  /// on each size group's unpadded crop, so valid tokens equal the image's own.
+  EncoderOutput forward(const torch::Tensor& images, const torch::Tensor& image_sizes) override;
   int64_t output_dim() const override { return options.d_model(); }
   nlohmann::json config() const override;
   /// Position embeddings for a grid of rows x cols patches: [1, rows*cols, D].

@@ -26,6 +26,10 @@ class ProjectorModule : public torch::nn::Module {
   virtual torch::Tensor forward(const EncoderOutput& image) = 0;
   /// M for an input of N tokens on a rows x cols grid.
   virtual int64_t num_output_tokens(int64_t rows, int64_t cols) const = 0;
+  /// [B, M] bool (true = padding) for the output tokens, given the input's
+  /// padding_mask (variable-size images); undefined when nothing is padded.
+  /// The default (per-token projectors) passes the input mask through.
+  virtual torch::Tensor output_padding_mask(const EncoderOutput& image) const { return image.padding_mask; }
   virtual int64_t input_dim() const = 0;
   virtual int64_t output_dim() const = 0;
   virtual nlohmann::json config() const = 0;
@@ -55,6 +59,8 @@ class PixelShuffleProjectorImpl final : public ProjectorModule {
  public:
   explicit PixelShuffleProjectorImpl(ProjectorOptions options_);
   torch::Tensor forward(const EncoderOutput& image) override;
+  /// A merged token is padding when its whole r x r block is.
+  torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
   int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
@@ -71,6 +77,7 @@ class PatchMergerProjectorImpl final : public ProjectorModule {
  public:
   explicit PatchMergerProjectorImpl(ProjectorOptions options_);
   torch::Tensor forward(const EncoderOutput& image) override;
+  torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
   int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
@@ -88,7 +95,10 @@ TORCH_MODULE(PatchMergerProjector);
 class ResamplerProjectorImpl final : public ProjectorModule {
  public:
   explicit ResamplerProjectorImpl(ProjectorOptions options_);
+  /// Padded image tokens are masked out of the cross-attention.
   torch::Tensor forward(const EncoderOutput& image) override;
+  /// The queries are never padding: undefined.
+  torch::Tensor output_padding_mask(const EncoderOutput&) const override { return {}; }
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
   int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
