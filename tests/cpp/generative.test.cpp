@@ -86,6 +86,44 @@ TEST_CASE("encoder-decoder: templates compose concrete slot types", "[model][tem
   CHECK_THROWS_AS(model.forward(torch::rand({2, 3, 32, 32}), ids), c10::ValueError);
 }
 
+TEST_CASE("encoder-decoder: variable-size images in one padded batch equal each image alone", "[model][dynamic]") {
+  torch::manual_seed(0);
+  auto vit = std::make_shared<ViTImpl>(ViTOptions().image_size(32).patch_size(8).d_model(32).depth(2));
+  auto projector = std::make_shared<PixelShuffleProjectorImpl>(ProjectorOptions(32, 48));
+  for (bool concat : {true, false}) {
+    std::shared_ptr<DecoderFusionModule> fusion;
+    if (concat) fusion = std::make_shared<ConcatFusionImpl>();
+    else fusion = std::make_shared<CrossAttentionDecoderFusionImpl>();
+    auto dec = std::make_shared<TextDecoderImpl>(
+        TextDecoderOptions().d_model(48).depth(1).num_heads(4).cross_attention_every(concat ? 0 : 1).context_dim(48));
+    EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl> model(vit, projector, fusion, dec);
+    model.eval();
+    ByteTokenizer tokenizer;
+    auto prompt = tokenizer.encode("<image>Size?", true);
+    auto ids = torch::tensor(prompt).unsqueeze(0);
+    auto wide = torch::rand({1, 3, 16, 48}), tall = torch::rand({1, 3, 32, 16});
+    auto images = torch::zeros({2, 3, 32, 48});
+    images.slice(0, 0, 1).slice(2, 0, 16).copy_(wide);
+    images.slice(0, 1, 2).slice(3, 0, 16).copy_(tall);
+    auto sizes = torch::tensor({16, 48, 32, 16}, torch::kLong).view({2, 2});
+    INFO((concat ? "concat" : "cross_attention"));
+    auto batched = model.forward(images, ids.repeat({2, 1}), {}, {}, sizes);
+    auto [memory, mask] = model.encode_images(images, sizes);
+    REQUIRE(mask.defined());
+    REQUIRE(mask.logical_not().sum(1).equal(torch::tensor({3, 2}, torch::kLong)));  // (2x6)/4 and (4x2)/4 tokens
+    int64_t i = 0;
+    for (const auto& image : {wide, tall}) {
+      auto alone = model.forward(image, ids);
+      const int64_t n = alone.logits.size(1);
+      REQUIRE(close(batched.logits[i].slice(0, 0, n), alone.logits[0], 2e-5));
+      auto g = model.generate(image, {prompt}, GenerationOptions().max_new_tokens(4));
+      auto gb = model.generate(images, {prompt, prompt}, GenerationOptions().max_new_tokens(4), nullptr, nullptr, sizes);
+      REQUIRE(gb.tokens[size_t(i)] == g.tokens[0]);
+      ++i;
+    }
+  }
+}
+
 TEST_CASE("json schema: matcher follows the schema", "[json]") {
   auto schema = ordered_json::parse(R"({"type":"object","properties":{
       "name":{"type":"string","maxLength":3},"n":{"type":"integer","minimum":0,"maximum":50},
