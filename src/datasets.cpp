@@ -393,10 +393,15 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
 }
 
 std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_t epoch) const {
+  auto [image, encoded] = prepare(index, epoch);
+  return {to_chw_tensor(image, norm_), std::move(encoded)};
+}
+
+std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t epoch) const {
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
   // Records with boxes decode at full size: their pixel boxes are checked against it.
-  const int64_t min_side = r.boxes.empty() && options_.resize() != "dynamic" ? s : 0;
+  const int64_t min_side = r.boxes.empty() && options_.jpeg_draft() && options_.resize() != "dynamic" ? s : 0;
   auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), min_side)
                                               : load_image(r.image, options_.max_pixels(), min_side);
   for (const auto& b : r.boxes) {
@@ -427,26 +432,38 @@ std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_
   bool has_image = false;
   for (const auto& t : turns) has_image |= t.text.find(ByteTokenizer::kImageText) != std::string::npos;
   if (!has_image) turns.front().text = std::string(ByteTokenizer::kImageText) + turns.front().text;
-  return {to_chw_tensor(image, norm_), encode_conversation(turns, tokenizer_)};
+  return {image, encode_conversation(turns, tokenizer_)};
 }
 
 Batch Loader::collate(const std::vector<int64_t>& indices,
-                      std::vector<std::pair<torch::Tensor, EncodedConversation>>& items) const {
+                      std::vector<std::pair<cv::Mat, EncodedConversation>>& items) const {
   Batch batch;
-  std::vector<torch::Tensor> images;
   size_t longest = 0;
+  int64_t height = 0, width = 0;
   for (auto& item : items) {
-    images.push_back(item.first);
     longest = std::max(longest, item.second.input_ids.size());
+    height = std::max<int64_t>(height, item.first.rows);
+    width = std::max<int64_t>(width, item.first.cols);
   }
   const int64_t b = int64_t(items.size()), t = int64_t(longest);
-  if (options_.resize() == "dynamic") {
-    auto padded = collate_images(images, options_.patch_size() * options_.merge_size());
-    batch.images = padded.images;
-    batch.image_sizes = padded.image_sizes;
-  } else {
-    batch.images = torch::stack(images);
-    batch.image_sizes = torch::tensor({images[0].size(1), images[0].size(2)}, torch::kLong).repeat({b, 1});
+  // Images are normalised straight into their batch slots (no per-image tensor
+  // and no stacking copy); "dynamic" batches are zero-padded to the largest.
+  const bool dynamic = options_.resize() == "dynamic";
+  if (dynamic) {
+    const int64_t factor = options_.patch_size() * options_.merge_size();
+    height = (height + factor - 1) / factor * factor;
+    width = (width + factor - 1) / factor * factor;
+  }
+  batch.images = dynamic ? torch::zeros({b, 3, height, width}) : torch::empty({b, 3, height, width});
+  batch.image_sizes = torch::empty({b, 2}, torch::kLong);
+  auto sizes = batch.image_sizes.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < b; ++i) {
+    const cv::Mat& image = items[size_t(i)].first;
+    TORCH_CHECK_VALUE(dynamic || (image.rows == height && image.cols == width),
+                      "Loader: internal error: images of one batch differ in size");
+    write_chw(image, norm_, batch.images[i]);
+    sizes[i][0] = image.rows;
+    sizes[i][1] = image.cols;
   }
   batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
   batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
@@ -474,12 +491,12 @@ void Loader::work() {
     const int64_t bs = options_.batch_size();
     const int64_t begin = k * bs, end = std::min<int64_t>(begin + bs, int64_t(order_.size()));
     std::vector<int64_t> indices;
-    std::vector<std::pair<torch::Tensor, EncodedConversation>> items;
+    std::vector<std::pair<cv::Mat, EncodedConversation>> items;
     std::exception_ptr error;
     for (int64_t p = begin; p < end && !error; ++p) {
       const int64_t index = order_[size_t(p)];
       try {
-        items.push_back(load(index, epoch_));
+        items.push_back(prepare(index, epoch_));
         indices.push_back(index);
       } catch (const std::exception& e) {
         if (options_.bad_samples() == BadSamplePolicy::skip) {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <iomanip>
+#include <limits>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <sstream>
@@ -351,13 +352,112 @@ torch::Tensor image_to_tensor(const cv::Mat& rgb) {
 
 // ---------------------------------------------------------------- resizing
 namespace {
+// PIL's resampling (Pillow's Resample.c, bilinear filter), reimplemented: a
+// triangle filter whose support grows with the shrink factor (anti-aliased),
+// 22-bit fixed-point weights, a horizontal pass then a vertical pass, each
+// rounding to uint8. Same arithmetic, so the same bytes as PIL's
+// Image.resize(size, BILINEAR) and hence torchvision's Resize on PIL images.
+constexpr int kResampleBits = 22;
+
+struct ResampleCoeffs {
+  int ksize = 0;
+  std::vector<int> bounds;   // per output pixel: first input index, tap count
+  std::vector<int32_t> k;    // per output pixel: ksize fixed-point weights
+};
+
+ResampleCoeffs resample_coeffs(int in_size, int out_size) {
+  const double scale = double(in_size) / out_size, filterscale = std::max(scale, 1.0);
+  const double support = 1.0 * filterscale;  // the bilinear filter's support is 1
+  ResampleCoeffs c;
+  c.ksize = int(std::ceil(support)) * 2 + 1;
+  c.bounds.resize(size_t(out_size) * 2);
+  c.k.assign(size_t(out_size) * size_t(c.ksize), 0);
+  std::vector<double> w(size_t(c.ksize));
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = (xx + 0.5) * scale, ss = 1.0 / filterscale;
+    const int xmin = std::max(0, int(center - support + 0.5));
+    const int n = std::min(in_size, int(center + support + 0.5)) - xmin;
+    double total = 0.0;
+    for (int x = 0; x < n; ++x) {
+      const double t = std::fabs((x + xmin - center + 0.5) * ss);
+      w[size_t(x)] = t < 1.0 ? 1.0 - t : 0.0;
+      total += w[size_t(x)];
+    }
+    for (int x = 0; x < n; ++x) {
+      const double v = total != 0.0 ? w[size_t(x)] / total : w[size_t(x)];
+      c.k[size_t(xx) * size_t(c.ksize) + size_t(x)] =
+          int32_t(v < 0 ? -0.5 + v * (1 << kResampleBits) : 0.5 + v * (1 << kResampleBits));
+    }
+    c.bounds[2 * size_t(xx)] = xmin;
+    c.bounds[2 * size_t(xx) + 1] = n;
+  }
+  return c;
+}
+
+/// Vertical pass: out row yy = sum over taps of input rows (bounds - first),
+/// whole rows at a time (vectorises; an AVX2 copy is picked at run time).
+inline __attribute__((always_inline)) void resample_rows_body(const cv::Mat& in, int first,
+                                                              const ResampleCoeffs& c, cv::Mat& out,
+                                                              int32_t* __restrict acc) {
+  const int row = in.cols * in.channels();
+  for (int yy = 0; yy < out.rows; ++yy) {
+    const int ymin = c.bounds[2 * size_t(yy)] - first, n = c.bounds[2 * size_t(yy) + 1];
+    const int32_t* k = &c.k[size_t(yy) * size_t(c.ksize)];
+    for (int i = 0; i < row; ++i) acc[i] = 1 << (kResampleBits - 1);
+    for (int y = 0; y < n; ++y) {
+      const uint8_t* __restrict src = in.ptr<uint8_t>(ymin + y);
+      const int32_t w = k[y];
+      for (int i = 0; i < row; ++i) acc[i] += int32_t(src[i]) * w;
+    }
+    uint8_t* __restrict dst = out.ptr<uint8_t>(yy);
+    for (int i = 0; i < row; ++i) {
+      const int32_t v = acc[i] >> kResampleBits;
+      dst[i] = uint8_t(v < 0 ? 0 : v > 255 ? 255 : v);
+    }
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) void resample_rows_avx2(const cv::Mat& in, int first, const ResampleCoeffs& c,
+                                                        cv::Mat& out, int32_t* acc) {
+  resample_rows_body(in, first, c, out, acc);
+}
+#endif
+
+void resample_rows(const cv::Mat& in, int first, const ResampleCoeffs& c, cv::Mat& out) {
+  std::vector<int32_t> acc(size_t(in.cols) * size_t(in.channels()));
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return resample_rows_avx2(in, first, c, out, acc.data());
+#endif
+  resample_rows_body(in, first, c, out, acc.data());
+}
+
 cv::Mat resize_to(const cv::Mat& rgb, int64_t width, int64_t height) {
   TORCH_CHECK_VALUE(width > 0 && height > 0, "resize: target size must be positive, got ", width, "x", height);
-  cv::Mat out;
-  // Area averaging (anti-aliased) when shrinking by 2x or more; bilinear for
-  // milder factors, where it is several times faster and aliasing is small.
-  const bool shrink = width * 2 <= rgb.cols || height * 2 <= rgb.rows;
-  cv::resize(rgb, out, cv::Size(int(width), int(height)), 0, 0, shrink ? cv::INTER_AREA : cv::INTER_LINEAR);
+  TORCH_CHECK_VALUE(width <= std::numeric_limits<int>::max() / 3 / height, "resize: target size ", width, "x",
+                    height, " is too large (over 2^31 bytes)");
+  const int out_w = int(width), out_h = int(height);
+  if (out_w == rgb.cols && out_h == rgb.rows) return rgb.clone();
+  const auto vertical = resample_coeffs(rgb.rows, out_h);
+  // Input rows the vertical pass reads; the horizontal pass only needs those.
+  const int first = vertical.bounds[0];
+  const int last = vertical.bounds[2 * size_t(out_h) - 2] + vertical.bounds[2 * size_t(out_h) - 1];
+  cv::Mat source = rgb;
+  int offset = 0;
+  if (out_w != rgb.cols) {
+    // The horizontal pass runs as a vertical pass on the transposed rows.
+    const auto horizontal = resample_coeffs(rgb.cols, out_w);
+    cv::Mat transposed, shrunk(out_w, last - first, rgb.type()), back;
+    cv::transpose(rgb.rowRange(first, last), transposed);
+    resample_rows(transposed, 0, horizontal, shrunk);
+    cv::transpose(shrunk, back);
+    source = back;
+    offset = first;
+  }
+  if (out_h == rgb.rows) return source;
+  cv::Mat out(out_h, source.cols, rgb.type());
+  resample_rows(source, offset, vertical, out);
   return out;
 }
 
@@ -470,17 +570,26 @@ Normalization Normalization::preset(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown normalisation preset '", name, "'; expected one of 'clip', 'siglip', 'imagenet', 'none'");
 }
 
-torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm) {
+void write_chw(const cv::Mat& rgb, const Normalization& norm, const torch::Tensor& out) {
   check_rgb(rgb, "to_chw_tensor");
   for (double s : norm.std) TORCH_CHECK_VALUE(s > 0, "normalisation std must be positive, got ", s);
+  TORCH_CHECK_VALUE(out.scalar_type() == torch::kFloat && out.device().is_cpu() && out.dim() == 3 &&
+                        out.size(0) == 3 && out.size(1) >= rgb.rows && out.size(2) >= rgb.cols && out.stride(2) == 1,
+                    "write_chw: expected a float32 CPU tensor [3, >= ", rgb.rows, ", >= ", rgb.cols,
+                    "] with contiguous rows, got ", out.sizes());
   // One SIMD pass per channel straight into the tensor's planes.
-  auto out = torch::empty({3, rgb.rows, rgb.cols}, torch::kFloat);
   cv::Mat channel;
   for (int c = 0; c < 3; ++c) {
-    cv::Mat plane(rgb.rows, rgb.cols, CV_32F, out[c].data_ptr<float>());
+    cv::Mat plane(rgb.rows, rgb.cols, CV_32F, out[c].data_ptr<float>(), size_t(out.stride(1)) * sizeof(float));
     cv::extractChannel(rgb, channel, c);
     channel.convertTo(plane, CV_32F, 1.0 / (255.0 * norm.std[c]), -norm.mean[c] / norm.std[c]);
   }
+}
+
+torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm) {
+  check_rgb(rgb, "to_chw_tensor");
+  auto out = torch::empty({3, rgb.rows, rgb.cols}, torch::kFloat);
+  write_chw(rgb, norm, out);
   return out;
 }
 

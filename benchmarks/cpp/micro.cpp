@@ -100,6 +100,45 @@ void BM_DecodeResizeNormalize(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_DecodeResizeNormalize)->Unit(benchmark::kMicrosecond);
+
+// The loader benchmark's image: 640x480 JPEG (quality 90) with noise.
+std::string noisy_jpeg() {
+  cv::Mat image(480, 640, CV_8UC3);
+  cv::randu(image, 0, 255);
+  cv::GaussianBlur(image, image, cv::Size(9, 9), 3.0);
+  cv::Mat noise(480, 640, CV_8UC3);
+  cv::randu(noise, 0, 16);
+  image += noise;
+  std::vector<uchar> jpg;
+  cv::imencode(".jpg", image, jpg, {cv::IMWRITE_JPEG_QUALITY, 90});
+  return std::string(jpg.begin(), jpg.end());
+}
+
+// Arg 0: full decode; 1: draft (DCT-scaled to >= 224).
+void BM_JpegDecode640(benchmark::State& state) {
+  const auto bytes = noisy_jpeg();
+  for (auto _ : state)
+    benchmark::DoNotOptimize(vlmkit::decode_image(bytes, vlmkit::kDefaultMaxPixels, state.range(0) ? 224 : 0));
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_JpegDecode640)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+
+// PIL-compatible anti-aliased resize to 224x224 from 640x480 (arg 0) or 320x240 (arg 1).
+void BM_Resize224(benchmark::State& state) {
+  const auto image = vlmkit::decode_image(noisy_jpeg(), vlmkit::kDefaultMaxPixels, state.range(0) ? 224 : 0);
+  for (auto _ : state) benchmark::DoNotOptimize(vlmkit::resize_square(image, 224));
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Resize224)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+
+void BM_Normalize224(benchmark::State& state) {
+  const auto image = vlmkit::resize_square(vlmkit::decode_image(noisy_jpeg()), 224);
+  auto norm = vlmkit::Normalization::preset("imagenet");
+  auto out = torch::empty({3, 224, 224});
+  for (auto _ : state) vlmkit::write_chw(image, norm, out);
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Normalize224)->Unit(benchmark::kMicrosecond);
 #endif
 
 }  // namespace

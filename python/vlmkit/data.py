@@ -170,12 +170,12 @@ class Loader:
                  normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
                  crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1,
                  patch_size: int = 8, merge_size: int = 2, dynamic_min_pixels: int = 0,
-                 dynamic_max_pixels: int = 0) -> None:
+                 dynamic_max_pixels: int = 0, jpeg_draft: bool = True) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
                                  drop_last, bad_samples, image_size, resize, normalize, max_pixels,
                                  flip_probability, crop_scale, color_jitter, rank, world_size, patch_size,
-                                 merge_size, dynamic_min_pixels, dynamic_max_pixels)
+                                 merge_size, dynamic_min_pixels, dynamic_max_pixels, jpeg_draft)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -61,6 +61,40 @@ def test_jpeg_pixels_equal_pil_decode(mode):
     assert diff <= (1 if mode == "CMYK" else 0)
 
 
+@pytest.mark.parametrize("size", [(224, 224), (100, 37), (640, 480), (13, 301), (1, 1)])
+def test_resize_is_byte_identical_to_pil_bilinear(size):
+    # PIL's anti-aliased bilinear (what torchvision's Resize does to PIL images),
+    # down and up, integer and fractional factors.
+    rng = np.random.default_rng(2)
+    array = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
+    ours = data.resize_image(torch.from_numpy(array), size[1], size[0]).numpy()
+    assert np.array_equal(ours, expected)
+
+
+def test_loader_without_jpeg_draft_matches_pil_and_torchvision(tmp_path):
+    from torchvision import transforms
+    rng = np.random.default_rng(3)
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for i, (h, w) in enumerate([(480, 640), (300, 200), (97, 131)]):
+            array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(array).save(tmp_path / f"{i}.jpg", quality=90)
+            f.write(f'{{"image": "{i}.jpg", "text": "x"}}\n')
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    peer = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    expected = torch.stack([peer(Image.open(tmp_path / f"{i}.jpg").convert("RGB")) for i in range(3)])
+    def pixels_255(images):  # back to 0..255 units
+        return images * torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    exact = next(iter(data.Loader(tmp_path / "m.jsonl", batch_size=3, image_size=64, normalize="imagenet",
+                                  shuffle=False, jpeg_draft=False)))["images"]
+    assert (pixels_255(exact) - pixels_255(expected)).abs().max() < 1e-3    # the same bytes, float rounding only
+    # Draft decoding (DCT-scaled JPEG decode, the default) is close on average, even on pure noise.
+    draft = next(iter(data.Loader(tmp_path / "m.jsonl", batch_size=3, image_size=64, normalize="imagenet",
+                                  shuffle=False)))["images"]
+    assert (pixels_255(draft) - pixels_255(expected)).abs().mean() < 2.0
+
+
 def test_corrupt_jpeg_body_raises_value_error():
     encoded = bytearray(png_bytes(Image.fromarray(np.zeros((16, 16, 3), np.uint8)), "JPEG"))
     sof = encoded.index(b"\xff\xc0")

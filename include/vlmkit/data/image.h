@@ -56,7 +56,10 @@ struct LetterboxInfo {
   int64_t pad_x = 0, pad_y = 0;
 };
 cv::Mat resize_square(const cv::Mat& rgb, int64_t size);
-/// To width x height: area averaging when shrinking 2x or more, else bilinear.
+/// To width x height with PIL's bilinear resampling (a triangle filter widened
+/// by the shrink factor, so downscaling is anti-aliased): byte for byte what
+/// PIL's Image.resize(..., BILINEAR), and so torchvision's Resize, produces.
+/// Every resize policy below uses it.
 cv::Mat resize_image(const cv::Mat& rgb, int64_t width, int64_t height);
 cv::Mat letterbox(const cv::Mat& rgb, int64_t size, LetterboxInfo* info = nullptr, int fill = 114);
 /// Maps pixel boxes of the original image into the letterboxed one.
@@ -82,6 +85,10 @@ struct Normalization {
 };
 /// RGB uint8 -> [3, H, W] float32, (x / 255 - mean) / std.
 torch::Tensor to_chw_tensor(const cv::Mat& rgb, const Normalization& norm = {});
+/// The same into the top-left H x W corner of `out`, a float32 CPU tensor
+/// [3, H', W'] with H' >= H and W' >= W whose rows are contiguous (a batch
+/// slot); the rest of `out` is left as it is.
+void write_chw(const cv::Mat& rgb, const Normalization& norm, const torch::Tensor& out);
 
 /// Images of different sizes in one batch (dynamic resolution).
 struct ImageBatch {

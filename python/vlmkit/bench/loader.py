@@ -54,9 +54,10 @@ def make_jpegs(folder, count):
     return paths
 
 
-def run_vlmkit(folder, size, workers):
+def run_vlmkit(folder, size, workers, jpeg_draft=True):
     loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=32, num_workers=workers,
-                         image_size=size, resize="square", normalize="imagenet", shuffle=False, prefetch=8)
+                         image_size=size, resize="square", normalize="imagenet", shuffle=False, prefetch=8,
+                         jpeg_draft=jpeg_draft)
     start = time.perf_counter()
     n = sum(len(b["indices"]) for b in loader)
     return n / (time.perf_counter() - start)
@@ -80,32 +81,34 @@ def main():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(folder, args.images)
-        ours, peer = [], []
+        ours, exact, peer = [], [], []
         for _ in range(args.repeats):
             ours.append(run_vlmkit(folder, args.size, args.workers))
             peer.append(run_peer(paths, args.size, args.workers))
-        a, b = statistics.median(ours), statistics.median(peer)
-        # The loader's own pixels (DCT-scaled decode + resize) against PIL's bilinear
-        # resize of the same files, in [0, 1] units after undoing the normalisation.
-        loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=8, image_size=args.size,
-                             resize="square", normalize="imagenet", shuffle=False)
-        batch = next(iter(loader))["images"]
-        mine = batch * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
-        theirs = torch.stack([PilFolder(paths[:8], args.size)[i] for i in range(8)])
-        theirs = theirs * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
-        diff = (mine - theirs).abs()
-    print(f"| pipeline | images/s (median of {args.repeats}) |")
-    print("|---|---:|")
-    print(f"| vlmkit Loader ({args.workers} threads) | {a:.0f} |")
-    print(f"| PIL + torchvision DataLoader ({args.workers} workers) | {b:.0f} |")
-    print(f"| ratio vlmkit / peer | {a / b:.2f}x |")
-    print(f"pixel difference vs PIL bilinear resize: mean {diff.mean().item() * 255:.2f}/255, "
-          f"99th percentile {diff.flatten().quantile(0.99).item() * 255:.2f}/255, max {diff.max().item() * 255:.1f}/255")
+            exact.append(run_vlmkit(folder, args.size, args.workers, jpeg_draft=False))
+        a, e, b = statistics.median(ours), statistics.median(exact), statistics.median(peer)
+        # Each mode's pixels against PIL + torchvision on the same files, in 1/255
+        # units after undoing the normalisation.
+        theirs = torch.stack([PilFolder(paths[:16], args.size)[i] for i in range(16)])
+        diffs = {}
+        for draft in (True, False):
+            loader = data.Loader(os.path.join(folder, "manifest.jsonl"), batch_size=16, image_size=args.size,
+                                 resize="square", normalize="imagenet", shuffle=False, jpeg_draft=draft)
+            mine = next(iter(loader))["images"]
+            diff = ((mine - theirs) * torch.tensor(STD).view(1, 3, 1, 1)).abs() * 255
+            diffs[draft] = (diff.mean().item(), diff.flatten().quantile(0.99).item(), diff.max().item())
+    print(f"| pipeline | images/s (median of {args.repeats}) | vs peer | pixels vs peer: mean / p99 / max (1/255) |")
+    print("|---|---:|---:|---|")
+    print(f"| vlmkit Loader, {args.workers} threads (JPEG draft decode, default) | {a:.0f} | {a / b:.2f}x | "
+          + " / ".join(f"{v:.2f}" for v in diffs[True]) + " |")
+    print(f"| vlmkit Loader, {args.workers} threads, jpeg_draft=False (PIL-exact) | {e:.0f} | {e / b:.2f}x | "
+          + " / ".join(f"{v:.2f}" for v in diffs[False]) + " |")
+    print(f"| PIL + torchvision DataLoader ({args.workers} workers) | {b:.0f} | 1.00x | 0 |")
     if args.json:
-        import json
-        print(json.dumps({"vlmkit_images_per_s": a, "peer_images_per_s": b, "ratio": a / b,
-                          "mean_abs_diff_255": diff.mean().item() * 255,
-                          "p99_abs_diff_255": diff.flatten().quantile(0.99).item() * 255}))
+        print(json.dumps({"vlmkit_images_per_s": a, "vlmkit_exact_images_per_s": e, "peer_images_per_s": b,
+                          "ratio": a / b, "ratio_exact": e / b,
+                          "mean_abs_diff_255": diffs[True][0], "p99_abs_diff_255": diffs[True][1],
+                          "max_abs_diff_255": diffs[True][2], "exact_max_abs_diff_255": diffs[False][2]}))
 
 
 if __name__ == "__main__":
