@@ -291,18 +291,24 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   std::vector<Record> out;
   for (auto& [id, r] : by_image) {
     const auto size = sizes.count(id) ? sizes[id] : std::pair<int64_t, int64_t>{0, 0};
-    ojson objects = ojson::array(), boxes = ojson::array();
-    for (size_t i = 0; i < r.boxes.size(); ++i) {
-      objects.push_back(r.labels[i]);
-      if (size.first > 0)
-        boxes.push_back({normalize_coordinate(r.boxes[i].x1, size.first), normalize_coordinate(r.boxes[i].y1, size.second),
-                         normalize_coordinate(r.boxes[i].x2, size.first), normalize_coordinate(r.boxes[i].y2, size.second)});
-    }
-    r.turns = {{"user", "Detect the objects."}, {"assistant", ojson{{"Object", objects}, {"Bounding_box", boxes}}.dump()}};
+    r.turns = {{"user", "Detect the objects."}, {"assistant", detection_answer(r.labels, r.boxes, size.first, size.second)}};
     r.fixed_geometry = true;
+    r.answer_from_boxes = size.first > 0;
     out.push_back(std::move(r));
   }
   return out;
+}
+
+std::string detection_answer(const std::vector<std::string>& labels, const std::vector<Box>& boxes, int64_t width,
+                             int64_t height) {
+  ojson objects = ojson::array(), coords = ojson::array();
+  for (size_t i = 0; i < boxes.size(); ++i) {
+    objects.push_back(i < labels.size() ? labels[i] : std::string("object"));
+    if (width > 0 && height > 0)
+      coords.push_back({normalize_coordinate(boxes[i].x1, width), normalize_coordinate(boxes[i].y1, height),
+                        normalize_coordinate(boxes[i].x2, width), normalize_coordinate(boxes[i].y2, height)});
+  }
+  return ojson{{"Object", objects}, {"Bounding_box", coords}}.dump();
 }
 
 // ---------------------------------------------------------------- prompt template
@@ -366,6 +372,16 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
                       "'dynamic'; use flips and colour jitter");
   }
   TORCH_CHECK_VALUE(options_.image_size() >= 1, "Loader: image_size must be >= 1");
+  if (mode == "letterbox" || mode == "center_crop") {
+    // Boxes move relative to the picture; only answers made from the boxes can follow.
+    for (const auto& r : records_)
+      TORCH_CHECK_VALUE(r.boxes.empty() || (mode == "letterbox" && r.answer_from_boxes), "Loader: the record at source line ",
+                        r.source_line, " has boxes",
+                        mode == "center_crop" ? " and resize 'center_crop' would cut them off"
+                                              : " and an answer of its own that letterbox padding would shift",
+                        "; use resize 'square' or 'dynamic' (normalised coordinates stay valid)",
+                        mode == "letterbox" ? ", or COCO instances (their answers are rewritten for the letterbox)" : "");
+  }
   TORCH_CHECK_VALUE(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
                     "Loader: need 0 <= rank < world_size, got rank ", options_.rank(), " of ", options_.world_size());
   TORCH_CHECK_VALUE(options_.flip_probability() >= 0 && options_.flip_probability() <= 1 &&
@@ -415,6 +431,7 @@ std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t e
   std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const bool geometry = !r.fixed_geometry;
+  auto turns = r.turns;
   if (mode == "dynamic") {
     const auto size = dynamic_resolution(image.rows, image.cols, options_.patch_size(), options_.merge_size(),
                                          options_.dynamic_min_pixels(), options_.dynamic_max_pixels());
@@ -422,12 +439,17 @@ std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t e
   } else if (geometry && options_.crop_scale() < 1.0) {
     image = random_resized_crop(image, s, rng, {options_.crop_scale(), 1.0});
   } else {
-    image = mode == "square" ? resize_square(image, s) : mode == "letterbox" ? letterbox(image, s) : shortest_side_center_crop(image, s);
+    if (mode == "letterbox") {
+      LetterboxInfo info;
+      image = letterbox(image, s, &info);
+      if (r.answer_from_boxes) turns.back().text = detection_answer(r.labels, letterbox_boxes(r.boxes, info), s, s);
+    } else {
+      image = mode == "square" ? resize_square(image, s) : shortest_side_center_crop(image, s);
+    }
   }
   if (geometry && options_.flip_probability() > 0 && u(rng) < options_.flip_probability()) image = horizontal_flip(image);
   if (options_.color_jitter() > 0)
     image = color_jitter(image, rng, options_.color_jitter(), options_.color_jitter(), options_.color_jitter());
-  auto turns = r.turns;
   // One image per record: its placeholder goes in front of the first user turn.
   bool has_image = false;
   for (const auto& t : turns) has_image |= t.text.find(ByteTokenizer::kImageText) != std::string::npos;

@@ -204,3 +204,25 @@ def test_sample_grid_with_texts(tmp_path):
     grid = data.save_grid([s["image"] for s in samples], [s["caption"] for s in samples], str(tmp_path / "grid.png"), 3)
     assert grid.shape == (2 * (128 + 34), 3 * 128, 3)
     assert torch.equal(data.load_image(tmp_path / "grid.png"), grid)
+
+
+def test_letterbox_rewrites_coco_detection_answers_and_refuses_other_boxes(tmp_path):
+    Image.new("RGB", (40, 20), (10, 20, 30)).save(tmp_path / "wide.png")
+    coco = {"images": [{"id": 1, "file_name": "wide.png", "width": 40, "height": 20}],
+            "annotations": [{"image_id": 1, "bbox": [0, 0, 20, 20], "category_id": 3}],
+            "categories": [{"id": 3, "name": "cat"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    for resize, box in (("square", [0, 0, 16, 32]), ("letterbox", [0, 8, 16, 24])):
+        # letterbox: 40x20 -> 32x16 centred in 32x32 (8 rows of padding on top)
+        loader = data.Loader(tmp_path / "instances.json", format="coco_instances", image_size=32, resize=resize,
+                             shuffle=False, batch_size=1)
+        batch = next(iter(loader))
+        ids = batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+        answer = text.decode(ids)
+        assert vlmkit.parse_boxes(answer, 32, 32)[0] == pytest.approx(box, abs=0.1), (resize, answer)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "wide.png", "question": "Where?", "answer": "[0, 0, 500, 999]",
+                                                  "boxes": [[0, 0, 20, 20]], "labels": ["cat"]}) + "\n")
+    for resize in ("letterbox", "center_crop"):
+        with pytest.raises(ValueError, match=f"source line 1 has boxes.*resize 'square' or 'dynamic'"):
+            data.Loader(tmp_path / "m.jsonl", resize=resize)
+    data.Loader(tmp_path / "m.jsonl", resize="dynamic")

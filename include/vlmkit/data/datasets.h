@@ -31,7 +31,16 @@ struct Record {
   /// The answer depends on geometry or reads text (boxes, left/right, OCR):
   /// augmentation must not flip or crop it.
   bool fixed_geometry = false;
+  /// The last (assistant) turn is the detection JSON made from boxes and
+  /// labels (COCO instances): the loader rewrites it when a resize policy
+  /// moves the boxes (letterbox).
+  bool answer_from_boxes = false;
 };
+
+/// The detection answer {"Object": labels, "Bounding_box": boxes on the
+/// 0..999 grid of a width x height image}.
+std::string detection_answer(const std::vector<std::string>& labels, const std::vector<Box>& boxes, int64_t width,
+                             int64_t height);
 
 /// What to do with a malformed entry: raise ValueError naming file and line,
 /// or skip it and count it in the report.
