@@ -29,10 +29,18 @@ void bind_models(py::module_& m) {
            py::arg("config_json"))
       .def(
           "forward",
-          [](TwoTowerAny& self, const torch::Tensor& images, const torch::Tensor& ids,
-             const OptTensor& mask) { return self.forward(images, ids, value_or_undefined(mask)); },
-          py::arg("images"), py::arg("token_ids"), py::arg("padding_mask") = py::none(), Release())
-      .def("encode_image", &TwoTowerAny::encode_image, py::arg("images"), Release())
+          [](TwoTowerAny& self, const torch::Tensor& images, const torch::Tensor& ids, const OptTensor& mask,
+             const OptTensor& image_sizes) {
+            return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(image_sizes));
+          },
+          py::arg("images"), py::arg("token_ids"), py::arg("padding_mask") = py::none(),
+          py::arg("image_sizes") = py::none(), Release())
+      .def(
+          "encode_image",
+          [](TwoTowerAny& self, const torch::Tensor& images, const OptTensor& image_sizes) {
+            return self.encode_image(images, value_or_undefined(image_sizes));
+          },
+          py::arg("images"), py::arg("image_sizes") = py::none(), Release())
       .def(
           "encode_text",
           [](TwoTowerAny& self, const torch::Tensor& ids, const OptTensor& mask) {
@@ -43,10 +51,12 @@ void bind_models(py::module_& m) {
       .def("similarity", &TwoTowerAny::similarity, py::arg("image_embeds"), py::arg("text_embeds"))
       .def(
           "zero_shot",
-          [](TwoTowerAny& self, const torch::Tensor& images, const torch::Tensor& ids,
-             const OptTensor& mask) { return self.zero_shot(images, ids, value_or_undefined(mask)); },
+          [](TwoTowerAny& self, const torch::Tensor& images, const torch::Tensor& ids, const OptTensor& mask,
+             const OptTensor& image_sizes) {
+            return self.zero_shot(images, ids, value_or_undefined(mask), value_or_undefined(image_sizes));
+          },
           py::arg("images"), py::arg("prompt_ids"), py::arg("prompt_padding_mask") = py::none(),
-          Release())
+          py::arg("image_sizes") = py::none(), Release())
       .def("config_json", [](TwoTowerAny& self) { return self.config().dump(); });
 
   using TwoLegAny = TwoLegImpl<>;
@@ -56,11 +66,12 @@ void bind_models(py::module_& m) {
       .def(
           "forward",
           [](TwoLegAny& self, const torch::Tensor& images, const torch::Tensor& ids,
-             const OptTensor& mask, const OptTensor& labels) {
-            return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(labels));
+             const OptTensor& mask, const OptTensor& labels, const OptTensor& image_sizes) {
+            return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(labels),
+                                value_or_undefined(image_sizes));
           },
           py::arg("images"), py::arg("token_ids"), py::arg("padding_mask") = py::none(),
-          py::arg("labels") = py::none(), Release())
+          py::arg("labels") = py::none(), py::arg("image_sizes") = py::none(), Release())
       .def("config_json", [](TwoLegAny& self) { return self.config().dump(); });
 
   m.def(

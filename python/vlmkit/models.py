@@ -44,7 +44,7 @@ class TwoTower(CppModule):
             (see ``vlmkit.default_config("two_tower")``).
         **overrides: merged into config (nested dicts merge key by key).
 
-    ``forward(images, token_ids, padding_mask=None)`` returns a ``TwoTowerOutput``
+    ``forward(images, token_ids, padding_mask=None, image_sizes=None)`` returns a ``TwoTowerOutput``
     with ``image_embeds``, ``text_embeds``, ``logits_per_image``, ``logits_per_text``
     and ``loss``; ``encode_image``, ``encode_text`` and ``zero_shot`` are also there.
     """
@@ -60,7 +60,7 @@ class TwoLeg(CppModule):
     "concat_mlp", "attention", "gated", "cross_attention"), ``head`` (``type``
     "classification" with ``num_classes``, or "matching"), ``label_smoothing``.
 
-    ``forward(images, token_ids, padding_mask=None, labels=None)`` returns a
+    ``forward(images, token_ids, padding_mask=None, labels=None, image_sizes=None)`` returns a
     ``TwoLegOutput`` with ``logits``, ``fused`` and ``loss`` (None without labels).
     """
 
@@ -112,8 +112,12 @@ class EncoderDecoder(_Generative, CppModule):
     "cross_attention"), ``decoder``, ``attention`` ("causal" | "prefix_lm"),
     ``image_token_id``, ``label_smoothing``.
 
-    ``forward(images, input_ids, padding_mask=None, labels=None)`` returns a
+    ``forward(images, input_ids, padding_mask=None, labels=None, image_sizes=None)`` returns a
     ``DecoderOutput`` (logits over the fused sequence, loss on answer tokens).
+
+    ``image_sizes`` [B, 2] (all architectures with a ViT): variable-size images
+    zero-padded into one batch (``data.collate_images``); padded patches are masked
+    and each image gives what it gives alone (dynamic resolution).
     """
 
     def __init__(self, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> None:

@@ -78,6 +78,24 @@ def test_encoder_decoder_logits_and_generation_equal_each_image_alone(projector,
     assert len(texts) == 2
 
 
+def test_two_tower_and_two_leg_take_padded_batches():
+    encoders = {"image_encoder": {"image_size": 32, "patch_size": PATCH, "d_model": 32, "depth": 1, "num_heads": 4},
+                "text_encoder": {"vocab_size": 300, "max_len": 16, "d_model": 32, "depth": 1, "num_heads": 4}}
+    singles = images_of(SIZES)
+    images, sizes = data.collate_images(singles)
+    ids = torch.randint(4, 300, (2, 6))
+    tower = vlmkit.TwoTower({**encoders, "embed_dim": 16}).eval()
+    embeds = tower.cpp_module.encode_image(images, sizes)
+    for i, image in enumerate(singles):
+        torch.testing.assert_close(embeds[i], tower.cpp_module.encode_image(image[None])[0], atol=2e-6, rtol=0)
+    assert torch.isfinite(tower(images, ids, image_sizes=sizes).loss)
+    leg = vlmkit.TwoLeg({**encoders, "fusion": {"type": "cross_attention", "dim": 32},
+                         "head": {"type": "classification", "num_classes": 3}}).eval()
+    logits = leg(images, ids, image_sizes=sizes).logits
+    for i, image in enumerate(singles):
+        torch.testing.assert_close(logits[i], leg(image[None], ids[i:i + 1]).logits[0], atol=2e-5, rtol=0)
+
+
 def test_image_token_counts_follow_the_image():
     m = model("pixel_shuffle", "concat")
     sizes = [(32, 64), (64, 64), (16, 16)]

@@ -47,16 +47,18 @@ class TwoLegImpl : public torch::nn::Module {
   }
 
   /// labels: [B] int64 class ids (classification) or [B] 0/1 (matching);
-  /// undefined to skip the loss.
+  /// undefined to skip the loss. image_sizes [B, 2]: variable-size images
+  /// zero-padded into the batch (the ViT masks padding, fusions see the mask).
   TwoLegOutput forward(const torch::Tensor& images, const torch::Tensor& token_ids,
-                       const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
+                       const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
+                       const torch::Tensor& image_sizes = {}) {
     TORCH_CHECK_VALUE(images.dim() >= 1 && token_ids.dim() >= 1 &&
                           images.size(0) == token_ids.size(0),
                       "TwoLeg: expected as many texts as images, got ",
                       images.dim() ? images.size(0) : 0, " images and ",
                       token_ids.dim() ? token_ids.size(0) : 0, " texts");
     TwoLegOutput out;
-    auto image = image_encoder->forward(images);
+    auto image = image_encoder->forward(images, image_sizes);
     auto text = text_encoder->forward(token_ids, padding_mask);
     out.fused = fusion->forward(image, text);
     out.logits = head->forward(out.fused);

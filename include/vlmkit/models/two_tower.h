@@ -63,9 +63,10 @@ class TwoTowerImpl : public torch::nn::Module {
       logit_bias = register_parameter("logit_bias", torch::full({}, options.logit_bias_init()));
   }
 
-  /// images [B, C, H, W] -> [B, E] unit vectors.
-  torch::Tensor encode_image(const torch::Tensor& images) {
-    auto pooled = image_encoder->forward(images).pooled;
+  /// images [B, C, H, W] -> [B, E] unit vectors. image_sizes [B, 2]:
+  /// variable-size images zero-padded into the batch (the ViT masks padding).
+  torch::Tensor encode_image(const torch::Tensor& images, const torch::Tensor& image_sizes = {}) {
+    auto pooled = image_encoder->forward(images, image_sizes).pooled;
     return torch::nn::functional::normalize(
         image_projection->forward(pooled),
         torch::nn::functional::NormalizeFuncOptions().dim(-1));
@@ -93,14 +94,14 @@ class TwoTowerImpl : public torch::nn::Module {
 
   /// Matching pairs share an index: images[i] goes with token_ids[i].
   TwoTowerOutput forward(const torch::Tensor& images, const torch::Tensor& token_ids,
-                         const torch::Tensor& padding_mask = {}) {
+                         const torch::Tensor& padding_mask = {}, const torch::Tensor& image_sizes = {}) {
     TORCH_CHECK_VALUE(images.dim() >= 1 && token_ids.dim() >= 1 &&
                           images.size(0) == token_ids.size(0),
                       "TwoTower: expected as many texts as images, got ",
                       images.dim() ? images.size(0) : 0, " images and ",
                       token_ids.dim() ? token_ids.size(0) : 0, " texts");
     TwoTowerOutput out;
-    out.image_embeds = encode_image(images);
+    out.image_embeds = encode_image(images, image_sizes);
     out.text_embeds = encode_text(token_ids, padding_mask);
     out.logits_per_image = similarity(out.image_embeds, out.text_embeds);
     out.logits_per_text = out.logits_per_image.t();
@@ -112,8 +113,8 @@ class TwoTowerImpl : public torch::nn::Module {
   /// Zero-shot classification: probabilities [B, P] of each image over P
   /// prompts (softmax of the similarities).
   torch::Tensor zero_shot(const torch::Tensor& images, const torch::Tensor& prompt_ids,
-                          const torch::Tensor& prompt_padding_mask = {}) {
-    auto logits = similarity(encode_image(images), encode_text(prompt_ids, prompt_padding_mask));
+                          const torch::Tensor& prompt_padding_mask = {}, const torch::Tensor& image_sizes = {}) {
+    auto logits = similarity(encode_image(images, image_sizes), encode_text(prompt_ids, prompt_padding_mask));
     return logits.softmax(-1);
   }
 
