@@ -215,7 +215,8 @@ void bind_data(py::module_& m) {
                                    const std::string& resize, const std::string& normalize, int64_t max_pixels,
                                    double flip_probability, double crop_scale, double color_jitter,
                                    int64_t rank, int64_t world_size, int64_t patch_size, int64_t merge_size,
-                                   int64_t dynamic_min_pixels, int64_t dynamic_max_pixels, bool jpeg_draft) {
+                                   int64_t dynamic_min_pixels, int64_t dynamic_max_pixels, bool jpeg_draft,
+                                   int64_t max_tiles, bool global_view) {
              ReadReport report;
              auto records = read(format, path, image_root, bad_samples, &report);
              LoaderOptions o;
@@ -224,7 +225,8 @@ void bind_data(py::module_& m) {
                  .normalize(normalize).max_pixels(max_pixels).flip_probability(flip_probability)
                  .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size)
                  .patch_size(patch_size).merge_size(merge_size).dynamic_min_pixels(dynamic_min_pixels)
-                 .dynamic_max_pixels(dynamic_max_pixels).jpeg_draft(jpeg_draft);
+                 .dynamic_max_pixels(dynamic_max_pixels).jpeg_draft(jpeg_draft).max_tiles(max_tiles)
+                 .global_view(global_view);
              auto loader = std::make_unique<Loader>(std::move(records), o);
              return loader;
            }),
@@ -234,7 +236,8 @@ void bind_data(py::module_& m) {
            py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels,
            py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0,
            py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("patch_size") = 8, py::arg("merge_size") = 2,
-           py::arg("dynamic_min_pixels") = 0, py::arg("dynamic_max_pixels") = 0, py::arg("jpeg_draft") = true)
+           py::arg("dynamic_min_pixels") = 0, py::arg("dynamic_max_pixels") = 0, py::arg("jpeg_draft") = true,
+           py::arg("max_tiles") = 4, py::arg("global_view") = true)
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)

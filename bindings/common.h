@@ -39,6 +39,7 @@ inline py::dict batch_to_dict(const Batch& b) {
   py::dict d;
   d["images"] = b.images;
   if (b.image_sizes.defined()) d["image_sizes"] = b.image_sizes;
+  if (b.images_per_sample.defined()) d["images_per_sample"] = b.images_per_sample;
   d["input_ids"] = b.input_ids;
   d["labels"] = b.labels;
   d["padding_mask"] = b.padding_mask;

@@ -355,8 +355,12 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
                     "Loader: num_workers must be in [1, 64], got ", options_.num_workers());
   TORCH_CHECK_VALUE(options_.prefetch() >= 1, "Loader: prefetch must be >= 1, got ", options_.prefetch());
   const auto& mode = options_.resize();
-  TORCH_CHECK_VALUE(mode == "square" || mode == "letterbox" || mode == "center_crop" || mode == "dynamic",
-                    "Loader: resize must be 'square', 'letterbox', 'center_crop' or 'dynamic', got '", mode, "'");
+  TORCH_CHECK_VALUE(mode == "square" || mode == "letterbox" || mode == "center_crop" || mode == "dynamic" ||
+                        mode == "tiles",
+                    "Loader: resize must be 'square', 'letterbox', 'center_crop', 'dynamic' or 'tiles', got '", mode,
+                    "'");
+  TORCH_CHECK_VALUE(mode != "tiles" || (options_.max_tiles() >= 1 && options_.crop_scale() == 1.0),
+                    "Loader: resize 'tiles' needs max_tiles >= 1 and no random resized crops (crop_scale 1)");
   if (mode == "dynamic") {
     const int64_t factor = options_.patch_size() * options_.merge_size();
     TORCH_CHECK_VALUE(options_.patch_size() >= 1 && options_.merge_size() >= 1,
@@ -409,15 +413,19 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
 }
 
 std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_t epoch) const {
-  auto [image, encoded] = prepare(index, epoch);
-  return {to_chw_tensor(image, norm_), std::move(encoded)};
+  auto prepared = prepare(index, epoch);
+  if (prepared.images.size() == 1) return {to_chw_tensor(prepared.images[0], norm_), std::move(prepared.text)};
+  std::vector<torch::Tensor> views;
+  for (const auto& view : prepared.images) views.push_back(to_chw_tensor(view, norm_));
+  return {torch::stack(views), std::move(prepared.text)};
 }
 
-std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t epoch) const {
+Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
   // Records with boxes decode at full size: their pixel boxes are checked against it.
-  const int64_t min_side = r.boxes.empty() && options_.jpeg_draft() && options_.resize() != "dynamic" ? s : 0;
+  const int64_t min_side =
+      r.boxes.empty() && options_.jpeg_draft() && options_.resize() != "dynamic" && options_.resize() != "tiles" ? s : 0;
   auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), min_side)
                                               : load_image(r.image, options_.max_pixels(), min_side);
   for (const auto& b : r.boxes) {
@@ -432,7 +440,10 @@ std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t e
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const bool geometry = !r.fixed_geometry;
   auto turns = r.turns;
-  if (mode == "dynamic") {
+  std::vector<cv::Mat> views;
+  if (mode == "tiles") {
+    views = tile_image(image, s, options_.max_tiles(), options_.global_view());
+  } else if (mode == "dynamic") {
     const auto size = dynamic_resolution(image.rows, image.cols, options_.patch_size(), options_.merge_size(),
                                          options_.dynamic_min_pixels(), options_.dynamic_max_pixels());
     if (size[0] != image.rows || size[1] != image.cols) image = resize_image(image, size[1], size[0]);
@@ -447,25 +458,44 @@ std::pair<cv::Mat, EncodedConversation> Loader::prepare(int64_t index, int64_t e
       image = mode == "square" ? resize_square(image, s) : shortest_side_center_crop(image, s);
     }
   }
-  if (geometry && options_.flip_probability() > 0 && u(rng) < options_.flip_probability()) image = horizontal_flip(image);
-  if (options_.color_jitter() > 0)
-    image = color_jitter(image, rng, options_.color_jitter(), options_.color_jitter(), options_.color_jitter());
-  // One image per record: its placeholder goes in front of the first user turn.
-  bool has_image = false;
-  for (const auto& t : turns) has_image |= t.text.find(ByteTokenizer::kImageText) != std::string::npos;
-  if (!has_image) turns.front().text = std::string(ByteTokenizer::kImageText) + turns.front().text;
-  return {image, encode_conversation(turns, tokenizer_)};
+  if (views.empty()) views.push_back(image);
+  // The same flip and jitter for every view of the record.
+  const bool flip = geometry && options_.flip_probability() > 0 && u(rng) < options_.flip_probability();
+  const std::mt19937_64 jitter_state = rng;
+  for (auto& view : views) {
+    if (flip) view = horizontal_flip(view);
+    if (options_.color_jitter() > 0) {
+      std::mt19937_64 jitter_rng = jitter_state;
+      view = color_jitter(view, jitter_rng, options_.color_jitter(), options_.color_jitter(), options_.color_jitter());
+    }
+  }
+  // One placeholder per view, where the record has its <image> (or in front of the first user turn).
+  const std::string image_text = ByteTokenizer::kImageText;
+  std::string placeholders;
+  for (size_t i = 0; i < views.size(); ++i) placeholders += image_text;
+  int64_t found = 0;
+  for (auto& t : turns)
+    for (size_t at = t.text.find(image_text); at != std::string::npos; at = t.text.find(image_text, at + placeholders.size())) {
+      ++found;
+      t.text.replace(at, image_text.size(), placeholders);
+    }
+  TORCH_CHECK_VALUE(found <= 1, "Loader: the record's conversation holds ", found,
+                    " <image> placeholders; a record has one image");
+  if (!found) turns.front().text = placeholders + turns.front().text;
+  return {std::move(views), encode_conversation(turns, tokenizer_)};
 }
 
-Batch Loader::collate(const std::vector<int64_t>& indices,
-                      std::vector<std::pair<cv::Mat, EncodedConversation>>& items) const {
+Batch Loader::collate(const std::vector<int64_t>& indices, std::vector<Prepared>& items) const {
   Batch batch;
   size_t longest = 0;
-  int64_t height = 0, width = 0;
+  int64_t height = 0, width = 0, count = 0;
   for (auto& item : items) {
-    longest = std::max(longest, item.second.input_ids.size());
-    height = std::max<int64_t>(height, item.first.rows);
-    width = std::max<int64_t>(width, item.first.cols);
+    longest = std::max(longest, item.text.input_ids.size());
+    for (const auto& image : item.images) {
+      height = std::max<int64_t>(height, image.rows);
+      width = std::max<int64_t>(width, image.cols);
+      ++count;
+    }
   }
   const int64_t b = int64_t(items.size()), t = int64_t(longest);
   // Images are normalised straight into their batch slots (no per-image tensor
@@ -476,22 +506,28 @@ Batch Loader::collate(const std::vector<int64_t>& indices,
     height = (height + factor - 1) / factor * factor;
     width = (width + factor - 1) / factor * factor;
   }
-  batch.images = dynamic ? torch::zeros({b, 3, height, width}) : torch::empty({b, 3, height, width});
-  batch.image_sizes = torch::empty({b, 2}, torch::kLong);
+  batch.images = dynamic ? torch::zeros({count, 3, height, width}) : torch::empty({count, 3, height, width});
+  batch.image_sizes = torch::empty({count, 2}, torch::kLong);
+  batch.images_per_sample = torch::empty({b}, torch::kLong);
   auto sizes = batch.image_sizes.accessor<int64_t, 2>();
+  auto per_sample = batch.images_per_sample.accessor<int64_t, 1>();
+  int64_t slot = 0;
   for (int64_t i = 0; i < b; ++i) {
-    const cv::Mat& image = items[size_t(i)].first;
-    TORCH_CHECK_VALUE(dynamic || (image.rows == height && image.cols == width),
-                      "Loader: internal error: images of one batch differ in size");
-    write_chw(image, norm_, batch.images[i]);
-    sizes[i][0] = image.rows;
-    sizes[i][1] = image.cols;
+    per_sample[i] = int64_t(items[size_t(i)].images.size());
+    for (const cv::Mat& image : items[size_t(i)].images) {
+      TORCH_CHECK_VALUE(dynamic || (image.rows == height && image.cols == width),
+                        "Loader: internal error: images of one batch differ in size");
+      write_chw(image, norm_, batch.images[slot]);
+      sizes[slot][0] = image.rows;
+      sizes[slot][1] = image.cols;
+      ++slot;
+    }
   }
   batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
   batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
   batch.padding_mask = torch::ones({b, t}, torch::kBool);
   for (int64_t i = 0; i < b; ++i) {
-    const auto& e = items[size_t(i)].second;
+    const auto& e = items[size_t(i)].text;
     const int64_t n = int64_t(e.input_ids.size());
     batch.input_ids[i].slice(0, 0, n).copy_(torch::tensor(e.input_ids, torch::kLong));
     batch.labels[i].slice(0, 0, n).copy_(torch::tensor(e.labels, torch::kLong));
@@ -513,7 +549,7 @@ void Loader::work() {
     const int64_t bs = options_.batch_size();
     const int64_t begin = k * bs, end = std::min<int64_t>(begin + bs, int64_t(order_.size()));
     std::vector<int64_t> indices;
-    std::vector<std::pair<cv::Mat, EncodedConversation>> items;
+    std::vector<Prepared> items;
     std::exception_ptr error;
     for (int64_t p = begin; p < end && !error; ++p) {
       const int64_t index = order_[size_t(p)];

@@ -162,6 +162,11 @@ class Loader:
     ``dynamic_max_pixels`` (default ``image_size ** 2``) pixels; a batch is padded
     to its largest image and ``image_sizes`` tells the model which patches are real
     (pass ``image_sizes=batch["image_sizes"]`` to the model; the Trainer does).
+
+    ``resize="tiles"`` (nanoVLM / Idefics3): a global view plus up to ``max_tiles``
+    ``image_size`` crops of the image on the grid that best keeps its aspect; every
+    view is an image of the batch (``images`` [I, 3, S, S]), the prompt gets one
+    ``<image>`` per view, and ``images_per_sample`` [B] counts them. Use concat fusion.
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
@@ -170,12 +175,14 @@ class Loader:
                  normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
                  crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1,
                  patch_size: int = 8, merge_size: int = 2, dynamic_min_pixels: int = 0,
-                 dynamic_max_pixels: int = 0, jpeg_draft: bool = True) -> None:
+                 dynamic_max_pixels: int = 0, jpeg_draft: bool = True, max_tiles: int = 4,
+                 global_view: bool = True) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
                                  drop_last, bad_samples, image_size, resize, normalize, max_pixels,
                                  flip_probability, crop_scale, color_jitter, rank, world_size, patch_size,
-                                 merge_size, dynamic_min_pixels, dynamic_max_pixels, jpeg_draft)
+                                 merge_size, dynamic_min_pixels, dynamic_max_pixels, jpeg_draft, max_tiles,
+                                 global_view)
         self.epoch = 0
 
     def __len__(self) -> int:

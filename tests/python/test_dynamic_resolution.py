@@ -213,5 +213,34 @@ def test_fixed_size_loader_reports_full_image_sizes(varied_manifest):
     assert batch["image_sizes"].tolist() == [[32, 32], [32, 32]]
     with pytest.raises(ValueError, match="crop_scale"):
         data.Loader(path, resize="dynamic", crop_scale=0.5)
-    with pytest.raises(ValueError, match="'dynamic'"):
-        data.Loader(path, resize="tiles")
+    with pytest.raises(ValueError, match="'dynamic' or 'tiles'"):
+        data.Loader(path, resize="mosaic")
+
+
+def test_loader_tiles_mode_gives_a_global_view_and_tiles_with_placeholders(varied_manifest):
+    path, shapes = varied_manifest
+    loader = data.Loader(path, batch_size=3, shuffle=False, image_size=32, resize="tiles", max_tiles=4)
+    batch = next(iter(loader))
+    counts = batch["images_per_sample"].tolist()
+    # 40x120 -> 1x3 grid (+ global), 120x40 -> 3x1, 64x64 -> 1x1 (+ global)
+    expected = []
+    for index in batch["indices"].tolist():
+        h, w = shapes[index]
+        tiles, grid = data.tile_image(torch.zeros(h, w, 3, dtype=torch.uint8), 32, max_tiles=4)
+        expected.append(len(tiles))
+    assert counts == expected and counts[0] > 2
+    assert batch["images"].shape == (sum(counts), 3, 32, 32)
+    placeholders = (batch["input_ids"] == text.TOKENIZER.image_id).sum(1).tolist()
+    assert placeholders == counts
+    # The first view of a sample is its global view: the whole image resized.
+    first = data.preprocess(str(path.parent / "0.png"), size=32)[0]
+    torch.testing.assert_close(batch["images"][0], first)
+    m = model("pixel_shuffle", "concat").train()
+    out = m(batch["images"], batch["input_ids"], batch["padding_mask"], batch["labels"],
+            image_sizes=batch["image_sizes"])
+    assert torch.isfinite(out.loss)
+    no_global = next(iter(data.Loader(path, batch_size=3, shuffle=False, image_size=32, resize="tiles",
+                                      global_view=False)))
+    assert no_global["images_per_sample"].tolist() == [c - 1 for c in counts]
+    with pytest.raises(ValueError, match="max_tiles"):
+        data.Loader(path, resize="tiles", max_tiles=0)

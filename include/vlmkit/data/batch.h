@@ -9,8 +9,11 @@
 namespace vlmkit {
 
 struct Batch {
-  torch::Tensor images;        // [B, 3, H, W] float (zero-padded to the batch's largest in "dynamic" mode)
-  torch::Tensor image_sizes;   // [B, 2] int64 (height, width) of each image inside `images`
+  torch::Tensor images;        // [I, 3, H, W] float (zero-padded to the batch's largest in "dynamic" mode)
+  torch::Tensor image_sizes;   // [I, 2] int64 (height, width) of each image inside `images`
+  /// [B] int64: images of each sample, in order (I = the sum; 1 each except
+  /// in the loader's "tiles" mode).
+  torch::Tensor images_per_sample;
   torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
   torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
   torch::Tensor padding_mask;  // [B, T] bool

@@ -35,7 +35,15 @@ struct LoaderOptions {
   /// multiples of patch_size * merge_size within [dynamic_min_pixels,
   /// dynamic_max_pixels]; a batch is zero-padded to its largest image and
   /// Batch::image_sizes tells the model which patches are real).
+  ///
+  /// "tiles" (nanoVLM / Idefics3): a global view plus up to max_tiles
+  /// image_size x image_size crops of the image resized to the grid that best
+  /// keeps its aspect; each becomes an image of the batch and the prompt gets
+  /// one <image> placeholder per view (Batch::images_per_sample says how
+  /// many). Needs concat fusion (several images per sample).
   TORCH_ARG(std::string, resize) = "square";
+  TORCH_ARG(int64_t, max_tiles) = 4;
+  TORCH_ARG(bool, global_view) = true;
   TORCH_ARG(int64_t, patch_size) = 8;
   TORCH_ARG(int64_t, merge_size) = 2;
   /// 0: (patch_size * merge_size)^2, one merged token.
@@ -86,15 +94,21 @@ class Loader : public BatchSource {
   int64_t skipped() const { return skipped_.load(); }
   const LoaderOptions& options() const { return options_; }
 
-  /// Decodes, augments (for `epoch`) and encodes one record (what the workers run).
+  /// Decodes, augments (for `epoch`) and encodes one record (what the workers
+  /// run): [3, H, W] float, or [N, 3, S, S] for the N views of "tiles" mode.
   std::pair<torch::Tensor, EncodedConversation> load(int64_t index, int64_t epoch = 0) const;
 
  private:
   void stop();
   void work();
-  /// Decoded, resized and augmented image (uint8 RGB) and the encoded text.
-  std::pair<cv::Mat, EncodedConversation> prepare(int64_t index, int64_t epoch) const;
-  Batch collate(const std::vector<int64_t>& indices, std::vector<std::pair<cv::Mat, EncodedConversation>>& items) const;
+  /// Decoded, resized and augmented images (uint8 RGB; several in "tiles"
+  /// mode) and the encoded text.
+  struct Prepared {
+    std::vector<cv::Mat> images;
+    EncodedConversation text;
+  };
+  Prepared prepare(int64_t index, int64_t epoch) const;
+  Batch collate(const std::vector<int64_t>& indices, std::vector<Prepared>& items) const;
 
   std::vector<Record> records_;
   LoaderOptions options_;
