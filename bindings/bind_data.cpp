@@ -5,6 +5,7 @@
 #include "vlmkit/data/loader.h"
 #include "vlmkit/data/sentencepiece.h"
 #include "vlmkit/data/synthetic.h"
+#include "vlmkit/modules/encoder.h"
 
 namespace vlmkit::bindings {
 namespace {
@@ -94,6 +95,19 @@ void bind_data(py::module_& m) {
           return py::make_tuple(out.images, out.image_sizes);
         },
         py::arg("images"), py::arg("multiple") = 1);
+  m.def("patch_padding_mask",
+        [](const torch::Tensor& image_sizes, int64_t height, int64_t width, int64_t patch) {
+          TORCH_CHECK_VALUE(patch >= 1 && height % patch == 0 && width % patch == 0,
+                            "patch_padding_mask: height and width must be multiples of patch ", patch, ", got ",
+                            height, "x", width);
+          auto images = torch::empty({image_sizes.dim() ? image_sizes.size(0) : 0, 1, height, width});
+          auto sizes = detail::check_image_sizes(image_sizes, images, patch, "patch_padding_mask");
+          auto mask = detail::patch_padding_mask(sizes, height, width, patch, torch::kCPU);
+          const int64_t b = sizes.size(0);
+          return mask.defined() ? mask.view({b, height / patch, width / patch})
+                                : torch::zeros({b, height / patch, width / patch}, torch::kBool);
+        },
+        py::arg("image_sizes"), py::arg("height"), py::arg("width"), py::arg("patch") = 1);
   m.def("tile_image",
         [](const torch::Tensor& img, int64_t tile, int64_t max_tiles, bool global_view) {
           std::array<int64_t, 2> grid{};

@@ -110,6 +110,13 @@ def collate_images(images: Sequence[torch.Tensor], multiple: int = 1) -> Tuple[t
     return _C.collate_images(list(images), multiple)
 
 
+def patch_padding_mask(image_sizes: torch.Tensor, height: int, width: int, patch: int = 1) -> torch.Tensor:
+    """[B, height / patch, width / patch] bool, True where a patch of the padded batch
+    lies outside its image (``image_sizes`` from ``collate_images`` or the Loader): the
+    mask a model of your own needs to ignore the padding. vlmkit's models derive it."""
+    return _C.patch_padding_mask(image_sizes, height, width, patch)
+
+
 letterbox = _C.letterbox
 resize_image = _C.resize_image
 resize_square = _C.resize_square

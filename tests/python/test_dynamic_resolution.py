@@ -96,6 +96,17 @@ def test_two_tower_and_two_leg_take_padded_batches():
         torch.testing.assert_close(logits[i], leg(image[None], ids[i:i + 1]).logits[0], atol=2e-5, rtol=0)
 
 
+def test_patch_padding_mask_for_custom_models():
+    images, sizes = data.collate_images(images_of([(16, 32), (32, 16)]))
+    mask = data.patch_padding_mask(sizes, 32, 32, patch=8)
+    assert mask.shape == (2, 4, 4)
+    assert mask[0].tolist() == [[False] * 4] * 2 + [[True] * 4] * 2
+    assert mask[1].tolist() == [[False, False, True, True]] * 4
+    assert not data.patch_padding_mask(torch.tensor([[32, 32]]), 32, 32, 8).any()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        data.patch_padding_mask(torch.tensor([[12, 32]]), 32, 32, 8)
+
+
 def test_image_token_counts_follow_the_image():
     m = model("pixel_shuffle", "concat")
     sizes = [(32, 64), (64, 64), (16, 16)]
