@@ -136,6 +136,27 @@ pixels, _ = data.preprocess(scenes[0]["image"], 64, "square", normalize="clip")
 ids = torch.tensor([vlmkit.ByteTokenizer().encode(data.chat_prompt("<image>Describe the image."))])
 assert torch.equal(reloaded(pixels[None], ids).logits, model(pixels[None], ids).logits)
 print("reloaded model gives identical logits")"""),
+md("""## 6. Dynamic resolution: images of different sizes in one batch
+
+`preprocess(..., mode="dynamic")` keeps each image's aspect (sides multiples of patch x
+merge, Qwen2-VL style), so a wide picture gets more image tokens than a small one.
+`collate_images` pads them into one batch and returns `image_sizes`; the model masks the
+padded patches and packs only each image's own tokens into the sequence, so every image
+gets exactly what it would get alone. The Loader does the same with `resize="dynamic"`."""),
+code("""wide = torch.rand(60, 200, 3).mul(255).to(torch.uint8)
+tall = torch.rand(180, 70, 3).mul(255).to(torch.uint8)
+views = [data.preprocess(img, 64, mode="dynamic", patch_size=8, merge_size=2)[0] for img in (wide, tall)]
+batch, sizes = data.collate_images(views)
+print("sizes", sizes.tolist(), "-> padded batch", tuple(batch.shape))
+dyn = vlmkit.build_model({"architecture": "encoder_decoder", "image_encoder": vit, "decoder": decoder,
+                          "projector": {"type": "pixel_shuffle", "factor": 2}, "fusion": "concat"})
+dyn.eval()
+prompt = torch.tensor([vlmkit.ByteTokenizer().encode(data.chat_prompt("<image>Describe the image."))] * 2)
+out = dyn(batch, prompt, image_sizes=sizes)
+for i, view in enumerate(views):
+    alone = dyn(view[None], prompt[:1]).logits[0]
+    same = torch.allclose(out.logits[i, :alone.shape[0]], alone, atol=1e-5)
+    print(f"image {i}: {alone.shape[0] - prompt.shape[1] + 1} image tokens, equal to the image alone: {same}")"""),
 ]
 nb["cells"] = cells
 nb["metadata"] = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
