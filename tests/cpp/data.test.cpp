@@ -116,3 +116,47 @@ TEST_CASE("data: fuzz regression — header sizes whose product overflows", "[da
   CHECK_THROWS_AS(decode_image(bytes), c10::ValueError);
   CHECK_THROWS_AS(decode_image(bytes, kDefaultMaxPixels, 224), c10::ValueError);
 }
+
+TEST_CASE("loader: dynamic and tiles modes are the same for any thread count", "[data][loader]") {
+  // Variable-size batches (dynamic resolution) and several views per record
+  // (tiles); also run by make tsan.
+  const auto dir = std::filesystem::temp_directory_path() / "vlmkit_loader_dynamic";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::vector<Record> records;
+  const std::vector<std::pair<int, int>> shapes{{40, 120}, {120, 40}, {64, 64}, {30, 90}, {90, 60}, {50, 50}, {33, 77}};
+  cv::RNG rng(7);
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    cv::Mat image(shapes[i].first, shapes[i].second, CV_8UC3);
+    rng.fill(image, cv::RNG::UNIFORM, 0, 255);
+    const auto path = (dir / (std::to_string(i) + ".png")).string();
+    save_png(image, path);
+    Record r;
+    r.image = path;
+    r.turns = {{"user", "Colour?"}, {"assistant", "red"}};
+    records.push_back(r);
+  }
+  for (const char* mode : {"dynamic", "tiles"}) {
+    auto run = [&](int64_t workers) {
+      Loader loader(records, LoaderOptions().batch_size(3).num_workers(workers).prefetch(2).image_size(32)
+                                 .resize(mode).color_jitter(0.2).flip_probability(0.5).seed(1));
+      loader.start_epoch(1);
+      std::vector<Batch> out;
+      while (auto b = loader.next()) out.push_back(*b);
+      return out;
+    };
+    auto one = run(1), four = run(4);
+    INFO(mode);
+    REQUIRE(one.size() == 3);
+    for (size_t k = 0; k < one.size(); ++k) {
+      REQUIRE(torch::equal(one[k].images, four[k].images));
+      REQUIRE(torch::equal(one[k].image_sizes, four[k].image_sizes));
+      REQUIRE(torch::equal(one[k].input_ids, four[k].input_ids));
+      REQUIRE(one[k].images_per_sample.sum().item<int64_t>() == one[k].images.size(0));
+      // One <image> placeholder per image of the sample.
+      auto placeholders = one[k].input_ids.eq(ByteTokenizer().special().image).sum(1);
+      REQUIRE(torch::equal(placeholders, one[k].images_per_sample));
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
