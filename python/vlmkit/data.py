@@ -152,7 +152,7 @@ class Loader:
     """Batches of a dataset file, decoded on C++ worker threads outside the GIL.
 
     Each batch is a dict: ``images`` [B, 3, S, S] float (normalised), ``image_sizes``
-    [B, 2] (height, width of each image), ``input_ids``,
+    [B, 2] (height, width of each image), ``images_per_sample`` [B], ``input_ids``,
     ``labels`` (answer tokens, -100 elsewhere) and ``padding_mask`` [B, T] from the
     prompt template, and ``indices`` [B]. The order is a permutation of (seed,
     epoch), the same for any ``num_workers``; ``prefetch`` bounds the batches in
@@ -174,6 +174,11 @@ class Loader:
     ``image_size`` crops of the image on the grid that best keeps its aspect; every
     view is an image of the batch (``images`` [I, 3, S, S]), the prompt gets one
     ``<image>`` per view, and ``images_per_sample`` [B] counts them. Use concat fusion.
+
+    ``jpeg_draft`` (default True): JPEGs that shrink 2x or more decode at 1/2, 1/4 or
+    1/8 scale (libjpeg's DCT scaling), several times cheaper; False gives exactly the
+    pixels of PIL + torchvision's bilinear ``Resize`` (every resize here is PIL's
+    anti-aliased bilinear, byte for byte).
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
