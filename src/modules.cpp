@@ -120,15 +120,12 @@ torch::Tensor check_image_sizes(const torch::Tensor& image_sizes, const torch::T
 torch::Tensor patch_padding_mask(const torch::Tensor& sizes_cpu, int64_t height, int64_t width, int64_t patch,
                                  torch::Device device) {
   const int64_t b = sizes_cpu.size(0), rows = height / patch, cols = width / patch;
-  auto mask = torch::ones({b, rows, cols}, torch::kBool);
   const auto* s = sizes_cpu.data_ptr<int64_t>();
   bool any = false;
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t r = s[2 * i] / patch, c = s[2 * i + 1] / patch;
-    mask[i].slice(0, 0, r).slice(1, 0, c).fill_(false);
-    any |= r < rows || c < cols;
-  }
-  if (!any) return {};
+  for (int64_t i = 0; i < b; ++i) any |= s[2 * i] / patch < rows || s[2 * i + 1] / patch < cols;
+  if (!any) return {};  // fixed-size batches (the loader reports their sizes too)
+  auto mask = torch::ones({b, rows, cols}, torch::kBool);
+  for (int64_t i = 0; i < b; ++i) mask[i].slice(0, 0, s[2 * i] / patch).slice(1, 0, s[2 * i + 1] / patch).fill_(false);
   return mask.view({b, rows * cols}).to(device);
 }
 
