@@ -121,8 +121,9 @@ def test_image_token_counts_follow_the_image():
     assert lengths == [len(prompt) - 1 + v for v in valid]
 
 
-def test_loss_and_gradients_with_padded_images():
-    m = model("mlp", "concat").train()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_loss_and_gradients_with_padded_images(stem):
+    m = model("mlp", "concat", stem=stem).train()
     images, sizes = data.collate_images(images_of(SIZES))
     ids = torch.tensor([text.encode("<image>Q? red", add_bos=True)] * 2)
     labels = ids.clone()
