@@ -49,13 +49,13 @@ def test_other_formats_decode(fmt, rgb_array):
     assert (image.int() - torch.from_numpy(rgb_array).int()).abs().float().mean() <= tolerance
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
-def test_jpeg_pixels_equal_pil_decode(mode):
+@pytest.mark.parametrize("mode,progressive", [("RGB", False), ("RGB", True), ("L", False), ("CMYK", False)])
+def test_jpeg_pixels_equal_pil_decode(mode, progressive):
     # vlmkit decodes YCbCr and grayscale JPEGs with libjpeg directly (the library
     # PIL uses, same IDCT and upsampling): identical pixels. CMYK goes through OpenCV.
     rng = np.random.default_rng(1)
     array = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    encoded = png_bytes(Image.fromarray(array).convert(mode), "JPEG", quality=85)
+    encoded = png_bytes(Image.fromarray(array).convert(mode), "JPEG", quality=85, progressive=progressive)
     expected = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).astype(int)
     diff = np.abs(data.load_image(encoded).numpy().astype(int) - expected).max()
     assert diff <= (1 if mode == "CMYK" else 0)
