@@ -412,20 +412,12 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
   return order;
 }
 
-std::pair<torch::Tensor, EncodedConversation> Loader::load(int64_t index, int64_t epoch) const {
-  auto prepared = prepare(index, epoch);
-  if (prepared.images.size() == 1) return {to_chw_tensor(prepared.images[0], norm_), std::move(prepared.text)};
-  std::vector<torch::Tensor> views;
-  for (const auto& view : prepared.images) views.push_back(to_chw_tensor(view, norm_));
-  return {torch::stack(views), std::move(prepared.text)};
-}
-
 Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
   const auto& r = records_.at(size_t(index));
   const int64_t s = options_.image_size();
+  const auto& mode = options_.resize();
   // Records with boxes decode at full size: their pixel boxes are checked against it.
-  const int64_t min_side =
-      r.boxes.empty() && options_.jpeg_draft() && options_.resize() != "dynamic" && options_.resize() != "tiles" ? s : 0;
+  const int64_t min_side = r.boxes.empty() && options_.jpeg_draft() && mode != "dynamic" && mode != "tiles" ? s : 0;
   auto image = r.image.rfind("data:", 0) == 0 ? decode_data_url(r.image, options_.max_pixels(), min_side)
                                               : load_image(r.image, options_.max_pixels(), min_side);
   for (const auto& b : r.boxes) {
@@ -435,7 +427,6 @@ Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
                       "box [", b.x1, ", ", b.y1, ", ", b.x2, ", ", b.y2,
                       "] is not a non-empty [x1, y1, x2, y2] inside the ", image.cols, "x", image.rows, " image");
   }
-  const auto& mode = options_.resize();
   std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const bool geometry = !r.fixed_geometry;

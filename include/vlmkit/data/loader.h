@@ -94,9 +94,6 @@ class Loader : public BatchSource {
   int64_t skipped() const { return skipped_.load(); }
   const LoaderOptions& options() const { return options_; }
 
-  /// Decodes, augments (for `epoch`) and encodes one record (what the workers
-  /// run): [3, H, W] float, or [N, 3, S, S] for the N views of "tiles" mode.
-  std::pair<torch::Tensor, EncodedConversation> load(int64_t index, int64_t epoch = 0) const;
 
  private:
   void stop();
