@@ -55,7 +55,7 @@ clean:
 
 # ---------------------------------------------------------------- sanitizers and fuzzing (clang)
 # `make sanitize`: the C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer.
-# `make fuzz`: each libFuzzer target for FUZZ_SECONDS from its seed corpus (same build).
+# `make fuzz`: each libFuzzer target for FUZZ_SECONDS from its corpus (same build).
 # `make tsan`: the threaded loader's tests under ThreadSanitizer.
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:detect_odr_violation=0 \
@@ -74,15 +74,16 @@ sanitize: build-asan/build.ninja
 	$(SAN_ENV) cmake --build build-asan --parallel $(JOBS)
 	cd build-asan && $(SAN_ENV) VLMKIT_EXPECT_BLAS=openblas ctest -E 'consumer_project' --output-on-failure -j $(JOBS)
 
+# scripts/fuzz.sh fails on a non-zero exit, on any artifact (crash, leak, timeout,
+# oom, slow unit), on a target that is missing or that libFuzzer did not run.
+# The fuzzers grow a work corpus (build-asan/fuzz-corpus/, kept between runs);
+# `make fuzz-merge` folds what adds coverage into tests/fuzz/corpus/ to commit.
+# Longer runs outside CI: `make fuzz FUZZ_SECONDS=600 FUZZ_SEED=0` (0: a random seed).
 fuzz: sanitize
-	@set -e; for f in $$(ls tests/fuzz/corpus); do \
-	  work=$$(mktemp -d); cp tests/fuzz/corpus/$$f/* $$work/; \
-	  echo "fuzz: $$f for $(FUZZ_SECONDS) s"; \
-	  $(SAN_ENV) build-asan/tests/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED) -rss_limit_mb=4096 -timeout=20 \
-	    -print_final_stats=1 -artifact_prefix=build-asan/$$f- $$work 2>&1 | grep -E "^(stat::number_of_executed_units|stat::new_units_added|==|SUMMARY|INFO: Seed)" || true; \
-	  test -z "$$(ls build-asan/$$f-crash-* build-asan/$$f-leak-* build-asan/$$f-timeout-* 2>/dev/null)" || \
-	    { echo "fuzz: $$f found a failing input:"; ls build-asan/$$f-*; exit 1; }; \
-	  rm -rf $$work; done
+	$(SAN_ENV) bash scripts/fuzz.sh --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+fuzz-merge:
+	$(SAN_ENV) bash scripts/fuzz.sh --merge
 
 tsan: 
 	bash scripts/setup.sh
@@ -91,4 +92,4 @@ tsan:
 	cmake --build build-tsan --parallel $(JOBS) --target vlmkit_tests
 	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$(abspath tests/fuzz/tsan.supp) build-tsan/tests/cpp/vlmkit_tests "[loader]"
 
-.PHONY: sanitize fuzz tsan
+.PHONY: sanitize fuzz fuzz-merge tsan

@@ -100,6 +100,13 @@ std::vector<Turn> llava_turns(const ojson& conversations) {
   return turns;
 }
 
+/// A text that speaks of left or right: flipping the image would make it wrong.
+bool mentions_side(const std::vector<Turn>& turns) {
+  for (const auto& t : turns)
+    if (t.text.find("left") != std::string::npos || t.text.find("right") != std::string::npos) return true;
+  return false;
+}
+
 std::vector<Box> read_boxes(const ojson& boxes, bool xywh) {
   TORCH_CHECK_VALUE(boxes.is_array(), "'boxes' must be a list of [x1, y1, x2, y2]");
   std::vector<Box> out;
@@ -158,12 +165,18 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
           for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
         }
       }
+      if (entry.contains("answer_from_boxes")) {
+        TORCH_CHECK_VALUE(entry["answer_from_boxes"].is_boolean(), "'answer_from_boxes' must be true or false, got ",
+                          entry["answer_from_boxes"].dump());
+        r.answer_from_boxes = entry["answer_from_boxes"].get<bool>();
+        TORCH_CHECK_VALUE(!r.answer_from_boxes || (!r.boxes.empty() && r.labels.size() == r.boxes.size()),
+                          "'answer_from_boxes' needs 'boxes' with one label each");
+      }
       r.fixed_geometry = !r.boxes.empty() || (entry.contains("ocr") && entry["ocr"].is_string() &&
                                               !entry["ocr"].get<std::string>().empty()) ||
                          (entry.contains("fixed_geometry") && entry["fixed_geometry"].is_boolean() &&
                           entry["fixed_geometry"].get<bool>());
-      for (const auto& t : r.turns)
-        r.fixed_geometry |= t.text.find("left") != std::string::npos || t.text.find("right") != std::string::npos;
+      r.fixed_geometry |= mentions_side(r.turns);
       out.push_back(std::move(r));
       problems.ok();
     } catch (const c10::Error& e) {  // ValueError, TypeError, ...
@@ -171,6 +184,29 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
     }
   }
   return out;
+}
+
+ojson record_to_json(const Record& record) {
+  ojson turns = ojson::array();
+  for (const auto& t : record.turns) turns.push_back({{"from", t.role == "user" ? "human" : "gpt"}, {"value", t.text}});
+  ojson out = {{"image", record.image}, {"conversations", turns}};
+  if (!record.boxes.empty()) {
+    ojson boxes = ojson::array();
+    for (const auto& b : record.boxes) boxes.push_back({b.x1, b.y1, b.x2, b.y2});
+    out["boxes"] = boxes;
+    if (!record.labels.empty()) out["labels"] = record.labels;
+  }
+  out["fixed_geometry"] = record.fixed_geometry;
+  if (record.answer_from_boxes) out["answer_from_boxes"] = true;
+  return out;
+}
+
+void write_jsonl_manifest(const std::string& path, const std::vector<Record>& records) {
+  std::string text;
+  for (const auto& r : records) text += record_to_json(r).dump() + "\n";
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  TORCH_CHECK_VALUE(out && out.write(text.data(), std::streamsize(text.size())), "write_jsonl_manifest: cannot write '",
+                    path, "'");
 }
 
 std::vector<Record> read_llava_json(const std::string& path, const std::string& image_root, BadSamplePolicy policy,
@@ -189,6 +225,7 @@ std::vector<Record> read_llava_json(const std::string& path, const std::string& 
       r.source_line = number;
       r.image = resolve_image(entry["image"], image_root);
       r.turns = llava_turns(entry["conversations"]);
+      r.fixed_geometry = mentions_side(r.turns);
       out.push_back(std::move(r));
       problems.ok();
     } catch (const c10::Error& e) {
@@ -233,6 +270,7 @@ std::vector<Record> read_coco_captions(const std::string& path, const std::strin
       r.source_line = number;
       r.image = resolve_image(it->second, image_root);
       r.turns = {{"user", "Describe the image."}, {"assistant", a["caption"].get<std::string>()}};
+      r.fixed_geometry = mentions_side(r.turns);
       out.push_back(std::move(r));
       problems.ok();
     } catch (const c10::Error& e) {
@@ -249,14 +287,18 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   std::map<int64_t, std::string> categories;
   if (doc.contains("categories") && doc["categories"].is_array())
     for (const auto& c : doc["categories"])
-      if (c.is_object() && c.contains("id") && c.contains("name") && c["name"].is_string())
+      if (c.is_object() && c.contains("id") && c["id"].is_number_integer() && c.contains("name") && c["name"].is_string())
         categories[c["id"].get<int64_t>()] = c["name"].get<std::string>();
   Problems problems{policy, report, path};
   std::map<int64_t, Record> by_image;
   std::map<int64_t, std::pair<int64_t, int64_t>> sizes;
   for (const auto& image : doc["images"])
-    if (image.contains("width") && image.contains("height"))
+    if (image.contains("width") || image.contains("height")) {
+      TORCH_CHECK_VALUE(image.contains("width") && image["width"].is_number_integer() && image.contains("height") &&
+                            image["height"].is_number_integer(),
+                        path, ": an image's 'width' and 'height' must both be integers, got ", image.dump());
       sizes[image["id"].get<int64_t>()] = {image["width"].get<int64_t>(), image["height"].get<int64_t>()};
+    }
   int64_t number = 0;
   for (const auto& a : doc["annotations"]) {
     ++number;

@@ -197,6 +197,8 @@ std::array<int64_t, 2> peek_image_size(const std::string& b) {
   if (n >= 24 && b.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0) return {be32(b, 16), be32(b, 20)};
   if (n >= 10 && (b.compare(0, 6, "GIF87a") == 0 || b.compare(0, 6, "GIF89a") == 0)) return {le16(b, 6), le16(b, 8)};
   if (n >= 26 && b[0] == 'B' && b[1] == 'M') {
+    // BITMAPCOREHEADER (OS/2, 12 bytes) has 16-bit sizes; the others 32-bit.
+    if (le16(b, 14) == 12 && le16(b, 16) == 0) return {le16(b, 18), le16(b, 20)};
     const int32_t w = int32_t(le16(b, 18) | (le16(b, 20) << 16));
     const int32_t h = int32_t(le16(b, 22) | (le16(b, 24) << 16));
     return {std::abs(int64_t(w)), std::abs(int64_t(h))};
@@ -225,6 +227,23 @@ std::array<int64_t, 2> peek_image_size(const std::string& b) {
   return {0, 0};
 }
 
+namespace {
+/// A decoder that returns another size than the header declares read a
+/// different image than the file says it holds: refuse it. The declared size
+/// is divided (rounding up) by the JPEG draft scale; EXIF-rotated JPEGs may
+/// come out transposed.
+cv::Mat checked_size(cv::Mat image, const std::array<int64_t, 2>& declared, int denom, bool may_transpose) {
+  if (declared[0] <= 0 || declared[1] <= 0) return image;
+  const int64_t w = (declared[0] + denom - 1) / denom, h = (declared[1] + denom - 1) / denom;
+  const bool same = image.cols == w && image.rows == h;
+  const bool transposed = may_transpose && image.cols == h && image.rows == w;
+  TORCH_CHECK_VALUE(same || transposed, "decode_image: the header declares ", declared[0], "x", declared[1],
+                    denom > 1 ? " (" + std::to_string(w) + "x" + std::to_string(h) + " at 1/" + std::to_string(denom) + ")" : "",
+                    " but the decoder produced ", image.cols, "x", image.rows, " (corrupt or inconsistent file)");
+  return image;
+}
+}  // namespace
+
 cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_side) {
   TORCH_CHECK_VALUE(!bytes.empty(), "decode_image: expected image bytes, got 0 bytes");
   TORCH_CHECK_VALUE(max_pixels > 0, "decode_image: max_pixels must be positive, got ", max_pixels);
@@ -251,7 +270,7 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_s
                       " bytes: ", message);
     if (result == JpegResult::ok) {
       check_pixels(rgb.cols, rgb.rows, max_pixels);
-      return rgb;
+      return checked_size(rgb, size, denom, false);
     }
   }
   cv::Mat buffer(1, int(bytes.size()), CV_8U, const_cast<char*>(bytes.data()));
@@ -269,7 +288,7 @@ cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_s
                     " bytes starting with [", hex_prefix(bytes),
                     "]: not a JPEG/PNG/BMP/TIFF/WebP image, or truncated");
   check_pixels(decoded.cols, decoded.rows, max_pixels);
-  return to_rgb8(decoded, /*bgr_order=*/true);
+  return checked_size(to_rgb8(decoded, /*bgr_order=*/true), size, denom, is_jpeg(bytes));
 }
 
 cv::Mat load_image(const std::string& path, int64_t max_pixels, int64_t min_side) {

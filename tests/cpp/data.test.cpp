@@ -1,4 +1,5 @@
 #include <filesystem>
+#include <fstream>
 
 #include "helpers.h"
 #include "vlmkit/data/loader.h"
@@ -159,4 +160,66 @@ TEST_CASE("loader: dynamic and tiles modes are the same for any thread count", "
     }
   }
   std::filesystem::remove_all(dir);
+}
+
+namespace {
+void write_text(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary) << text;
+}
+}  // namespace
+
+TEST_CASE("datasets: records written with record_to_json read back the same, from every reader", "[data][datasets]") {
+  const auto dir = std::filesystem::temp_directory_path() / "vlmkit_record_round_trip";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  write_text(dir / "m.jsonl",
+             "{\"image\": \"a.png\", \"question\": \"Is it on the left?\", \"answer\": \"yes\"}\n"
+             "{\"image\": \"b.png\", \"caption\": \"two cats\", \"boxes\": [[1, 2.5, 30, 40]], \"labels\": [\"cat\"]}\n");
+  write_text(dir / "llava.json",
+             "[{\"image\": \"c.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>Where?\"},"
+             " {\"from\": \"gpt\", \"value\": \"top right\"}]}]");
+  write_text(dir / "inst.json",
+             "{\"images\": [{\"id\": 1, \"file_name\": \"d.png\", \"width\": 64, \"height\": 48}],"
+             " \"categories\": [{\"id\": 3, \"name\": \"dog\"}],"
+             " \"annotations\": [{\"image_id\": 1, \"bbox\": [4, 5, 10, 12], \"category_id\": 3}]}");
+  std::vector<Record> all;
+  for (auto& r : read_jsonl_manifest((dir / "m.jsonl").string())) all.push_back(r);
+  for (auto& r : read_llava_json((dir / "llava.json").string(), dir.string())) all.push_back(r);
+  for (auto& r : read_coco_instances((dir / "inst.json").string(), dir.string())) all.push_back(r);
+  REQUIRE(all.size() == 4);
+  // "left"/"right" in any reader's text fixes the geometry (the LLaVA reader did not: a flip made "top right" wrong).
+  CHECK(all[0].fixed_geometry);
+  CHECK(all[2].fixed_geometry);
+  CHECK(all[3].answer_from_boxes);
+  write_jsonl_manifest((dir / "again.jsonl").string(), all);
+  const auto again = read_jsonl_manifest((dir / "again.jsonl").string());
+  REQUIRE(again.size() == all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    INFO("record " << i);
+    CHECK(again[i].image == all[i].image);
+    REQUIRE(again[i].turns.size() == all[i].turns.size());
+    for (size_t t = 0; t < all[i].turns.size(); ++t) {
+      CHECK(again[i].turns[t].role == all[i].turns[t].role);
+      CHECK(again[i].turns[t].text == all[i].turns[t].text);
+    }
+    REQUIRE(again[i].boxes.size() == all[i].boxes.size());
+    for (size_t b = 0; b < all[i].boxes.size(); ++b) {
+      CHECK(again[i].boxes[b].x1 == all[i].boxes[b].x1);
+      CHECK(again[i].boxes[b].y2 == all[i].boxes[b].y2);
+    }
+    CHECK(again[i].labels == all[i].labels);
+    CHECK(again[i].fixed_geometry == all[i].fixed_geometry);
+    CHECK(again[i].answer_from_boxes == all[i].answer_from_boxes);
+  }
+  // COCO fields of the wrong JSON type are clear ValueErrors, not nlohmann exceptions escaping the reader.
+  write_text(dir / "bad.json",
+             "{\"images\": [{\"id\": 1, \"file_name\": \"d.png\", \"width\": \"64\", \"height\": 48}],"
+             " \"annotations\": []}");
+  CHECK_THROWS_AS(read_coco_instances((dir / "bad.json").string(), dir.string()), c10::ValueError);
+  write_text(dir / "bad2.json",
+             "{\"images\": [{\"id\": 1, \"file_name\": \"d.png\"}], \"categories\": [{\"id\": \"x\", \"name\": \"a\"}],"
+             " \"annotations\": [{\"image_id\": 1, \"bbox\": [0, 0, 1, 1], \"category_id\": 3}]}");
+  CHECK_THROWS_AS(read_coco_instances((dir / "bad2.json").string(), dir.string()), c10::ValueError);
+  write_text(dir / "bad.jsonl", "{\"image\": \"a.png\", \"caption\": \"x\", \"answer_from_boxes\": true}\n");
+  CHECK_THROWS_AS(read_jsonl_manifest((dir / "bad.jsonl").string()), c10::ValueError);
 }

@@ -40,12 +40,15 @@ TEST_CASE("vit: bad inputs and configs raise ValueError/TypeError", "[encoder][v
   CHECK_THROWS_AS(ViT(tiny_vit().patch_size(5)), c10::ValueError);
   CHECK_THROWS_AS(ViT(tiny_vit().num_heads(5)), c10::ValueError);
   CHECK_THROWS_AS(ViT(tiny_vit().patch_size(6).image_size(36).stem(ViTStem::conv)), c10::ValueError);
+  // The message names what was expected and what came. Checked after the call so
+  // that a forward that accepts [2, 64, 64] (no exception) fails the test.
+  std::string message;
   try {
     vit->forward(torch::rand({2, 64, 64}));
   } catch (const c10::ValueError& e) {
-    REQUIRE_THAT(e.what_without_backtrace(),
-                 Catch::Contains("expected images of shape [B, 3, H, W], got [2, 64, 64]"));
+    message = e.what_without_backtrace();
   }
+  REQUIRE_THAT(message, Catch::Contains("expected images of shape [B, 3, H, W], got [2, 64, 64]"));
 }
 
 TEST_CASE("conv stage: token grid and float32 gradients match float64", "[encoder][conv]") {

@@ -230,6 +230,7 @@ TEST_CASE("trainer: loss falls; resume after an interruption equals an uninterru
 
   auto [part, part_losses, r1] = run(dir / "cut", 10);  // last checkpoint at step 8
   REQUIRE(!r1);
+  REQUIRE(part_losses.size() == 10);  // the interruption, not another error, ended it
   auto [rest, rest_losses, r2] = run(dir / "cut", -1);
   REQUIRE(r2);
   REQUIRE(rest_losses.size() == 4);

@@ -4,11 +4,31 @@
 
 #include "vlmkit/data/image.h"
 
+namespace {
+// Property: a decoded image has the size its header declares (divided, rounding
+// up, by the JPEG draft scale; an EXIF-rotated JPEG may come out transposed), is
+// RGB uint8 and not empty. Anything else must have been a clear error instead.
+void check_declared_size(const cv::Mat& image, const std::string& bytes, bool draft) {
+  if (image.empty() || image.type() != CV_8UC3) __builtin_trap();
+  const auto declared = vlmkit::peek_image_size(bytes);
+  if (declared[0] <= 0 || declared[1] <= 0) return;  // TIFF or unknown: no header size to hold it to
+  const bool jpeg = bytes.size() > 2 && uint8_t(bytes[0]) == 0xFF && uint8_t(bytes[1]) == 0xD8;
+  for (int64_t d : {1, 2, 4, 8}) {
+    if (d > 1 && !draft) break;
+    const int64_t w = (declared[0] + d - 1) / d, h = (declared[1] + d - 1) / d;
+    if (image.cols == w && image.rows == h) return;
+    if (jpeg && image.cols == h && image.rows == w) return;
+  }
+  __builtin_trap();
+}
+}  // namespace
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);
   try {
     // A small pixel budget keeps each run fast; the guard itself is under test.
     auto image = vlmkit::decode_image(bytes, /*max_pixels=*/1 << 20);
+    check_declared_size(image, bytes, false);
     auto square = vlmkit::resize_square(image, 16);
     vlmkit::LetterboxInfo info;
     auto boxed = vlmkit::letterbox(image, 24, &info);
@@ -27,7 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   try {
     // JPEG draft decoding (DCT-scaled) as the loader does it.
-    vlmkit::decode_image(bytes, 1 << 20, /*min_side=*/8);
+    check_declared_size(vlmkit::decode_image(bytes, 1 << 20, /*min_side=*/8), bytes, true);
   } catch (const c10::Error&) {
     // Clear errors are the expected outcome for bad input.
   }

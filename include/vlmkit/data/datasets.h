@@ -71,6 +71,14 @@ std::vector<Record> read_coco_captions(const std::string& path, const std::strin
 std::vector<Record> read_coco_instances(const std::string& path, const std::string& image_root,
                                         BadSamplePolicy policy = BadSamplePolicy::raise, ReadReport* report = nullptr);
 
+/// The JSONL manifest line of a record ("image", "conversations", "boxes",
+/// "labels", "fixed_geometry", "answer_from_boxes"): read back by
+/// read_jsonl_manifest from a manifest in a folder that holds the image, it
+/// gives the same record (tested, and a property of the datasets fuzzer).
+nlohmann::ordered_json record_to_json(const Record& record);
+/// Writes records as a JSONL manifest (one record_to_json line each).
+void write_jsonl_manifest(const std::string& path, const std::vector<Record>& records);
+
 /// Prompt template (LLaVA-style turns):
 ///   <bos>User: {user}\nAssistant: {assistant}<eos>\nUser: ...
 /// Labels hold the assistant tokens (and their <eos>) and kIgnoreIndex

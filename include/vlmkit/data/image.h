@@ -29,7 +29,8 @@ constexpr int64_t kDefaultMaxPixels = 64LL * 1000 * 1000;
 /// bits, alpha is composited over white, JPEG EXIF orientation is applied.
 /// Images over max_pixels raise ValueError (checked from the header before
 /// decoding where the format allows). Empty, truncated or non-image bytes
-/// raise ValueError naming what was found.
+/// raise ValueError naming what was found, and so does a file whose decoded
+/// size is not the size its header declares (see peek_image_size).
 ///
 /// min_side > 0 allows a JPEG to be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
 /// DCT scaling, like PIL's draft mode) as long as both sides stay >= min_side:
