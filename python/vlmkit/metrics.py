@@ -104,14 +104,18 @@ def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
 
 def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
     """Recall@k both ways for a square image x text similarity matrix whose
-    diagonal holds the matching pairs."""
+    diagonal holds the matching pairs. Ties with the match count as misses."""
     if similarity.dim() != 2 or similarity.size(0) != similarity.size(1):
         raise ValueError(f"retrieval_recall: expected a square [N, N] matrix, got {tuple(similarity.shape)}")
+    if not torch.isfinite(similarity).all():
+        raise ValueError("retrieval_recall: the similarity matrix holds NaN or infinite values")
     n = similarity.size(0)
     target = torch.arange(n)
     out = {}
     for name, sims in (("image_to_text", similarity), ("text_to_image", similarity.t())):
-        rank = (sims > sims[target, target].unsqueeze(1)).sum(1)  # how many beat the match
+        # How many others score at least as high as the match: a tie counts against
+        # it, so a model whose similarities are all equal scores recall@1 = 0, not 1.
+        rank = (sims >= sims[target, target].unsqueeze(1)).sum(1) - 1
         for k in ks:
             out[f"{name}_recall@{k}"] = (rank < k).float().mean().item()
     return out

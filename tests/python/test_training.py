@@ -345,6 +345,15 @@ def test_metrics():
     assert recall["image_to_text_recall@1"] == 1.0 and recall["text_to_image_recall@5"] == 1.0
     with pytest.raises(ValueError, match="square"):
         retrieval_recall(torch.zeros(2, 3))
+    # Catches recall that counts ties as hits: equal similarities carry no information.
+    flat = retrieval_recall(torch.ones(8, 8))
+    assert flat["image_to_text_recall@1"] == 0.0 and flat["text_to_image_recall@5"] == 0.0
+    one_tie = torch.eye(4)
+    one_tie[0, 1] = 1.0  # image 0 ties with text 1
+    tied = retrieval_recall(one_tie, ks=(1, 2))
+    assert tied["image_to_text_recall@1"] == 0.75 and tied["image_to_text_recall@2"] == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_recall(torch.full((3, 3), float("nan")))
 
 
 def test_trainer_with_a_python_loss_function(manifest):
@@ -362,6 +371,26 @@ def test_trainer_with_a_python_loss_function(manifest):
     trainer = vlmkit.Trainer(model, steps=3, accumulation=2, log_every=0, loss=loss)
     summary = trainer.fit(loader)
     assert calls == [4] * 6 and summary["step"] == 3
+
+    # The Trainer optimises the loss it is given, not the model's own: a trainer that
+    # ignored `loss` would log the model's loss and move the weights under a zero loss.
+    def logged_first_loss(loss_fn):
+        torch.manual_seed(0)
+        m = vlmkit.build_model(TINY_VLM)
+        before = [p.detach().clone() for p in m.parameters()]
+        records = []
+        t = vlmkit.Trainer(m, steps=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, log_every=1,
+                           loss=None if loss_fn is None else (lambda b: loss_fn(m, b)))
+        t.fit(data.Loader(manifest, batch_size=4, num_workers=1, image_size=32, seed=0, drop_last=True),
+              on_log=records.append)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+        return [r["loss"] for r in records if "loss" in r][0], moved
+
+    own, own_moved = logged_first_loss(None)
+    tripled, _ = logged_first_loss(lambda m, b: 3.0 * m(b["images"], b["input_ids"], b["padding_mask"], b["labels"]).loss)
+    zero, zero_moved = logged_first_loss(lambda m, b: 0.0 * m(b["images"], b["input_ids"], b["padding_mask"], b["labels"]).loss)
+    assert tripled == pytest.approx(3.0 * own, rel=1e-5)
+    assert zero == 0.0 and own_moved and not zero_moved
     bad = vlmkit.Trainer(model, steps=1, log_every=0, loss=lambda batch: torch.zeros(2))
     with pytest.raises(ValueError, match="must return a scalar"):
         bad.fit(loader)

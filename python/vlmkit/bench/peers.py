@@ -227,6 +227,13 @@ class Decoder(nn.Module):
         return self.norm(x) @ self.token_embed.weight.t()
 
 
+def prefix_lm_mask(t: int, prefix: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T], True where attention is cut: the future, except keys inside
+    each row's prefix (positions < prefix[b] attend both ways)."""
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return (causal[None] & (torch.arange(t)[None, None, :] >= prefix[:, None, None]))[:, None]
+
+
 class EncoderDecoder(nn.Module):
     """Architecture 4 (LLaVA-style concat at <image>, or Flamingo-style cross-attention)."""
 
@@ -245,8 +252,8 @@ class EncoderDecoder(nn.Module):
         tokens, _, grid = self.image_encoder(images)
         memory = self.projector(tokens, grid)
         embeds = self.decoder.token_embed(ids)
-        if not self.concat:
-            return embeds, memory, None
+        if not self.concat:  # the prompt is the prefix (prefix-LM decides its length from the labels)
+            return embeds, memory, torch.zeros(len(ids), dtype=torch.long)
         # Each row's <image> placeholder is replaced by the image tokens.
         pos = ids.eq(self.image_token).float().argmax(1)
         rows = [torch.cat([embeds[b, :p], memory[b], embeds[b, p + 1:]]) for b, p in enumerate(pos.tolist())]
@@ -254,15 +261,7 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images, ids, labels=None):
         x, context, prefix = self.fuse(images, ids)
-        mask = None
-        if self.prefix_lm and prefix is not None:
-            t = x.shape[1]
-            causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-            mask = (causal[None] & (torch.arange(t)[None, None, :] >= prefix[:, None, None]))[:, None]
-        logits = self.decoder(x, mask=mask, causal=mask is None, context=context)
-        if labels is None:
-            return logits, None
-        if self.concat:
+        if labels is not None and self.concat:
             m = x.shape[1] - ids.shape[1]
             pos = ids.eq(self.image_token).float().argmax(1)
             full = torch.full(x.shape[:2], -100, dtype=torch.long)
@@ -270,6 +269,20 @@ class EncoderDecoder(nn.Module):
                 full[b, :p] = labels[b, :p]
                 full[b, p + m + 1:] = labels[b, p + 1:]
             labels = full
+        mask = None
+        if self.prefix_lm and prefix is not None:
+            # Prefix-LM: image and prompt (everything before the first labelled
+            # position; the whole sequence without labels) attend both ways.
+            t = x.shape[1]
+            if labels is not None:
+                labelled = labels.ne(-100)
+                prefix = torch.where(labelled.any(1), labelled.float().argmax(1), torch.full_like(prefix, t))
+            else:
+                prefix = torch.full_like(prefix, t)
+            mask = prefix_lm_mask(t, prefix)
+        logits = self.decoder(x, mask=mask, causal=mask is None, context=context)
+        if labels is None:
+            return logits, None
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                ignore_index=-100)
         return logits, loss
@@ -279,20 +292,25 @@ class EncoderDecoder(nn.Module):
         """Greedy decoding of equal-length prompts, with or without a KV cache."""
         x, context, _ = self.fuse(images, ids)
         out = [[] for _ in range(len(ids))]
+        prompt = torch.full((len(ids),), x.shape[1], dtype=torch.long)
         if use_cache:
             caches = [{} for _ in self.decoder.blocks]
-            logits = self.decoder(x, causal=True, context=context, caches=caches)
+            # Prefix-LM: the whole prompt attends both ways; generated tokens causally.
+            logits = self.decoder(x, causal=not self.prefix_lm, context=context, caches=caches)
             length = x.shape[1]
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 nxt = logits[:, -1].argmax(-1)
                 for b, t in enumerate(nxt.tolist()):
                     out[b].append(t)
+                if step + 1 == max_new_tokens:
+                    break  # the budget is spent: no pass for a token nobody reads (as vlmkit)
                 logits = self.decoder(self.decoder.token_embed(nxt[:, None]), causal=False, context=context,
                                       caches=caches, start=length)
                 length += 1
         else:
             for _ in range(max_new_tokens):
-                nxt = self.decoder(x, causal=True, context=context)[:, -1].argmax(-1)
+                mask = prefix_lm_mask(x.shape[1], prompt) if self.prefix_lm else None
+                nxt = self.decoder(x, mask=mask, causal=mask is None, context=context)[:, -1].argmax(-1)
                 for b, t in enumerate(nxt.tolist()):
                     out[b].append(t)
                 x = torch.cat([x, self.decoder.token_embed(nxt[:, None])], 1)
@@ -340,10 +358,36 @@ class TwoLeg(nn.Module):
 PEERS = {"encoder_decoder": EncoderDecoder, "two_tower": TwoTower, "two_leg": TwoLeg}
 
 
+def unmirrored(config: Dict) -> List[str]:
+    """The settings of a (complete) vlmkit config that the peer does not
+    implement; build_peer refuses such configs rather than time other work."""
+    arch, out = config["architecture"], []
+    if arch == "two_tower" and config.get("loss", "clip") != "clip":
+        out.append(f"loss {config['loss']!r} (the peer has the CLIP loss)")
+    if arch == "two_tower" and config.get("max_logit_scale", 100.0) != 100.0:
+        out.append(f"max_logit_scale {config['max_logit_scale']} (the peer clamps at 100)")
+    if arch == "two_leg":
+        if config["fusion"].get("type") != "concat_mlp":
+            out.append(f"fusion {config['fusion'].get('type')!r} (the peer has concat_mlp)")
+        if config["head"].get("type", "classification") != "classification":
+            out.append(f"head {config['head'].get('type')!r} (the peer has a classification head)")
+    if arch == "encoder_decoder":
+        if config.get("label_smoothing", 0.0):
+            out.append("label_smoothing")
+        if config.get("loss_reduction", "token") != "token":
+            out.append(f"loss_reduction {config['loss_reduction']!r}")
+        if config["decoder"].get("gated_cross_attention"):
+            out.append("gated_cross_attention")
+    return out
+
+
 def build_peer(config: Dict) -> nn.Module:
     arch = config["architecture"]
     if arch not in PEERS:
         raise ValueError(f"no PyTorch peer for {arch!r} (have {sorted(PEERS)})")
+    missing = unmirrored(config)
+    if missing:
+        raise ValueError(f"the PyTorch peer does not implement {', '.join(missing)}")
     return PEERS[arch](config)
 
 
