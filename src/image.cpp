@@ -41,6 +41,20 @@ bool is_jpeg(const std::string& b) {
   return b.size() >= 3 && uint8_t(b[0]) == 0xFF && uint8_t(b[1]) == 0xD8 && uint8_t(b[2]) == 0xFF;
 }
 
+/// The formats decode_image documents, by signature. Everything else is refused
+/// before OpenCV sees it: its other decoders (DICOM through GDCM, PxM, Sun raster,
+/// HDR, JPEG 2000, ...) are not what vlmkit promises, and GDCM aborts the process
+/// on some malformed files (found by fuzz_image).
+bool is_supported_format(const std::string& b) {
+  const size_t n = b.size();
+  if (is_jpeg(b)) return true;
+  if (n >= 8 && b.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0) return true;
+  if (n >= 2 && b[0] == 'B' && b[1] == 'M') return true;
+  if (n >= 4 && (b.compare(0, 4, std::string("II*\0", 4)) == 0 || b.compare(0, 4, std::string("MM\0*", 4)) == 0))
+    return true;
+  return n >= 12 && b.compare(0, 4, "RIFF") == 0 && b.compare(8, 4, "WEBP") == 0;
+}
+
 void check_pixels(int64_t width, int64_t height, int64_t max_pixels) {
   TORCH_CHECK_VALUE(width >= 0 && height >= 0, "image header declares a negative size ", width, "x", height);
   // Divide rather than multiply: headers may declare sizes whose product overflows
@@ -247,6 +261,8 @@ cv::Mat checked_size(cv::Mat image, const std::array<int64_t, 2>& declared, int 
 cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_side) {
   TORCH_CHECK_VALUE(!bytes.empty(), "decode_image: expected image bytes, got 0 bytes");
   TORCH_CHECK_VALUE(max_pixels > 0, "decode_image: max_pixels must be positive, got ", max_pixels);
+  TORCH_CHECK_VALUE(is_supported_format(bytes), "decode_image: ", bytes.size(), " bytes starting with [",
+                    hex_prefix(bytes), "] are not a JPEG/PNG/BMP/TIFF/WebP image");
   const auto size = peek_image_size(bytes);
   if (size[0] > 0 && size[1] > 0) check_pixels(size[0], size[1], max_pixels);
   if (is_jpeg(bytes)) {

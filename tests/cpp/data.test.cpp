@@ -118,6 +118,21 @@ TEST_CASE("data: fuzz regression — header sizes whose product overflows", "[da
   CHECK_THROWS_AS(decode_image(bytes, kDefaultMaxPixels, 224), c10::ValueError);
 }
 
+TEST_CASE("data: fuzz regression — formats outside the documented five never reach OpenCV", "[data][errors][hostile]") {
+  // Found by fuzz_image: 128 bytes then "DICM" went to OpenCV's DICOM decoder
+  // (GDCM), whose assertion aborted the process.
+  const std::string dicom = std::string(128, '"') + "DICM";
+  std::string message;
+  try {
+    decode_image(dicom);
+  } catch (const c10::ValueError& e) {
+    message = e.what_without_backtrace();
+  }
+  REQUIRE_THAT(message, Catch::Contains("not a JPEG/PNG/BMP/TIFF/WebP image"));
+  CHECK_THROWS_AS(decode_image("P6\n2 2\n255\n" + std::string(12, '\x7f')), c10::ValueError);  // PPM
+  CHECK_THROWS_AS(decode_image("GIF89a\x01\x00\x01\x00"), c10::ValueError);
+}
+
 TEST_CASE("loader: dynamic and tiles modes are the same for any thread count", "[data][loader]") {
   // Variable-size batches (dynamic resolution) and several views per record
   // (tiles); also run by make tsan.

@@ -108,7 +108,8 @@ def main():
         print(json.dumps({"vlmkit_images_per_s": a, "vlmkit_exact_images_per_s": e, "peer_images_per_s": b,
                           "ratio": a / b, "ratio_exact": e / b,
                           "mean_abs_diff_255": diffs[True][0], "p99_abs_diff_255": diffs[True][1],
-                          "max_abs_diff_255": diffs[True][2], "exact_max_abs_diff_255": diffs[False][2]}))
+                          "max_abs_diff_255": diffs[True][2], "exact_mean_abs_diff_255": diffs[False][0],
+                          "exact_p99_abs_diff_255": diffs[False][1], "exact_max_abs_diff_255": diffs[False][2]}))
 
 
 if __name__ == "__main__":
