@@ -58,6 +58,12 @@ def test_every_combination_trains_and_generates_the_same_with_and_without_cache(
     assert out.logits.shape[0] == 2 and out.logits.shape[2] == text.VOCAB_SIZE
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # Every component learns from the loss: catches a detached projector or encoder
+    # (finite, all-zero gradients pass the line above).
+    components = {name.split(".")[0] for name, _ in model.named_parameters()}
+    for component in components:
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+                   if n == component or n.startswith(component + ".")), component
     first = out.loss.item()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(8):
