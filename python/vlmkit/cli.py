@@ -99,7 +99,7 @@ def _train(args: argparse.Namespace, argv: List[str]) -> int:
         output = args.output or "runs/two_tower"
         metrics = train(run, out_dir=output)
         _print_metrics(metrics)
-        print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, log: {output}/metrics.jsonl)")
+        print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, metrics: {output}/metrics.json)")
         return 0
     if args.architecture != "encoder_decoder":
         raise CliError(f"architecture {args.architecture!r} has no training recipe in `vlmkit train` yet; "
