@@ -261,8 +261,8 @@ cv::Mat checked_size(cv::Mat image, const std::array<int64_t, 2>& declared, int 
 cv::Mat decode_image(const std::string& bytes, int64_t max_pixels, int64_t min_side) {
   TORCH_CHECK_VALUE(!bytes.empty(), "decode_image: expected image bytes, got 0 bytes");
   TORCH_CHECK_VALUE(max_pixels > 0, "decode_image: max_pixels must be positive, got ", max_pixels);
-  TORCH_CHECK_VALUE(is_supported_format(bytes), "decode_image: ", bytes.size(), " bytes starting with [",
-                    hex_prefix(bytes), "] are not a JPEG/PNG/BMP/TIFF/WebP image");
+  TORCH_CHECK_VALUE(is_supported_format(bytes), "decode_image: could not decode ", bytes.size(),
+                    " bytes starting with [", hex_prefix(bytes), "]: not a JPEG/PNG/BMP/TIFF/WebP image");
   const auto size = peek_image_size(bytes);
   if (size[0] > 0 && size[1] > 0) check_pixels(size[0], size[1], max_pixels);
   if (is_jpeg(bytes)) {
