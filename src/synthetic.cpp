@@ -136,17 +136,29 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
             [](const SceneObject& a, const SceneObject& b) { return a.box.x1 + a.box.x2 < b.box.x1 + b.box.x2; });
 
   out.caption = join_objects(out.objects) + (out.word.empty() ? "" : " with the word \"" + out.word + "\"");
-  const auto& first = out.objects.front();
-  out.questions.push_back({"colour", "What colour is the " + first.shape + "?", first.colour});
-  out.questions.push_back({"shape", "What shape is " + first.colour + "?", first.shape});
+  // Questions ask about an object chosen at random (not the leftmost: "the colour
+  // of the leftmost blob" would answer every colour question without reading the
+  // shape word). Colours and shapes are unique in a scene, so each has one answer.
+  const auto& asked = out.objects[pick(out.objects.size())];
+  out.questions.push_back({"colour", "What colour is the " + asked.shape + "?", asked.colour});
+  const auto& named = out.objects[pick(out.objects.size())];
+  out.questions.push_back({"shape", "What shape is " + named.colour + "?", named.shape});
   out.questions.push_back({"count", "How many shapes are there?", std::to_string(out.objects.size())});
   if (out.objects.size() >= 2) {
-    const auto& a = out.objects[pick(out.objects.size())];
-    const SceneObject* b = &out.objects[0];
-    for (const auto& o : out.objects)
-      if (o.label() != a.label()) b = &o;
-    const bool left = (a.box.x1 + a.box.x2) < (b->box.x1 + b->box.x2);
-    out.questions.push_back({"spatial", "Is the " + a.label() + " left of the " + b->label() + "?", left ? "yes" : "no"});
+    // Two different objects at random, asked in an order that makes "yes" and "no"
+    // equally likely; objects whose centres are closer than 4 px horizontally are
+    // not asked about (left of each other is not clear from the pixels).
+    const size_t i = pick(out.objects.size());
+    size_t j = pick(out.objects.size() - 1);
+    if (j >= i) ++j;
+    const SceneObject* a = &out.objects[i];
+    const SceneObject* b = &out.objects[j];
+    const double ca = (a->box.x1 + a->box.x2) / 2, cb = (b->box.x1 + b->box.x2) / 2;
+    const bool want_yes = u(rng) < 0.5;
+    if (std::abs(ca - cb) >= 4.0) {
+      if ((ca < cb) != want_yes) std::swap(a, b);
+      out.questions.push_back({"spatial", "Is the " + a->label() + " left of the " + b->label() + "?", want_yes ? "yes" : "no"});
+    }
   }
   nlohmann::ordered_json labels = nlohmann::ordered_json::array(), boxes = nlohmann::ordered_json::array();
   for (const auto& o : out.objects) {

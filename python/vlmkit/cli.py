@@ -145,7 +145,10 @@ def _eval(args: argparse.Namespace, argv: List[str]) -> int:
         raise CliError(f"vlmkit eval handles encoder_decoder checkpoints, this one is {config.get('architecture')!r}")
     size = config["image_encoder"]["image_size"]
     if args.data == "synthetic":
-        metrics = evaluate(model, args.scenes, args.seed + 10_000, size)
+        from .train_vlm import TEST_SEED_OFFSET, VlmRun, majority_answers
+        baselines = majority_answers(VlmRun.train_scenes, args.seed, size)
+        metrics = evaluate(model, args.scenes, args.seed + TEST_SEED_OFFSET, size, baselines=baselines,
+                           unconstrained=True)
     else:
         metrics = _evaluate_file(model, args.data, args.format, size, args.limit)
     _print_metrics(metrics)
@@ -261,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="global batch size")
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes (encoder_decoder)")
-    p.add_argument("--eval-scenes", type=int, default=60, help="held-out synthetic scenes evaluated at the end")
+    p.add_argument("--eval-scenes", type=int, default=200, help="held-out (test split) synthetic scenes evaluated at the end")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, default=-1,
                    help="stage 1: image-encoder steps on the scene tags before the VLM stage (default 0: off)")

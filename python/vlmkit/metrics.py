@@ -63,6 +63,24 @@ def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
     classes = sorted({t[1] for t in truths})
     if not classes:
         return float("nan")
+    # A prediction whose label is empty or names no class of the truths is a false
+    # positive of the class of the truth it overlaps most in its image (of every
+    # class if its image has none): an unlabelled box must not vanish from the count.
+    predictions = list(predictions)
+    known = set(classes)
+    by_image: Dict[int, List[Tuple[str, Box]]] = {}
+    for image, l, box in truths:
+        by_image.setdefault(image, []).append((l, box))
+    charged: Dict[str, List[float]] = {c: [] for c in classes}
+    for image, l, box, score in predictions:
+        if l in known:
+            continue
+        others = by_image.get(image, [])
+        if others:
+            charged[max(others, key=lambda t: box_iou(box, t[1]))[0]].append(score)
+        else:
+            for c in classes:
+                charged[c].append(score)
     aps = []
     for label in classes:
         gt: Dict[int, List[Box]] = {}
@@ -70,9 +88,14 @@ def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
             if l == label:
                 gt.setdefault(image, []).append(box)
         used = {image: [False] * len(boxes) for image, boxes in gt.items()}
-        preds = sorted((p for p in predictions if p[1] == label), key=lambda p: -p[3])
+        preds = [p for p in predictions if p[1] == label] + [(None, label, None, score) for score in charged[label]]
+        preds.sort(key=lambda p: -p[3])
         tp, fp = [], []
         for image, _, box, _ in preds:
+            if box is None:  # an unknown-label prediction charged to this class
+                tp.append(0)
+                fp.append(1)
+                continue
             best, best_j = 0.0, -1
             for j, g in enumerate(gt.get(image, [])):
                 iou = box_iou(box, g)

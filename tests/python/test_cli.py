@@ -15,19 +15,24 @@ def test_scene_tasks_cover_every_task():
 
 
 def test_vlm_training_runs_and_reports_every_metric(tmp_path):
-    metrics = train(VlmRun(train_scenes=40, steps=6, batch_size=8, eval_scenes=2, log_every=3, pretrain_steps=5),
+    metrics = train(VlmRun(train_scenes=40, steps=6, batch_size=8, eval_scenes=2, val_scenes=2, eval_every=3,
+                           log_every=3, pretrain_steps=5),
                     out_dir=str(tmp_path),
                     verbose=False)
     for key in ("caption/exact_match", "colour/exact_match", "count/exact_match", "detection/mean_iou",
-                "detection/valid_json", "extraction/valid_json", "extraction/field_accuracy"):
+                "detection/valid_json", "extraction/valid_json", "extraction/field_accuracy",
+                "colour/baseline", "shape/baseline", "count/baseline", "detection/valid_json_unconstrained"):
         assert key in metrics, key
+    assert (tmp_path / "tasks.png").exists()
     # Constrained decoding keeps the JSON tasks valid even after 6 steps.
     assert metrics["detection/valid_json"] == 1.0 and metrics["extraction/valid_json"] == 1.0
     assert (tmp_path / "checkpoints" / "latest").exists() and (tmp_path / "config.json").exists()
     assert (tmp_path / "loss.png").exists()
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == [1, 3, 6]
-    assert log[-1]["step"] == 6 and "caption/bleu4" in log[-1]["eval"]
+    # Validation metrics per task every eval_every steps (the progress a user watches).
+    assert [e["step"] for e in log if "eval" in e] == [3, 6]
+    assert log[-1]["step"] == 6 and "caption/bleu4" in log[-1]["eval"] and "shape/exact_match" in log[-1]["eval"]
 
 
 def test_cli_two_tower(tmp_path, capsys):

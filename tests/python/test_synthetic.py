@@ -40,8 +40,12 @@ def test_answers_agree_with_the_pixels():
         answers = {q["kind"]: q for q in sample["questions"]}
         kinds.update(answers)
         assert answers["count"]["answer"] == str(len(objects))
-        first = objects[0]["label"].split()
-        assert answers["colour"]["answer"] == first[0] and answers["shape"]["answer"] == first[1]
+        by_shape = {l.split()[1]: l.split()[0] for l in (o["label"] for o in objects)}
+        by_colour = {c: s for s, c in by_shape.items()}
+        asked_shape = answers["colour"]["question"][len("What colour is the "):-1]
+        asked_colour = answers["shape"]["question"][len("What shape is "):-1]
+        assert answers["colour"]["answer"] == by_shape[asked_shape]
+        assert answers["shape"]["answer"] == by_colour[asked_colour]
         if "spatial" in answers:
             q = answers["spatial"]["question"]
             a_label, b_label = q[len("Is the "):-1].split(" left of the ")
@@ -73,3 +77,24 @@ def test_written_to_disk_and_reloaded(tmp_path):
         image = data.load_image(tmp_path / entry["image"])
         assert torch.equal(image, dataset[i]["image"])
         assert entry["caption"] == dataset[i]["caption"]
+
+
+def test_questions_have_no_shortcut_that_ignores_the_question():
+    """Catches the old generator: colour and shape questions always asked about the
+    leftmost object (its colour answered every colour question), and the spatial
+    answer was "yes" unless the object asked about was the rightmost (0.58 "yes")."""
+    dataset = data.SyntheticDataset(400, image_size=64, seed=3)
+    leftmost, multi, yes, spatial = 0, 0, 0, 0
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        objects = sample["objects"]
+        answers = {q["kind"]: q for q in sample["questions"]}
+        if len(objects) >= 2:
+            multi += 1
+            leftmost += answers["colour"]["answer"] == objects[0]["label"].split()[0]
+        if "spatial" in answers:
+            spatial += 1
+            yes += answers["spatial"]["answer"] == "yes"
+    # 2-4 objects: the leftmost one is asked about in about 1/3 of the scenes.
+    assert 0.2 < leftmost / multi < 0.5, leftmost / multi
+    assert 0.42 < yes / spatial < 0.58, yes / spatial

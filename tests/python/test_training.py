@@ -341,6 +341,11 @@ def test_metrics():
     assert average_precision([(0, "cat", [0, 0, 10, 10], 1.0), (1, "cat", [5, 5, 15, 15], 0.9)], truths) == 1.0
     half = average_precision([(0, "cat", [0, 0, 10, 10], 1.0), (1, "cat", [50, 50, 60, 60], 0.9)], truths)
     assert half == pytest.approx(0.5)
+    # Catches AP that drops predictions with unknown or empty labels: ranked above the
+    # right ones they are false positives of the class of the truth they cover.
+    noisy = average_precision([(0, "", [0, 0, 10, 10], 2.0), (0, "cat", [0, 0, 10, 10], 1.0),
+                               (1, "cat", [5, 5, 15, 15], 0.9)], truths)
+    assert noisy == pytest.approx(2 / 3)
     recall = retrieval_recall(torch.eye(6) + 0.01 * torch.arange(6.0))
     assert recall["image_to_text_recall@1"] == 1.0 and recall["text_to_image_recall@5"] == 1.0
     with pytest.raises(ValueError, match="square"):
