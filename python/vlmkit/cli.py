@@ -46,6 +46,8 @@ def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
         config["image_encoder"]["d_model"] = config["decoder"]["d_model"] = args.d_model
     if args.depth:
         config["decoder"]["depth"] = args.depth
+    if args.loss_reduction:
+        config["loss_reduction"] = args.loss_reduction
     return config
 
 
@@ -113,7 +115,8 @@ def _train(args: argparse.Namespace, argv: List[str]) -> int:
     run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
-                 pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps)
+                 pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
+                 freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c))
     output = args.output or "runs/vlm"
     metrics = train(run, config=_model_config(args), out_dir=output, resume=not args.no_resume,
                     verbose=True)
@@ -267,7 +270,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-scenes", type=int, default=200, help="held-out (test split) synthetic scenes evaluated at the end")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, default=-1,
-                   help="stage 1: image-encoder steps on the scene tags before the VLM stage (default 0: off)")
+                   help="stage 1: image-encoder steps on the scene tags before the VLM stage "
+                        "(default: the run's, see docs/training.md; 0: off)")
+    p.add_argument("--freeze", default=None,
+                   help="comma-separated components the VLM stage does not train (default: the run's; '' for none)")
+    p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
+                   help="mean over all label tokens, or per example then over examples (default: the model's)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

@@ -242,6 +242,7 @@ class EncoderDecoder(nn.Module):
         dec = dict(c["decoder"])
         self.concat = c.get("fusion", "concat") == "concat"
         self.prefix_lm = c.get("attention", "causal") == "prefix_lm"
+        self.per_sample = c.get("loss_reduction", "token") == "sample"
         self.image_token = c.get("image_token_id", 3)
         self.image_encoder = ViT(c["image_encoder"])
         self.projector = Projector(c["projector"], c["image_encoder"]["d_model"], dec["d_model"])
@@ -283,8 +284,15 @@ class EncoderDecoder(nn.Module):
         logits = self.decoder(x, mask=mask, causal=mask is None, context=context)
         if labels is None:
             return logits, None
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        if not self.per_sample:
+            return logits, F.cross_entropy(pred, target, ignore_index=-100)
+        # Per sample: mean over its labelled tokens, then mean over samples that have any.
+        per_token = F.cross_entropy(pred, target, ignore_index=-100, reduction="none").view(len(labels), -1)
+        valid = labels[:, 1:].ne(-100).to(per_token.dtype)
+        count = valid.sum(1)
+        has = count.gt(0).to(per_token.dtype)
+        loss = ((per_token * valid).sum(1) / count.clamp(min=1) * has).sum() / has.sum()
         return logits, loss
 
     @torch.no_grad()
@@ -374,8 +382,6 @@ def unmirrored(config: Dict) -> List[str]:
     if arch == "encoder_decoder":
         if config.get("label_smoothing", 0.0):
             out.append("label_smoothing")
-        if config.get("loss_reduction", "token") != "token":
-            out.append(f"loss_reduction {config['loss_reduction']!r}")
         if config["decoder"].get("gated_cross_attention"):
             out.append("gated_cross_attention")
     return out
