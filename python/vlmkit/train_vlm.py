@@ -271,15 +271,21 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     return {"pretrain/tag_f1": f1, "pretrain/seconds": time.perf_counter() - start}
 
 
-def plot_metrics(log_path: str, png_path: str) -> Optional[str]:
-    """Loss (and learning rate) curves of a metrics.jsonl as a PNG; None without matplotlib."""
+def _pyplot_and_log(log_path: str):
+    """matplotlib's pyplot (headless) and the records of a metrics.jsonl; (None, [])
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
-    records = [json.loads(line) for line in open(log_path) if line.strip()]
+        return None, []
+    return plt, [json.loads(line) for line in open(log_path) if line.strip()]
+
+
+def plot_metrics(log_path: str, png_path: str) -> Optional[str]:
+    """Loss (and learning rate) curves of a metrics.jsonl as a PNG; None without matplotlib."""
+    plt, records = _pyplot_and_log(log_path)
     steps = [r for r in records if "loss" in r]
     if not steps:
         return None
@@ -307,13 +313,7 @@ def plot_task_progress(log_path: str, png_path: str) -> Optional[str]:
     """Held-out (validation) metric of each task against the step, from the eval
     records of a metrics.jsonl; dashed lines are the majority-answer baselines.
     None without matplotlib or without eval records."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = [json.loads(line) for line in open(log_path) if line.strip()]
+    plt, records = _pyplot_and_log(log_path)
     evals = [r for r in records if "eval" in r]
     if not evals:
         return None
