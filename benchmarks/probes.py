@@ -13,6 +13,8 @@
    token weighs the same, so a task's share of the gradient follows its share of
    label tokens (measured on the training examples, and on real Loader batches).
 4. Padding: the share of text positions in the Loader's batches that hold no token.
+5. With --capacity: the same image encoder trained on shape alone, for comparison
+   with what the VLM made of it.
 """
 import argparse
 import collections
@@ -20,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +89,32 @@ def probe_shapes(model, size, seed):
     return out
 
 
+def encoder_alone(model_config, seconds=45.0, seed=0):
+    """Capacity check: the same image encoder (fresh), trained on shape alone
+    (single-object scenes, max-pooled tokens, linear head, AdamW 1e-3, batch 64) for
+    a time budget; held-out accuracy and the steps it took."""
+    size = model_config["image_encoder"]["image_size"]
+    train_x, train_y = single_object_scenes(3000, seed + 30_000, size)
+    test_x, test_y = single_object_scenes(400, seed + 40_000, size)
+    torch.manual_seed(seed)
+    encoder = encoder_of(vlmkit.build_model(model_config)).train()
+    head = torch.nn.Linear(model_config["image_encoder"]["d_model"], len(data.SyntheticDataset.shapes))
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        i = torch.randint(0, len(train_x), (64,), generator=g)
+        loss = F.cross_entropy(head(encoder(train_x[i]).tokens.max(1).values), train_y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    encoder.eval()
+    with torch.no_grad():
+        accuracy = (head(encoder(test_x).tokens.max(1).values).argmax(1) == test_y).float().mean().item()
+    return {"held_out_shape_accuracy": accuracy, "steps": steps, "seconds": seconds}
+
+
 def saliency(model, size, seed, scenes=60):
     """Share of |d log p(answer) / d pixels| inside the asked object's box."""
     dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed + 50_000)
@@ -98,8 +127,10 @@ def saliency(model, size, seed, scenes=60):
         obj = next(o for o in sample["objects"] if o["label"].split()[0] == colour)
         pixels = data.preprocess(sample["image"], size, "square", normalize="clip")[0][None].requires_grad_(True)
         prompt = data.chat_prompt("<image>" + q["question"])
-        ids = torch.tensor([text.encode(prompt, add_bos=True) + text.encode(q["answer"])])
-        n_answer = len(text.encode(q["answer"]))
+        # As in training: <bos> prompt, then the answer and its <eos> as the labels.
+        answer = text.encode(q["answer"], add_bos=False, add_eos=True)
+        ids = torch.tensor([text.encode(prompt, add_bos=True, add_eos=False) + answer])
+        n_answer = len(answer)
         labels = torch.full_like(ids, -100)
         labels[0, -n_answer:] = ids[0, -n_answer:]
         loss = model(pixels, ids, None, labels).loss
@@ -120,7 +151,7 @@ def task_shares(manifest_dir, size, batch_size=32, batches=40):
         for line in f:
             e = json.loads(line)
             examples[e["kind"]] += 1
-            tokens[e["kind"]] += len(text.encode(e["answer"])) + 1  # + <eos>
+            tokens[e["kind"]] += len(text.encode(e["answer"], add_bos=False, add_eos=True))  # answer + <eos>
     total_e, total_t = sum(examples.values()), sum(tokens.values())
     out = {"examples": {k: v / total_e for k, v in sorted(examples.items())},
            "label_tokens": {k: v / total_t for k, v in sorted(tokens.items())},
@@ -141,6 +172,8 @@ def main():
     parser.add_argument("--checkpoint", default="runs/vlm")
     parser.add_argument("--data", help="the run's synthetic data folder (default: found under the checkpoint's run)")
     parser.add_argument("--json")
+    parser.add_argument("--capacity", action="store_true",
+                        help="also train the same image encoder on shape alone for 45 s (encoder_alone)")
     args = parser.parse_args()
     torch.manual_seed(0)
     trained = checkpoint.load_model(args.checkpoint) if os.path.exists(args.checkpoint) else None
@@ -150,6 +183,8 @@ def main():
     random_init = vlmkit.build_model(trained.config)
     report = {"probe_trained": probe_shapes(trained, size, 0), "probe_random_init": probe_shapes(random_init, size, 0),
               "saliency_trained": saliency(trained, size, 0)}
+    if args.capacity:
+        report["encoder_alone_on_shape"] = encoder_alone(trained.config)
     folder = args.data or next((os.path.join(args.checkpoint, d) for d in sorted(os.listdir(args.checkpoint))
                                 if d.startswith("synthetic-")), None)
     if folder:

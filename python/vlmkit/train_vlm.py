@@ -26,7 +26,7 @@ SMALL_VLM = {
     "attention": "prefix_lm",
     "decoder": {"d_model": 128, "depth": 4, "num_heads": 4, "max_len": 256},
     # Each example weighs the same: with the token mean, the two JSON tasks' ~100-token
-    # answers carried three quarters of the gradient and a shape question 3%.
+    # answers carry most of the gradient (docs/training.md, "Causes").
     "loss_reduction": "sample",
 }
 

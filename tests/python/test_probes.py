@@ -1,0 +1,40 @@
+"""benchmarks/probes.py, the measurements behind docs/training.md's "Causes":
+its probe and its bookkeeping must measure what they say."""
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+import probes  # noqa: E402
+
+
+def test_logistic_probe_reads_what_is_linearly_there_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (600,), generator=g)
+    noise = torch.randn(600, 16, generator=g)
+    readable = noise.clone()
+    readable[:, :4] += 4 * torch.nn.functional.one_hot(labels, 4)
+    assert probes.logistic_probe(readable[:400], labels[:400], readable[400:], labels[400:], 4) > 0.95
+    # Labels the features do not carry: held-out accuracy near chance (catches a probe scored on its fit data).
+    assert probes.logistic_probe(noise[:400], labels[:400], noise[400:], labels[400:], 4) < 0.4
+
+
+def test_task_shares_count_label_tokens_and_padding(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "a.png")
+    examples = [("caption", "a red circle"), ("shape", "circle"), ("shape", "square"), ("count", "2")]
+    with open(tmp_path / "tasks.jsonl", "w") as f:
+        for kind, answer in examples:
+            f.write(json.dumps({"image": "a.png", "kind": kind, "question": "Q?", "answer": answer}) + "\n")
+    out = probes.task_shares(str(tmp_path), 32, batch_size=2, batches=2)
+    tokens = {k: 0 for k, _ in examples}
+    for kind, answer in examples:
+        tokens[kind] += len(answer.encode()) + 1  # byte tokens + <eos>
+    total = sum(tokens.values())
+    assert out["label_tokens"] == pytest.approx({k: v / total for k, v in tokens.items()})
+    assert out["examples"]["shape"] == 0.5
+    assert out["label_tokens_per_example"]["shape"] == pytest.approx((len("circle") + len("square") + 2) / 2)
+    assert 0.0 <= out["padded_text_positions"] < 1.0
