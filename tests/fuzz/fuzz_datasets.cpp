@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,32 +46,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!f) return 0;
   std::fwrite(data, 1, size, f);
   std::fclose(f);
-  for (auto policy : {vlmkit::BadSamplePolicy::raise, vlmkit::BadSamplePolicy::skip}) {
-    // Reading may fail with a clear error; the round trip of what was read may not.
-    std::vector<vlmkit::Record> records;
-    try {
-      records = vlmkit::read_jsonl_manifest(path, policy);
-    } catch (const c10::Error&) {
+  using Reader = std::function<std::vector<vlmkit::Record>(vlmkit::BadSamplePolicy)>;
+  const Reader readers[] = {
+      [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_jsonl_manifest(path, p); },
+      [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_llava_json(path, dir, p); },
+      [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_coco_captions(path, dir, p); },
+      [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_coco_instances(path, dir, p); },
+  };
+  for (auto policy : {vlmkit::BadSamplePolicy::raise, vlmkit::BadSamplePolicy::skip})
+    for (const auto& read : readers) {
+      // Reading may fail with a clear error; the round trip of what was read may not.
+      std::vector<vlmkit::Record> records;
+      try {
+        records = read(policy);
+      } catch (const c10::Error&) {
+      }
+      check_round_trip(records, dir);
     }
-    check_round_trip(records, dir);
-    records.clear();
-    try {
-      records = vlmkit::read_llava_json(path, dir, policy);
-    } catch (const c10::Error&) {
-    }
-    check_round_trip(records, dir);
-    records.clear();
-    try {
-      records = vlmkit::read_coco_captions(path, dir, policy);
-    } catch (const c10::Error&) {
-    }
-    check_round_trip(records, dir);
-    records.clear();
-    try {
-      records = vlmkit::read_coco_instances(path, dir, policy);
-    } catch (const c10::Error&) {
-    }
-    check_round_trip(records, dir);
-  }
   return 0;
 }

@@ -37,4 +37,14 @@ def test_task_shares_count_label_tokens_and_padding(tmp_path):
     assert out["label_tokens"] == pytest.approx({k: v / total for k, v in tokens.items()})
     assert out["examples"]["shape"] == 0.5
     assert out["label_tokens_per_example"]["shape"] == pytest.approx((len("circle") + len("square") + 2) / 2)
-    assert 0.0 <= out["padded_text_positions"] < 1.0
+    assert out["padded_text_positions"] > 0.0  # "a red circle" beside "2" in some batch
+
+
+def test_task_shares_see_no_padding_when_every_example_has_the_same_length(tmp_path):
+    # Catches a padding share computed from the wrong side of the mask (it would read 1.0 here).
+    from PIL import Image
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "a.png")
+    with open(tmp_path / "tasks.jsonl", "w") as f:
+        for answer in ("red", "tea", "dog", "sun"):
+            f.write(json.dumps({"image": "a.png", "kind": "ocr", "question": "Q?", "answer": answer}) + "\n")
+    assert probes.task_shares(str(tmp_path), 32, batch_size=2, batches=2)["padded_text_positions"] == 0.0
