@@ -3,6 +3,7 @@
 #include "common.h"
 #include "vlmkit/data/image.h"
 #include "vlmkit/data/loader.h"
+#include "vlmkit/data/masks.h"
 #include "vlmkit/data/sentencepiece.h"
 #include "vlmkit/data/synthetic.h"
 #include "vlmkit/modules/encoder.h"
@@ -22,6 +23,56 @@ BoxList from_boxes(const std::vector<Box>& boxes) {
   BoxList out;
   for (const auto& b : boxes) out.push_back({b.x1, b.y1, b.x2, b.y2});
   return out;
+}
+
+// Polygons cross as COCO does: flat lists [x1, y1, x2, y2, ...] of pixels.
+using FlatPolygon = std::vector<double>;
+using PolygonList = std::vector<FlatPolygon>;
+
+Polygon to_polygon(const FlatPolygon& flat, const char* who) {
+  TORCH_CHECK_VALUE(flat.size() >= 6 && flat.size() % 2 == 0, who,
+                    ": a polygon is a flat list [x1, y1, x2, y2, x3, y3, ...] of an even count >= 6, got ",
+                    flat.size(), " numbers");
+  Polygon out;
+  for (size_t i = 0; i < flat.size(); i += 2) out.push_back({flat[i], flat[i + 1]});
+  return out;
+}
+
+std::vector<Polygon> to_polygons(const std::optional<PolygonList>& polygons, const char* who) {
+  std::vector<Polygon> out;
+  if (polygons)
+    for (const auto& p : *polygons) out.push_back(to_polygon(p, who));
+  return out;
+}
+
+FlatPolygon from_polygon(const Polygon& polygon) {
+  FlatPolygon out;
+  for (const auto& p : polygon) out.push_back(p.x), out.push_back(p.y);
+  return out;
+}
+
+PolygonList from_polygons(const std::vector<Polygon>& polygons) {
+  PolygonList out;
+  for (const auto& p : polygons) out.push_back(from_polygon(p));
+  return out;
+}
+
+/// A [H, W] tensor (bool or integer; non-zero = inside) as a CV_8U 0/1 mask.
+cv::Mat mask_from_tensor(const torch::Tensor& mask, const char* who) {
+  TORCH_CHECK_VALUE(mask.defined() && mask.dim() == 2 && mask.numel() > 0 && !mask.is_floating_point() &&
+                        !mask.is_complex(),
+                    who, ": expected a non-empty [H, W] bool or integer mask, got ",
+                    mask.defined() ? c10::str(mask.scalar_type(), " ", mask.sizes())
+                                   : std::string("None"));
+  auto m = mask.to(torch::kCPU).ne(0).to(torch::kUInt8).contiguous();
+  cv::Mat out(int(m.size(0)), int(m.size(1)), CV_8UC1);
+  std::memcpy(out.data, m.data_ptr<uint8_t>(), size_t(m.numel()));
+  return out;
+}
+
+torch::Tensor mask_to_tensor(const cv::Mat& mask) {
+  cv::Mat m = mask.isContinuous() ? mask : mask.clone();
+  return torch::from_blob(m.data, {m.rows, m.cols}, torch::kUInt8).clone();
 }
 
 using Release = py::call_guard<py::gil_scoped_release>;
@@ -132,22 +183,33 @@ void bind_data(py::module_& m) {
         },
         py::arg("name"));
   m.def("horizontal_flip",
-        [](const torch::Tensor& img, const std::optional<BoxList>& boxes) {
+        [](const torch::Tensor& img, const std::optional<BoxList>& boxes,
+           const std::optional<PolygonList>& polygons) -> py::tuple {
           auto b = to_boxes(boxes);
-          auto out = horizontal_flip(image_from_tensor(img), &b);
+          auto p = to_polygons(polygons, "horizontal_flip");
+          auto out = horizontal_flip(image_from_tensor(img), &b, &p);
+          if (polygons) return py::make_tuple(image_to_tensor(out), from_boxes(b), from_polygons(p));
           return py::make_tuple(image_to_tensor(out), from_boxes(b));
         },
-        py::arg("image"), py::arg("boxes") = py::none());
+        py::arg("image"), py::arg("boxes") = py::none(), py::arg("polygons") = py::none(),
+        "(image, boxes) mirrored; (image, boxes, polygons) when polygons are given.");
   m.def("random_resized_crop",
         [](const torch::Tensor& img, int64_t size, uint64_t seed, std::array<double, 2> scale,
-           std::array<double, 2> ratio, const std::optional<BoxList>& boxes) {
+           std::array<double, 2> ratio, const std::optional<BoxList>& boxes,
+           const std::optional<PolygonList>& polygons) -> py::tuple {
           std::mt19937_64 rng(seed);
           auto b = to_boxes(boxes);
-          auto out = random_resized_crop(image_from_tensor(img), size, rng, scale, ratio, &b);
+          auto p = to_polygons(polygons, "random_resized_crop");
+          auto out = random_resized_crop(image_from_tensor(img), size, rng, scale, ratio, boxes ? &b : nullptr,
+                                         polygons ? &p : nullptr);
+          if (polygons) return py::make_tuple(image_to_tensor(out), from_boxes(b), from_polygons(p));
           return py::make_tuple(image_to_tensor(out), from_boxes(b));
         },
         py::arg("image"), py::arg("size"), py::arg("seed"), py::arg("scale") = std::array<double, 2>{0.5, 1.0},
-        py::arg("ratio") = std::array<double, 2>{3.0 / 4.0, 4.0 / 3.0}, py::arg("boxes") = py::none());
+        py::arg("ratio") = std::array<double, 2>{3.0 / 4.0, 4.0 / 3.0}, py::arg("boxes") = py::none(),
+        py::arg("polygons") = py::none(),
+        "(image, boxes) cropped and resized; (image, boxes, polygons) when polygons are given (an object cut off "
+        "entirely leaves both lists).");
   m.def("color_jitter",
         [](const torch::Tensor& img, uint64_t seed, double brightness, double contrast, double saturation) {
           std::mt19937_64 rng(seed);
@@ -160,6 +222,84 @@ void bind_data(py::module_& m) {
           return image_to_tensor(draw_boxes(image_from_tensor(img), to_boxes(boxes), labels));
         },
         py::arg("image"), py::arg("boxes"), py::arg("labels") = std::vector<std::string>{});
+  // ---------------------------------------------------------------- masks
+  m.def("mask_to_polygons",
+        [](const torch::Tensor& mask, int64_t max_vertices) {
+          return from_polygons(mask_to_polygons(mask_from_tensor(mask, "mask_to_polygons"), max_vertices));
+        },
+        py::arg("mask"), py::arg("max_vertices") = kDefaultMaxVertices,
+        "Outlines of a [H, W] mask's parts (largest first), each at most max_vertices vertices, as flat pixel lists.");
+  m.def("mask_to_polygon",
+        [](const torch::Tensor& mask, int64_t max_vertices) {
+          return from_polygon(mask_to_polygon(mask_from_tensor(mask, "mask_to_polygon"), max_vertices));
+        },
+        py::arg("mask"), py::arg("max_vertices") = kDefaultMaxVertices,
+        "The largest part's outline [x1, y1, x2, y2, ...] (pixels), at most max_vertices vertices.");
+  m.def("polygon_to_mask",
+        [](const PolygonList& polygons, int64_t height, int64_t width) {
+          return mask_to_tensor(polygon_to_mask(to_polygons(polygons, "polygon_to_mask"), height, width));
+        },
+        py::arg("polygons"), py::arg("height"), py::arg("width"),
+        "[H, W] uint8 mask (1 inside) of the union of the polygons: the pixels whose centres they cover.");
+  m.def("simplify_polygon",
+        [](const FlatPolygon& polygon, int64_t max_vertices) {
+          return from_polygon(simplify_polygon(to_polygon(polygon, "simplify_polygon"), max_vertices));
+        },
+        py::arg("polygon"), py::arg("max_vertices") = kDefaultMaxVertices);
+  m.def("mask_iou",
+        [](const torch::Tensor& a, const torch::Tensor& b) {
+          return mask_iou(mask_from_tensor(a, "mask_iou"), mask_from_tensor(b, "mask_iou"));
+        },
+        py::arg("a"), py::arg("b"));
+  m.def("decode_coco_rle",
+        [](const py::object& counts, int64_t height, int64_t width) {
+          if (py::isinstance<py::str>(counts) || py::isinstance<py::bytes>(counts))
+            return mask_to_tensor(decode_coco_rle(counts.cast<std::string>(), height, width));
+          return mask_to_tensor(decode_coco_rle(counts.cast<std::vector<int64_t>>(), height, width));
+        },
+        py::arg("counts"), py::arg("height"), py::arg("width"),
+        "COCO RLE (counts as a list of runs or the compressed string) -> [H, W] uint8 mask.");
+  m.def("encode_coco_rle",
+        [](const torch::Tensor& mask) { return encode_coco_rle(mask_from_tensor(mask, "encode_coco_rle")); },
+        py::arg("mask"), "[H, W] mask -> COCO's compressed RLE counts string.");
+  m.def("letterbox_polygons",
+        [](const PolygonList& polygons, const std::array<double, 4>& info) {
+          LetterboxInfo li;
+          li.scale_x = info[0], li.scale_y = info[1], li.pad_x = int64_t(info[2]), li.pad_y = int64_t(info[3]);
+          return from_polygons(letterbox_polygons(to_polygons(polygons, "letterbox_polygons"), li));
+        },
+        py::arg("polygons"), py::arg("info"), "Polygons moved as letterbox(...) moved the pixels (info: its third result).");
+  m.def("flip_polygons",
+        [](const PolygonList& polygons, int64_t width) {
+          return from_polygons(flip_polygons(to_polygons(polygons, "flip_polygons"), width));
+        },
+        py::arg("polygons"), py::arg("width"));
+  m.def("scale_polygons",
+        [](const PolygonList& polygons, double scale_x, double scale_y) {
+          return from_polygons(scale_polygons(to_polygons(polygons, "scale_polygons"), scale_x, scale_y));
+        },
+        py::arg("polygons"), py::arg("scale_x"), py::arg("scale_y"));
+  m.def("crop_polygons",
+        [](const PolygonList& polygons, double x, double y, double w, double h, double scale_x, double scale_y) {
+          return from_polygons(crop_polygons(to_polygons(polygons, "crop_polygons"), x, y, w, h, scale_x, scale_y));
+        },
+        py::arg("polygons"), py::arg("x"), py::arg("y"), py::arg("width"), py::arg("height"), py::arg("scale_x") = 1.0,
+        py::arg("scale_y") = 1.0, "Clipped to the rectangle, moved to its origin and scaled; [] for one cut off.");
+  m.def("draw_masks",
+        [](const torch::Tensor& img, const PolygonList& polygons, const std::vector<std::string>& labels, double alpha) {
+          return image_to_tensor(draw_masks(image_from_tensor(img), to_polygons(polygons, "draw_masks"), labels, alpha));
+        },
+        py::arg("image"), py::arg("polygons"), py::arg("labels") = std::vector<std::string>{}, py::arg("alpha") = 0.45);
+  m.def("segmentation_answer",
+        [](const std::vector<std::string>& labels, const PolygonList& polygons, int64_t width, int64_t height,
+           int64_t max_vertices) {
+          return segmentation_answer_of(labels, to_polygons(polygons, "segmentation_answer"), width, height,
+                                        max_vertices);
+        },
+        py::arg("labels"), py::arg("polygons"), py::arg("width"), py::arg("height"),
+        py::arg("max_vertices") = kDefaultMaxVertices,
+        "The segmentation JSON {\"Object\": labels, \"Polygon\": outlines on the 0..999 grid}, each outline "
+        "simplified to at most max_vertices.");
   m.def("save_png", [](const torch::Tensor& img, const std::string& path) { save_png(image_from_tensor(img), path); },
         py::arg("image"), py::arg("path"));
   m.def("save_grid",
@@ -182,8 +322,9 @@ void bind_data(py::module_& m) {
     if (format == "llava") return read_llava_json(path, image_root, p, report);
     if (format == "coco_captions") return read_coco_captions(path, image_root, p, report);
     if (format == "coco_instances") return read_coco_instances(path, image_root, p, report);
+    if (format == "coco_segmentation") return read_coco_instances(path, image_root, p, report, CocoTask::segment);
     TORCH_CHECK_VALUE(false, "unknown dataset format '", format,
-                      "'; expected one of 'jsonl', 'llava', 'coco_captions', 'coco_instances'");
+                      "'; expected one of 'jsonl', 'llava', 'coco_captions', 'coco_instances', 'coco_segmentation'");
   };
   m.def("read_records",
         [read](const std::string& format, const std::string& path, const std::string& image_root,
@@ -199,6 +340,7 @@ void bind_data(py::module_& m) {
             d["turns"] = turns;
             d["boxes"] = from_boxes(r.boxes);
             d["labels"] = r.labels;
+            d["polygons"] = from_polygons(r.polygons);
             d["line"] = r.source_line;
             out.append(d);
           }
@@ -310,6 +452,10 @@ void bind_data(py::module_& m) {
              py::dict out = to_python(json::parse(entry.dump()));
              out.attr("pop")("image");
              out["image"] = image_to_tensor(sample.image);
+             const int64_t s = sample.image.rows;
+             auto masks = torch::zeros({int64_t(sample.objects.size()), s, s}, torch::kUInt8);
+             for (size_t i = 0; i < sample.objects.size(); ++i) masks[int64_t(i)].copy_(mask_to_tensor(sample.objects[i].mask));
+             out["masks"] = masks;
              return out;
            },
            py::arg("index"))

@@ -3,6 +3,7 @@
 #include "common.h"
 #include "vlmkit/data/tokenizer.h"
 #include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/polygons.h"
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/build.h"
 
@@ -291,6 +292,18 @@ void bind_generative(py::module_& m) {
         },
         py::arg("text"), py::arg("width"), py::arg("height"),
         "Every '[x1,y1,x2,y2]' (0..999) in text, mapped back to pixel boxes.");
+  m.def("parse_polygons",
+        [](const std::string& text, int64_t width, int64_t height) {
+          std::vector<std::vector<double>> out;
+          for (const auto& polygon : parse_polygons(text, width, height)) {
+            std::vector<double> flat;
+            for (const auto& p : polygon) flat.push_back(p.x), flat.push_back(p.y);
+            out.push_back(std::move(flat));
+          }
+          return out;
+        },
+        py::arg("text"), py::arg("width"), py::arg("height"),
+        "Every '[x1,y1,x2,y2,x3,y3,...]' (6 or more 0..999 integers) in text, as flat pixel polygons.");
 }
 
 }  // namespace vlmkit::bindings

@@ -4,9 +4,11 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "vlmkit/data/loader.h"
+#include "vlmkit/data/masks.h"
 #include "vlmkit/fusion/decoder_fusion.h"
 
 namespace fs = std::filesystem;
@@ -121,7 +123,81 @@ std::vector<Box> read_boxes(const ojson& boxes, bool xywh) {
   }
   return out;
 }
+
+Polygon read_flat_polygon(const ojson& p) {
+  TORCH_CHECK_VALUE(p.is_array() && p.size() >= 6 && p.size() % 2 == 0 &&
+                        std::all_of(p.begin(), p.end(), [](const ojson& v) { return v.is_number(); }),
+                    "a polygon must be an even count (>= 6) of numbers [x1, y1, x2, y2, x3, y3, ...], got ",
+                    p.dump().substr(0, 200));
+  Polygon polygon;
+  for (size_t i = 0; i < p.size(); i += 2) {
+    const double x = p[i].get<double>(), y = p[i + 1].get<double>();
+    TORCH_CHECK_VALUE(std::isfinite(x) && std::isfinite(y), "a polygon vertex is not finite: ", p.dump().substr(0, 200));
+    polygon.push_back({x, y});
+  }
+  return polygon;
+}
+
+/// [[x1, y1, x2, y2, ...]] pixels: flat lists of an even count >= 6 of finite numbers.
+std::vector<Polygon> read_polygons(const ojson& polygons) {
+  TORCH_CHECK_VALUE(polygons.is_array(), "'polygons' must be a list of [x1, y1, x2, y2, x3, y3, ...]");
+  std::vector<Polygon> out;
+  for (const auto& p : polygons) out.push_back(read_flat_polygon(p));
+  return out;
+}
+
+Box bounding_box(const Polygon& polygon) {
+  Box b{polygon[0].x, polygon[0].y, polygon[0].x, polygon[0].y};
+  for (const auto& p : polygon) {
+    b.x1 = std::min(b.x1, p.x), b.y1 = std::min(b.y1, p.y);
+    b.x2 = std::max(b.x2, p.x), b.y2 = std::max(b.y2, p.y);
+  }
+  return b;
+}
+
+/// A COCO "segmentation": polygons (the largest part kept) or an RLE mask
+/// ({"counts": [...] or "...", "size": [height, width]}) traced to a polygon.
+Polygon coco_segmentation(const ojson& s) {
+  if (s.is_array()) {
+    TORCH_CHECK_VALUE(!s.empty(), "'segmentation' is an empty list of polygons");
+    Polygon best;
+    double area = -1;
+    for (const auto& part : s) {
+      auto polygon = read_flat_polygon(part);
+      const double a = polygon_area(polygon);
+      if (a > area) best = std::move(polygon), area = a;
+    }
+    return best;
+  }
+  TORCH_CHECK_VALUE(s.is_object() && s.contains("counts") && s.contains("size") && s["size"].is_array() &&
+                        s["size"].size() == 2 && s["size"][0].is_number_integer() && s["size"][1].is_number_integer(),
+                    "'segmentation' must be a list of polygons or an RLE {\"counts\", \"size\": [height, width]}, got ",
+                    s.dump().substr(0, 200));
+  const int64_t h = s["size"][0].get<int64_t>(), w = s["size"][1].get<int64_t>();
+  cv::Mat mask;
+  if (s["counts"].is_string()) {
+    mask = decode_coco_rle(s["counts"].get<std::string>(), h, w);
+  } else {
+    TORCH_CHECK_VALUE(s["counts"].is_array(), "RLE 'counts' must be a string or a list of integers");
+    std::vector<int64_t> counts;
+    for (const auto& c : s["counts"]) {
+      TORCH_CHECK_VALUE(c.is_number_integer(), "RLE 'counts' must hold integers, got ", c.dump());
+      counts.push_back(c.get<int64_t>());
+    }
+    mask = decode_coco_rle(counts, h, w);
+  }
+  auto parts = mask_to_polygons(mask, /*max_vertices=*/1000);
+  TORCH_CHECK_VALUE(!parts.empty(), "the RLE mask is empty");
+  return parts.front();
+}
 }  // namespace
+
+std::string segmentation_answer_of(const std::vector<std::string>& labels, const std::vector<Polygon>& polygons,
+                                   int64_t width, int64_t height, int64_t max_vertices) {
+  std::vector<Polygon> simple;
+  for (const auto& p : polygons) simple.push_back(simplify_polygon(p, max_vertices));
+  return segmentation_answer(labels, simple, width, height);
+}
 
 std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy, ReadReport* report) {
   std::ifstream in(path);
@@ -165,6 +241,25 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
           for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
         }
       }
+      if (entry.contains("polygons")) {
+        r.polygons = read_polygons(entry["polygons"]);
+        if (!entry.contains("boxes"))
+          for (const auto& p : r.polygons) r.boxes.push_back(bounding_box(p));
+        TORCH_CHECK_VALUE(r.polygons.size() == r.boxes.size(), "'polygons' must hold one polygon per box, got ",
+                          r.polygons.size(), " polygons and ", r.boxes.size(), " boxes");
+        if (entry.contains("labels") && !entry.contains("boxes")) {
+          TORCH_CHECK_VALUE(entry["labels"].is_array() && entry["labels"].size() == r.polygons.size(),
+                            "'labels' must be a list with one label per polygon");
+          for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
+        }
+      }
+      if (entry.contains("answer_from_polygons")) {
+        TORCH_CHECK_VALUE(entry["answer_from_polygons"].is_boolean(), "'answer_from_polygons' must be true or false, got ",
+                          entry["answer_from_polygons"].dump());
+        r.answer_from_polygons = entry["answer_from_polygons"].get<bool>();
+        TORCH_CHECK_VALUE(!r.answer_from_polygons || (!r.polygons.empty() && r.labels.size() == r.polygons.size()),
+                          "'answer_from_polygons' needs 'polygons' with one label each");
+      }
       if (entry.contains("answer_from_boxes")) {
         TORCH_CHECK_VALUE(entry["answer_from_boxes"].is_boolean(), "'answer_from_boxes' must be true or false, got ",
                           entry["answer_from_boxes"].dump());
@@ -196,8 +291,18 @@ ojson record_to_json(const Record& record) {
     out["boxes"] = boxes;
     if (!record.labels.empty()) out["labels"] = record.labels;
   }
+  if (!record.polygons.empty()) {
+    ojson polygons = ojson::array();
+    for (const auto& p : record.polygons) {
+      ojson flat = ojson::array();
+      for (const auto& v : p) flat.push_back(v.x), flat.push_back(v.y);
+      polygons.push_back(flat);
+    }
+    out["polygons"] = polygons;
+  }
   out["fixed_geometry"] = record.fixed_geometry;
   if (record.answer_from_boxes) out["answer_from_boxes"] = true;
+  if (record.answer_from_polygons) out["answer_from_polygons"] = true;
   return out;
 }
 
@@ -281,7 +386,7 @@ std::vector<Record> read_coco_captions(const std::string& path, const std::strin
 }
 
 std::vector<Record> read_coco_instances(const std::string& path, const std::string& image_root, BadSamplePolicy policy,
-                                        ReadReport* report) {
+                                        ReadReport* report, CocoTask task) {
   const auto doc = parse_document(path);
   const auto files = coco_images(doc, path);
   std::map<int64_t, std::string> categories;
@@ -292,6 +397,7 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   Problems problems{policy, report, path};
   std::map<int64_t, Record> by_image;
   std::map<int64_t, std::pair<int64_t, int64_t>> sizes;
+  std::map<int64_t, size_t> outlined;  // annotations with a segmentation, per image
   for (const auto& image : doc["images"])
     if (image.contains("width") || image.contains("height")) {
       TORCH_CHECK_VALUE(image.contains("width") && image["width"].is_number_integer() && image.contains("height") &&
@@ -316,6 +422,19 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
         TORCH_CHECK_VALUE(boxes[0].x2 <= size->second.first + 1 && boxes[0].y2 <= size->second.second + 1,
                           "box ", a["bbox"].dump(), " lies outside the ", size->second.first, "x", size->second.second,
                           " image");
+      // Objects without an outline are kept for detection; segmentation needs them all.
+      std::optional<Polygon> outline;
+      if (a.contains("segmentation") && !(a["segmentation"].is_array() && a["segmentation"].empty())) {
+        const auto& seg = a["segmentation"];
+        if (seg.is_object() && size != sizes.end() && seg.contains("size"))
+          TORCH_CHECK_VALUE(seg["size"] == ojson::array({size->second.second, size->second.first}), "RLE 'size' ",
+                            seg["size"].dump(), " is not the image's [height, width] = [", size->second.second, ", ",
+                            size->second.first, "]");
+        outline = coco_segmentation(seg);
+      }
+      TORCH_CHECK_VALUE(task == CocoTask::detect || (outline && size != sizes.end()),
+                        "the segmentation task needs each annotation's 'segmentation' (polygons or RLE) and its ",
+                        "image's 'width' and 'height'");
       auto& r = by_image[id];
       if (r.image.empty()) {
         r.image = resolve_image(file->second, image_root);
@@ -323,6 +442,8 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
       }
       r.boxes.push_back(boxes[0]);
       r.labels.push_back(category->second);
+      if (outline) r.polygons.push_back(std::move(*outline));
+      outlined[id] += outline ? 1 : 0;
       problems.ok();
     } catch (const c10::Error& e) {
       problems.bad(number, e.what_without_backtrace());
@@ -333,9 +454,17 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   std::vector<Record> out;
   for (auto& [id, r] : by_image) {
     const auto size = sizes.count(id) ? sizes[id] : std::pair<int64_t, int64_t>{0, 0};
-    r.turns = {{"user", "Detect the objects."}, {"assistant", detection_answer(r.labels, r.boxes, size.first, size.second)}};
+    // Outlines stay only when every object of the image has one (they pair with the boxes).
+    if (outlined[id] != r.boxes.size()) r.polygons.clear();
     r.fixed_geometry = true;
-    r.answer_from_boxes = size.first > 0;
+    if (task == CocoTask::segment) {
+      r.turns = {{"user", "Segment the objects."},
+                 {"assistant", segmentation_answer_of(r.labels, r.polygons, size.first, size.second)}};
+      r.answer_from_polygons = true;
+    } else {
+      r.turns = {{"user", "Detect the objects."}, {"assistant", detection_answer(r.labels, r.boxes, size.first, size.second)}};
+      r.answer_from_boxes = size.first > 0;
+    }
     out.push_back(std::move(r));
   }
   return out;
@@ -421,13 +550,17 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
   if (mode == "letterbox" || mode == "center_crop") {
     // Boxes move relative to the picture; only answers made from the boxes can follow.
     for (const auto& r : records_)
-      TORCH_CHECK_VALUE(r.boxes.empty() || (mode == "letterbox" && r.answer_from_boxes), "Loader: the record at source line ",
+      TORCH_CHECK_VALUE(r.boxes.empty() || (mode == "letterbox" && (r.answer_from_boxes || r.answer_from_polygons)),
+                        "Loader: the record at source line ",
                         r.source_line, " has boxes",
                         mode == "center_crop" ? " and resize 'center_crop' would cut them off"
                                               : " and an answer of its own that letterbox padding would shift",
                         "; use resize 'square' or 'dynamic' (normalised coordinates stay valid)",
                         mode == "letterbox" ? ", or COCO instances (their answers are rewritten for the letterbox)" : "");
   }
+  for (const auto& r : records_)
+    TORCH_CHECK_VALUE(r.polygons.empty() || r.polygons.size() == r.boxes.size(), "Loader: the record at source line ",
+                      r.source_line, " has ", r.polygons.size(), " polygons for ", r.boxes.size(), " boxes");
   TORCH_CHECK_VALUE(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
                     "Loader: need 0 <= rank < world_size, got rank ", options_.rank(), " of ", options_.world_size());
   TORCH_CHECK_VALUE(options_.flip_probability() >= 0 && options_.flip_probability() <= 1 &&
@@ -469,6 +602,10 @@ Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
                       "box [", b.x1, ", ", b.y1, ", ", b.x2, ", ", b.y2,
                       "] is not a non-empty [x1, y1, x2, y2] inside the ", image.cols, "x", image.rows, " image");
   }
+  for (const auto& polygon : r.polygons)
+    for (const auto& p : polygon)
+      TORCH_CHECK_VALUE(p.x >= -1 && p.y >= -1 && p.x <= image.cols + 1 && p.y <= image.rows + 1, "polygon vertex (",
+                        p.x, ", ", p.y, ") lies outside the ", image.cols, "x", image.rows, " image");
   std::mt19937_64 rng(options_.seed() * 0x9E3779B97F4A7C15ULL ^ (uint64_t(epoch) << 32) ^ uint64_t(index));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   const bool geometry = !r.fixed_geometry;
@@ -487,6 +624,8 @@ Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
       LetterboxInfo info;
       image = letterbox(image, s, &info);
       if (r.answer_from_boxes) turns.back().text = detection_answer(r.labels, letterbox_boxes(r.boxes, info), s, s);
+      if (r.answer_from_polygons)
+        turns.back().text = segmentation_answer_of(r.labels, letterbox_polygons(r.polygons, info), s, s);
     } else {
       image = mode == "square" ? resize_square(image, s) : shortest_side_center_crop(image, s);
     }

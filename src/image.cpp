@@ -1,6 +1,9 @@
 // The OpenCV image pipeline (see data/image.h).
 #include "vlmkit/data/image.h"
 
+#include "draw.h"
+#include "vlmkit/data/masks.h"
+
 #include <c10/util/Exception.h>
 #include <torch/torch.h>
 
@@ -496,9 +499,7 @@ cv::Mat resize_to(const cv::Mat& rgb, int64_t width, int64_t height) {
   return out;
 }
 
-void check_rgb(const cv::Mat& rgb, const char* who) {
-  TORCH_CHECK_VALUE(!rgb.empty() && rgb.type() == CV_8UC3, who, ": expected a non-empty RGB uint8 image");
-}
+void check_rgb(const cv::Mat& rgb, const char* who) { detail::check_rgb_image(rgb, who); }
 }  // namespace
 
 cv::Mat resize_image(const cv::Mat& rgb, int64_t width, int64_t height) {
@@ -660,7 +661,7 @@ ImageBatch collate_images(const std::vector<torch::Tensor>& images, int64_t mult
 }
 
 // ---------------------------------------------------------------- augmentation
-cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes) {
+cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes, std::vector<Polygon>* polygons) {
   check_rgb(rgb, "horizontal_flip");
   cv::Mat out;
   cv::flip(rgb, out, 1);
@@ -670,12 +671,16 @@ cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes) {
       b.x1 = x1;
       b.x2 = x2;
     }
+  if (polygons) *polygons = flip_polygons(*polygons, rgb.cols);
   return out;
 }
 
 cv::Mat random_resized_crop(const cv::Mat& rgb, int64_t size, std::mt19937_64& rng, std::array<double, 2> scale,
-                            std::array<double, 2> ratio, std::vector<Box>* boxes) {
+                            std::array<double, 2> ratio, std::vector<Box>* boxes, std::vector<Polygon>* polygons) {
   check_rgb(rgb, "random_resized_crop");
+  TORCH_CHECK_VALUE(!boxes || !polygons || boxes->size() == polygons->size(), "random_resized_crop: ",
+                    boxes ? boxes->size() : 0, " boxes but ", polygons ? polygons->size() : 0,
+                    " polygons; given both, they are one list of objects");
   TORCH_CHECK_VALUE(scale[0] > 0 && scale[0] <= scale[1] && scale[1] <= 1 && ratio[0] > 0 && ratio[0] <= ratio[1],
                     "random_resized_crop: need 0 < scale_min <= scale_max <= 1 and 0 < ratio_min <= ratio_max");
   const double area = double(rgb.cols) * rgb.rows;
@@ -700,16 +705,31 @@ cv::Mat random_resized_crop(const cv::Mat& rgb, int64_t size, std::mt19937_64& r
     x = (rgb.cols - w) / 2, y = (rgb.rows - h) / 2;
   }
   auto out = resize_to(rgb(cv::Rect(x, y, w, h)), size, size);
-  if (boxes) {
-    std::vector<Box> kept;
-    const double sx = double(size) / w, sy = double(size) / h;
+  const double sx = double(size) / w, sy = double(size) / h;
+  std::vector<Box> moved;
+  std::vector<bool> keep;
+  if (boxes)
     for (const auto& b : *boxes) {
       Box c{std::clamp(b.x1 - x, 0.0, double(w)), std::clamp(b.y1 - y, 0.0, double(h)),
             std::clamp(b.x2 - x, 0.0, double(w)), std::clamp(b.y2 - y, 0.0, double(h))};
-      if (c.x2 - c.x1 <= 0 || c.y2 - c.y1 <= 0) continue;
-      kept.push_back({c.x1 * sx, c.y1 * sy, c.x2 * sx, c.y2 * sy});
+      keep.push_back(c.x2 - c.x1 > 0 && c.y2 - c.y1 > 0);
+      moved.push_back({c.x1 * sx, c.y1 * sy, c.x2 * sx, c.y2 * sy});
     }
-    *boxes = std::move(kept);
+  std::vector<Polygon> clipped;
+  if (polygons) {
+    clipped = crop_polygons(*polygons, x, y, w, h, sx, sy);
+    keep.resize(clipped.size(), true);
+    for (size_t i = 0; i < clipped.size(); ++i) keep[i] = keep[i] && !clipped[i].empty();
+  }
+  if (boxes) {
+    boxes->clear();
+    for (size_t i = 0; i < moved.size(); ++i)
+      if (keep[i]) boxes->push_back(moved[i]);
+  }
+  if (polygons) {
+    polygons->clear();
+    for (size_t i = 0; i < clipped.size(); ++i)
+      if (keep[i]) polygons->push_back(std::move(clipped[i]));
   }
   return out;
 }
@@ -740,24 +760,13 @@ cv::Mat draw_boxes(const cv::Mat& rgb, const std::vector<Box>& boxes, const std:
   check_rgb(rgb, "draw_boxes");
   TORCH_CHECK_VALUE(labels.empty() || labels.size() == boxes.size(), "draw_boxes: expected ", boxes.size(),
                     " labels (one per box) or none, got ", labels.size());
-  static const cv::Scalar palette[] = {{230, 25, 75}, {60, 180, 75}, {0, 130, 200}, {245, 130, 48},
-                                       {145, 30, 180}, {70, 240, 240}, {240, 50, 230}, {128, 128, 0}};
   cv::Mat out = rgb.clone();
   const int thickness = std::max(1, std::min(out.cols, out.rows) / 200);
   for (size_t i = 0; i < boxes.size(); ++i) {
     const auto& b = boxes[i];
-    const auto color = palette[i % 8];
+    const auto color = detail::palette_colour(i);
     cv::rectangle(out, cv::Point(int(b.x1), int(b.y1)), cv::Point(int(b.x2), int(b.y2)), color, thickness);
-    if (!labels.empty() && !labels[i].empty()) {
-      int baseline = 0;
-      const double font = std::max(0.35, std::min(out.cols, out.rows) / 600.0);
-      auto text = cv::getTextSize(labels[i], cv::FONT_HERSHEY_SIMPLEX, font, 1, &baseline);
-      const int top = std::max(0, int(b.y1) - text.height - baseline - 2);
-      cv::rectangle(out, cv::Point(int(b.x1), top), cv::Point(int(b.x1) + text.width + 2, top + text.height + baseline + 2),
-                    color, cv::FILLED);
-      cv::putText(out, labels[i], cv::Point(int(b.x1) + 1, top + text.height + 1), cv::FONT_HERSHEY_SIMPLEX, font,
-                  cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
-    }
+    if (!labels.empty() && !labels[i].empty()) detail::draw_label(out, labels[i], int(b.x1), int(b.y1), color);
   }
   return out;
 }

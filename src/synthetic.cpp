@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "vlmkit/data/image.h"
+#include "vlmkit/data/masks.h"
 
 namespace vlmkit {
 namespace {
@@ -100,27 +101,34 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
       break;
     }
   }
-  for (const auto& o : out.objects) {
-    const auto c = colour_rgb(o.colour);
-    const cv::Scalar colour(c[0], c[1], c[2]);
+  // Each object drawn on the image and, with the same calls, on its own mask.
+  auto draw = [](const SceneObject& o, cv::Mat& canvas, const cv::Scalar& colour) {
     const cv::Point2d centre((o.box.x1 + o.box.x2) / 2, (o.box.y1 + o.box.y2) / 2);
     const double r = (o.box.x2 - o.box.x1) / 2;
     if (o.shape == "circle") {
-      cv::circle(out.image, centre, int(r), colour, cv::FILLED, cv::LINE_AA);
+      cv::circle(canvas, centre, int(r), colour, cv::FILLED, cv::LINE_AA);
     } else if (o.shape == "square") {
-      cv::rectangle(out.image, cv::Point(int(o.box.x1), int(o.box.y1)), cv::Point(int(o.box.x2) - 1, int(o.box.y2) - 1),
+      cv::rectangle(canvas, cv::Point(int(o.box.x1), int(o.box.y1)), cv::Point(int(o.box.x2) - 1, int(o.box.y2) - 1),
                     colour, cv::FILLED);
     } else if (o.shape == "triangle") {
       std::vector<cv::Point> pts{{int(centre.x), int(o.box.y1)}, {int(o.box.x1), int(o.box.y2) - 1},
                                  {int(o.box.x2) - 1, int(o.box.y2) - 1}};
-      cv::fillConvexPoly(out.image, pts, colour, cv::LINE_AA);
+      cv::fillConvexPoly(canvas, pts, colour, cv::LINE_AA);
     } else {
       const int arm = std::max(1, int(r * 0.35));
-      cv::rectangle(out.image, cv::Point(int(centre.x) - arm, int(o.box.y1)),
+      cv::rectangle(canvas, cv::Point(int(centre.x) - arm, int(o.box.y1)),
                     cv::Point(int(centre.x) + arm, int(o.box.y2) - 1), colour, cv::FILLED);
-      cv::rectangle(out.image, cv::Point(int(o.box.x1), int(centre.y) - arm),
+      cv::rectangle(canvas, cv::Point(int(o.box.x1), int(centre.y) - arm),
                     cv::Point(int(o.box.x2) - 1, int(centre.y) + arm), colour, cv::FILLED);
     }
+  };
+  for (auto& o : out.objects) {
+    const auto c = colour_rgb(o.colour);
+    draw(o, out.image, cv::Scalar(c[0], c[1], c[2]));
+    cv::Mat coverage = cv::Mat::zeros(s, s, CV_8UC1);
+    draw(o, coverage, cv::Scalar(255));
+    o.mask = coverage >= 128;
+    o.mask /= 255;
   }
   if (u(rng) < options_.word_probability) {
     out.word = words()[pick(words().size())];
@@ -130,6 +138,14 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
     const int x = std::max(0, int(u(rng) * std::max(1, s - size.width)));
     cv::putText(out.image, out.word, cv::Point(x, s - baseline - 1), cv::FONT_HERSHEY_SIMPLEX, scale,
                 cv::Scalar(255, 255, 255), std::max(1, s / 64), cv::LINE_AA);
+    cv::Mat text = cv::Mat::zeros(s, s, CV_8UC1);
+    cv::putText(text, out.word, cv::Point(x, s - baseline - 1), cv::FONT_HERSHEY_SIMPLEX, scale, cv::Scalar(255),
+                std::max(1, s / 64), cv::LINE_AA);
+    for (auto& o : out.objects) o.mask.setTo(0, text >= 128);  // covered by the word
+  }
+  for (auto& o : out.objects) {
+    auto parts = mask_to_polygons(o.mask, /*max_vertices=*/1 << 20);
+    if (!parts.empty()) o.polygon = std::move(parts.front());
   }
   // Reading order: left to right.
   std::sort(out.objects.begin(), out.objects.end(),
@@ -170,6 +186,17 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
   const SceneObject* largest = &out.objects.front();
   for (const auto& o : out.objects)
     if (o.box.x2 - o.box.x1 > largest->box.x2 - largest->box.x1) largest = &o;
+  nlohmann::ordered_json outlines = nlohmann::ordered_json::array();
+  for (const auto& o : out.objects)
+    outlines.push_back(o.polygon.size() >= 3 ? polygon_to_json(simplify_polygon(o.polygon, kSegmentVertices), s, s)
+                                             : nlohmann::ordered_json::array());
+  out.segmentation = {{"Object", labels}, {"Polygon", outlines}};
+  {  // drawn last, so that every other part of the scene stays what it was before segmentation existed
+    const size_t k = pick(out.objects.size());
+    nlohmann::ordered_json one = {{"Object", nlohmann::ordered_json::array({labels[k]})},
+                                  {"Polygon", nlohmann::ordered_json::array({outlines[k]})}};
+    out.segment = {"segment", "Segment the " + out.objects[k].label() + ".", one.dump()};
+  }
   out.extraction = {{"Description", out.caption},
                     {"Colour", largest->colour},
                     {"Shapes", std::to_string(out.objects.size())},
@@ -180,11 +207,20 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
 nlohmann::ordered_json SyntheticDataset::manifest_entry(const SyntheticSample& sample, const std::string& image_path) const {
   nlohmann::ordered_json qa = nlohmann::ordered_json::array(), objects = nlohmann::ordered_json::array();
   for (const auto& q : sample.questions) qa.push_back({{"kind", q.kind}, {"question", q.question}, {"answer", q.answer}});
-  for (const auto& o : sample.objects)
-    objects.push_back({{"label", o.label()}, {"box", {o.box.x1, o.box.y1, o.box.x2, o.box.y2}}});
-  return {{"image", image_path}, {"caption", sample.caption}, {"questions", qa},
-          {"ocr", sample.word}, {"objects", objects}, {"detection", sample.detection},
-          {"extraction", sample.extraction}};
+  for (const auto& o : sample.objects) {
+    auto flat = nlohmann::ordered_json::array();
+    for (const auto& p : o.polygon) flat.push_back(p.x), flat.push_back(p.y);
+    objects.push_back({{"label", o.label()}, {"box", {o.box.x1, o.box.y1, o.box.x2, o.box.y2}}, {"polygon", flat}});
+  }
+  return {{"image", image_path},
+          {"caption", sample.caption},
+          {"questions", qa},
+          {"ocr", sample.word},
+          {"objects", objects},
+          {"detection", sample.detection},
+          {"extraction", sample.extraction},
+          {"segmentation", sample.segmentation},
+          {"segment", {{"question", sample.segment.question}, {"answer", sample.segment.answer}}}};
 }
 
 void SyntheticDataset::write(const std::string& directory) const {

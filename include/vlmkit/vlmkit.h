@@ -4,6 +4,7 @@
 #include "vlmkit/data/tokenizer.h"
 #include "vlmkit/fusion/decoder_fusion.h"
 #include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/polygons.h"
 #include "vlmkit/generate/generate.h"
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/fusion/two_leg_fusion.h"

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/polygons.h"
 
 namespace vlmkit {
 
@@ -103,13 +104,16 @@ struct ImageBatch {
 ImageBatch collate_images(const std::vector<torch::Tensor>& images, int64_t multiple = 1);
 
 // ---------------------------------------------------------------- augmentation
-cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes = nullptr);
+/// Mirrors the image, and boxes and polygons (data/masks.h) with it.
+cv::Mat horizontal_flip(const cv::Mat& rgb, std::vector<Box>* boxes = nullptr, std::vector<Polygon>* polygons = nullptr);
 /// torchvision's RandomResizedCrop: area in `scale`, aspect in `ratio`, then
-/// resized to size x size; boxes are mapped and clipped (empty ones dropped).
+/// resized to size x size; boxes are mapped and clipped, polygons clipped to the
+/// crop. Given both, boxes[i] and polygons[i] are one object and an object cut
+/// off entirely (empty box or polygon) leaves both lists.
 cv::Mat random_resized_crop(const cv::Mat& rgb, int64_t size, std::mt19937_64& rng,
                             std::array<double, 2> scale = {0.5, 1.0},
                             std::array<double, 2> ratio = {3.0 / 4.0, 4.0 / 3.0},
-                            std::vector<Box>* boxes = nullptr);
+                            std::vector<Box>* boxes = nullptr, std::vector<Polygon>* polygons = nullptr);
 /// Brightness, contrast and saturation factors drawn from [1 - x, 1 + x].
 cv::Mat color_jitter(const cv::Mat& rgb, std::mt19937_64& rng, double brightness = 0.2,
                      double contrast = 0.2, double saturation = 0.2);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "vlmkit/generate/boxes.h"
+#include "vlmkit/generate/polygons.h"
 
 namespace vlmkit {
 
@@ -26,6 +27,12 @@ struct SceneObject {
   std::string colour;
   std::string shape;
   Box box;  // pixels
+  /// The pixels of the object that show (CV_8U, 1 inside): what the renderer
+  /// drew, anti-aliased edges counted where at least half covered, less any
+  /// text drawn over it.
+  cv::Mat mask;
+  /// The mask's outline traced exactly (polygon_to_mask gives the mask back).
+  Polygon polygon;
   std::string label() const { return colour + " " + shape; }
 };
 
@@ -45,10 +52,17 @@ struct SyntheticSample {
   nlohmann::ordered_json detection;
   /// {"Description", "Colour", "Shapes", "Text"} filled from the scene.
   nlohmann::ordered_json extraction;
+  /// {"Object": [labels], "Polygon": [outlines of at most kSegmentVertices vertices, 0..999 grid]}.
+  nlohmann::ordered_json segmentation;
+  /// One object, chosen at random, to segment: "Segment the <label>." and its
+  /// segmentation JSON (one object).
+  QuestionAnswer segment;
 };
 
 class SyntheticDataset {
  public:
+  /// The vertex bound of the outlines in the segmentation answers.
+  static constexpr int64_t kSegmentVertices = 12;
   static const std::vector<std::string>& colours();
   static const std::vector<std::string>& shapes();
   static const std::vector<std::string>& words();
@@ -59,7 +73,8 @@ class SyntheticDataset {
   int64_t size() const { return size_; }
   SyntheticSample get(int64_t index) const;
   /// Writes images/NNNNNN.png and manifest.jsonl (one JSON object per line with
-  /// image, caption, questions, ocr, objects, detection, extraction).
+  /// image, caption, questions, ocr, objects (label, box, exact polygon),
+  /// detection, extraction, segmentation, segment).
   void write(const std::string& directory) const;
   /// The manifest line of a sample (image path relative to the manifest).
   nlohmann::ordered_json manifest_entry(const SyntheticSample& sample, const std::string& image_path) const;
