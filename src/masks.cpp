@@ -18,8 +18,19 @@ void check_mask(const cv::Mat& mask, const char* what) {
 }
 
 // Sub-pixels per pixel when tracing: outlines run 1/(2 * kTrace) px inside the
-// pixel edges, so every boundary pixel's centre stays inside the polygon.
+// pixel edges, so every boundary pixel's centre stays inside the polygon. Masks
+// whose parts span over kTraceArea pixels are traced at 2 sub-pixels (a quarter
+// pixel inside), over 4 * kTraceArea through the boundary pixels' centres (the
+// bottom and right boundary rows may then be lost).
 constexpr int kTrace = 4;
+constexpr int64_t kTraceArea = int64_t(1) << 22;  // 64 MB magnified
+// Masks of more pixels than the image pipeline's decompression-bomb guard are refused.
+void check_size(int64_t height, int64_t width, const char* who) {
+  TORCH_CHECK_VALUE(height > 0 && width > 0 && height <= 1 << 15 && width <= 1 << 15 &&
+                        height * width <= kDefaultMaxPixels,
+                    who, ": height and width must be in [1, 32768] with at most ", kDefaultMaxPixels,
+                    " pixels, got ", height, "x", width);
+}
 
 std::vector<cv::Point> to_fixed(const Polygon& polygon, int shift) {
   // Pixel (i, j) is filled by OpenCV when the integer point (i, j) is inside:
@@ -44,8 +55,11 @@ std::vector<Polygon> mask_to_polygons(const cv::Mat& mask, int64_t max_vertices)
   // one-pixel border so that parts touching the image edge stay closed.
   cv::Mat roi;
   cv::copyMakeBorder(mask(bounds) != 0, roi, 1, 1, 1, 1, cv::BORDER_CONSTANT, cv::Scalar(0));
+  const int64_t area = int64_t(bounds.area());
+  const int trace = area <= kTraceArea ? kTrace : area <= 4 * kTraceArea ? 2 : 1;
   cv::Mat big;
-  cv::resize(roi, big, cv::Size(), kTrace, kTrace, cv::INTER_NEAREST);
+  if (trace > 1) cv::resize(roi, big, cv::Size(), trace, trace, cv::INTER_NEAREST);
+  else big = roi;
   std::vector<std::vector<cv::Point>> contours;
   cv::findContours(big, contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
   std::vector<std::pair<double, Polygon>> parts;
@@ -53,7 +67,7 @@ std::vector<Polygon> mask_to_polygons(const cv::Mat& mask, int64_t max_vertices)
     std::vector<cv::Point2f> points;
     points.reserve(contour.size());
     for (const auto& c : contour)
-      points.emplace_back(float((c.x + 0.5) / kTrace + bounds.x - 1), float((c.y + 0.5) / kTrace + bounds.y - 1));
+      points.emplace_back(float((c.x + 0.5) / trace + bounds.x - 1), float((c.y + 0.5) / trace + bounds.y - 1));
     Polygon polygon;
     for (const auto& p : points) polygon.push_back({double(p.x), double(p.y)});
     if (polygon.size() < 3) {  // a part one sub-pixel row thick: its bounding rectangle
@@ -103,16 +117,39 @@ Polygon mask_to_polygon(const cv::Mat& mask, int64_t max_vertices) {
 }
 
 cv::Mat polygon_to_mask(const std::vector<Polygon>& polygons, int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(height > 0 && width > 0 && height <= 1 << 15 && width <= 1 << 15,
-                    "polygon_to_mask: height and width must be in [1, 32768], got ", height, "x", width);
+  check_size(height, width, "polygon_to_mask");
   cv::Mat mask = cv::Mat::zeros(int(height), int(width), CV_8UC1);
+  std::vector<double> crossings;
   for (const auto& polygon : polygons) {
     TORCH_CHECK_VALUE(polygon.size() >= 3, "polygon_to_mask: a polygon needs at least 3 vertices, got ", polygon.size());
-    for (const auto& p : polygon)
+    double top = polygon[0].y, bottom = polygon[0].y;
+    for (const auto& p : polygon) {
       TORCH_CHECK_VALUE(std::isfinite(p.x) && std::isfinite(p.y) && std::abs(p.x) < 1e6 && std::abs(p.y) < 1e6,
                         "polygon_to_mask: vertex (", p.x, ", ", p.y, ") is not a finite pixel coordinate");
-    std::vector<std::vector<cv::Point>> one{to_fixed(polygon, kShift)};
-    cv::fillPoly(mask, one, cv::Scalar(1), cv::LINE_8, kShift);
+      top = std::min(top, p.y), bottom = std::max(bottom, p.y);
+    }
+    // Scanlines through the pixel centres (j + 0.5); an edge counts on the rows
+    // whose centre lies in its half-open span, and the pixels whose centres lie
+    // between a pair of crossings (even-odd) are inside. OpenCV's fillPoly rounds
+    // fractional vertices, which moves edges that fall on half pixels.
+    const int64_t first = std::max<int64_t>(0, int64_t(std::ceil(top - 0.5)));
+    const int64_t last = std::min<int64_t>(height - 1, int64_t(std::floor(bottom - 0.5)));
+    for (int64_t j = first; j <= last; ++j) {
+      const double yc = double(j) + 0.5;
+      crossings.clear();
+      for (size_t i = 0, n = polygon.size(); i < n; ++i) {
+        const Point& a = polygon[i];
+        const Point& b = polygon[(i + 1) % n];
+        if ((a.y <= yc) != (b.y <= yc)) crossings.push_back(a.x + (yc - a.y) / (b.y - a.y) * (b.x - a.x));
+      }
+      std::sort(crossings.begin(), crossings.end());
+      uint8_t* row = mask.ptr<uint8_t>(int(j));
+      for (size_t k = 0; k + 1 < crossings.size(); k += 2) {
+        const int64_t from = std::max<int64_t>(0, int64_t(std::ceil(crossings[k] - 0.5)));
+        const int64_t to = std::min<int64_t>(width - 1, int64_t(std::floor(crossings[k + 1] - 0.5)));
+        for (int64_t i = from; i <= to; ++i) row[i] = 1;
+      }
+    }
   }
   return mask;
 }
@@ -129,8 +166,7 @@ double mask_iou(const cv::Mat& a, const cv::Mat& b) {
 
 // ---------------------------------------------------------------- COCO RLE
 cv::Mat decode_coco_rle(const std::vector<int64_t>& counts, int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(height > 0 && width > 0 && height <= 1 << 15 && width <= 1 << 15,
-                    "COCO RLE: size must be in [1, 32768], got ", height, "x", width);
+  check_size(height, width, "COCO RLE");
   // Column-major runs: transpose at the end.
   cv::Mat columns = cv::Mat::zeros(int(width), int(height), CV_8UC1);
   const int64_t total = height * width;

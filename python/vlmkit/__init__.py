@@ -86,6 +86,7 @@ DecoderOutput = _C.DecoderOutput
 JsonSchemaMatcher = _C.JsonSchemaMatcher
 box_to_text = _C.box_to_text
 parse_boxes = _C.parse_boxes
+parse_polygons = _C.parse_polygons
 
 # Thread policy (measured 2.1x-2.7x on 2 cores, see vlmkit/runtime.h): one torch
 # intra-op thread, OpenBLAS on every core. VLMKIT_TORCH_THREADS /
@@ -99,7 +100,7 @@ save_model = checkpoint.save_model
 __all__ = [
     "ARCHITECTURES", "Trainer", "checkpoint", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
     "JsonSchemaMatcher", "MlpProjector", "PatchMergerProjector", "PixelShuffleProjector",
-    "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
+    "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",
     "GatedFusion", "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",

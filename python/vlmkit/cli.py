@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-TASKS = ("caption", "vqa", "ocr", "detect", "extract")
+TASKS = ("caption", "vqa", "ocr", "detect", "segment", "extract")
 
 
 class CliError(Exception):
@@ -162,11 +162,15 @@ def _eval(args: argparse.Namespace, argv: List[str]) -> int:
 
 
 def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict[str, float]:
-    """Exact match, character error rate and BLEU-4 of the first answer of each record."""
+    """Exact match, character error rate and BLEU-4 of the first answer of each record;
+    for records whose answer is a segmentation JSON ("Polygon"), also mask IoU per
+    object matched by label (``segment/mean_iou``) and mask AP@0.5 (``segment/mask_map50``),
+    against the record's polygons (or its answer's when it has none)."""
     import torch
 
-    from . import data
-    from .metrics import bleu4, char_error_rate
+    from . import data, parse_polygons
+    from .metrics import average_precision, bleu4, char_error_rate, mask_iou, segmentation_scores
+    from .train_vlm import SEGMENTATION_SCHEMA
 
     records, report = data.read_records(path, format, bad_samples="skip")
     if report.get("skipped"):
@@ -178,25 +182,63 @@ def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict
         answer = next((t for t in turns if t[0] == "assistant"), None)
         if user is None or answer is None:
             continue
-        pixels, _ = data.preprocess(r["image"], size, "square", normalize="clip")
+        picture = data.load_image(r["image"])
+        pixels, _ = data.preprocess(picture, size, "square", normalize="clip")
         question = user[1] if "<image>" in user[1] else "<image>" + user[1]
-        pairs.append((pixels, question, answer[1]))
+        try:
+            segmentation = "Polygon" in json.loads(answer[1])
+        except (ValueError, TypeError):
+            segmentation = False
+        pairs.append((pixels, question, answer[1], segmentation, r, tuple(picture.shape[:2])))
     if not pairs:
         raise CliError(f"{path}: no record with a question and an answer to evaluate")
-    outputs = []
-    for start in range(0, len(pairs), 16):
-        part = pairs[start:start + 16]
-        outputs += model.generate(torch.stack([p for p, _, _ in part]), [data.chat_prompt(q) for _, q, _ in part], 96)
-    truths = [a for _, _, a in pairs]
-    return {"records": float(len(pairs)),
-            "exact_match": sum(o == t for o, t in zip(outputs, truths)) / len(pairs),
-            "cer": sum(char_error_rate(o, t) for o, t in zip(outputs, truths)) / len(pairs),
-            "bleu4": bleu4(outputs, truths)}
+    outputs = [""] * len(pairs)
+    for segmentation in (False, True):
+        chosen = [i for i, p in enumerate(pairs) if p[3] == segmentation]
+        for start in range(0, len(chosen), 16):
+            part = chosen[start:start + 16]
+            texts = model.generate(torch.stack([pairs[i][0] for i in part]),
+                                   [data.chat_prompt(pairs[i][1]) for i in part], 192 if segmentation else 96,
+                                   schema=SEGMENTATION_SCHEMA if segmentation else None)
+            for i, text in zip(part, texts):
+                outputs[i] = text
+    truths = [p[2] for p in pairs]
+    metrics = {"records": float(len(pairs)),
+               "exact_match": sum(o == t for o, t in zip(outputs, truths)) / len(pairs),
+               "cer": sum(char_error_rate(o, t) for o, t in zip(outputs, truths)) / len(pairs),
+               "bleu4": bleu4(outputs, truths)}
+    ious, predictions, truth_masks = [], [], []
+    for image_id, (p, out) in enumerate(zip(pairs, outputs)):
+        if not p[3]:
+            continue
+        (height, width), record = p[5], p[4]
+        truth_value = json.loads(p[2])
+        if record["polygons"] and len(record["labels"]) == len(record["polygons"]):
+            truth = list(zip(record["labels"], record["polygons"]))
+        else:
+            truth = list(zip(truth_value.get("Object", []), parse_polygons(p[2], width, height)))
+        truth = [(l, data.polygon_to_mask([poly], height, width)) for l, poly in truth]
+        try:
+            said = json.loads(out).get("Object", [])
+        except (ValueError, AttributeError):
+            said = []
+        predicted = [(said[k] if k < len(said) and isinstance(said[k], str) else "",
+                      data.polygon_to_mask([poly], height, width))
+                     for k, poly in enumerate(parse_polygons(out, width, height))]
+        predictions += [(image_id, l, m, -k) for k, (l, m) in enumerate(predicted)]
+        truth_masks += [(image_id, l, m) for l, m in truth]
+        scores = segmentation_scores(predicted, truth)
+        if scores:
+            ious.append(sum(scores) / len(scores))
+    if ious:
+        metrics["segment/mean_iou"] = sum(ious) / len(ious)
+        metrics["segment/mask_map50"] = average_precision(predictions, truth_masks, 0.5, iou=mask_iou)
+    return metrics
 
 
 def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     from . import data, parse_boxes
-    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA
 
     model = _load(args.checkpoint)
     config = model.config
@@ -209,10 +251,14 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     size = config["image_encoder"]["image_size"]
     pixels, _ = data.preprocess(image, size, "square", normalize="clip")
     task_prompt = {"caption": PROMPTS["caption"], "ocr": PROMPTS["ocr"], "detect": PROMPTS["detection"],
-                   "extract": PROMPTS["extraction"], "vqa": None}[args.task]
+                   "extract": PROMPTS["extraction"], "vqa": None, "segment": ""}[args.task]
     prompt = args.prompt or task_prompt
     if prompt is None:
         raise CliError("--task vqa needs --prompt 'your question'")
+    if args.task == "segment" and args.schema:
+        raise CliError("--task segment writes the segmentation JSON; --schema does not apply")
+    if args.task == "segment":
+        return _predict_segment(model, image, pixels, args, DETECTION_SCHEMA, SEGMENTATION_SCHEMA, PROMPTS)
     schema = None
     if args.schema:
         try:
@@ -240,6 +286,48 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
         out = args.output or os.path.splitext(args.image)[0] + ".boxes.png"
         data.plot_bounding_boxes(image, boxes, labels, path=out)
         print(f"boxes drawn: {out}", file=sys.stderr)
+    return 0
+
+
+def _predict_segment(model, image, pixels, args, detection_schema, segmentation_schema, prompts) -> int:
+    """--task segment: with --prompt ("Segment the red circle.") one answer; without,
+    detect the objects, then ask for each detected label's outline (the main job's
+    model learns to segment a named object). Prints the segmentation JSON of every
+    outline and draws them."""
+    from . import data, parse_polygons
+
+    height, width = int(image.shape[0]), int(image.shape[1])
+    max_new = args.max_new_tokens or 160
+
+    def ask(prompt: str, schema) -> str:
+        return model.generate(pixels.unsqueeze(0), [data.chat_prompt("<image>" + prompt)], max_new, schema=schema)[0]
+
+    if args.prompt:
+        prompts_to_ask = [args.prompt]
+    else:
+        try:
+            found = json.loads(ask(prompts["detection"], detection_schema)).get("Object", [])
+        except (ValueError, AttributeError):
+            found = []
+        labels = list(dict.fromkeys(str(l) for l in found if isinstance(l, str) and l.strip()))
+        if not labels:
+            raise CliError("the model detected no object to segment; pass --prompt 'Segment the <object>.'")
+        prompts_to_ask = [f"Segment the {label}." for label in labels]
+    names, outlines = [], []
+    for prompt in prompts_to_ask:
+        answer = ask(prompt, segmentation_schema)
+        try:
+            said = json.loads(answer).get("Object", [])
+        except (ValueError, AttributeError):
+            said = []
+        for rank, polygon in enumerate(parse_polygons(answer, width, height)):
+            names.append(str(said[rank]) if rank < len(said) else "")
+            outlines.append(polygon)
+    print(data.segmentation_answer(names, outlines, width, height) if outlines else
+          json.dumps({"Object": [], "Polygon": []}))
+    out = args.output or os.path.splitext(args.image)[0] + ".masks.png"
+    data.plot_masks(image, outlines, names, path=out)
+    print(f"masks drawn: {out}", file=sys.stderr)
     return 0
 
 
@@ -287,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run folder")
     p.add_argument("--data", default="synthetic", help="synthetic (held-out scenes) or a dataset file")
-    p.add_argument("--format", default="jsonl", help="jsonl, llava, coco_captions, coco_instances")
+    p.add_argument("--format", default="jsonl", help="jsonl, llava, coco_captions, coco_instances, coco_segmentation")
     p.add_argument("--scenes", type=int, default=60)
     p.add_argument("--limit", type=int, default=0, help="evaluate at most this many records of a file")
     p.add_argument("--seed", type=int, default=0)
@@ -301,7 +389,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prompt", default="", help="the question (vqa) or a prompt replacing the task's")
     p.add_argument("--schema", default="", help="JSON schema file: constrain the output to it")
     p.add_argument("--max-new-tokens", type=int, default=0)
-    p.add_argument("--output", default="", help="detect: where to write the image with boxes")
+    p.add_argument("--output", default="",
+                   help="detect / segment: where to write the image with boxes / masks "
+                        "(default: IMAGE.boxes.png / IMAGE.masks.png)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("bench", help="benchmark vlmkit beside a plain-PyTorch peer")

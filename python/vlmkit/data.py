@@ -125,6 +125,19 @@ tile_image = _C.tile_image
 horizontal_flip = _C.horizontal_flip
 random_resized_crop = _C.random_resized_crop
 color_jitter = _C.color_jitter
+# Masks and outlines (docs/data.md, "Segmentation"): polygons are flat pixel lists
+# [x1, y1, x2, y2, ...] as in COCO; masks [H, W] uint8 tensors (1 inside).
+mask_to_polygons = _C.mask_to_polygons
+mask_to_polygon = _C.mask_to_polygon
+polygon_to_mask = _C.polygon_to_mask
+simplify_polygon = _C.simplify_polygon
+decode_coco_rle = _C.decode_coco_rle
+encode_coco_rle = _C.encode_coco_rle
+letterbox_polygons = _C.letterbox_polygons
+flip_polygons = _C.flip_polygons
+scale_polygons = _C.scale_polygons
+crop_polygons = _C.crop_polygons
+segmentation_answer = _C.segmentation_answer
 save_png = _C.save_png
 save_grid = _C.save_grid
 SyntheticDataset = _C.SyntheticDataset
@@ -137,7 +150,7 @@ def chat_prompt(question: str) -> str:
     """The prompt text of the template for generation ("User: {question}\nAssistant: "):
     encoded with <bos>, it equals the prefix that encode_conversation trains on."""
     return f"User: {question}\nAssistant: "
-FORMATS = ("jsonl", "llava", "coco_captions", "coco_instances")
+FORMATS = ("jsonl", "llava", "coco_captions", "coco_instances", "coco_segmentation")
 
 
 def read_records(path, format: str = "jsonl", image_root=None, bad_samples: str = "raise"):
@@ -222,6 +235,29 @@ def plot_bounding_boxes(image: ImageSource, boxes: Boxes, labels: Sequence[str] 
     """Draws pixel boxes and labels on the image; writes a PNG when ``path`` is given."""
     drawn = _C.draw_boxes(load_image(image) if not isinstance(image, torch.Tensor) else _C.image_from_tensor(image),
                           [list(map(float, b)) for b in boxes], list(labels))
+    if path is not None:
+        _C.save_png(drawn, os.fspath(path))
+    return drawn
+
+
+def plot_masks(image: ImageSource, polygons: Sequence[Sequence[float]], labels: Sequence[str] = (),
+               path: Optional[str] = None, alpha: float = 0.45) -> torch.Tensor:
+    """Fills each polygon (flat pixel list [x1, y1, x2, y2, ...]) in a translucent
+    colour, outlines and labels it; writes a PNG when ``path`` is given. A mask
+    ([H, W] tensor) in place of a polygon is traced first; an empty polygon (an
+    object cut off) is left out with its label."""
+    if labels and len(labels) != len(polygons):
+        raise ValueError(f"plot_masks: {len(polygons)} polygons but {len(labels)} labels (one each, or none)")
+    picture = load_image(image) if not isinstance(image, torch.Tensor) else _C.image_from_tensor(image)
+    flat = []
+    for p in polygons:
+        if isinstance(p, torch.Tensor) and p.dim() == 2:
+            parts = _C.mask_to_polygons(p, 1000)
+            flat.append(parts[0] if parts else [])
+        else:
+            flat.append([float(v) for v in p])
+    keep = [i for i, p in enumerate(flat) if len(p)]
+    drawn = _C.draw_masks(picture, [flat[i] for i in keep], [labels[i] for i in keep] if labels else [], alpha)
     if path is not None:
         _C.save_png(drawn, os.fspath(path))
     return drawn

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,13 +53,27 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
-                      truths: Sequence[Tuple[int, str, Box]], iou_threshold: float = 0.5) -> float:
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two same-size [H, W] masks (non-zero = inside);
+    0 when both are empty."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"mask_iou: expected two [H, W] masks of one size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a != 0, b != 0
+    union = (a | b).sum().item()
+    return (a & b).sum().item() / union if union else 0.0
+
+
+def average_precision(predictions: Sequence[Tuple[int, str, object, float]],
+                      truths: Sequence[Tuple[int, str, object]], iou_threshold: float = 0.5,
+                      iou: Optional[Callable[[object, object], float]] = None) -> float:
     """Mean over classes of all-point interpolated AP (PASCAL VOC 2010+).
 
-    predictions: (image id, label, box, score); truths: (image id, label, box).
-    Generated boxes carry no confidence: callers give earlier boxes higher scores.
+    predictions: (image id, label, region, score); truths: (image id, label, region).
+    Regions are pixel boxes [x1, y1, x2, y2] (``iou=box_iou``, the default) or masks
+    (``iou=mask_iou``: mask AP). Generated regions carry no confidence: callers give
+    earlier ones higher scores.
     """
+    overlap_of = iou or box_iou
     classes = sorted({t[1] for t in truths})
     if not classes:
         return float("nan")
@@ -77,7 +91,7 @@ def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
             continue
         others = by_image.get(image, [])
         if others:
-            charged[max(others, key=lambda t: box_iou(box, t[1]))[0]].append(score)
+            charged[max(others, key=lambda t: overlap_of(box, t[1]))[0]].append(score)
         else:
             for c in classes:
                 charged[c].append(score)
@@ -98,9 +112,9 @@ def average_precision(predictions: Sequence[Tuple[int, str, Box, float]],
                 continue
             best, best_j = 0.0, -1
             for j, g in enumerate(gt.get(image, [])):
-                iou = box_iou(box, g)
-                if iou > best:
-                    best, best_j = iou, j
+                overlap = overlap_of(box, g)
+                if overlap > best:
+                    best, best_j = overlap, j
             if best >= iou_threshold and not used[image][best_j]:
                 used[image][best_j] = True
                 tp.append(1)
@@ -141,4 +155,22 @@ def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> Di
         rank = (sims >= sims[target, target].unsqueeze(1)).sum(1) - 1
         for k in ks:
             out[f"{name}_recall@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+def segmentation_scores(predicted: Sequence[Tuple[str, torch.Tensor]],
+                        truth: Sequence[Tuple[str, torch.Tensor]]) -> List[float]:
+    """Mask IoU of each true object of one image, matched by label: the IoU of its
+    mask with the union of the predicted masks that carry its label (0 if none). A
+    right outline under a wrong label does not count."""
+    out = []
+    for label, mask in truth:
+        mine = [m for l, m in predicted if l == label]
+        if not mine:
+            out.append(0.0)
+            continue
+        union = mine[0] != 0
+        for m in mine[1:]:
+            union = union | (m != 0)
+        out.append(mask_iou(union, mask))
     return out

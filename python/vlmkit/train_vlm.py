@@ -1,7 +1,8 @@
 """Training the small encoder-decoder VLM on the synthetic multitask data with a
 plain torch.optim loop — what `vlmkit train` runs by default. Every scene of the
 synthetic dataset yields captioning, VQA (colour, shape, count, spatial), OCR,
-detection (JSON with 0..999 boxes) and JSON-extraction examples."""
+detection (JSON with 0..999 boxes), segmentation of one named object (JSON with a
+0..999 polygon) and JSON-extraction examples."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import data, text
-from .metrics import average_precision, bleu4, box_iou, char_error_rate
+from .metrics import average_precision, bleu4, box_iou, char_error_rate, mask_iou, segmentation_scores
 from .models import EncoderDecoder
 
 SMALL_VLM = {
@@ -38,6 +39,11 @@ DETECTION_SCHEMA = {"type": "object", "properties": {
     "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
     "Bounding_box": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 4, "maxItems": 4,
                      "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
+# One outline of at most SyntheticDataset's vertex bound (12) per object.
+SEGMENTATION_SCHEMA = {"type": "object", "properties": {
+    "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+    "Polygon": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 6, "maxItems": 24,
+                "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
 EXTRACTION_SCHEMA = {"type": "object", "properties": {k: {"type": "string", "maxLength": 80}
                                                       for k in ("Description", "Colour", "Shapes", "Text")}}
 
@@ -87,6 +93,7 @@ def scene_tasks(sample: Dict) -> List[Dict[str, str]]:
     if sample["ocr"]:
         tasks.append({"kind": "ocr", "question": PROMPTS["ocr"], "answer": sample["ocr"]})
     tasks.append({"kind": "detection", "question": PROMPTS["detection"], "answer": compact(sample["detection"])})
+    tasks.append({"kind": "segment", "question": sample["segment"]["question"], "answer": sample["segment"]["answer"]})
     tasks.append({"kind": "extraction", "question": PROMPTS["extraction"], "answer": compact(sample["extraction"])})
     return tasks
 
@@ -142,9 +149,11 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
     captions: List[tuple] = []
     det_predictions: List[tuple] = []
     det_truths: List[tuple] = []
+    seg_predictions: List[tuple] = []
+    seg_truths: List[tuple] = []
     for kind in sorted({t["kind"] for _, t, _ in examples}):
         chunk = [e for e in examples if e[1]["kind"] == kind]
-        schema = DETECTION_SCHEMA if kind == "detection" else EXTRACTION_SCHEMA if kind == "extraction" else None
+        schema = TASK_SCHEMAS.get(kind)
         for start in range(0, len(chunk), batch):
             part = chunk[start:start + batch]
             images = torch.stack([p for p, _, _ in part])
@@ -170,7 +179,7 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         char_error_rate(guess, truth) if kind == "ocr" else float(guess == truth))
                 if kind == "ocr":
                     results.setdefault("ocr/cer", []).append(char_error_rate(out, truth))
-                if kind in ("detection", "extraction"):
+                if kind in TASK_SCHEMAS:
                     try:
                         value = json.loads(out)
                         results.setdefault(f"{kind}/valid_json", []).append(1.0)
@@ -190,6 +199,14 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         ious = [max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0])
                                 for o in sample["objects"]]
                         results.setdefault("detection/mean_iou", []).append(sum(ious) / len(ious))
+                    if kind == "segment":
+                        named = segment_masks(out, value, image_size)
+                        seg_predictions += [(image_id, l, m, -rank) for rank, (l, m) in enumerate(named)]
+                        truth_objects = [(o["label"], sample["masks"][n]) for n, o in enumerate(sample["objects"])
+                                         if o["label"] in json.loads(truth)["Object"]]
+                        seg_truths += [(image_id, l, m) for l, m in truth_objects]
+                        ious = segmentation_scores(named, truth_objects)
+                        results.setdefault("segment/mean_iou", []).append(sum(ious) / len(ious))
                     if kind == "extraction" and isinstance(value, dict):
                         fields = json.loads(truth)
                         results.setdefault("extraction/field_accuracy", []).append(
@@ -201,7 +218,24 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
     if det_truths:
         # Boxes come without confidences: earlier boxes of an answer rank higher.
         metrics["detection/map50"] = average_precision(det_predictions, det_truths, 0.5)
+    if seg_truths:
+        metrics["segment/mask_map50"] = average_precision(seg_predictions, seg_truths, 0.5, iou=mask_iou)
     return dict(sorted(metrics.items()))
+
+
+TASK_SCHEMAS = {"detection": DETECTION_SCHEMA, "segment": SEGMENTATION_SCHEMA, "extraction": EXTRACTION_SCHEMA}
+
+
+def segment_masks(text_out: str, value, size: int) -> List[Tuple[str, torch.Tensor]]:
+    """(label, mask) of each outline of a segmentation answer, labels from its
+    "Object" list in order ("" past its end), rasterised at size x size."""
+    from . import parse_polygons
+    labels = value.get("Object", []) if isinstance(value, dict) else []
+    out = []
+    for rank, polygon in enumerate(parse_polygons(text_out, size, size)):
+        label = labels[rank] if rank < len(labels) and isinstance(labels[rank], str) else ""
+        out.append((label, data.polygon_to_mask([polygon], size, size)))
+    return out
 
 
 def vlmkit_boxes(text_out: str, size: int):
@@ -306,7 +340,8 @@ def plot_metrics(log_path: str, png_path: str) -> Optional[str]:
 
 
 PROGRESS_KEYS = ("colour/exact_match", "shape/exact_match", "count/exact_match", "spatial/exact_match",
-                 "caption/exact_match", "ocr/cer", "detection/mean_iou", "extraction/field_accuracy")
+                 "caption/exact_match", "ocr/cer", "detection/mean_iou", "segment/mean_iou",
+                 "extraction/field_accuracy")
 
 
 def plot_task_progress(log_path: str, png_path: str) -> Optional[str]:

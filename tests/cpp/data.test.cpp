@@ -1,8 +1,10 @@
 #include <filesystem>
 #include <fstream>
+#include <opencv2/imgproc.hpp>
 
 #include "helpers.h"
 #include "vlmkit/data/loader.h"
+#include "vlmkit/data/masks.h"
 #include "vlmkit/data/synthetic.h"
 
 using namespace vlmkit;
@@ -201,7 +203,20 @@ TEST_CASE("datasets: records written with record_to_json read back the same, fro
   for (auto& r : read_jsonl_manifest((dir / "m.jsonl").string())) all.push_back(r);
   for (auto& r : read_llava_json((dir / "llava.json").string(), dir.string())) all.push_back(r);
   for (auto& r : read_coco_instances((dir / "inst.json").string(), dir.string())) all.push_back(r);
-  REQUIRE(all.size() == 4);
+  write_text(dir / "seg.json",
+             "{\"images\": [{\"id\": 1, \"file_name\": \"e.png\", \"width\": 4, \"height\": 4}],"
+             " \"categories\": [{\"id\": 3, \"name\": \"dog\"}],"
+             " \"annotations\": [{\"image_id\": 1, \"bbox\": [0, 2, 3, 2], \"category_id\": 3,"
+             " \"segmentation\": [[0, 2, 3, 2, 3, 4], [0, 2, 1, 2, 1, 3]]}]}");
+  for (auto& r : read_coco_instances((dir / "seg.json").string(), dir.string(), BadSamplePolicy::raise, nullptr,
+                                     CocoTask::segment))
+    all.push_back(r);
+  REQUIRE(all.size() == 5);
+  // The larger of the two parts, and the segmentation answer on the 0..999 grid.
+  REQUIRE(all[4].polygons.size() == 1);
+  CHECK(all[4].polygons[0].size() == 3);
+  CHECK(all[4].answer_from_polygons);
+  CHECK(all[4].turns.back().text == "{\"Object\":[\"dog\"],\"Polygon\":[[0,500,749,500,749,999]]}");
   // "left"/"right" in any reader's text fixes the geometry (the LLaVA reader did not: a flip made "top right" wrong).
   CHECK(all[0].fixed_geometry);
   CHECK(all[2].fixed_geometry);
@@ -225,6 +240,15 @@ TEST_CASE("datasets: records written with record_to_json read back the same, fro
     CHECK(again[i].labels == all[i].labels);
     CHECK(again[i].fixed_geometry == all[i].fixed_geometry);
     CHECK(again[i].answer_from_boxes == all[i].answer_from_boxes);
+    CHECK(again[i].answer_from_polygons == all[i].answer_from_polygons);
+    REQUIRE(again[i].polygons.size() == all[i].polygons.size());
+    for (size_t p = 0; p < all[i].polygons.size(); ++p) {
+      REQUIRE(again[i].polygons[p].size() == all[i].polygons[p].size());
+      for (size_t v = 0; v < all[i].polygons[p].size(); ++v) {
+        CHECK(again[i].polygons[p][v].x == all[i].polygons[p][v].x);
+        CHECK(again[i].polygons[p][v].y == all[i].polygons[p][v].y);
+      }
+    }
   }
   // COCO fields of the wrong JSON type are clear ValueErrors, not nlohmann exceptions escaping the reader.
   write_text(dir / "bad.json",
@@ -237,4 +261,123 @@ TEST_CASE("datasets: records written with record_to_json read back the same, fro
   CHECK_THROWS_AS(read_coco_instances((dir / "bad2.json").string(), dir.string()), c10::ValueError);
   write_text(dir / "bad.jsonl", "{\"image\": \"a.png\", \"caption\": \"x\", \"answer_from_boxes\": true}\n");
   CHECK_THROWS_AS(read_jsonl_manifest((dir / "bad.jsonl").string()), c10::ValueError);
+}
+
+TEST_CASE("polygons: text on the 0..999 grid, parsed back; boxes and malformed groups are not polygons", "[data][masks]") {
+  const Polygon triangle{{0, 0}, {64, 0}, {32, 48}};
+  CHECK(polygon_to_text(triangle, 64, 48) == "[0,0,999,0,500,999]");
+  const auto parsed = parse_polygons("{\"Polygon\": [[0, 0, 999, 0, 500, 999], [1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]}",
+                                     64, 48);
+  REQUIRE(parsed.size() == 2);  // the box is skipped, the odd group drops its last number
+  CHECK(parsed[0][1].x == Approx(64.0));
+  CHECK(parsed[0][2].y == Approx(48.0));
+  CHECK(parsed[1].size() == 3);
+  CHECK(parse_polygons("[1000, 0, 1, 1, 2, 2]", 10, 10).empty());  // off the grid
+  CHECK(parse_polygons("[1, 2, 3, 4, 5, -6]", 10, 10).empty());    // not unsigned integers
+  CHECK(parse_polygons("[1, 2, 3, 4, 5, 6", 10, 10).empty());      // cut off
+  CHECK(polygon_area(triangle) == Approx(64 * 48 / 2.0));
+  CHECK_THROWS_AS(segmentation_answer({"a"}, {}, 10, 10), c10::ValueError);
+  CHECK_THROWS_AS(polygon_to_text({{0, 0}, {1, 1}}, 10, 10), c10::ValueError);
+}
+
+TEST_CASE("masks: traced outlines give the mask back; simplified ones stay bounded and close", "[data][masks]") {
+  cv::Mat mask = cv::Mat::zeros(40, 50, CV_8UC1);
+  cv::circle(mask, {20, 18}, 11, cv::Scalar(1), cv::FILLED);
+  cv::rectangle(mask, cv::Point(38, 0), cv::Point(49, 6), cv::Scalar(1), cv::FILLED);  // touches two image edges
+  const auto parts = mask_to_polygons(mask, 1 << 20);
+  REQUIRE(parts.size() == 2);
+  CHECK(polygon_area(parts[0]) > polygon_area(parts[1]));
+  cv::Mat back = polygon_to_mask(parts, 40, 50);
+  CHECK(cv::countNonZero(back != mask) == 0);
+  const auto simple = mask_to_polygon(mask, 12);
+  CHECK(simple.size() <= 12);
+  cv::Mat circle = cv::Mat::zeros(40, 50, CV_8UC1);
+  cv::circle(circle, {20, 18}, 11, cv::Scalar(1), cv::FILLED);
+  CHECK(mask_iou(polygon_to_mask({simple}, 40, 50), circle) > 0.93);
+  CHECK(mask_to_polygons(cv::Mat::zeros(5, 5, CV_8UC1)).empty());
+  CHECK_THROWS_AS(mask_to_polygon(cv::Mat::zeros(5, 5, CV_8UC1)), c10::ValueError);
+  CHECK_THROWS_AS(mask_to_polygons(cv::Mat::zeros(5, 5, CV_32F)), c10::ValueError);
+  CHECK_THROWS_AS(mask_iou(mask, cv::Mat::zeros(5, 5, CV_8UC1)), c10::ValueError);
+  // A single pixel is a polygon too.
+  cv::Mat dot = cv::Mat::zeros(5, 5, CV_8UC1);
+  dot.at<uint8_t>(2, 3) = 1;
+  CHECK(cv::countNonZero(polygon_to_mask({mask_to_polygon(dot, 3)}, 5, 5) != dot) == 0);
+}
+
+TEST_CASE("masks: COCO RLE, counts and compressed strings", "[data][masks]") {
+  // 3x3 with the centre set: column-major runs 4, 1, 4.
+  cv::Mat centre = decode_coco_rle(std::vector<int64_t>{4, 1, 4}, 3, 3);
+  CHECK(centre.at<uint8_t>(1, 1) == 1);
+  CHECK(cv::countNonZero(centre) == 1);
+  CHECK(encode_coco_rle(centre) == "414");
+  // From the fourth run on, a run is stored as the difference to the run two before (here -1: 'O').
+  cv::Mat m = decode_coco_rle(std::string(":23O"), 4, 4);
+  CHECK(cv::countNonZero(m != decode_coco_rle(std::vector<int64_t>{10, 2, 3, 1}, 4, 4)) == 0);
+  CHECK(encode_coco_rle(m) == ":23O");
+  cv::Mat blob = cv::Mat::zeros(37, 29, CV_8UC1);
+  cv::ellipse(blob, {14, 18}, {9, 15}, 30, 0, 360, cv::Scalar(1), cv::FILLED);
+  CHECK(cv::countNonZero(decode_coco_rle(encode_coco_rle(blob), 37, 29) != blob) == 0);
+  CHECK_THROWS_AS(decode_coco_rle(std::vector<int64_t>{4, 1}, 3, 3), c10::ValueError);     // 5 of 9 pixels
+  CHECK_THROWS_AS(decode_coco_rle(std::vector<int64_t>{4, 1, 5}, 3, 3), c10::ValueError);  // 10 of 9
+  CHECK_THROWS_AS(decode_coco_rle(std::string("4\x01"), 3, 3), c10::ValueError);
+}
+
+TEST_CASE("masks: transforms move polygons as they move the pixels", "[data][masks]") {
+  cv::Mat mask = cv::Mat::zeros(48, 64, CV_8UC1);
+  cv::fillConvexPoly(mask, std::vector<cv::Point>{{10, 5}, {50, 12}, {30, 40}}, cv::Scalar(1));
+  const auto polygon = mask_to_polygons(mask, 1 << 20);
+  // Flip: exact.
+  cv::Mat flipped;
+  cv::flip(mask, flipped, 1);
+  CHECK(cv::countNonZero(polygon_to_mask(flip_polygons(polygon, 64), 48, 64) != flipped) == 0);
+  // Crop, then resize 2x: against the crop of the mask resized (nearest).
+  const auto cropped = crop_polygons(polygon, 20, 8, 30, 30, 2.0, 2.0);
+  cv::Mat crop_mask;
+  cv::resize(mask(cv::Rect(20, 8, 30, 30)), crop_mask, cv::Size(60, 60), 0, 0, cv::INTER_NEAREST);
+  CHECK(mask_iou(polygon_to_mask(cropped, 60, 60), crop_mask) > 0.95);
+  CHECK(crop_polygons(polygon, 55, 40, 5, 5)[0].empty());  // wholly outside
+  // Letterbox to 32: the 64x48 image becomes 32x24 with 4 rows of padding above.
+  LetterboxInfo info;
+  cv::Mat rgb(48, 64, CV_8UC3, cv::Scalar(0, 0, 0));
+  rgb.setTo(cv::Scalar(255, 255, 255), mask);
+  cv::Mat boxed = letterbox(rgb, 32, &info, 0);
+  cv::Mat channels[3];
+  cv::split(boxed, channels);
+  CHECK(mask_iou(polygon_to_mask(letterbox_polygons(polygon, info), 32, 32), channels[0] >= 128) > 0.9);
+  // Random resized crop: boxes and polygons of one object list stay together.
+  std::mt19937_64 rng(3);
+  std::vector<Box> boxes{{10, 5, 50, 40}};
+  std::vector<Polygon> polygons = polygon;
+  auto out = random_resized_crop(rgb, 40, rng, {0.5, 1.0}, {0.75, 1.33}, &boxes, &polygons);
+  REQUIRE(boxes.size() == polygons.size());
+  if (!polygons.empty()) {
+    cv::split(out, channels);
+    CHECK(mask_iou(polygon_to_mask(polygons, 40, 40), channels[0] >= 128) > 0.9);
+  }
+  std::vector<Polygon> two{polygon[0], polygon[0]};
+  CHECK_THROWS_AS(random_resized_crop(rgb, 40, rng, {0.5, 1.0}, {0.75, 1.33}, &boxes, &two), c10::ValueError);
+}
+
+TEST_CASE("synthetic: each object's exact mask, its traced outline and the segmentation answers", "[data][masks]") {
+  SyntheticOptions options;
+  options.word_probability = 0;  // a word drawn across an object can leave holes, which outlines do not keep
+  SyntheticDataset data(40, options);
+  for (int64_t i = 0; i < data.size(); ++i) {
+    const auto sample = data.get(i);
+    for (const auto& o : sample.objects) {
+      REQUIRE(cv::countNonZero(o.mask) > 50);
+      CHECK(cv::countNonZero(polygon_to_mask({o.polygon}, 64, 64) != o.mask) == 0);
+    }
+    const auto& outlines = sample.segmentation["Polygon"];
+    REQUIRE(outlines.size() == sample.objects.size());
+    for (size_t k = 0; k < outlines.size(); ++k) {
+      CHECK(outlines[k].size() <= 2 * SyntheticDataset::kSegmentVertices);
+      const auto back = parse_polygons(outlines[k].dump(), 64, 64);
+      REQUIRE(back.size() == 1);
+      CHECK(mask_iou(polygon_to_mask(back, 64, 64), sample.objects[k].mask) > 0.85);
+    }
+    CHECK(sample.segment.question.rfind("Segment the ", 0) == 0);
+    const auto answer = nlohmann::json::parse(sample.segment.answer);
+    CHECK(sample.segment.question == "Segment the " + answer["Object"][0].get<std::string>() + ".");
+  }
 }

@@ -1,4 +1,5 @@
-// libFuzzer: the JSONL manifest, LLaVA and COCO readers on arbitrary files,
+// libFuzzer: the JSONL manifest, LLaVA and COCO readers (detection and
+// segmentation, polygons and RLE) on arbitrary files,
 // under both bad-sample policies. Property: every record that parses, written
 // as a manifest line (record_to_json) and read back, is the same record.
 #include <unistd.h>
@@ -14,8 +15,14 @@
 namespace {
 bool same(const vlmkit::Record& a, const vlmkit::Record& b) {
   if (a.image != b.image || a.labels != b.labels || a.fixed_geometry != b.fixed_geometry ||
-      a.answer_from_boxes != b.answer_from_boxes || a.turns.size() != b.turns.size() || a.boxes.size() != b.boxes.size())
+      a.answer_from_boxes != b.answer_from_boxes || a.answer_from_polygons != b.answer_from_polygons ||
+      a.turns.size() != b.turns.size() || a.boxes.size() != b.boxes.size() || a.polygons.size() != b.polygons.size())
     return false;
+  for (size_t i = 0; i < a.polygons.size(); ++i) {
+    if (a.polygons[i].size() != b.polygons[i].size()) return false;
+    for (size_t v = 0; v < a.polygons[i].size(); ++v)
+      if (a.polygons[i][v].x != b.polygons[i][v].x || a.polygons[i][v].y != b.polygons[i][v].y) return false;
+  }
   for (size_t i = 0; i < a.turns.size(); ++i)
     if (a.turns[i].role != b.turns[i].role || a.turns[i].text != b.turns[i].text) return false;
   for (size_t i = 0; i < a.boxes.size(); ++i)
@@ -52,6 +59,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_llava_json(path, dir, p); },
       [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_coco_captions(path, dir, p); },
       [&](vlmkit::BadSamplePolicy p) { return vlmkit::read_coco_instances(path, dir, p); },
+      [&](vlmkit::BadSamplePolicy p) {
+        return vlmkit::read_coco_instances(path, dir, p, nullptr, vlmkit::CocoTask::segment);
+      },
   };
   for (auto policy : {vlmkit::BadSamplePolicy::raise, vlmkit::BadSamplePolicy::skip})
     for (const auto& read : readers) {

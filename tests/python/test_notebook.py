@@ -30,4 +30,5 @@ def test_tutorial_notebook_executes(tmp_path, monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "reloaded model gives identical logits" in outputs
     assert (tmp_path / "run" / "tutorial_predictions.png").exists()
+    assert (tmp_path / "run" / "tutorial_masks.png").exists()
     assert (tmp_path / "run" / "tutorial_loss.png").exists()

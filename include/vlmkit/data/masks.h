@@ -22,7 +22,9 @@ constexpr int64_t kDefaultMaxVertices = 12;
 /// first, each simplified (Douglas-Peucker, the tolerance grown until it fits)
 /// to at most max_vertices >= 3 vertices. Parts are traced on the pixel edges
 /// (not through the boundary pixels' centres), so polygon_to_mask gives the
-/// mask back, exactly before simplification; holes are not kept. An empty
+/// mask back, exactly before simplification (for parts spanning up to 16
+/// megapixels; beyond, traced through the boundary pixels' centres, the mask
+/// can lose its bottom and right boundary pixels); holes are not kept. An empty
 /// mask gives no polygon.
 std::vector<Polygon> mask_to_polygons(const cv::Mat& mask, int64_t max_vertices = kDefaultMaxVertices);
 /// The largest part's outline; ValueError for an empty mask.
@@ -31,7 +33,9 @@ Polygon mask_to_polygon(const cv::Mat& mask, int64_t max_vertices = kDefaultMaxV
 /// tolerance grown until it fits); unchanged when it already fits.
 Polygon simplify_polygon(const Polygon& polygon, int64_t max_vertices = kDefaultMaxVertices);
 /// A height x width CV_8U mask (1 inside, 0 outside) of the union of the
-/// polygons, the pixels whose centres lie inside or on one (sub-pixel exact).
+/// polygons: the pixels whose centres lie inside one (even-odd rule, computed
+/// exactly; a centre on the outline is inside, except on a bottom edge).
+/// Masks (here and from RLE) are at most kDefaultMaxPixels.
 cv::Mat polygon_to_mask(const std::vector<Polygon>& polygons, int64_t height, int64_t width);
 /// Intersection over union of two same-size masks; 0 when both are empty.
 double mask_iou(const cv::Mat& a, const cv::Mat& b);
