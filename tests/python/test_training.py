@@ -21,7 +21,7 @@ TINY_VLM = {"architecture": "encoder_decoder",
             "image_encoder": {"type": "vit", "image_size": 32, "patch_size": 8, "d_model": 32, "depth": 1,
                               "num_heads": 2},
             "projector": {"type": "mlp"}, "fusion": "concat",
-            "decoder": {"d_model": 32, "depth": 1, "num_heads": 2, "max_len": 192}}
+            "decoder": {"d_model": 32, "depth": 1, "num_heads": 2, "max_len": 256}}
 
 
 @pytest.fixture(scope="module")
