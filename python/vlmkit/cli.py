@@ -376,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run folder")
     p.add_argument("--data", default="synthetic", help="synthetic (held-out scenes) or a dataset file")
     p.add_argument("--format", default="jsonl", help="jsonl, llava, coco_captions, coco_instances, coco_segmentation")
-    p.add_argument("--scenes", type=int, default=60)
+    p.add_argument("--scenes", type=int, default=200, help="held-out (test split) synthetic scenes")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most this many records of a file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the metrics to this file")

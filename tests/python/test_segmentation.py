@@ -245,3 +245,10 @@ def test_predict_segment_draws_masks(tmp_path, capsys):
     assert (tmp_path / "scene.masks.png").exists()
     assert cli.main(["predict", "--checkpoint", str(run), "--image", str(image), "--task", "segment",
                      "--schema", "x.json"]) == 2
+    # vlmkit eval on segmentation records scores the masks against the records' polygons.
+    path = coco_file(tmp_path, [[10, 5, 30, 5, 30, 25, 10, 25]])
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", str(run), "--data", str(path), "--format", "coco_segmentation",
+                     "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["records"] == 1.0 and 0.0 <= scores["segment/mean_iou"] <= 1.0 and "segment/mask_map50" in scores
