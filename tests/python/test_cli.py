@@ -9,7 +9,7 @@ from vlmkit import data
 def test_scene_tasks_cover_every_task():
     sample = data.SyntheticDataset(30, seed=0)[next(i for i in range(30) if data.SyntheticDataset(30, seed=0)[i]["ocr"])]
     kinds = {t["kind"] for t in scene_tasks(sample)}
-    assert {"caption", "colour", "shape", "count", "ocr", "detection", "extraction"} <= kinds
+    assert {"caption", "colour", "shape", "count", "ocr", "detection", "segment", "extraction"} <= kinds
     detection = json.loads(next(t["answer"] for t in scene_tasks(sample) if t["kind"] == "detection"))
     assert detection["Object"] == [o["label"] for o in sample["objects"]]
 
@@ -21,7 +21,8 @@ def test_vlm_training_runs_and_reports_every_metric(tmp_path):
                     verbose=False)
     for key in ("caption/exact_match", "colour/exact_match", "count/exact_match", "detection/mean_iou",
                 "detection/valid_json", "extraction/valid_json", "extraction/field_accuracy",
-                "colour/baseline", "shape/baseline", "count/baseline", "detection/valid_json_unconstrained"):
+                "colour/baseline", "shape/baseline", "count/baseline", "detection/valid_json_unconstrained",
+                "segment/mean_iou", "segment/mask_map50", "segment/valid_json"):
         assert key in metrics, key
     assert (tmp_path / "tasks.png").exists()
     # Constrained decoding keeps the JSON tasks valid even after 6 steps.
