@@ -29,31 +29,16 @@ BoxList from_boxes(const std::vector<Box>& boxes) {
 using FlatPolygon = std::vector<double>;
 using PolygonList = std::vector<FlatPolygon>;
 
-Polygon to_polygon(const FlatPolygon& flat, const char* who) {
-  TORCH_CHECK_VALUE(flat.size() >= 6 && flat.size() % 2 == 0, who,
-                    ": a polygon is a flat list [x1, y1, x2, y2, x3, y3, ...] of an even count >= 6, got ",
-                    flat.size(), " numbers");
-  Polygon out;
-  for (size_t i = 0; i < flat.size(); i += 2) out.push_back({flat[i], flat[i + 1]});
-  return out;
-}
-
 std::vector<Polygon> to_polygons(const std::optional<PolygonList>& polygons, const char* who) {
   std::vector<Polygon> out;
   if (polygons)
-    for (const auto& p : *polygons) out.push_back(to_polygon(p, who));
-  return out;
-}
-
-FlatPolygon from_polygon(const Polygon& polygon) {
-  FlatPolygon out;
-  for (const auto& p : polygon) out.push_back(p.x), out.push_back(p.y);
+    for (const auto& p : *polygons) out.push_back(polygon_from_flat(p, who));
   return out;
 }
 
 PolygonList from_polygons(const std::vector<Polygon>& polygons) {
   PolygonList out;
-  for (const auto& p : polygons) out.push_back(from_polygon(p));
+  for (const auto& p : polygons) out.push_back(polygon_to_flat(p));
   return out;
 }
 
@@ -231,7 +216,7 @@ void bind_data(py::module_& m) {
         "Outlines of a [H, W] mask's parts (largest first), each at most max_vertices vertices, as flat pixel lists.");
   m.def("mask_to_polygon",
         [](const torch::Tensor& mask, int64_t max_vertices) {
-          return from_polygon(mask_to_polygon(mask_from_tensor(mask, "mask_to_polygon"), max_vertices));
+          return polygon_to_flat(mask_to_polygon(mask_from_tensor(mask, "mask_to_polygon"), max_vertices));
         },
         py::arg("mask"), py::arg("max_vertices") = kDefaultMaxVertices,
         "The largest part's outline [x1, y1, x2, y2, ...] (pixels), at most max_vertices vertices.");
@@ -243,14 +228,9 @@ void bind_data(py::module_& m) {
         "[H, W] uint8 mask (1 inside) of the union of the polygons: the pixels whose centres they cover.");
   m.def("simplify_polygon",
         [](const FlatPolygon& polygon, int64_t max_vertices) {
-          return from_polygon(simplify_polygon(to_polygon(polygon, "simplify_polygon"), max_vertices));
+          return polygon_to_flat(simplify_polygon(polygon_from_flat(polygon, "simplify_polygon"), max_vertices));
         },
         py::arg("polygon"), py::arg("max_vertices") = kDefaultMaxVertices);
-  m.def("mask_iou",
-        [](const torch::Tensor& a, const torch::Tensor& b) {
-          return mask_iou(mask_from_tensor(a, "mask_iou"), mask_from_tensor(b, "mask_iou"));
-        },
-        py::arg("a"), py::arg("b"));
   m.def("decode_coco_rle",
         [](const py::object& counts, int64_t height, int64_t width) {
           if (py::isinstance<py::str>(counts) || py::isinstance<py::bytes>(counts))

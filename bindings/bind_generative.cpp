@@ -295,11 +295,7 @@ void bind_generative(py::module_& m) {
   m.def("parse_polygons",
         [](const std::string& text, int64_t width, int64_t height) {
           std::vector<std::vector<double>> out;
-          for (const auto& polygon : parse_polygons(text, width, height)) {
-            std::vector<double> flat;
-            for (const auto& p : polygon) flat.push_back(p.x), flat.push_back(p.y);
-            out.push_back(std::move(flat));
-          }
+          for (const auto& polygon : parse_polygons(text, width, height)) out.push_back(polygon_to_flat(polygon));
           return out;
         },
         py::arg("text"), py::arg("width"), py::arg("height"),

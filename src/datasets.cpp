@@ -4,7 +4,6 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
-#include <optional>
 #include <random>
 
 #include "vlmkit/data/loader.h"
@@ -124,35 +123,30 @@ std::vector<Box> read_boxes(const ojson& boxes, bool xywh) {
   return out;
 }
 
-Polygon read_flat_polygon(const ojson& p) {
-  TORCH_CHECK_VALUE(p.is_array() && p.size() >= 6 && p.size() % 2 == 0 &&
-                        std::all_of(p.begin(), p.end(), [](const ojson& v) { return v.is_number(); }),
-                    "a polygon must be an even count (>= 6) of numbers [x1, y1, x2, y2, x3, y3, ...], got ",
+Polygon read_flat_polygon(const ojson& p, const char* who) {
+  TORCH_CHECK_VALUE(p.is_array() && std::all_of(p.begin(), p.end(), [](const ojson& v) { return v.is_number(); }),
+                    who, ": a polygon must be a list of numbers [x1, y1, x2, y2, x3, y3, ...], got ",
                     p.dump().substr(0, 200));
-  Polygon polygon;
-  for (size_t i = 0; i < p.size(); i += 2) {
-    const double x = p[i].get<double>(), y = p[i + 1].get<double>();
-    TORCH_CHECK_VALUE(std::isfinite(x) && std::isfinite(y), "a polygon vertex is not finite: ", p.dump().substr(0, 200));
-    polygon.push_back({x, y});
-  }
-  return polygon;
+  return polygon_from_flat(p.get<std::vector<double>>(), who);
+}
+
+/// An "answer_from_boxes" / "answer_from_polygons" flag: false when absent; true
+/// needs objects, one label each.
+bool answer_flag(const ojson& entry, const char* key, size_t objects, size_t labels) {
+  if (!entry.contains(key)) return false;
+  TORCH_CHECK_VALUE(entry[key].is_boolean(), "'", key, "' must be true or false, got ", entry[key].dump());
+  const bool on = entry[key].get<bool>();
+  TORCH_CHECK_VALUE(!on || (objects > 0 && labels == objects), "'", key, "' needs ",
+                    std::string(key) == "answer_from_boxes" ? "'boxes'" : "'polygons'", " with one label each");
+  return on;
 }
 
 /// [[x1, y1, x2, y2, ...]] pixels: flat lists of an even count >= 6 of finite numbers.
 std::vector<Polygon> read_polygons(const ojson& polygons) {
   TORCH_CHECK_VALUE(polygons.is_array(), "'polygons' must be a list of [x1, y1, x2, y2, x3, y3, ...]");
   std::vector<Polygon> out;
-  for (const auto& p : polygons) out.push_back(read_flat_polygon(p));
+  for (const auto& p : polygons) out.push_back(read_flat_polygon(p, "'polygons'"));
   return out;
-}
-
-Box bounding_box(const Polygon& polygon) {
-  Box b{polygon[0].x, polygon[0].y, polygon[0].x, polygon[0].y};
-  for (const auto& p : polygon) {
-    b.x1 = std::min(b.x1, p.x), b.y1 = std::min(b.y1, p.y);
-    b.x2 = std::max(b.x2, p.x), b.y2 = std::max(b.y2, p.y);
-  }
-  return b;
 }
 
 /// A COCO "segmentation": polygons (the largest part kept) or an RLE mask
@@ -163,7 +157,7 @@ Polygon coco_segmentation(const ojson& s) {
     Polygon best;
     double area = -1;
     for (const auto& part : s) {
-      auto polygon = read_flat_polygon(part);
+      auto polygon = read_flat_polygon(part, "'segmentation'");
       const double a = polygon_area(polygon);
       if (a > area) best = std::move(polygon), area = a;
     }
@@ -233,40 +227,22 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
       } else {
         TORCH_CHECK_VALUE(false, "needs 'conversations', 'question'+'answer', or 'text'/'caption'");
       }
-      if (entry.contains("boxes")) {
-        r.boxes = read_boxes(entry["boxes"], false);
-        if (entry.contains("labels")) {
-          TORCH_CHECK_VALUE(entry["labels"].is_array() && entry["labels"].size() == r.boxes.size(),
-                            "'labels' must be a list with one label per box");
-          for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
-        }
-      }
+      // Objects: boxes, outlines (whose bounding rectangles are the boxes when none are given), labels.
+      if (entry.contains("boxes")) r.boxes = read_boxes(entry["boxes"], false);
       if (entry.contains("polygons")) {
         r.polygons = read_polygons(entry["polygons"]);
         if (!entry.contains("boxes"))
-          for (const auto& p : r.polygons) r.boxes.push_back(bounding_box(p));
+          for (const auto& p : r.polygons) r.boxes.push_back(polygon_bounds(p));
         TORCH_CHECK_VALUE(r.polygons.size() == r.boxes.size(), "'polygons' must hold one polygon per box, got ",
                           r.polygons.size(), " polygons and ", r.boxes.size(), " boxes");
-        if (entry.contains("labels") && !entry.contains("boxes")) {
-          TORCH_CHECK_VALUE(entry["labels"].is_array() && entry["labels"].size() == r.polygons.size(),
-                            "'labels' must be a list with one label per polygon");
-          for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
-        }
       }
-      if (entry.contains("answer_from_polygons")) {
-        TORCH_CHECK_VALUE(entry["answer_from_polygons"].is_boolean(), "'answer_from_polygons' must be true or false, got ",
-                          entry["answer_from_polygons"].dump());
-        r.answer_from_polygons = entry["answer_from_polygons"].get<bool>();
-        TORCH_CHECK_VALUE(!r.answer_from_polygons || (!r.polygons.empty() && r.labels.size() == r.polygons.size()),
-                          "'answer_from_polygons' needs 'polygons' with one label each");
+      if (entry.contains("labels") && (entry.contains("boxes") || entry.contains("polygons"))) {
+        TORCH_CHECK_VALUE(entry["labels"].is_array() && entry["labels"].size() == r.boxes.size(),
+                          "'labels' must be a list with one label per object (box or polygon)");
+        for (const auto& l : entry["labels"]) r.labels.push_back(l.is_string() ? l.get<std::string>() : l.dump());
       }
-      if (entry.contains("answer_from_boxes")) {
-        TORCH_CHECK_VALUE(entry["answer_from_boxes"].is_boolean(), "'answer_from_boxes' must be true or false, got ",
-                          entry["answer_from_boxes"].dump());
-        r.answer_from_boxes = entry["answer_from_boxes"].get<bool>();
-        TORCH_CHECK_VALUE(!r.answer_from_boxes || (!r.boxes.empty() && r.labels.size() == r.boxes.size()),
-                          "'answer_from_boxes' needs 'boxes' with one label each");
-      }
+      r.answer_from_boxes = answer_flag(entry, "answer_from_boxes", r.boxes.size(), r.labels.size());
+      r.answer_from_polygons = answer_flag(entry, "answer_from_polygons", r.polygons.size(), r.labels.size());
       r.fixed_geometry = !r.boxes.empty() || (entry.contains("ocr") && entry["ocr"].is_string() &&
                                               !entry["ocr"].get<std::string>().empty()) ||
                          (entry.contains("fixed_geometry") && entry["fixed_geometry"].is_boolean() &&
@@ -293,11 +269,7 @@ ojson record_to_json(const Record& record) {
   }
   if (!record.polygons.empty()) {
     ojson polygons = ojson::array();
-    for (const auto& p : record.polygons) {
-      ojson flat = ojson::array();
-      for (const auto& v : p) flat.push_back(v.x), flat.push_back(v.y);
-      polygons.push_back(flat);
-    }
+    for (const auto& p : record.polygons) polygons.push_back(polygon_to_flat(p));
     out["polygons"] = polygons;
   }
   out["fixed_geometry"] = record.fixed_geometry;
@@ -397,7 +369,6 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   Problems problems{policy, report, path};
   std::map<int64_t, Record> by_image;
   std::map<int64_t, std::pair<int64_t, int64_t>> sizes;
-  std::map<int64_t, size_t> outlined;  // annotations with a segmentation, per image
   for (const auto& image : doc["images"])
     if (image.contains("width") || image.contains("height")) {
       TORCH_CHECK_VALUE(image.contains("width") && image["width"].is_number_integer() && image.contains("height") &&
@@ -423,7 +394,7 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
                           "box ", a["bbox"].dump(), " lies outside the ", size->second.first, "x", size->second.second,
                           " image");
       // Objects without an outline are kept for detection; segmentation needs them all.
-      std::optional<Polygon> outline;
+      Polygon outline;  // empty: none
       if (a.contains("segmentation") && !(a["segmentation"].is_array() && a["segmentation"].empty())) {
         const auto& seg = a["segmentation"];
         if (seg.is_object() && size != sizes.end() && seg.contains("size"))
@@ -432,7 +403,7 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
                             size->second.first, "]");
         outline = coco_segmentation(seg);
       }
-      TORCH_CHECK_VALUE(task == CocoTask::detect || (outline && size != sizes.end()),
+      TORCH_CHECK_VALUE(task == CocoTask::detect || (!outline.empty() && size != sizes.end()),
                         "the segmentation task needs each annotation's 'segmentation' (polygons or RLE) and its ",
                         "image's 'width' and 'height'");
       auto& r = by_image[id];
@@ -442,8 +413,7 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
       }
       r.boxes.push_back(boxes[0]);
       r.labels.push_back(category->second);
-      if (outline) r.polygons.push_back(std::move(*outline));
-      outlined[id] += outline ? 1 : 0;
+      r.polygons.push_back(std::move(outline));
       problems.ok();
     } catch (const c10::Error& e) {
       problems.bad(number, e.what_without_backtrace());
@@ -455,7 +425,8 @@ std::vector<Record> read_coco_instances(const std::string& path, const std::stri
   for (auto& [id, r] : by_image) {
     const auto size = sizes.count(id) ? sizes[id] : std::pair<int64_t, int64_t>{0, 0};
     // Outlines stay only when every object of the image has one (they pair with the boxes).
-    if (outlined[id] != r.boxes.size()) r.polygons.clear();
+    if (std::any_of(r.polygons.begin(), r.polygons.end(), [](const Polygon& p) { return p.empty(); }))
+      r.polygons.clear();
     r.fixed_geometry = true;
     if (task == CocoTask::segment) {
       r.turns = {{"user", "Segment the objects."},

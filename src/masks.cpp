@@ -43,6 +43,13 @@ std::vector<cv::Point> to_fixed(const Polygon& polygon, int shift) {
 }
 
 constexpr int kShift = 8;
+
+/// A box as a polygon: its four corners, or three of them when only three fit.
+Polygon rectangle(const Box& b, int64_t max_vertices) {
+  Polygon out{{b.x1, b.y1}, {b.x2, b.y1}, {b.x2, b.y2}, {b.x1, b.y2}};
+  if (max_vertices == 3) out.pop_back();
+  return out;
+}
 }  // namespace
 
 std::vector<Polygon> mask_to_polygons(const cv::Mat& mask, int64_t max_vertices) {
@@ -64,17 +71,12 @@ std::vector<Polygon> mask_to_polygons(const cv::Mat& mask, int64_t max_vertices)
   cv::findContours(big, contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
   std::vector<std::pair<double, Polygon>> parts;
   for (const auto& contour : contours) {
-    std::vector<cv::Point2f> points;
-    points.reserve(contour.size());
-    for (const auto& c : contour)
-      points.emplace_back(float((c.x + 0.5) / trace + bounds.x - 1), float((c.y + 0.5) / trace + bounds.y - 1));
     Polygon polygon;
-    for (const auto& p : points) polygon.push_back({double(p.x), double(p.y)});
-    if (polygon.size() < 3) {  // a part one sub-pixel row thick: its bounding rectangle
-      Point lo = polygon[0], hi = polygon[0];
-      for (const auto& p : polygon) lo = {std::min(lo.x, p.x), std::min(lo.y, p.y)}, hi = {std::max(hi.x, p.x), std::max(hi.y, p.y)};
-      polygon = {{lo.x, lo.y}, {hi.x, lo.y}, {hi.x, hi.y}, {lo.x, hi.y}};
-    }
+    polygon.reserve(contour.size());
+    for (const auto& c : contour)
+      polygon.push_back({(c.x + 0.5) / trace + bounds.x - 1, (c.y + 0.5) / trace + bounds.y - 1});
+    // A part one (sub-)pixel row thick traced at one sub-pixel: its bounding rectangle.
+    if (polygon.size() < 3) polygon = rectangle(polygon_bounds(polygon), max_vertices);
     polygon = simplify_polygon(polygon, max_vertices);
     const double area = polygon_area(polygon);
     parts.emplace_back(area, std::move(polygon));
@@ -90,21 +92,15 @@ Polygon simplify_polygon(const Polygon& polygon, int64_t max_vertices) {
   if (int64_t(polygon.size()) <= max_vertices) return polygon;
   std::vector<cv::Point2f> points;  // approxPolyDP takes 32-bit points
   for (const auto& p : polygon) points.emplace_back(float(p.x), float(p.y));
-  double lo = 1e9, hi = -1e9;
-  for (const auto& p : points)
-    lo = std::min({lo, double(p.x), double(p.y)}), hi = std::max({hi, double(p.x), double(p.y)});
+  const Box b = polygon_bounds(polygon);
+  const double extent = std::max(b.x2 - b.x1, b.y2 - b.y1) + 1;
   // Douglas-Peucker, the tolerance (pixels) grown until the outline fits; a
   // tolerance near the polygon's size keeps its two extreme points only.
   std::vector<cv::Point2f> simple = points;
-  for (double epsilon = 0.2; int64_t(simple.size()) > max_vertices && epsilon < 4 * (hi - lo + 1); epsilon *= 1.25)
+  for (double epsilon = 0.2; int64_t(simple.size()) > max_vertices && epsilon < 4 * extent; epsilon *= 1.25)
     cv::approxPolyDP(points, simple, epsilon, /*closed=*/true);
-  if (simple.size() < 3 || int64_t(simple.size()) > max_vertices) {
-    // Degenerate (a sliver): its bounding rectangle, or a triangle when only three fit.
-    float x1 = points[0].x, y1 = points[0].y, x2 = x1, y2 = y1;
-    for (const auto& p : points) x1 = std::min(x1, p.x), y1 = std::min(y1, p.y), x2 = std::max(x2, p.x), y2 = std::max(y2, p.y);
-    simple = {{x1, y1}, {x2, y1}, {x2, y2}, {x1, y2}};
-    if (max_vertices == 3) simple.pop_back();
-  }
+  // Degenerate (a sliver): its bounding rectangle.
+  if (simple.size() < 3 || int64_t(simple.size()) > max_vertices) return rectangle(b, max_vertices);
   Polygon out;
   for (const auto& p : simple) out.push_back({double(p.x), double(p.y)});
   return out;
@@ -329,9 +325,8 @@ cv::Mat draw_masks(const cv::Mat& rgb, const std::vector<Polygon>& polygons, con
     std::vector<std::vector<cv::Point>> outline{to_fixed(polygons[i], kShift)};
     cv::polylines(out, outline, /*isClosed=*/true, colour, thickness, cv::LINE_AA, kShift);
     if (!labels.empty() && !labels[i].empty()) {
-      double left = polygons[i][0].x, top = polygons[i][0].y;
-      for (const auto& p : polygons[i]) left = std::min(left, p.x), top = std::min(top, p.y);
-      detail::draw_label(out, labels[i], int(left), int(top), colour);
+      const Box b = polygon_bounds(polygons[i]);
+      detail::draw_label(out, labels[i], int(b.x1), int(b.y1), colour);
     }
   }
   return out;

@@ -3,13 +3,33 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <sstream>
 
-#include "vlmkit/generate/boxes.h"
-
 namespace vlmkit {
+
+std::vector<double> polygon_to_flat(const Polygon& polygon) {
+  std::vector<double> out;
+  out.reserve(2 * polygon.size());
+  for (const auto& p : polygon) out.push_back(p.x), out.push_back(p.y);
+  return out;
+}
+
+Polygon polygon_from_flat(const std::vector<double>& flat, const char* who) {
+  TORCH_CHECK_VALUE(flat.size() >= 6 && flat.size() % 2 == 0, who,
+                    ": a polygon is a flat list [x1, y1, x2, y2, x3, y3, ...] of an even count >= 6, got ", flat.size(),
+                    " numbers");
+  Polygon out;
+  out.reserve(flat.size() / 2);
+  for (size_t i = 0; i < flat.size(); i += 2) {
+    TORCH_CHECK_VALUE(std::isfinite(flat[i]) && std::isfinite(flat[i + 1]), who, ": polygon vertex (", flat[i], ", ",
+                      flat[i + 1], ") is not finite");
+    out.push_back({flat[i], flat[i + 1]});
+  }
+  return out;
+}
 
 nlohmann::ordered_json polygon_to_json(const Polygon& polygon, int64_t width, int64_t height) {
   TORCH_CHECK_VALUE(polygon.size() >= 3, "a polygon needs at least 3 vertices, got ", polygon.size());
@@ -92,6 +112,16 @@ double polygon_area(const Polygon& polygon) {
     twice += a.x * b.y - b.x * a.y;
   }
   return std::abs(twice) / 2;
+}
+
+Box polygon_bounds(const Polygon& polygon) {
+  TORCH_CHECK_VALUE(!polygon.empty(), "polygon_bounds: the polygon has no vertex");
+  Box b{polygon[0].x, polygon[0].y, polygon[0].x, polygon[0].y};
+  for (const auto& p : polygon) {
+    b.x1 = std::min(b.x1, p.x), b.y1 = std::min(b.y1, p.y);
+    b.x2 = std::max(b.x2, p.x), b.y2 = std::max(b.y2, p.y);
+  }
+  return b;
 }
 
 }  // namespace vlmkit

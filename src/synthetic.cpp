@@ -191,7 +191,7 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
     outlines.push_back(o.polygon.size() >= 3 ? polygon_to_json(simplify_polygon(o.polygon, kSegmentVertices), s, s)
                                              : nlohmann::ordered_json::array());
   out.segmentation = {{"Object", labels}, {"Polygon", outlines}};
-  {  // drawn last, so that every other part of the scene stays what it was before segmentation existed
+  {  // chosen last, so that every other part of the scene stays what it was before segmentation existed
     const size_t k = pick(out.objects.size());
     nlohmann::ordered_json one = {{"Object", nlohmann::ordered_json::array({labels[k]})},
                                   {"Polygon", nlohmann::ordered_json::array({outlines[k]})}};
@@ -207,11 +207,10 @@ SyntheticSample SyntheticDataset::get(int64_t index) const {
 nlohmann::ordered_json SyntheticDataset::manifest_entry(const SyntheticSample& sample, const std::string& image_path) const {
   nlohmann::ordered_json qa = nlohmann::ordered_json::array(), objects = nlohmann::ordered_json::array();
   for (const auto& q : sample.questions) qa.push_back({{"kind", q.kind}, {"question", q.question}, {"answer", q.answer}});
-  for (const auto& o : sample.objects) {
-    auto flat = nlohmann::ordered_json::array();
-    for (const auto& p : o.polygon) flat.push_back(p.x), flat.push_back(p.y);
-    objects.push_back({{"label", o.label()}, {"box", {o.box.x1, o.box.y1, o.box.x2, o.box.y2}}, {"polygon", flat}});
-  }
+  for (const auto& o : sample.objects)
+    objects.push_back({{"label", o.label()},
+                       {"box", {o.box.x1, o.box.y1, o.box.x2, o.box.y2}},
+                       {"polygon", polygon_to_flat(o.polygon)}});
   return {{"image", image_path},
           {"caption", sample.caption},
           {"questions", qa},

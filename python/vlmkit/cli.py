@@ -238,7 +238,7 @@ def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict
 
 def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     from . import data, parse_boxes
-    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS
 
     model = _load(args.checkpoint)
     config = model.config
@@ -258,7 +258,7 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     if args.task == "segment" and args.schema:
         raise CliError("--task segment writes the segmentation JSON; --schema does not apply")
     if args.task == "segment":
-        return _predict_segment(model, image, pixels, args, DETECTION_SCHEMA, SEGMENTATION_SCHEMA, PROMPTS)
+        return _predict_segment(model, image, pixels, args)
     schema = None
     if args.schema:
         try:
@@ -289,12 +289,13 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     return 0
 
 
-def _predict_segment(model, image, pixels, args, detection_schema, segmentation_schema, prompts) -> int:
+def _predict_segment(model, image, pixels, args) -> int:
     """--task segment: with --prompt ("Segment the red circle.") one answer; without,
     detect the objects, then ask for each detected label's outline (the main job's
     model learns to segment a named object). Prints the segmentation JSON of every
     outline and draws them."""
     from . import data, parse_polygons
+    from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA
 
     height, width = int(image.shape[0]), int(image.shape[1])
     max_new = args.max_new_tokens or 160
@@ -306,7 +307,7 @@ def _predict_segment(model, image, pixels, args, detection_schema, segmentation_
         prompts_to_ask = [args.prompt]
     else:
         try:
-            found = json.loads(ask(prompts["detection"], detection_schema)).get("Object", [])
+            found = json.loads(ask(PROMPTS["detection"], DETECTION_SCHEMA)).get("Object", [])
         except (ValueError, AttributeError):
             found = []
         labels = list(dict.fromkeys(str(l) for l in found if isinstance(l, str) and l.strip()))
@@ -315,7 +316,7 @@ def _predict_segment(model, image, pixels, args, detection_schema, segmentation_
         prompts_to_ask = [f"Segment the {label}." for label in labels]
     names, outlines = [], []
     for prompt in prompts_to_ask:
-        answer = ask(prompt, segmentation_schema)
+        answer = ask(prompt, SEGMENTATION_SCHEMA)
         try:
             said = json.loads(answer).get("Object", [])
         except (ValueError, AttributeError):

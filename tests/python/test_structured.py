@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vlmkit
+import vlmkit.train_vlm
 from test_generative import tiny
 
 EXTRACTION_SCHEMA = {
@@ -30,6 +31,9 @@ DETECTION_SCHEMA = {
     },
     "required": ["Object", "Bounding_box"],
 }
+
+# The main job's segmentation schema, with both keys required so that polygons are written.
+SEGMENTATION_SCHEMA = {**vlmkit.train_vlm.SEGMENTATION_SCHEMA, "required": ["Object", "Polygon"]}
 
 
 def validate(value, schema):
@@ -64,7 +68,8 @@ def validate(value, schema):
         assert value is None
 
 
-@pytest.mark.parametrize("schema", [EXTRACTION_SCHEMA, DETECTION_SCHEMA], ids=["extraction", "detection"])
+@pytest.mark.parametrize("schema", [EXTRACTION_SCHEMA, DETECTION_SCHEMA, SEGMENTATION_SCHEMA],
+                         ids=["extraction", "detection", "segmentation"])
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 def test_untrained_model_always_yields_valid_json(schema, fusion):
     torch.manual_seed(0)

@@ -15,12 +15,19 @@
 #include <string>
 #include <vector>
 
+#include "vlmkit/generate/boxes.h"
+
 namespace vlmkit {
 
 struct Point {
   double x = 0, y = 0;
 };
 using Polygon = std::vector<Point>;
+
+/// COCO's form of a polygon in pixels: [x1, y1, x2, y2, ...].
+std::vector<double> polygon_to_flat(const Polygon& polygon);
+/// From COCO's form: an even count >= 6 of finite numbers, or ValueError naming `who`.
+Polygon polygon_from_flat(const std::vector<double>& flat, const char* who);
 
 /// "[x1,y1,...]" on the 0..999 grid of a width x height image.
 std::string polygon_to_text(const Polygon& polygon, int64_t width, int64_t height);
@@ -35,5 +42,7 @@ std::string segmentation_answer(const std::vector<std::string>& labels, const st
                                 int64_t width, int64_t height);
 /// Shoelace area in square pixels (positive whatever the orientation).
 double polygon_area(const Polygon& polygon);
+/// The bounding rectangle of a non-empty polygon.
+Box polygon_bounds(const Polygon& polygon);
 
 }  // namespace vlmkit
