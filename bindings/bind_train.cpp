@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "vlmkit/train/checkpoint.h"
+#include "vlmkit/train/lora.h"
 #include "vlmkit/train/trainer.h"
 
 namespace vlmkit::bindings {
@@ -80,6 +81,37 @@ void bind_train(py::module_& m) {
   m.def("save_model", &save_model, py::arg("root"), py::arg("model"), py::arg("name") = "model",
         py::call_guard<py::gil_scoped_release>());
 
+  // LoRA (vlmkit.lora wraps these with Python signatures and docs).
+  m.def("lora_apply",
+        [](torch::nn::Module& model, int64_t rank, double alpha, double dropout,
+           const std::vector<std::string>& target_modules, bool freeze_base) {
+          return apply_lora(model, LoraOptions()
+                                       .rank(rank)
+                                       .alpha(alpha)
+                                       .dropout(dropout)
+                                       .target_modules(target_modules)
+                                       .freeze_base(freeze_base));
+        },
+        py::arg("model"), py::arg("rank"), py::arg("alpha"), py::arg("dropout"), py::arg("target_modules"),
+        py::arg("freeze_base"));
+  m.def("lora_apply_config",
+        [](torch::nn::Module& model, const py::object& config) {
+          return apply_lora(model, lora_options_from_json(to_json(config)));
+        },
+        py::arg("model"), py::arg("config"));
+  m.def("lora_layers", &lora_layers, py::arg("model"));
+  m.def("lora_merged", &lora_merged, py::arg("model"));
+  m.def("lora_config", [](const torch::nn::Module& model) { return to_python(lora_config_json(model)); },
+        py::arg("model"));
+  m.def("lora_merge", &merge_lora, py::arg("model"));
+  m.def("lora_unmerge", &unmerge_lora, py::arg("model"));
+  m.def("lora_remove", &remove_lora, py::arg("model"), py::arg("merge"));
+  m.def("lora_state", [](const torch::nn::Module& model) { return from_tensor_map(adapter_state(model)); },
+        py::arg("model"));
+  m.def("lora_save", &save_adapter, py::arg("dir"), py::arg("model"), py::call_guard<py::gil_scoped_release>());
+  m.def("lora_load", &load_adapter, py::arg("model"), py::arg("dir"), py::call_guard<py::gil_scoped_release>());
+  m.def("lora_target_matches", &lora_target_matches, py::arg("pattern"), py::arg("path"));
+
   py::class_<CheckpointWriter>(m, "CheckpointWriter")
       .def(py::init<std::string, std::string>(), py::arg("root"), py::arg("name"))
       .def("add_json", [](CheckpointWriter& w, const std::string& file, const py::object& value) {
@@ -88,7 +120,8 @@ void bind_train(py::module_& m) {
       .def("add_tensors", [](CheckpointWriter& w, const std::string& file, const py::dict& tensors,
                              const StringMap& metadata) { w.add_tensors(file, to_tensor_map(tensors), metadata); },
            py::arg("file"), py::arg("tensors"), py::arg("metadata") = StringMap{})
-      .def("commit", &CheckpointWriter::commit, py::call_guard<py::gil_scoped_release>());
+      .def("commit", &CheckpointWriter::commit, py::arg("update_latest") = true,
+           py::call_guard<py::gil_scoped_release>());
 
   py::class_<Checkpoint>(m, "Checkpoint")
       .def(py::init<const std::string&>(), py::arg("path"))

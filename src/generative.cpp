@@ -86,7 +86,7 @@ void TextDecoderImpl::reset() {
   }
   norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
   if (!options.tie_embeddings())
-    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(d, options.vocab_size()).bias(false)));
+    lm_head = register_module("lm_head", Linear(torch::nn::LinearOptions(d, options.vocab_size()).bias(false)));
   detail::init_transformer_weights(*this);
 }
 
@@ -220,10 +220,10 @@ MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_
   check_projector(options, "MlpProjector");
   if (hidden_layer) {
     const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.out_dim();
-    fc1 = register_module("fc1", torch::nn::Linear(options.in_dim(), hidden));
-    fc2 = register_module("fc2", torch::nn::Linear(hidden, options.out_dim()));
+    fc1 = register_module("fc1", Linear(options.in_dim(), hidden));
+    fc2 = register_module("fc2", Linear(hidden, options.out_dim()));
   } else {
-    fc1 = register_module("fc1", torch::nn::Linear(options.in_dim(), options.out_dim()));
+    fc1 = register_module("fc1", Linear(options.in_dim(), options.out_dim()));
   }
   detail::init_transformer_weights(*this);
 }
@@ -244,7 +244,7 @@ PixelShuffleProjectorImpl::PixelShuffleProjectorImpl(ProjectorOptions options_)
   TORCH_CHECK_VALUE(options.factor() >= 1, "PixelShuffleProjector: factor must be >= 1, got ",
                     options.factor());
   const int64_t r = options.factor();
-  proj = register_module("proj", torch::nn::Linear(options.in_dim() * r * r, options.out_dim()));
+  proj = register_module("proj", Linear(options.in_dim() * r * r, options.out_dim()));
   detail::init_transformer_weights(*this);
 }
 
@@ -275,8 +275,8 @@ PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
   check_projector(options, "PatchMergerProjector");
   const int64_t merged = options.in_dim() * 4;
   norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.in_dim()})));
-  fc1 = register_module("fc1", torch::nn::Linear(merged, merged));
-  fc2 = register_module("fc2", torch::nn::Linear(merged, options.out_dim()));
+  fc1 = register_module("fc1", Linear(merged, merged));
+  fc2 = register_module("fc2", Linear(merged, options.out_dim()));
   detail::init_transformer_weights(*this);
 }
 

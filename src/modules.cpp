@@ -216,10 +216,10 @@ void MultiheadAttentionImpl::reset() {
                     options.embed_dim() / options.num_heads());
   const int64_t e = options.embed_dim();
   const int64_t c = options.context_dim() > 0 ? options.context_dim() : e;
-  q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
-  k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
-  v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
-  out_proj = register_module("out_proj", torch::nn::Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
+  q_proj = register_module("q_proj", Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
+  k_proj = register_module("k_proj", Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
+  v_proj = register_module("v_proj", Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
+  out_proj = register_module("out_proj", Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
 }
 
 void MultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
@@ -362,8 +362,8 @@ void TransformerBlockImpl::reset() {
   }
   norm2 = register_module("norm2", torch::nn::LayerNorm(ln));
   const auto hidden = static_cast<int64_t>(std::llround(d * options.mlp_ratio()));
-  fc1 = register_module("fc1", torch::nn::Linear(d, hidden));
-  fc2 = register_module("fc2", torch::nn::Linear(hidden, d));
+  fc1 = register_module("fc1", Linear(d, hidden));
+  fc2 = register_module("fc2", Linear(hidden, d));
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
   detail::init_transformer_weights(*this);
 }
@@ -698,8 +698,8 @@ void ConcatMlpFusionImpl::reset() {
   TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
                     "ConcatMlpFusion: widths must be positive");
   const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.dim();
-  fc1 = register_module("fc1", torch::nn::Linear(options.image_dim() + options.text_dim(), hidden));
-  fc2 = register_module("fc2", torch::nn::Linear(hidden, options.dim()));
+  fc1 = register_module("fc1", Linear(options.image_dim() + options.text_dim(), hidden));
+  fc2 = register_module("fc2", Linear(hidden, options.dim()));
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
   detail::init_transformer_weights(*this);
 }
@@ -730,11 +730,11 @@ void AttentionFusionImpl::reset() {
   TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
                     "AttentionFusion: widths must be positive");
   const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.dim();
-  image_proj = register_module("image_proj", torch::nn::Linear(options.image_dim(), options.dim()));
-  text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
-  score_hidden = register_module("score_hidden", torch::nn::Linear(options.dim(), hidden));
+  image_proj = register_module("image_proj", Linear(options.image_dim(), options.dim()));
+  text_proj = register_module("text_proj", Linear(options.text_dim(), options.dim()));
+  score_hidden = register_module("score_hidden", Linear(options.dim(), hidden));
   score_out = register_module(
-      "score_out", torch::nn::Linear(torch::nn::LinearOptions(hidden, 1).bias(false)));
+      "score_out", Linear(torch::nn::LinearOptions(hidden, 1).bias(false)));
   detail::init_transformer_weights(*this);
 }
 
@@ -765,9 +765,9 @@ GatedFusionImpl::GatedFusionImpl(GatedFusionOptions options_)
 void GatedFusionImpl::reset() {
   TORCH_CHECK_VALUE(options.image_dim() > 0 && options.text_dim() > 0 && options.dim() > 0,
                     "GatedFusion: widths must be positive");
-  image_proj = register_module("image_proj", torch::nn::Linear(options.image_dim(), options.dim()));
-  text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
-  gate = register_module("gate", torch::nn::Linear(options.image_dim() + options.text_dim(), options.dim()));
+  image_proj = register_module("image_proj", Linear(options.image_dim(), options.dim()));
+  text_proj = register_module("text_proj", Linear(options.text_dim(), options.dim()));
+  gate = register_module("gate", Linear(options.image_dim() + options.text_dim(), options.dim()));
   detail::init_transformer_weights(*this);
 }
 
@@ -799,7 +799,7 @@ void CrossAttentionFusionImpl::reset() {
   TORCH_CHECK_VALUE(options.num_layers() >= 1, "CrossAttentionFusion: num_layers must be >= 1, got ",
                     options.num_layers());
   if (options.text_dim() != options.dim())
-    text_proj = register_module("text_proj", torch::nn::Linear(options.text_dim(), options.dim()));
+    text_proj = register_module("text_proj", Linear(options.text_dim(), options.dim()));
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < options.num_layers(); ++i)
     blocks->push_back(TransformerBlock(TransformerBlockOptions(options.dim(), options.num_heads())
@@ -847,11 +847,11 @@ void ClassificationHeadImpl::reset() {
                     options.in_dim(), " and ", options.num_classes());
   int64_t in = options.in_dim();
   if (options.hidden_dim() > 0) {
-    hidden = register_module("hidden", torch::nn::Linear(in, options.hidden_dim()));
+    hidden = register_module("hidden", Linear(in, options.hidden_dim()));
     in = options.hidden_dim();
   }
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
-  out = register_module("out", torch::nn::Linear(in, options.num_classes()));
+  out = register_module("out", Linear(in, options.num_classes()));
   detail::init_transformer_weights(*this);
 }
 

@@ -21,6 +21,7 @@
 #include "vlmkit/models/build.h"
 #include "vlmkit/runtime.h"
 #include "vlmkit/train/checkpoint.h"
+#include "vlmkit/train/lora.h"
 #include "vlmkit/train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -255,7 +256,7 @@ void CheckpointWriter::add_tensors(const std::string& file, const TensorMap& ten
   add_bytes(file, serialize_safetensors(tensors, metadata));
 }
 
-std::string CheckpointWriter::commit() {
+std::string CheckpointWriter::commit(bool update_latest) {
   TORCH_CHECK(!committed_, "CheckpointWriter: already committed");
   std::string sums;
   for (const auto& [file, sum] : sums_) sums += sum + "  " + file + "\n";
@@ -275,6 +276,7 @@ std::string CheckpointWriter::commit() {
   }
   committed_ = true;
   fsync_dir(root_);
+  if (!update_latest) return final_path.string();
   const auto pointer = (fs::path(root_) / ".latest.tmp").string();
   write_synced(pointer, name_ + "\n");
   fs::rename(pointer, fs::path(root_) / "latest");
@@ -343,11 +345,14 @@ std::string latest_checkpoint(const std::string& root) {
   if (pointer && std::getline(pointer, name) && !name.empty() && name.find('/') == std::string::npos &&
       fs::exists(fs::path(root) / name / "SHA256SUMS"))
     return (fs::path(root) / name).string();
-  // No usable pointer: the newest directory whose files all verify.
+  // No usable pointer: the newest directory of model weights whose files all
+  // verify (a side folder such as an adapter is not a checkpoint of the run).
   std::vector<std::string> names;
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const auto n = entry.path().filename().string();
-    if (entry.is_directory() && n[0] != '.' && fs::exists(entry.path() / "SHA256SUMS")) names.push_back(n);
+    if (entry.is_directory() && n[0] != '.' && fs::exists(entry.path() / "SHA256SUMS") &&
+        fs::exists(entry.path() / "model.safetensors"))
+      names.push_back(n);
   }
   std::sort(names.rbegin(), names.rend());
   for (const auto& n : names) {
@@ -411,16 +416,31 @@ void load_module_state(torch::nn::Module& module, const TensorMap& state, const 
   for (auto& [name, t] : own) t.copy_(state.at(name));
 }
 
+namespace {
+/// Whole-model weights of a model that may carry LoRA adapters: refused when
+/// they are merged (the weights would be base + adapter, and loading them
+/// would add the adapter twice); adapters also write adapter_config.json, so
+/// load_model attaches the same adapters before loading.
+void add_model_state(CheckpointWriter& writer, const torch::nn::Module& model) {
+  TORCH_CHECK_VALUE(!lora_merged(model), "cannot save ", model.name(), ": its LoRA adapters are merged into the weights; "
+                    "unmerge_lora first, or remove_lora (merge=true) to save plain weights");
+  if (!lora_layers(model).empty()) writer.add_json("adapter_config.json", lora_config_json(model));
+  writer.add_tensors("model.safetensors", module_state(model), {{"format", "pt"}});
+}
+}  // namespace
+
 std::string save_model(const std::string& root, const torch::nn::Module& model, const std::string& name) {
   CheckpointWriter writer(root, name);
   writer.add_json("config.json", model_config(model));
-  writer.add_tensors("model.safetensors", module_state(model), {{"format", "pt"}});
+  add_model_state(writer, model);
   return writer.commit();
 }
 
 std::shared_ptr<torch::nn::Module> load_model(const std::string& path) {
   Checkpoint checkpoint(path);
   auto model = build_model(checkpoint.read_json("config.json"));
+  if (checkpoint.has("adapter_config.json"))
+    apply_lora(*model, lora_options_from_json(checkpoint.read_json("adapter_config.json")));
   load_module_state(*model, checkpoint.read_tensors("model.safetensors"), checkpoint.path());
   return model;
 }
@@ -575,7 +595,7 @@ std::string Trainer::save_checkpoint() {
     config = nullptr;  // a template model with custom slots: weights only
   }
   writer.add_json("config.json", config);
-  writer.add_tensors("model.safetensors", module_state(*model_), {{"format", "pt"}});
+  add_model_state(writer, *model_);
   TensorMap opt;
   auto& states = optimizer_->state();
   for (const auto& [n, p] : trainable_) {

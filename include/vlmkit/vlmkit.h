@@ -17,6 +17,7 @@
 #include "vlmkit/modules/attention.h"
 #include "vlmkit/modules/conv_stage.h"
 #include "vlmkit/modules/heads.h"
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/modules/text_decoder.h"
 #include "vlmkit/modules/text_encoder.h"
 #include "vlmkit/projectors/projector.h"

@@ -6,6 +6,7 @@ A checkpoint is a directory (see ``include/vlmkit/train/checkpoint.h``)::
                   model.safetensors      weights by dotted name
                   optimizer.safetensors  AdamW moments and step per parameter, RNG state
                   trainer.json           step, data position, options, metrics
+                  adapter_config.json    LoRA adapters the weights include (vlmkit.lora)
                   SHA256SUMS             verified when read (``sha256sum -c`` works too)
 
 It is written to a temporary directory, fsynced and renamed; ``latest`` names
@@ -74,6 +75,11 @@ def save(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim
     root = _root(directory)
     writer = _C.CheckpointWriter(root, f"step-{int(step):08d}")
     writer.add_json("config.json", model.config)
+    if _C.lora_merged(model.cpp_module):
+        raise ValueError("save: the model's LoRA adapters are merged into its weights; vlmkit.lora.unmerge "
+                         "first, or vlmkit.lora.remove(model) to save plain weights")
+    if _C.lora_layers(model.cpp_module):
+        writer.add_json("adapter_config.json", _C.lora_config(model.cpp_module))
     writer.add_tensors("model.safetensors", {k: v.detach() for k, v in model.state_dict().items()}, {"format": "pt"})
     opt = _optimizer_state(model, optimizer) if optimizer is not None else {}
     opt["rng.torch_cpu"] = torch.get_rng_state()
@@ -108,6 +114,8 @@ def load(path: str, model: Optional[torch.nn.Module] = None,
         info["model"] = model
     if not hasattr(model, "cpp_module"):
         raise TypeError(f"load: expected a vlmkit model, got {type(model).__name__}")
+    if checkpoint.has("adapter_config.json") and not _C.lora_layers(model.cpp_module):
+        _C.lora_apply_config(model.cpp_module, checkpoint.read_json("adapter_config.json"))
     weights, _ = checkpoint.read_tensors("model.safetensors")
     _C.load_module_state(model.cpp_module, weights, checkpoint.path)
     if checkpoint.has("optimizer.safetensors") and (optimizer is not None or restore_rng):

@@ -109,21 +109,32 @@ def _train(args: argparse.Namespace, argv: List[str]) -> int:
                        "and a loss function from Python or C++)")
     from .train_vlm import VlmRun, train
 
-    if args.data != "synthetic":
-        raise CliError("--data: only 'synthetic' trains from the command line in this version; "
-                       "train on manifest/LLaVA/COCO files with vlmkit.Trainer and vlmkit.data.Loader")
+    if args.data != "synthetic" and not args.data.endswith(".jsonl"):
+        raise CliError("--data: 'synthetic' or a tasks .jsonl file (one {\"image\", \"question\", \"answer\"} per "
+                       "line); convert LLaVA/COCO files with vlmkit.data.read_records")
+    if args.lora_rank < 0:
+        raise CliError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.lora_rank and not args.init_from:
+        raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
+    if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth):
+        raise CliError("--from uses the checkpoint's model; drop --projector/--fusion/--image-size/--d-model/--depth")
     run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
                  pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
-                 freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c))
-    output = args.output or "runs/vlm"
-    metrics = train(run, config=_model_config(args), out_dir=output, resume=not args.no_resume,
-                    verbose=True)
+                 freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
+                 data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
+                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                 lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets)
+    output = args.output or ("runs/lora" if args.lora_rank else "runs/vlm")
+    metrics = train(run, config=None if args.init_from else _model_config(args), out_dir=output,
+                    resume=not args.no_resume, verbose=True)
     if rank == 0:
         _print_metrics(metrics)
         print(f"\ncheckpoint: {output}/checkpoints/latest  log: {output}/metrics.jsonl  "
               f"plot: {output}/loss.png  metrics: {output}/eval.json")
+        if args.lora_rank:
+            print(f"adapter: {output}/adapter (vlmkit.lora.load onto {args.init_from})")
     if distributed:
         dist.destroy_process_group()
     return 0
@@ -351,7 +362,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--image-size", type=int, default=0)
     p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")
     p.add_argument("--depth", type=int, default=0, help="decoder layers")
-    p.add_argument("--data", default="synthetic", help="synthetic (default)")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic (default) or a tasks .jsonl file (docs/finetune.md)")
+    p.add_argument("--from", dest="init_from", default="",
+                   help="fine-tune this checkpoint's model (a run folder or checkpoint directory)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA: train rank-R adapters only (needs --from)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (output x alpha / rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,out_proj",
+                   help="comma-separated Linear layers to adapt (names or dotted suffixes, * wildcards)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the architecture's default)")
     p.add_argument("--batch-size", type=int, default=0, help="global batch size")
     p.add_argument("--lr", type=float, default=0.0)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import data, text
+from . import data, lora, text
 from .metrics import average_precision, bleu4, box_iou, char_error_rate, mask_iou, segmentation_scores
 from .models import EncoderDecoder
 
@@ -80,6 +80,16 @@ class VlmRun:
     log_every: int = 50
     checkpoint_every: int = 100
     workers: int = 2
+    # Training examples: "" renders the synthetic scenes; else a tasks JSONL file
+    # (one {"image", "question", "answer"} per line; docs/finetune.md).
+    data: str = ""
+    # Fine-tuning: start from this checkpoint's model and weights (no stage 1).
+    init_from: str = ""
+    # LoRA (vlmkit.lora): rank > 0 attaches adapters and trains only them.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def compact(value) -> str:
@@ -388,22 +398,49 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     if run.batch_size % world:
         raise ValueError(f"batch size {run.batch_size} does not split over {world} processes")
     torch.manual_seed(run.seed)
-    config = config or SMALL_VLM
+    if run.init_from:
+        from .checkpoint import load_model
+        if config is not None:
+            raise ValueError("train: pass either a config or init_from (whose model is used), not both")
+        model = load_model(run.init_from)
+        if model.config.get("architecture") != "encoder_decoder":
+            raise ValueError(f"train: {run.init_from} holds a {model.config.get('architecture')!r} model; "
+                             "this recipe fine-tunes encoder_decoder models")
+        if lora.layers(model):
+            raise ValueError(f"train: {run.init_from} carries LoRA adapters; fine-tune its base, or merge them first "
+                             "(vlmkit.lora.remove) and save the merged model")
+        config = model.config
+    else:
+        config = config or SMALL_VLM
+        model = EncoderDecoder(config)
     size = config["image_encoder"]["image_size"]
-    data_dir = data_dir or os.path.join(out_dir, f"synthetic-{run.train_scenes}-{size}-seed{run.seed}")
-    if rank == 0:
-        manifest = write_task_manifest(data_dir, run.train_scenes, run.seed, size)
-    if distributed:
-        dist.barrier()
-    manifest = os.path.join(data_dir, "tasks.jsonl")
+    if run.data:
+        if not os.path.isfile(run.data):
+            raise FileNotFoundError(f"train: no tasks file at '{run.data}'")
+        manifest = run.data
+    else:
+        data_dir = data_dir or os.path.join(out_dir, f"synthetic-{run.train_scenes}-{size}-seed{run.seed}")
+        if rank == 0:
+            write_task_manifest(data_dir, run.train_scenes, run.seed, size)
+        if distributed:
+            dist.barrier()
+        manifest = os.path.join(data_dir, "tasks.jsonl")
     loader = data.Loader(manifest, batch_size=run.batch_size // world, num_workers=run.workers, image_size=size,
                          seed=run.seed, drop_last=True, color_jitter=0.1, rank=rank, world_size=world)
-    model = EncoderDecoder(config)
+    adapted: List[str] = []
+    if run.lora_rank > 0:
+        # The base is frozen; every selected layer's adapter trains, the image encoder's included.
+        adapted = lora.apply(model, rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
+                             target_modules=list(run.lora_targets))
     trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
                       log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
-                      freeze=list(run.freeze))
+                      freeze=[] if adapted else list(run.freeze))
     params = sum(p.numel() for p in model.parameters())
+    if verbose and rank == 0 and adapted:
+        trainable = sum(p.numel() for p in lora.trainable_parameters(model))
+        print(f"LoRA: rank {run.lora_rank} on {len(adapted)} layers, {trainable / 1e3:.1f} K trainable parameters "
+              f"({100 * trainable / params:.2f}%)", flush=True)
     resumed = trainer.resume() if resume else False
     if verbose and rank == 0:
         print(f"model: {params / 1e6:.2f} M parameters; data: {loader._loader.num_records} examples "
@@ -411,7 +448,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         if resumed:
             print(f"resumed from step {trainer.state['step']}", flush=True)
     stage1: Dict[str, float] = {}
-    if not resumed and run.pretrain_steps > 0:
+    if not resumed and run.pretrain_steps > 0 and not run.init_from:
         # Every rank pretrains identically (same seed), so the weights agree.
         stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
                                         verbose=verbose and rank == 0)
@@ -438,10 +475,12 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     metrics.update({"train_seconds": summary["train_seconds"], "samples_per_second": summary["samples_per_second"],
                     "final_loss": summary["loss"], "parameters_millions": params / 1e6})
     if rank == 0:
+        adapter = lora.save(model, os.path.join(out_dir, "adapter")) if adapted else None
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(model.config, f, indent=2)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"run": asdict(run), "metrics": metrics, "checkpoint": summary.get("checkpoint")}, f, indent=2)
+            json.dump({"run": asdict(run), "metrics": metrics, "checkpoint": summary.get("checkpoint"),
+                       "adapter": adapter}, f, indent=2)
         plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
         plot_task_progress(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "tasks.png"))
     return metrics

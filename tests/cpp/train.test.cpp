@@ -5,6 +5,7 @@
 #include "helpers.h"
 #include "vlmkit/models/build.h"
 #include "vlmkit/train/checkpoint.h"
+#include "vlmkit/train/lora.h"
 #include "vlmkit/train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -195,6 +196,75 @@ TEST_CASE("models: save_model/load_model give identical logits; wrong architectu
   auto different = vlmkit::build_model(other);
   REQUIRE_THROWS_WITH(vlmkit::load_module_state(*different, vlmkit::module_state(*model), "test"),
                       Catch::Contains("shape mismatch") && Catch::Contains("another architecture"));
+}
+
+TEST_CASE("lora: identity at attach, merge == unmerged, trainer trains adapters only, adapter folders round-trip",
+          "[lora]") {
+  torch::manual_seed(0);
+  auto model = vlmkit::build_model(tiny_config());
+  auto* m = dynamic_cast<vlmkit::EncoderDecoderImpl<>*>(model.get());
+  REQUIRE(m);
+  model->eval();
+  auto images = torch::randn({2, 3, 16, 16});
+  auto ids = torch::randint(8, 200, {2, 6});
+  ids.select(1, 0).fill_(3);  // <image>
+  const auto base_logits = m->forward(images, ids).logits;
+  const auto base_state = vlmkit::module_state(*model);
+  std::map<std::string, torch::Tensor> base_copy;
+  for (const auto& [k, v] : base_state) base_copy[k] = v.clone();
+
+  auto layers = vlmkit::apply_lora(*model, vlmkit::LoraOptions().rank(2).target_modules({"decoder.*_proj"}));
+  REQUIRE(!layers.empty());
+  for (const auto& l : layers) REQUIRE(l.rfind("decoder.", 0) == 0);
+  REQUIRE(torch::equal(m->forward(images, ids).logits, base_logits));
+  REQUIRE_THROWS_WITH(vlmkit::apply_lora(*model, vlmkit::LoraOptions()), Catch::Contains("already"));
+  REQUIRE_THROWS_WITH(vlmkit::apply_lora(*vlmkit::build_model(tiny_config()),
+                                         vlmkit::LoraOptions().target_modules({"nothing_here"})),
+                      Catch::Contains("selects no Linear layer") && Catch::Contains("q_proj"));
+
+  // Train: only adapters change.
+  model->train();
+  vlmkit::Trainer trainer(model, vlmkit::TrainerOptions().steps(4).lr(1e-2).warmup_steps(0).log_every(0));
+  for (const auto& [name, p] : trainer.trainable()) REQUIRE(name.find(".lora_") != std::string::npos);
+  FixedBatches data(4);
+  trainer.fit(data);
+  model->eval();
+  for (const auto& [k, v] : vlmkit::module_state(*model)) {
+    INFO(k);
+    if (k.find(".lora_") == std::string::npos) REQUIRE(torch::equal(v, base_copy.at(k)));
+  }
+  const auto tuned = m->forward(images, ids).logits;
+  REQUIRE(!torch::allclose(tuned, base_logits));
+
+  // Merge: the same function; a merged model refuses a whole-model save.
+  vlmkit::merge_lora(*model);
+  REQUIRE(close(m->forward(images, ids).logits, tuned, 1e-5));
+  auto dir = scratch("lora");
+  REQUIRE_THROWS_WITH(vlmkit::save_model(dir.string(), *model), Catch::Contains("merged"));
+  vlmkit::unmerge_lora(*model);
+  REQUIRE(close(m->forward(images, ids).logits, tuned, 1e-5));
+
+  // Adapter folder onto a fresh copy of the base; whole checkpoints rebuild adapters.
+  const auto folder = vlmkit::save_adapter((dir / "adapter").string(), *model);
+  auto other = vlmkit::build_model(tiny_config());
+  vlmkit::load_module_state(*other, base_copy, "base");
+  vlmkit::load_adapter(*other, folder);
+  other->eval();
+  REQUIRE(torch::equal(dynamic_cast<vlmkit::EncoderDecoderImpl<>*>(other.get())->forward(images, ids).logits, tuned));
+  auto state = vlmkit::adapter_state(*model);
+  REQUIRE(state.size() == 2 * layers.size());
+  REQUIRE(state.count("base_model.model." + layers.front() + ".lora_A.weight"));
+  vlmkit::save_model(dir.string(), *model, "whole");
+  auto loaded = vlmkit::load_model((dir / "whole").string());
+  loaded->eval();
+  // (bit-equal to the model saved; merge + unmerge left its weights within rounding of the base's)
+  REQUIRE(torch::equal(dynamic_cast<vlmkit::EncoderDecoderImpl<>*>(loaded.get())->forward(images, ids).logits,
+                       m->forward(images, ids).logits));
+  // Removing with merge gives the base architecture with the tuned function.
+  vlmkit::remove_lora(*model, /*merge=*/true);
+  REQUIRE(vlmkit::lora_layers(*model).empty());
+  REQUIRE(close(m->forward(images, ids).logits, tuned, 1e-5));
+  REQUIRE(vlmkit::module_state(*model).size() == base_copy.size());
 }
 
 TEST_CASE("trainer: loss falls; resume after an interruption equals an uninterrupted run", "[trainer]") {

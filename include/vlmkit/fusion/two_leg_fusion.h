@@ -3,7 +3,7 @@
 /// encoder outputs and returns one fused vector per sample, [B, dim].
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
-#include <torch/nn/modules/linear.h>
+#include "vlmkit/modules/linear.h"
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/encoder.h"
@@ -23,7 +23,7 @@ class ConcatMlpFusionImpl final : public FusionModule {
   nlohmann::json config() const override;
 
   ConcatMlpFusionOptions options;
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
   torch::nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(ConcatMlpFusion);
@@ -41,7 +41,7 @@ class AttentionFusionImpl final : public FusionModule {
   const torch::Tensor& last_weights() const { return last_weights_; }
 
   AttentionFusionOptions options;
-  torch::nn::Linear image_proj{nullptr}, text_proj{nullptr}, score_hidden{nullptr},
+  Linear image_proj{nullptr}, text_proj{nullptr}, score_hidden{nullptr},
       score_out{nullptr};
 
  private:
@@ -61,7 +61,7 @@ class GatedFusionImpl final : public FusionModule {
   nlohmann::json config() const override;
 
   GatedFusionOptions options;
-  torch::nn::Linear image_proj{nullptr}, text_proj{nullptr}, gate{nullptr};
+  Linear image_proj{nullptr}, text_proj{nullptr}, gate{nullptr};
 };
 TORCH_MODULE(GatedFusion);
 
@@ -77,7 +77,7 @@ class CrossAttentionFusionImpl final : public FusionModule {
   nlohmann::json config() const override;
 
   CrossAttentionFusionOptions options;
-  torch::nn::Linear text_proj{nullptr};  // only when text_dim != dim
+  Linear text_proj{nullptr};  // only when text_dim != dim
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm norm{nullptr};
 };

@@ -48,11 +48,11 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
     text_encoder = register_module("text_encoder", std::move(text_encoder_));
     if (image_encoder->output_dim() != dt)
       image_to_text = register_module("image_to_text",
-                                      torch::nn::Linear(image_encoder->output_dim(), dt));
+                                      Linear(image_encoder->output_dim(), dt));
     modality_embed = register_parameter("modality_embed", torch::randn({2, dt}) * 0.02);
     projector = register_module("projector", std::move(projector_));
     context_projection =
-        register_module("context_projection", torch::nn::Linear(dt, projector->output_dim()));
+        register_module("context_projection", Linear(dt, projector->output_dim()));
     fusion = register_module("fusion", std::move(fusion_));
     decoder = register_module("decoder", std::move(decoder_));
   }
@@ -133,10 +133,10 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
   GenerativeOptions options;
   std::shared_ptr<ImageEncoder> image_encoder;
   std::shared_ptr<TextEncoder> text_encoder;
-  torch::nn::Linear image_to_text{nullptr};
+  Linear image_to_text{nullptr};
   torch::Tensor modality_embed;  // [2, Dt]: image, text
   std::shared_ptr<Projector> projector;
-  torch::nn::Linear context_projection{nullptr};
+  Linear context_projection{nullptr};
   std::shared_ptr<Fusion> fusion;
   std::shared_ptr<Decoder> decoder;
 

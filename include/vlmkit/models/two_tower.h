@@ -3,7 +3,7 @@
 /// contrastive objective into one embedding space (CLIP / SigLIP).
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/init.h>
-#include <torch/nn/modules/linear.h>
+#include "vlmkit/modules/linear.h"
 #include <torch/nn/pimpl.h>
 
 #include "vlmkit/config.h"
@@ -46,11 +46,11 @@ class TwoTowerImpl : public torch::nn::Module {
     text_encoder = register_module("text_encoder", std::move(text_encoder_));
     image_projection = register_module(
         "image_projection",
-        torch::nn::Linear(torch::nn::LinearOptions(image_encoder->output_dim(), options.embed_dim())
+        Linear(torch::nn::LinearOptions(image_encoder->output_dim(), options.embed_dim())
                               .bias(false)));
     text_projection = register_module(
         "text_projection",
-        torch::nn::Linear(
+        Linear(
             torch::nn::LinearOptions(text_encoder->output_dim(), options.embed_dim()).bias(false)));
     torch::NoGradGuard no_grad;
     torch::nn::init::normal_(image_projection->weight, 0.0,
@@ -129,7 +129,7 @@ class TwoTowerImpl : public torch::nn::Module {
   TwoTowerOptions options;
   std::shared_ptr<ImageEncoder> image_encoder;
   std::shared_ptr<TextEncoder> text_encoder;
-  torch::nn::Linear image_projection{nullptr}, text_projection{nullptr};
+  Linear image_projection{nullptr}, text_projection{nullptr};
   torch::Tensor logit_scale_log;  // registered as "logit_scale" (CLIP's name)
   torch::Tensor logit_bias;       // SigLIP only
 };

@@ -2,7 +2,7 @@
 /// Multi-head scaled dot-product attention (Vaswani et al. 2017), usable as
 /// self- or cross-attention, with padding masks, causal masks and a KV cache.
 #include <torch/nn/cloneable.h>
-#include <torch/nn/modules/linear.h>
+#include "vlmkit/modules/linear.h"
 #include <torch/nn/pimpl.h>
 
 #include "vlmkit/options/attention.h"
@@ -50,7 +50,7 @@ class MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImp
                         KVCache* cache = nullptr, const torch::Tensor& positions = {});
 
   MultiheadAttentionOptions options;
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 };
 TORCH_MODULE(MultiheadAttention);
 

@@ -2,7 +2,7 @@
 /// Task heads.
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/dropout.h>
-#include <torch/nn/modules/linear.h>
+#include "vlmkit/modules/linear.h"
 
 #include "vlmkit/options/models.h"
 
@@ -18,7 +18,7 @@ class ClassificationHeadImpl : public torch::nn::Cloneable<ClassificationHeadImp
   torch::Tensor forward(const torch::Tensor& x);
 
   ClassificationHeadOptions options;
-  torch::nn::Linear hidden{nullptr}, out{nullptr};
+  Linear hidden{nullptr}, out{nullptr};
   torch::nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(ClassificationHead);

@@ -54,7 +54,7 @@ class TextDecoderImpl : public torch::nn::Cloneable<TextDecoderImpl> {
   torch::Tensor pos_embed;  // learned positions only: [1, max_len, D]
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm norm{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // only when not tied
+  Linear lm_head{nullptr};  // only when not tied
 };
 TORCH_MODULE(TextDecoder);
 

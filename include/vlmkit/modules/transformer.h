@@ -34,7 +34,7 @@ class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
   TransformerBlockOptions options;
   torch::nn::LayerNorm norm1{nullptr}, norm_cross{nullptr}, norm2{nullptr};
   MultiheadAttention self_attn{nullptr}, cross_attn{nullptr};
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
   torch::nn::Dropout dropout{nullptr};
   /// Flamingo's tanh gate on the cross-attention residual (when gated).
   torch::Tensor cross_gate;

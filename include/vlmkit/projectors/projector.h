@@ -9,7 +9,7 @@
 /// | patch_merger  | Qwen2-VL: LN, merge 2x2, MLP       | N / 4 (h, w even)             |
 /// | resampler     | Perceiver resampler / Q-Former     | num_queries (any N)           |
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/linear.h>
+#include "vlmkit/modules/linear.h"
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/encoder.h"
@@ -49,7 +49,7 @@ class MlpProjectorImpl final : public ProjectorModule {
 
   ProjectorOptions options;
   bool hidden_layer;
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
 };
 TORCH_MODULE(MlpProjector);
 
@@ -67,7 +67,7 @@ class PixelShuffleProjectorImpl final : public ProjectorModule {
   nlohmann::json config() const override;
 
   ProjectorOptions options;
-  torch::nn::Linear proj{nullptr};
+  Linear proj{nullptr};
 };
 TORCH_MODULE(PixelShuffleProjector);
 
@@ -85,7 +85,7 @@ class PatchMergerProjectorImpl final : public ProjectorModule {
 
   ProjectorOptions options;
   torch::nn::LayerNorm norm{nullptr};
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
 };
 TORCH_MODULE(PatchMergerProjector);
 

@@ -56,9 +56,10 @@ class CheckpointWriter {
 
   void add_json(const std::string& file, const json& value);
   void add_tensors(const std::string& file, const TensorMap& tensors, const StringMap& metadata = {});
-  /// Writes SHA256SUMS, fsyncs, renames into root/name, updates root/latest;
+  /// Writes SHA256SUMS, fsyncs, renames into root/name, updates root/latest
+  /// (unless `update_latest` is false: a side folder such as an adapter);
   /// returns the final path.
-  std::string commit();
+  std::string commit(bool update_latest = true);
 
  private:
   void add_bytes(const std::string& file, const std::string& bytes);
@@ -95,7 +96,7 @@ class NotFound : public c10::Error {
 };
 
 /// The newest complete checkpoint directory under `root` (the `latest`
-/// pointer, else the newest step-* directory that verifies); "" if none.
+/// pointer, else the newest directory of model weights that verifies); "" if none.
 std::string latest_checkpoint(const std::string& root);
 /// Keeps the newest `keep` step-* checkpoints under root (and what `latest`
 /// names); removes leftover temporary directories.
