@@ -350,6 +350,26 @@ def _bench(args: argparse.Namespace, argv: List[str]) -> int:
     return suite_main(rest)
 
 
+def _export(args: argparse.Namespace, argv: List[str]) -> int:
+    from . import export
+
+    if args.format != "onnx":
+        raise CliError(f"--format {args.format!r}: only 'onnx' is built")
+    model = _load(args.checkpoint)
+    output = args.output or os.path.join(args.checkpoint.rstrip("/") or ".", "onnx")
+    try:
+        spec = export.onnx(model, output, opset=args.opset)
+    except NotImplementedError as e:
+        raise CliError(str(e))
+    for name, graph in spec["graphs"].items():
+        print(f"{os.path.join(output, graph['file'])}  {graph['bytes'] / 1e6:.1f} MB  "
+              f"({', '.join(graph['inputs'])} -> {', '.join(graph['outputs'][:3])}"
+              f"{', ...' if len(graph['outputs']) > 3 else ''})")
+    print(f"{os.path.join(output, 'export.json')}  (mirror checked against the model: max difference "
+          f"{spec['mirror_max_difference']:.1e}; run it with tools/onnxruntime, docs/deploy.md)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models on LibTorch.")
@@ -413,6 +433,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="detect / segment: where to write the image with boxes / masks "
                         "(default: IMAGE.boxes.png / IMAGE.masks.png)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint for deployment (ONNX)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run folder")
+    p.add_argument("--format", default="onnx", help="onnx")
+    p.add_argument("--output", default="", help="folder for the graphs (default: CHECKPOINT/onnx)")
+    p.add_argument("--opset", type=int, default=14)
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="benchmark vlmkit beside a plain-PyTorch peer")
     p.add_argument("--quick", action="store_true", help="quick mode (under 5 minutes)")

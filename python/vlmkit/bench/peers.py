@@ -139,7 +139,7 @@ class ViT(nn.Module):
             x, grid = self.conv_stem(images)
         x = x + self.pos_embed
         if self.cls:
-            x = torch.cat([(self.cls_token + self.cls_pos).expand(len(x), -1, -1), x], 1)
+            x = torch.cat([(self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1), x], 1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -204,7 +204,7 @@ class Projector(nn.Module):
             return self.proj(space_to_depth(tokens, grid, self.r))
         if self.kind == "patch_merger":
             return self.fc2(F.gelu(self.fc1(space_to_depth(self.norm(tokens), grid, 2))))
-        x = self.queries.expand(len(tokens), -1, -1)
+        x = self.queries.expand(tokens.shape[0], -1, -1)
         for block in self.blocks:
             x = block(x, context=tokens)
         return self.norm(x)
