@@ -133,7 +133,7 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
         h = block.norm1(x)
         b, t, d = h.shape
         q, k, v = _heads(attn.q_proj, h, attn.h), _heads(attn.k_proj, h, attn.h), _heads(attn.v_proj, h, attn.h)
-        q, k = _rotary(q, positions), _rotary(k, positions)
+        q, k = _rotary(q, positions, attn.theta), _rotary(k, positions, attn.theta)
         if past:
             k = torch.cat([past[2 * i], k], 2)
             v = torch.cat([past[2 * i + 1], v], 2)

@@ -51,7 +51,9 @@ def _prompts(n, length, vocab=200):
 
 
 def _generative_configs():
-    out = [("small_vlm", SMALL_VLM)]
+    theta = copy.deepcopy(SMALL_VLM)
+    theta["decoder"]["rope_theta"] = 1e6
+    out = [("small_vlm", SMALL_VLM), ("rope_theta_1e6", theta)]
     for projector in ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"):
         for fusion in ("concat", "cross_attention"):
             c = vlmkit.default_config("encoder_decoder")
@@ -79,6 +81,10 @@ def test_export_checks_with_onnx_and_refuses_what_it_cannot_mirror(tmp_path):
     gated["decoder"]["cross_attention_every"] = 1
     with pytest.raises(NotImplementedError, match="gated_cross_attention"):
         export.onnx(vlmkit.build_model(gated), str(tmp_path / "gated"))
+    conv = vlmkit.default_config("encoder_decoder")
+    conv["image_encoder"] = {"type": "conv", "image_size": 32, "channels": [16, 32], "d_model": 32}
+    with pytest.raises(NotImplementedError, match="image encoder 'conv'"):
+        export.onnx(vlmkit.build_model(conv), str(tmp_path / "conv"))
     with pytest.raises(TypeError, match="vlmkit model"):
         export.onnx(torch.nn.Linear(2, 2), str(tmp_path / "x"))
 

@@ -43,10 +43,10 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int, context_dim: int = 0, rope: bool = False):
+    def __init__(self, d: int, heads: int, context_dim: int = 0, rope: bool = False, theta: float = 10000.0):
         super().__init__()
         c = context_dim or d
-        self.h, self.rope = heads, rope
+        self.h, self.rope, self.theta = heads, rope, theta
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(c, d), nn.Linear(c, d)
         self.out_proj = nn.Linear(d, d)
 
@@ -61,7 +61,7 @@ class Attention(nn.Module):
             k = self.k_proj(src).view(b, -1, h, dh).transpose(1, 2)
             v = self.v_proj(src).view(b, -1, h, dh).transpose(1, 2)
             if self.rope and context is None:
-                q, k = rotary(q, positions), rotary(k, positions)
+                q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
             if cache is not None:
                 if context is None and "k" in cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -79,9 +79,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, mlp_ratio=4.0, cross=False, context_dim=0, rope=False):
+    def __init__(self, d, heads, mlp_ratio=4.0, cross=False, context_dim=0, rope=False, theta=10000.0):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(d), Attention(d, heads, rope=rope)
+        self.norm1, self.self_attn = nn.LayerNorm(d), Attention(d, heads, rope=rope, theta=theta)
         self.cross = cross
         if cross:
             self.norm_cross, self.cross_attn = nn.LayerNorm(d), Attention(d, heads, context_dim)
@@ -216,7 +216,8 @@ class Decoder(nn.Module):
         d, every = c["d_model"], c.get("cross_attention_every", 0)
         self.token_embed = nn.Embedding(c["vocab_size"], d)
         self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), cross=every > 0 and (i + 1) % every == 0,
-                                          context_dim=context_dim, rope=True) for i in range(c["depth"]))
+                                          context_dim=context_dim, rope=True, theta=c.get("rope_theta", 10000.0))
+                                    for i in range(c["depth"]))
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0):
@@ -370,6 +371,20 @@ def unmirrored(config: Dict) -> List[str]:
     """The settings of a (complete) vlmkit config that the peer does not
     implement; build_peer refuses such configs rather than time other work."""
     arch, out = config["architecture"], []
+    image = config.get("image_encoder", {})
+    if image.get("type", "vit") != "vit":
+        out.append(f"image encoder {image.get('type')!r} (the peer has the ViT)")
+    for key, default in (("pos_embedding", "learned"), ("norm_eps", 1e-5)):
+        if key in image and image[key] != default:
+            out.append(f"image_encoder {key} {image[key]!r}")
+    text = config.get("text_encoder", {})
+    if text.get("pool", "mean") != "mean":
+        out.append(f"text_encoder pool {text['pool']!r} (the peer mean-pools)")
+    decoder = config.get("decoder", {})
+    if decoder.get("pos_embedding", "rotary") != "rotary":
+        out.append(f"decoder pos_embedding {decoder['pos_embedding']!r} (the peer has rotary)")
+    if not decoder.get("tie_embeddings", True):
+        out.append("untied decoder embeddings")
     if arch == "two_tower" and config.get("loss", "clip") != "clip":
         out.append(f"loss {config['loss']!r} (the peer has the CLIP loss)")
     if arch == "two_tower" and config.get("max_logit_scale", 100.0) != 100.0:
