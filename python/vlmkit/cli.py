@@ -370,6 +370,9 @@ def _export(args: argparse.Namespace, argv: List[str]) -> int:
     return 0
 
 
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # vlmkit.lora.DEFAULT_TARGETS (not imported: keeps --help fast)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models on LibTorch.")
@@ -389,7 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA: train rank-R adapters only (needs --from)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (output x alpha / rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,out_proj",
+    p.add_argument("--lora-targets", default=",".join(_LORA_TARGETS),
                    help="comma-separated Linear layers to adapt (names or dotted suffixes, * wildcards)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the architecture's default)")
     p.add_argument("--batch-size", type=int, default=0, help="global batch size")

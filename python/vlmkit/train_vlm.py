@@ -89,7 +89,7 @@ class VlmRun:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    lora_targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
 
 
 def compact(value) -> str:

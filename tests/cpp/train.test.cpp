@@ -6,6 +6,7 @@
 #include "vlmkit/models/build.h"
 #include "vlmkit/train/checkpoint.h"
 #include "vlmkit/train/lora.h"
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -260,6 +261,17 @@ TEST_CASE("lora: identity at attach, merge == unmerged, trainer trains adapters 
   // (bit-equal to the model saved; merge + unmerge left its weights within rounding of the base's)
   REQUIRE(torch::equal(dynamic_cast<vlmkit::EncoderDecoderImpl<>*>(loaded.get())->forward(images, ids).logits,
                        m->forward(images, ids).logits));
+  // clone() copies the adapter too.
+  for (const auto& item : model->named_modules("", false)) {
+    if (item.key() != layers.front()) continue;
+    auto* layer = dynamic_cast<vlmkit::LinearImpl*>(item.value().get());
+    REQUIRE(layer);
+    auto copy = std::dynamic_pointer_cast<vlmkit::LinearImpl>(layer->clone());
+    REQUIRE(copy);
+    REQUIRE(copy->has_lora());
+    auto x = torch::randn({3, layer->options.in_features()});
+    REQUIRE(torch::equal(copy->forward(x), layer->forward(x)));
+  }
   // Removing with merge gives the base architecture with the tuned function.
   vlmkit::remove_lora(*model, /*merge=*/true);
   REQUIRE(vlmkit::lora_layers(*model).empty());

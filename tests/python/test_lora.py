@@ -269,6 +269,7 @@ def test_cli_lora_fine_tune_from_a_checkpoint(tmp_path, capsys):
     tuned = checkpoint.load_model(out)
     assert lora.layers(tuned)
     # Bad combinations are one-line errors.
+    assert cli._LORA_TARGETS == lora.DEFAULT_TARGETS
     assert cli.main(["train", "--lora-rank", "2", "--output", out]) == 2
     assert "--from CHECKPOINT" in capsys.readouterr().err
     assert cli.main(["train", "--from", base, "--lora-rank", "-1", "--output", out]) == 2
