@@ -3,10 +3,10 @@
 /// encoder outputs and returns one fused vector per sample, [B, dim].
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
-#include "vlmkit/modules/linear.h"
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/encoder.h"
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/modules/transformer.h"
 #include "vlmkit/options/fusion.h"
 

@@ -3,12 +3,12 @@
 /// contrastive objective into one embedding space (CLIP / SigLIP).
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/init.h>
-#include "vlmkit/modules/linear.h"
 #include <torch/nn/pimpl.h>
 
 #include "vlmkit/config.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/encoder.h"
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/options/models.h"
 
 namespace vlmkit {
@@ -46,12 +46,10 @@ class TwoTowerImpl : public torch::nn::Module {
     text_encoder = register_module("text_encoder", std::move(text_encoder_));
     image_projection = register_module(
         "image_projection",
-        Linear(torch::nn::LinearOptions(image_encoder->output_dim(), options.embed_dim())
-                              .bias(false)));
+        Linear(torch::nn::LinearOptions(image_encoder->output_dim(), options.embed_dim()).bias(false)));
     text_projection = register_module(
         "text_projection",
-        Linear(
-            torch::nn::LinearOptions(text_encoder->output_dim(), options.embed_dim()).bias(false)));
+        Linear(torch::nn::LinearOptions(text_encoder->output_dim(), options.embed_dim()).bias(false)));
     torch::NoGradGuard no_grad;
     torch::nn::init::normal_(image_projection->weight, 0.0,
                              std::pow(double(image_encoder->output_dim()), -0.5));

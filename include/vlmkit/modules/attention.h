@@ -2,9 +2,9 @@
 /// Multi-head scaled dot-product attention (Vaswani et al. 2017), usable as
 /// self- or cross-attention, with padding masks, causal masks and a KV cache.
 #include <torch/nn/cloneable.h>
-#include "vlmkit/modules/linear.h"
 #include <torch/nn/pimpl.h>
 
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/options/attention.h"
 
 namespace vlmkit {

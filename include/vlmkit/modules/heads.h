@@ -2,8 +2,8 @@
 /// Task heads.
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/dropout.h>
-#include "vlmkit/modules/linear.h"
 
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/options/models.h"
 
 namespace vlmkit {

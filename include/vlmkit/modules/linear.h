@@ -11,7 +11,6 @@
 /// PEFT's). `merge` folds the adapter into W (inference, export) and `unmerge`
 /// takes it out again. Attach adapters to a whole model with
 /// vlmkit::apply_lora (train/lora.h).
-#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 

@@ -9,10 +9,10 @@
 /// | patch_merger  | Qwen2-VL: LN, merge 2x2, MLP       | N / 4 (h, w even)             |
 /// | resampler     | Perceiver resampler / Q-Former     | num_queries (any N)           |
 #include <torch/nn/modules/container/modulelist.h>
-#include "vlmkit/modules/linear.h"
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/encoder.h"
+#include "vlmkit/modules/linear.h"
 #include "vlmkit/modules/transformer.h"
 #include "vlmkit/options/decoder.h"
 
