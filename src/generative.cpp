@@ -82,9 +82,14 @@ void TextDecoderImpl::reset() {
                                            .context_dim(options.context_dim())
                                            .gated_cross_attention(options.gated_cross_attention())
                                            .rotary(rotary)
-                                           .rope_theta(options.rope_theta())));
+                                           .rope_theta(options.rope_theta())
+                                           .norm(options.norm())
+                                           .norm_eps(options.norm_eps())
+                                           .mlp(options.mlp())
+                                           .num_kv_heads(options.num_kv_heads())
+                                           .qk_norm(options.qk_norm())));
   }
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  norm = register_module("norm", Norm(d, options.norm(), options.norm_eps()));
   if (!options.tie_embeddings())
     lm_head = register_module("lm_head", Linear(torch::nn::LinearOptions(d, options.vocab_size()).bias(false)));
   detail::init_transformer_weights(*this);

@@ -216,10 +216,20 @@ void MultiheadAttentionImpl::reset() {
                     options.embed_dim() / options.num_heads());
   const int64_t e = options.embed_dim();
   const int64_t c = options.context_dim() > 0 ? options.context_dim() : e;
+  TORCH_CHECK_VALUE(options.num_kv_heads() >= 0, "MultiheadAttention: num_kv_heads must be >= 0 (0: num_heads), got ",
+                    options.num_kv_heads());
+  const int64_t kv = kv_heads();
+  TORCH_CHECK_VALUE(options.num_heads() % kv == 0, "MultiheadAttention: num_kv_heads (", kv,
+                    ") must divide num_heads (", options.num_heads(), ")");
+  const int64_t kv_dim = kv * (e / options.num_heads());
   q_proj = register_module("q_proj", Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
-  k_proj = register_module("k_proj", Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
-  v_proj = register_module("v_proj", Linear(torch::nn::LinearOptions(c, e).bias(options.bias())));
+  k_proj = register_module("k_proj", Linear(torch::nn::LinearOptions(c, kv_dim).bias(options.bias())));
+  v_proj = register_module("v_proj", Linear(torch::nn::LinearOptions(c, kv_dim).bias(options.bias())));
   out_proj = register_module("out_proj", Linear(torch::nn::LinearOptions(e, e).bias(options.bias())));
+  if (options.qk_norm()) {
+    q_norm = register_module("q_norm", Norm(e / options.num_heads(), NormType::rmsnorm, 1e-6));
+    k_norm = register_module("k_norm", Norm(e / options.num_heads(), NormType::rmsnorm, 1e-6));
+  }
 }
 
 void MultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
@@ -234,9 +244,10 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
   TORCH_CHECK_VALUE(x.defined() && x.dim() == 3 && x.size(2) == e,
                     "MultiheadAttention: expected x of shape [B, T, ", e, "], got ",
                     x.defined() ? detail::shape_str(x) : std::string("undefined"));
-  const int64_t b = x.size(0), t = x.size(1);
+  const int64_t b = x.size(0), t = x.size(1), kv = kv_heads();
   const bool cross = context.defined();
   auto q = q_proj->forward(x).view({b, t, h, dh}).transpose(1, 2);  // [B, H, T, Dh]
+  if (q_norm) q = q_norm->forward(q);
   torch::Tensor k, v;
   if (cross && cache && !cache->empty()) {
     k = cache->key;
@@ -250,8 +261,9 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                         "], got ", detail::shape_str(context));
     }
     const int64_t s = source.size(1);
-    k = k_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
-    v = v_proj->forward(source).view({b, s, h, dh}).transpose(1, 2);
+    k = k_proj->forward(source).view({b, s, kv, dh}).transpose(1, 2);  // [B, Hkv, S, Dh]
+    v = v_proj->forward(source).view({b, s, kv, dh}).transpose(1, 2);
+    if (k_norm) k = k_norm->forward(k);
     if (options.rotary() && !cross) {
       torch::Tensor pos = positions;
       if (!pos.defined()) {
@@ -277,6 +289,10 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
   }
   const int64_t s = k.size(2);
   const int64_t past = cross ? 0 : s - t;
+  if (kv != h) {  // grouped-query: each key/value head serves h / kv query heads
+    k = k.repeat_interleave(h / kv, 1);
+    v = v.repeat_interleave(h / kv, 1);
+  }
 
   torch::Tensor blocked;  // bool, broadcastable to [B, H, T, S]; true = not attended
   if (key_padding_mask.defined()) {
@@ -330,6 +346,30 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
   return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
 }
 
+// ---------------------------------------------------------------- norm
+NormImpl::NormImpl(int64_t dim_, NormType type_, double eps_) : dim(dim_), type(type_), eps(eps_) { reset(); }
+
+void NormImpl::reset() {
+  TORCH_CHECK_VALUE(dim >= 1, "Norm: dim must be >= 1, got ", dim);
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "Norm: eps must be a positive number, got ", eps);
+  weight = register_parameter("weight", torch::ones({dim}));
+  if (type == NormType::layernorm) bias = register_parameter("bias", torch::zeros({dim}));
+}
+
+void NormImpl::pretty_print(std::ostream& stream) const {
+  stream << "vlmkit::Norm(" << to_name(type) << ", " << dim << ", eps=" << eps << ")";
+}
+
+torch::Tensor NormImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1 && x.size(-1) == dim, "Norm: expected [..., ", dim, "], got ",
+                    detail::shape_str(x));
+  if (type == NormType::layernorm) return torch::layer_norm(x, {dim}, weight, bias, eps);
+  const bool low = x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
+  const auto xf = low ? x.to(torch::kFloat) : x;
+  auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return (low ? y.to(x.scalar_type()) : y) * weight;
+}
+
 // ---------------------------------------------------------------- transformer block
 TransformerBlockImpl::TransformerBlockImpl(TransformerBlockOptions options_)
     : options(std::move(options_)) {
@@ -343,16 +383,17 @@ void TransformerBlockImpl::reset() {
                     options.mlp_ratio());
   TORCH_CHECK_VALUE(options.dropout() >= 0 && options.dropout() < 1,
                     "TransformerBlock: dropout must be in [0, 1), got ", options.dropout());
-  const auto ln = torch::nn::LayerNormOptions({d}).eps(options.norm_eps());
-  norm1 = register_module("norm1", torch::nn::LayerNorm(ln));
+  norm1 = register_module("norm1", Norm(d, options.norm(), options.norm_eps()));
   self_attn = register_module(
       "self_attn",
       MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())
                              .dropout(options.dropout())
                              .rotary(options.rotary())
-                             .rope_theta(options.rope_theta())));
+                             .rope_theta(options.rope_theta())
+                             .num_kv_heads(options.num_kv_heads())
+                             .qk_norm(options.qk_norm())));
   if (options.cross_attention()) {
-    norm_cross = register_module("norm_cross", torch::nn::LayerNorm(ln));
+    norm_cross = register_module("norm_cross", Norm(d, options.norm(), options.norm_eps()));
     cross_attn = register_module(
         "cross_attn", MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())
                                              .context_dim(options.context_dim())
@@ -360,10 +401,17 @@ void TransformerBlockImpl::reset() {
     if (options.gated_cross_attention())
       cross_gate = register_parameter("cross_gate", torch::zeros({1}));
   }
-  norm2 = register_module("norm2", torch::nn::LayerNorm(ln));
+  norm2 = register_module("norm2", Norm(d, options.norm(), options.norm_eps()));
   const auto hidden = static_cast<int64_t>(std::llround(d * options.mlp_ratio()));
-  fc1 = register_module("fc1", Linear(d, hidden));
-  fc2 = register_module("fc2", Linear(hidden, d));
+  if (options.mlp() == MlpType::swiglu) {
+    const auto no_bias = [](int64_t in, int64_t out) { return Linear(torch::nn::LinearOptions(in, out).bias(false)); };
+    gate_proj = register_module("gate_proj", no_bias(d, hidden));
+    up_proj = register_module("up_proj", no_bias(d, hidden));
+    down_proj = register_module("down_proj", no_bias(hidden, d));
+  } else {
+    fc1 = register_module("fc1", Linear(d, hidden));
+    fc2 = register_module("fc2", Linear(hidden, d));
+  }
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
   detail::init_transformer_weights(*this);
 }
@@ -390,7 +438,10 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x,
     if (cross_gate.defined()) c = torch::tanh(cross_gate) * c;
     h = h + dropout->forward(c);
   }
-  auto m = fc2->forward(dropout->forward(torch::gelu(fc1->forward(norm2->forward(h)))));
+  const auto n = norm2->forward(h);
+  auto m = options.mlp() == MlpType::swiglu
+               ? down_proj->forward(dropout->forward(torch::silu(gate_proj->forward(n)) * up_proj->forward(n)))
+               : fc2->forward(dropout->forward(torch::gelu(fc1->forward(n))));
   return h + dropout->forward(m);
 }
 
@@ -514,8 +565,18 @@ void ViTImpl::reset() {
   for (int64_t i = 0; i < options.depth(); ++i)
     blocks->push_back(TransformerBlock(TransformerBlockOptions(d, options.num_heads())
                                            .mlp_ratio(options.mlp_ratio())
-                                           .dropout(options.dropout())));
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+                                           .dropout(options.dropout())
+                                           .norm(options.norm())
+                                           .mlp(options.mlp())));
+  norm = register_module("norm", Norm(d, options.norm()));
+  if (options.pool() == ImagePool::map) {
+    const auto hidden = static_cast<int64_t>(std::llround(d * options.mlp_ratio()));
+    pool_probe = register_parameter("pool_probe", torch::randn({1, 1, d}) * 0.02);
+    pool_attn = register_module("pool_attn", MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())));
+    pool_norm = register_module("pool_norm", Norm(d, options.norm()));
+    pool_fc1 = register_module("pool_fc1", Linear(d, hidden));
+    pool_fc2 = register_module("pool_fc2", Linear(hidden, d));
+  }
   detail::init_transformer_weights(*this);
 }
 
@@ -608,7 +669,16 @@ EncoderOutput ViTImpl::forward(const torch::Tensor& images, const torch::Tensor&
     out.tokens = out.tokens.masked_fill(pad.unsqueeze(-1), 0.0);
     out.padding_mask = pad;
   }
-  out.pooled = use_cls ? x.select(1, 0) : detail::masked_mean(out.tokens, pad);
+  if (use_cls) {
+    out.pooled = x.select(1, 0);
+  } else if (options.pool() == ImagePool::map) {
+    // SigLIP's MAP head: the probe attends over the (unpadded) tokens.
+    auto probe = pool_attn->forward(pool_probe.expand({b, 1, -1}), x, pad);
+    probe = probe + pool_fc2->forward(torch::gelu(pool_fc1->forward(pool_norm->forward(probe))));
+    out.pooled = probe.select(1, 0);
+  } else {
+    out.pooled = detail::masked_mean(out.tokens, pad);
+  }
   return out;
 }
 
@@ -634,8 +704,10 @@ void TextEncoderImpl::reset() {
   for (int64_t i = 0; i < options.depth(); ++i)
     blocks->push_back(TransformerBlock(TransformerBlockOptions(d, options.num_heads())
                                            .mlp_ratio(options.mlp_ratio())
-                                           .dropout(options.dropout())));
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+                                           .dropout(options.dropout())
+                                           .norm(options.norm())
+                                           .mlp(options.mlp())));
+  norm = register_module("norm", Norm(d, options.norm()));
   detail::init_transformer_weights(*this);
 }
 

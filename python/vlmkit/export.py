@@ -9,8 +9,8 @@ What is written, per architecture (every graph has dynamic batch and sequence ax
   ``vision.onnx``   images [B, 3, H, W] -> image_embeds [B, M, D] (encoder + projector)
   ``embed.onnx``    input_ids [B, T] -> inputs_embeds [B, T, D]
   ``prefill.onnx``  inputs_embeds [B, T, D] (+ image_embeds for cross-attention)
-                    -> logits [B, T, V], present.{i}.key/value [B, H, T, Dh]
-  ``decode.onnx``   input_ids [B, 1], past.{i}.key/value [B, H, P, Dh] (+ image_embeds)
+                    -> logits [B, T, V], present.{i}.key/value [B, Hkv, T, Dh]
+  ``decode.onnx``   input_ids [B, 1], past.{i}.key/value [B, Hkv, P, Dh] (+ image_embeds)
                     -> logits [B, 1, V], present.{i}.key/value [B, H, P + 1, Dh]
   With concat fusion the client splices image_embeds in place of each prompt's
   ``<image>`` embedding before prefill (tools/onnxruntime/generate.js does).
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from . import lora as _lora
 from . import text as _text
+from .bench.peers import repeat_heads as _repeat_heads
 
 DEFAULT_OPSET = 14
 
@@ -132,12 +133,16 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
         attn = block.self_attn
         h = block.norm1(x)
         b, t, d = h.shape
-        q, k, v = _heads(attn.q_proj, h, attn.h), _heads(attn.k_proj, h, attn.h), _heads(attn.v_proj, h, attn.h)
+        q, k, v = _heads(attn.q_proj, h, attn.h), _heads(attn.k_proj, h, attn.kv), _heads(attn.v_proj, h, attn.kv)
+        if attn.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rotary(q, positions, attn.theta), _rotary(k, positions, attn.theta)
         if past:
             k = torch.cat([past[2 * i], k], 2)
             v = torch.cat([past[2 * i + 1], v], 2)
-        presents += [k, v]
+        presents += [k, v]  # [B, Hkv, S, Dh]: grouped-query attention caches only the key/value heads
+        if attn.kv != attn.h:
+            k, v = _repeat_heads(k, attn.h // attn.kv), _repeat_heads(v, attn.h // attn.kv)
         x = x + attn.out_proj(_attend(q, k, v, mask).transpose(1, 2).reshape(b, t, d))
         if block.cross:
             cross = block.cross_attn
@@ -145,7 +150,7 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
             qc = _heads(cross.q_proj, hc, cross.h)
             kc, vc = _heads(cross.k_proj, context, cross.h), _heads(cross.v_proj, context, cross.h)
             x = x + cross.out_proj(_attend(qc, kc, vc).transpose(1, 2).reshape(b, t, d))
-        x = x + block.fc2(F.gelu(block.fc1(block.norm2(x))))
+        x = x + block.mlp(block.norm2(x))
     logits = decoder.norm(x) @ decoder.token_embed.weight.t()
     return logits, presents
 
@@ -283,6 +288,7 @@ def onnx(model: nn.Module, directory: str, opset: int = DEFAULT_OPSET, check: bo
         depth, heads = dec["depth"], dec["num_heads"]
         concat = mirror.concat
         spec.update({"fusion": "concat" if concat else "cross_attention", "depth": depth, "num_heads": heads,
+                     "num_kv_heads": dec.get("num_kv_heads") or heads,
                      "head_dim": dec["d_model"] // heads, "vocab_size": dec["vocab_size"],
                      "prefix_lm": mirror.prefix_lm, "bos_id": _text.BOS, "eos_id": _text.EOS,
                      "pad_id": _text.PAD, "image_token_id": config.get("image_token_id", _text.IMAGE)})

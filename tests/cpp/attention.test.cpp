@@ -74,3 +74,41 @@ TEST_CASE("attention: gradients reach every parameter", "[attention][grad]") {
   block->forward(torch::randn({2, 4, 16}), {}, {}, false, torch::randn({2, 3, 16})).square().sum().backward();
   vlmkit::test::require_all_grads(*block);
 }
+
+TEST_CASE("norm: LayerNorm equals torch's, RMSNorm the formula, in float and bfloat16", "[attention][norm]") {
+  torch::manual_seed(0);
+  auto x = torch::randn({3, 5, 16});
+  Norm layer(16, NormType::layernorm, 1e-5);
+  torch::nn::LayerNorm torch_ln(torch::nn::LayerNormOptions({16}));
+  REQUIRE(close(layer->forward(x), torch_ln->forward(x), 1e-6));
+  Norm rms(16, NormType::rmsnorm, 1e-6);
+  {
+    torch::NoGradGuard no_grad;
+    rms->weight.uniform_(0.5, 1.5);
+  }
+  REQUIRE(rms->named_parameters().size() == 1);
+  auto expected = x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * rms->weight;
+  REQUIRE(close(rms->forward(x), expected, 1e-6));
+  REQUIRE(close(rms->forward(x.to(torch::kBFloat16)).to(torch::kFloat), expected, 3e-2));
+  REQUIRE_THROWS_WITH(rms->forward(torch::randn({2, 8})), Catch::Contains("expected [..., 16]"));
+}
+
+TEST_CASE("attention: grouped-query and QK-norm with a KV cache equal full causal attention", "[attention][cache]") {
+  torch::manual_seed(0);
+  for (int64_t kv : {1, 2, 4}) {
+    INFO("num_kv_heads " << kv);
+    MultiheadAttention attn(MultiheadAttentionOptions(32, 4).rotary(true).num_kv_heads(kv).qk_norm(true));
+    attn->eval();
+    REQUIRE(attn->k_proj->weight.size(0) == kv * 8);
+    auto x = torch::randn({2, 6, 32});
+    auto full = attn->forward(x, {}, {}, {}, /*causal=*/true);
+    KVCache cache;
+    std::vector<torch::Tensor> steps;
+    for (int64_t t = 0; t < 6; ++t)
+      steps.push_back(attn->forward(x.slice(1, t, t + 1), {}, {}, {}, true, &cache));
+    REQUIRE(cache.key.size(1) == kv);  // the cache holds only the key/value heads
+    REQUIRE(close(torch::cat(steps, 1), full, 1e-5));
+  }
+  REQUIRE_THROWS_WITH(MultiheadAttention(MultiheadAttentionOptions(32, 4).num_kv_heads(3)),
+                      Catch::Contains("must divide num_heads"));
+}

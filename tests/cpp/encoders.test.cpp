@@ -14,7 +14,7 @@ TextEncoderOptions tiny_text() {
 }  // namespace
 
 TEST_CASE("vit: shapes for every pooling, position and stem", "[encoder][vit]") {
-  for (auto pool : {ImagePool::cls, ImagePool::mean})
+  for (auto pool : {ImagePool::cls, ImagePool::mean, ImagePool::map})
     for (auto pos : {PosEmbedding::learned, PosEmbedding::sincos2d})
       for (auto stem : {ViTStem::patch, ViTStem::conv}) {
         torch::manual_seed(0);

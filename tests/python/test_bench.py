@@ -21,6 +21,19 @@ def configs():
             if fusion == "cross_attention":
                 c["decoder"]["cross_attention_every"] = 2
             out.append(c)
+    # A SigLIP-style tower (no CLS, attention-pooling head) beside an RMSNorm + SwiGLU text tower.
+    tower = vlmkit.default_config("two_tower")
+    tower["image_encoder"]["pool"] = "map"
+    tower["text_encoder"].update(norm="rmsnorm", mlp="swiglu")
+    out.append(tower)
+    # Today's decoder blocks (a Llama / Qwen-style decoder), with both fusions.
+    for fusion in ("concat", "cross_attention"):
+        c = copy.deepcopy(SMALL_VLM)
+        c["fusion"] = fusion
+        c["image_encoder"].update(norm="rmsnorm", mlp="swiglu")
+        c["decoder"].update(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, qk_norm=True, rope_theta=1e6,
+                            **({"cross_attention_every": 2} if fusion == "cross_attention" else {}))
+        out.append(c)
     return out
 
 
@@ -37,7 +50,9 @@ def copied_pair(config):
 
 
 @pytest.mark.parametrize("attention", ["causal", "prefix_lm"])
-@pytest.mark.parametrize("config", configs(), ids=lambda c: f"{c['architecture']}-{c.get('projector', {}).get('type')}-{c.get('fusion')}")
+@pytest.mark.parametrize("config", configs(), ids=lambda c: f"{c['architecture']}-{c.get('projector', {}).get('type')}-{c.get('fusion')}"
+                         + ("-" + c["decoder"]["mlp"] if c.get("decoder", {}).get("mlp") else "")
+                         + ("-" + c["image_encoder"]["pool"] if c["image_encoder"].get("pool") == "map" else ""))
 def test_peer_computes_what_vlmkit_computes(config, attention):
     """With vlmkit's weights copied in, the peer's logits, loss and greedy tokens are
     vlmkit's: the suite times the same computation. Equal parameter shapes alone

@@ -33,7 +33,7 @@ def model(projector, fusion, stem="patch", pos="learned"):
 
 
 @pytest.mark.parametrize("pos", ["learned", "sincos2d"])
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "map"])
 @pytest.mark.parametrize("stem", ["patch", "conv"])
 def test_vit_padded_batch_equals_each_image_alone(pos, pool, stem):
     vit = _C.ViT(image_size=32, patch_size=PATCH, d_model=32, depth=2, num_heads=4, pos_embedding=pos, pool=pool,

@@ -54,6 +54,12 @@ def _generative_configs():
     theta = copy.deepcopy(SMALL_VLM)
     theta["decoder"]["rope_theta"] = 1e6
     out = [("small_vlm", SMALL_VLM), ("rope_theta_1e6", theta)]
+    for fusion in ("concat", "cross_attention"):  # today's blocks: RMSNorm, SwiGLU, GQA, QK-norm
+        llama = copy.deepcopy(SMALL_VLM)
+        llama["fusion"] = fusion
+        llama["decoder"].update(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, qk_norm=True, rope_theta=5e5,
+                                **({"cross_attention_every": 1} if fusion == "cross_attention" else {}))
+        out.append((f"llama_style-{fusion}", llama))
     for projector in ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"):
         for fusion in ("concat", "cross_attention"):
             c = vlmkit.default_config("encoder_decoder")
@@ -113,10 +119,15 @@ def test_generative_export_in_onnx_runtime_equals_vlmkit(name, config, tmp_path)
 
 
 @needs_ort
-@pytest.mark.parametrize("arch", ["two_tower", "two_leg"])
+@pytest.mark.parametrize("arch", ["two_tower", "two_leg", "siglip_style"])
 def test_encoder_exports_in_onnx_runtime_equal_vlmkit(arch, tmp_path):
     torch.manual_seed(0)
-    model = vlmkit.build_model(vlmkit.default_config(arch)).eval()
+    config = vlmkit.default_config("two_tower" if arch == "siglip_style" else arch)
+    if arch == "siglip_style":  # no CLS, attention pooling; an RMSNorm + SwiGLU text tower
+        config["image_encoder"]["pool"] = "map"
+        config["text_encoder"].update(norm="rmsnorm", mlp="swiglu")
+        arch = "two_tower"
+    model = vlmkit.build_model(config).eval()
     spec = export.onnx(model, str(tmp_path / "export"))
     size = spec["image_size"]
     images = torch.rand(3, 3, size, size)

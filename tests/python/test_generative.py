@@ -143,6 +143,57 @@ def test_decoder_options_rotary_learned_gated_every_n():
     assert torch.equal(one, two)
 
 
+LLAMA_STYLE = {"norm": "rmsnorm", "mlp": "swiglu", "num_kv_heads": 2, "qk_norm": True, "rope_theta": 1e6}
+
+
+@pytest.mark.parametrize("blocks", [{"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"num_kv_heads": 1}, {"num_kv_heads": 2},
+                                    {"qk_norm": True}, LLAMA_STYLE],
+                         ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_todays_decoder_blocks_train_and_cache_equals_no_cache(blocks, fusion):
+    torch.manual_seed(0)
+    cfg = tiny("encoder_decoder", "mlp", fusion, attention="prefix_lm")
+    cfg["decoder"].update(blocks, **({"cross_attention_every": 1} if fusion == "cross_attention" else {}))
+    model = vlmkit.build_model(cfg)
+    names = [n for n, _ in model.named_parameters() if n.startswith("decoder.blocks.0.")]
+    if blocks.get("norm") == "rmsnorm":
+        assert "decoder.blocks.0.norm1.weight" in names and "decoder.blocks.0.norm1.bias" not in names
+    if blocks.get("mlp") == "swiglu":
+        assert {"decoder.blocks.0.gate_proj.weight", "decoder.blocks.0.up_proj.weight",
+                "decoder.blocks.0.down_proj.weight"} <= set(names)
+    kv = blocks.get("num_kv_heads", 0)
+    if kv:  # keys and values have kv heads of 8 dims
+        assert model.state_dict()["decoder.blocks.0.self_attn.k_proj.weight"].shape == (kv * 8, 32)
+    images = torch.rand(2, 3, 32, 32)
+    ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(8):
+        loss = model(images, ids, mask, labels).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model(images, ids, mask, labels).loss.item() < 0.8 * first
+    model.eval()
+    for kwargs in ({}, {"num_beams": 3}):
+        a = model.generate(images, ["What colour?", "Describe"], 6, use_cache=True, return_ids=True, **kwargs)[1]
+        b = model.generate(images, ["What colour?", "Describe"], 6, use_cache=False, return_ids=True, **kwargs)[1]
+        assert a == b, kwargs
+    # The config round-trips: a model built from it has the same parameters.
+    again = vlmkit.build_model(model.config)
+    assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in model.parameters()]
+
+
+def test_todays_blocks_bad_settings_raise_clear_errors():
+    for change, match in (({"num_kv_heads": 3}, "must divide num_heads"), ({"num_kv_heads": -1}, "num_kv_heads"),
+                          ({"norm": "batchnorm"}, "unknown norm 'batchnorm'"), ({"mlp": "relu2"}, "unknown MLP")):
+        cfg = tiny("encoder_decoder", "linear", "concat")
+        cfg["decoder"].update(change)
+        with pytest.raises(ValueError, match=match):
+            vlmkit.build_model(cfg)
+
+
 def test_streaming_callback_stop_tokens_and_state_dict():
     torch.manual_seed(0)
     model = vlmkit.EncoderDecoder(tiny("encoder_decoder")).eval()

@@ -5,11 +5,13 @@
 #include <torch/nn/pimpl.h>
 
 #include "vlmkit/modules/linear.h"
+#include "vlmkit/modules/norm.h"
 #include "vlmkit/options/attention.h"
 
 namespace vlmkit {
 
-/// Keys and values of earlier steps, [B, H, S, Dh] each.
+/// Keys and values of earlier steps, [B, Hkv, S, Dh] each (Hkv: the key/value
+/// heads, fewer than the query heads with grouped-query attention).
 /// Self-attention appends to it on every call; cross-attention fills it on the
 /// first call and reuses it afterwards (image keys/values computed once).
 struct KVCache {
@@ -49,8 +51,12 @@ class MultiheadAttentionImpl : public torch::nn::Cloneable<MultiheadAttentionImp
                         const torch::Tensor& attn_mask = {}, bool causal = false,
                         KVCache* cache = nullptr, const torch::Tensor& positions = {});
 
+  /// Key/value heads (num_kv_heads, or num_heads when 0).
+  int64_t kv_heads() const { return options.num_kv_heads() > 0 ? options.num_kv_heads() : options.num_heads(); }
+
   MultiheadAttentionOptions options;
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  Norm q_norm{nullptr}, k_norm{nullptr};  // qk_norm only
 };
 TORCH_MODULE(MultiheadAttention);
 

@@ -30,7 +30,7 @@ struct DecoderCache {
 ///     mask (prefix-LM); undefined means causal.
 ///   context, context_mask: cross-attention memory [B, N, Dc] and [B, N].
 ///   cache: DecoderCache, extended by this call.
-/// Shape: returns hidden states [B, T, D] after the final LayerNorm;
+/// Shape: returns hidden states [B, T, D] after the final norm;
 /// `logits(hidden)` gives [B, T, vocab_size].
 class TextDecoderImpl : public torch::nn::Cloneable<TextDecoderImpl> {
  public:
@@ -53,7 +53,7 @@ class TextDecoderImpl : public torch::nn::Cloneable<TextDecoderImpl> {
   torch::nn::Embedding token_embed{nullptr};
   torch::Tensor pos_embed;  // learned positions only: [1, max_len, D]
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
   Linear lm_head{nullptr};  // only when not tied
 };
 TORCH_MODULE(TextDecoder);

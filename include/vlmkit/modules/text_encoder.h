@@ -36,7 +36,7 @@ class TextEncoderImpl final : public TextEncoderModule {
   torch::nn::Embedding token_embed{nullptr};
   torch::Tensor pos_embed;  // [1, max_len, D]
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
 };
 TORCH_MODULE(TextEncoder);
 

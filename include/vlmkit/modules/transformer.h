@@ -5,6 +5,7 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/attention.h"
+#include "vlmkit/modules/norm.h"
 
 namespace vlmkit {
 
@@ -32,9 +33,10 @@ class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
                         BlockCache* cache = nullptr, const torch::Tensor& positions = {});
 
   TransformerBlockOptions options;
-  torch::nn::LayerNorm norm1{nullptr}, norm_cross{nullptr}, norm2{nullptr};
+  Norm norm1{nullptr}, norm_cross{nullptr}, norm2{nullptr};
   MultiheadAttention self_attn{nullptr}, cross_attn{nullptr};
-  Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};                            // mlp "gelu"
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};  // mlp "swiglu"
   torch::nn::Dropout dropout{nullptr};
   /// Flamingo's tanh gate on the cross-attention residual (when gated).
   torch::Tensor cross_gate;

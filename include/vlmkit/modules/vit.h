@@ -10,7 +10,8 @@ namespace vlmkit {
 
 /// ViT (Dosovitskiy et al. 2020): patch embedding (or the conv stage), a CLS
 /// token when pooling by CLS, learned or fixed 2D sin-cos positions (MAE,
-/// He et al. 2021), pre-norm blocks and a final LayerNorm.
+/// He et al. 2021), pre-norm blocks and a final norm; pooled output from a CLS token, the
+/// token mean, or SigLIP's attention-pooling head (pool "map").
 ///
 /// Shape: images [B, C, H, W], H and W multiples of patch_size ->
 ///   tokens [B, (H/p)*(W/p), d_model] (patches only), pooled [B, d_model].
@@ -44,7 +45,12 @@ class ViTImpl final : public ImageEncoderModule {
   torch::Tensor pos_embed;                 // [1, grid*grid, D] when learned
   torch::Tensor cls_pos;                   // [1, 1, D] learned CLS position
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
+  // pool == map (SigLIP's attention-pooling head)
+  torch::Tensor pool_probe;  // [1, 1, D]
+  MultiheadAttention pool_attn{nullptr};
+  Norm pool_norm{nullptr};
+  Linear pool_fc1{nullptr}, pool_fc2{nullptr};
 };
 TORCH_MODULE(ViT);
 

@@ -4,7 +4,19 @@
 
 #include <cstdint>
 
+#include "vlmkit/detail/enum_names.h"
+
 namespace vlmkit {
+
+/// LayerNorm (Ba et al. 2016; weight and bias) or RMSNorm (Zhang & Sennrich
+/// 2019; weight only, as Llama, Qwen2 and SmolLM use).
+enum class NormType { layernorm, rmsnorm };
+VLMKIT_ENUM_NAMES(NormType, "norm", {NormType::layernorm, "layernorm"}, {NormType::rmsnorm, "rmsnorm"});
+
+/// The block's MLP: Linear-GELU-Linear (fc1, fc2), or SwiGLU (Shazeer 2020):
+/// down_proj(silu(gate_proj(x)) * up_proj(x)), bias-free as in Llama.
+enum class MlpType { gelu, swiglu };
+VLMKIT_ENUM_NAMES(MlpType, "MLP", {MlpType::gelu, "gelu"}, {MlpType::swiglu, "swiglu"});
 
 /// Options for `MultiheadAttention` (self- or cross-attention).
 ///
@@ -25,6 +37,13 @@ struct MultiheadAttentionOptions {
   /// needs an even head width.
   TORCH_ARG(bool, rotary) = false;
   TORCH_ARG(double, rope_theta) = 10000.0;
+  /// Grouped-query attention (Ainslie et al. 2023): keys and values have this
+  /// many heads, each shared by num_heads / num_kv_heads query heads (the KV
+  /// cache holds only these); 0 means num_heads (multi-head), 1 multi-query.
+  TORCH_ARG(int64_t, num_kv_heads) = 0;
+  /// RMSNorm of each head's queries and keys before rotary (q_norm, k_norm;
+  /// as Qwen3 and OLMo-2).
+  TORCH_ARG(bool, qk_norm) = false;
 };
 
 template <class V>
@@ -36,6 +55,8 @@ void visit_fields(MultiheadAttentionOptions& o, V& v) {
   v("bias", o.bias());
   v("rotary", o.rotary());
   v("rope_theta", o.rope_theta());
+  v("num_kv_heads", o.num_kv_heads());
+  v("qk_norm", o.qk_norm());
 }
 
 /// Options for a pre-norm transformer block:
@@ -58,6 +79,11 @@ struct TransformerBlockOptions {
   /// Rotary positions in the self-attention sub-layer.
   TORCH_ARG(bool, rotary) = false;
   TORCH_ARG(double, rope_theta) = 10000.0;
+  TORCH_ARG(NormType, norm) = NormType::layernorm;
+  TORCH_ARG(MlpType, mlp) = MlpType::gelu;
+  /// Self-attention key/value heads (0: num_heads); see MultiheadAttentionOptions.
+  TORCH_ARG(int64_t, num_kv_heads) = 0;
+  TORCH_ARG(bool, qk_norm) = false;
 };
 
 template <class V>
@@ -72,6 +98,10 @@ void visit_fields(TransformerBlockOptions& o, V& v) {
   v("gated_cross_attention", o.gated_cross_attention());
   v("rotary", o.rotary());
   v("rope_theta", o.rope_theta());
+  v("norm", o.norm());
+  v("mlp", o.mlp());
+  v("num_kv_heads", o.num_kv_heads());
+  v("qk_norm", o.qk_norm());
 }
 
 }  // namespace vlmkit

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "vlmkit/detail/enum_names.h"
+#include "vlmkit/options/attention.h"
 
 namespace vlmkit {
 
@@ -37,6 +38,15 @@ struct TextDecoderOptions {
   /// Width of the cross-attention memory; 0 means d_model.
   TORCH_ARG(int64_t, context_dim) = 0;
   TORCH_ARG(int64_t, pad_id) = 0;
+  /// Today's decoder blocks (a Llama / Qwen2 / SmolLM-style decoder is
+  /// norm "rmsnorm", mlp "swiglu", num_kv_heads < num_heads, rope_theta):
+  /// the norms of every block and the final norm.
+  TORCH_ARG(NormType, norm) = NormType::layernorm;
+  TORCH_ARG(MlpType, mlp) = MlpType::gelu;
+  /// Grouped-query attention: key/value heads (0: num_heads).
+  TORCH_ARG(int64_t, num_kv_heads) = 0;
+  TORCH_ARG(bool, qk_norm) = false;
+  TORCH_ARG(double, norm_eps) = 1e-5;
 };
 
 template <class V>
@@ -55,6 +65,11 @@ void visit_fields(TextDecoderOptions& o, V& v) {
   v("gated_cross_attention", o.gated_cross_attention());
   v("context_dim", o.context_dim());
   v("pad_id", o.pad_id());
+  v("norm", o.norm());
+  v("mlp", o.mlp());
+  v("num_kv_heads", o.num_kv_heads());
+  v("qk_norm", o.qk_norm());
+  v("norm_eps", o.norm_eps());
 }
 
 enum class ProjectorType { linear, mlp, pixel_shuffle, patch_merger, resampler };

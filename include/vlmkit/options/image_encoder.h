@@ -6,19 +6,21 @@
 #include <vector>
 
 #include "vlmkit/detail/enum_names.h"
+#include "vlmkit/options/attention.h"
 
 namespace vlmkit {
 
 enum class ImageEncoderType { vit, conv };
 enum class PosEmbedding { learned, sincos2d };
-enum class ImagePool { cls, mean };
+enum class ImagePool { cls, mean, map };
 enum class ViTStem { patch, conv };
 
 VLMKIT_ENUM_NAMES(ImageEncoderType, "image encoder type", {ImageEncoderType::vit, "vit"},
                   {ImageEncoderType::conv, "conv"});
 VLMKIT_ENUM_NAMES(PosEmbedding, "position embedding", {PosEmbedding::learned, "learned"},
                   {PosEmbedding::sincos2d, "sincos2d"});
-VLMKIT_ENUM_NAMES(ImagePool, "image pooling", {ImagePool::cls, "cls"}, {ImagePool::mean, "mean"});
+VLMKIT_ENUM_NAMES(ImagePool, "image pooling", {ImagePool::cls, "cls"}, {ImagePool::mean, "mean"},
+                  {ImagePool::map, "map"});
 VLMKIT_ENUM_NAMES(ViTStem, "ViT stem", {ViTStem::patch, "patch"}, {ViTStem::conv, "conv"});
 
 /// Options for the Vision Transformer (Dosovitskiy et al. 2020, "An Image is
@@ -38,7 +40,13 @@ struct ViTOptions {
   TORCH_ARG(double, mlp_ratio) = 4.0;
   TORCH_ARG(double, dropout) = 0.0;
   TORCH_ARG(PosEmbedding, pos_embedding) = PosEmbedding::learned;
+  /// `cls`: a CLS token; `mean`: no CLS, the mean of the patch tokens; `map`:
+  /// no CLS, SigLIP's multihead attention pooling head (a learned probe
+  /// attends over the tokens, then LayerNorm + MLP with a residual).
   TORCH_ARG(ImagePool, pool) = ImagePool::cls;
+  /// Norm and MLP of the blocks (and the final norm), as in the decoder.
+  TORCH_ARG(NormType, norm) = NormType::layernorm;
+  TORCH_ARG(MlpType, mlp) = MlpType::gelu;
   /// `patch`: one strided convolution (the ViT paper); `conv`: the conv stage
   /// (log2(patch_size) stride-2 convolutions, Xiao et al. 2021 "Early
   /// Convolutions Help Transformers See Better").
@@ -58,6 +66,8 @@ void visit_fields(ViTOptions& o, V& v) {
   v("pos_embedding", o.pos_embedding());
   v("pool", o.pool());
   v("stem", o.stem());
+  v("norm", o.norm());
+  v("mlp", o.mlp());
 }
 
 /// Options for the conv stage: a small CNN (stride-2 3x3 convolutions, each

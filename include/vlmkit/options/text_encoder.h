@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "vlmkit/detail/enum_names.h"
+#include "vlmkit/options/attention.h"
 
 namespace vlmkit {
 
@@ -31,6 +32,9 @@ struct TextEncoderOptions {
   TORCH_ARG(TextPool, pool) = TextPool::mean;
   /// Token id treated as padding when no explicit mask is given.
   TORCH_ARG(int64_t, pad_id) = 0;
+  /// Norm and MLP of the blocks (and the final norm).
+  TORCH_ARG(NormType, norm) = NormType::layernorm;
+  TORCH_ARG(MlpType, mlp) = MlpType::gelu;
 };
 
 template <class V>
@@ -44,6 +48,8 @@ void visit_fields(TextEncoderOptions& o, V& v) {
   v("dropout", o.dropout());
   v("pool", o.pool());
   v("pad_id", o.pad_id());
+  v("norm", o.norm());
+  v("mlp", o.mlp());
 }
 
 }  // namespace vlmkit

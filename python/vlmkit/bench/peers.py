@@ -42,30 +42,63 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> 
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
+def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """[B, Hkv, S, Dh] -> [B, Hkv * times, S, Dh], head i reading key/value head i // times
+    (repeat_interleave, written with expand so an ONNX trace keeps B and S dynamic)."""
+    return x.unsqueeze(2).expand(-1, -1, times, -1, -1).flatten(1, 2)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (torch 1.13 has no nn.RMSNorm)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(d: int, kind: str = "layernorm", eps: float = 1e-5) -> nn.Module:
+    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+
+
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int, context_dim: int = 0, rope: bool = False, theta: float = 10000.0):
+    def __init__(self, d: int, heads: int, context_dim: int = 0, rope: bool = False, theta: float = 10000.0,
+                 kv_heads: int = 0, qk_norm: bool = False):
         super().__init__()
         c = context_dim or d
         self.h, self.rope, self.theta = heads, rope, theta
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(c, d), nn.Linear(c, d)
+        self.kv = kv_heads or heads  # grouped-query attention: fewer key/value heads
+        kv_dim = self.kv * (d // heads)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(c, kv_dim), nn.Linear(c, kv_dim)
         self.out_proj = nn.Linear(d, d)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d // heads, 1e-6), RMSNorm(d // heads, 1e-6)
 
     def forward(self, x, context=None, mask=None, causal=False, cache=None, positions=None):
         b, t, d = x.shape
         h, dh = self.h, d // self.h
         q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
+        if self.qk_norm:
+            q = self.q_norm(q)
         src = x if context is None else context
         if cache is not None and context is not None and "k" in cache:
             k, v = cache["k"], cache["v"]  # cross-attention keys computed once
         else:
-            k = self.k_proj(src).view(b, -1, h, dh).transpose(1, 2)
-            v = self.v_proj(src).view(b, -1, h, dh).transpose(1, 2)
+            k = self.k_proj(src).view(b, -1, self.kv, dh).transpose(1, 2)
+            v = self.v_proj(src).view(b, -1, self.kv, dh).transpose(1, 2)
+            if self.qk_norm:
+                k = self.k_norm(k)
             if self.rope and context is None:
                 q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
             if cache is not None:
                 if context is None and "k" in cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
+        if self.kv != h:
+            k, v = repeat_heads(k, h // self.kv), repeat_heads(v, h // self.kv)
         if _SDPA is not None:
             out = _SDPA(q, k, v, attn_mask=None if mask is None else ~mask, is_causal=causal and mask is None)
         else:
@@ -79,15 +112,27 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, mlp_ratio=4.0, cross=False, context_dim=0, rope=False, theta=10000.0):
+    def __init__(self, d, heads, mlp_ratio=4.0, cross=False, context_dim=0, rope=False, theta=10000.0,
+                 norm="layernorm", eps=1e-5, mlp="gelu", kv_heads=0, qk_norm=False):
         super().__init__()
-        self.norm1, self.self_attn = nn.LayerNorm(d), Attention(d, heads, rope=rope, theta=theta)
+        self.norm1 = make_norm(d, norm, eps)
+        self.self_attn = Attention(d, heads, rope=rope, theta=theta, kv_heads=kv_heads, qk_norm=qk_norm)
         self.cross = cross
         if cross:
-            self.norm_cross, self.cross_attn = nn.LayerNorm(d), Attention(d, heads, context_dim)
-        self.norm2 = nn.LayerNorm(d)
+            self.norm_cross, self.cross_attn = make_norm(d, norm, eps), Attention(d, heads, context_dim)
+        self.norm2 = make_norm(d, norm, eps)
         hidden = round(d * mlp_ratio)
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.swiglu = mlp == "swiglu"
+        if self.swiglu:  # bias-free, as Llama
+            self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+            self.down_proj = nn.Linear(hidden, d, bias=False)
+        else:
+            self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def mlp(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(F.gelu(self.fc1(x)))
 
     def forward(self, x, mask=None, causal=False, context=None, cache=None, positions=None):
         x = x + self.self_attn(self.norm1(x), mask=mask, causal=causal,
@@ -95,7 +140,7 @@ class Block(nn.Module):
         if self.cross:
             x = x + self.cross_attn(self.norm_cross(x), context,
                                     cache=None if cache is None else cache.setdefault("cross", {}))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.mlp(self.norm2(x))
 
 
 class ConvStem(nn.Module):
@@ -128,8 +173,17 @@ class ViT(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
             self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0)) for _ in range(c["depth"]))
-        self.norm = nn.LayerNorm(d)
+        norm, mlp = c.get("norm", "layernorm"), c.get("mlp", "gelu")
+        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), norm=norm, mlp=mlp)
+                                    for _ in range(c["depth"]))
+        self.norm = make_norm(d, norm)
+        self.map = c.get("pool") == "map"
+        if self.map:  # SigLIP's attention-pooling head
+            hidden = round(d * c.get("mlp_ratio", 4.0))
+            self.pool_probe = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            self.pool_attn = Attention(d, c["num_heads"], d)
+            self.pool_norm = make_norm(d, norm)
+            self.pool_fc1, self.pool_fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
 
     def forward(self, images):
         if hasattr(self, "patch_embed"):
@@ -145,6 +199,10 @@ class ViT(nn.Module):
         x = self.norm(x)
         if self.cls:
             return x[:, 1:], x[:, 0], grid
+        if self.map:
+            probe = self.pool_attn(self.pool_probe.expand(x.shape[0], -1, -1), x)
+            probe = probe + self.pool_fc2(F.gelu(self.pool_fc1(self.pool_norm(probe))))
+            return x, probe[:, 0], grid
         return x, x.mean(1), grid
 
 
@@ -155,8 +213,10 @@ class TextEncoder(nn.Module):
         self.pad, self.pool = c.get("pad_id", 0), c.get("pool", "mean")
         self.token_embed = nn.Embedding(c["vocab_size"], d)
         self.pos_embed = nn.Parameter(torch.randn(1, c["max_len"], d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0)) for _ in range(c["depth"]))
-        self.norm = nn.LayerNorm(d)
+        norm, mlp = c.get("norm", "layernorm"), c.get("mlp", "gelu")
+        self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), norm=norm, mlp=mlp)
+                                    for _ in range(c["depth"]))
+        self.norm = make_norm(d, norm)
 
     def forward(self, ids):
         pad = ids.eq(self.pad)
@@ -216,9 +276,12 @@ class Decoder(nn.Module):
         d, every = c["d_model"], c.get("cross_attention_every", 0)
         self.token_embed = nn.Embedding(c["vocab_size"], d)
         self.blocks = nn.ModuleList(Block(d, c["num_heads"], c.get("mlp_ratio", 4.0), cross=every > 0 and (i + 1) % every == 0,
-                                          context_dim=context_dim, rope=True, theta=c.get("rope_theta", 10000.0))
+                                          context_dim=context_dim, rope=True, theta=c.get("rope_theta", 10000.0),
+                                          norm=c.get("norm", "layernorm"), eps=c.get("norm_eps", 1e-5),
+                                          mlp=c.get("mlp", "gelu"), kv_heads=c.get("num_kv_heads", 0),
+                                          qk_norm=c.get("qk_norm", False))
                                     for i in range(c["depth"]))
-        self.norm = nn.LayerNorm(d)
+        self.norm = make_norm(d, c.get("norm", "layernorm"), c.get("norm_eps", 1e-5))
 
     def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0):
         positions = torch.arange(start, start + x.shape[1])
