@@ -14,6 +14,10 @@ What is written, per architecture (every graph has dynamic batch and sequence ax
                     -> logits [B, 1, V], present.{i}.key/value [B, H, P + 1, Dh]
   With concat fusion the client splices image_embeds in place of each prompt's
   ``<image>`` embedding before prefill (tools/onnxruntime/generate.js does).
+- ``encoder_text_decoder``: ``encode.onnx`` (images, context_ids -> image_embeds,
+  the memory [B, M + C, D], and memory_mask [B, M + C], true = padded context)
+  replaces vision.onnx; embed, prefill and decode as above (with cross-attention
+  prefill and decode also take memory_mask).
 - ``two_tower``: ``image_encoder.onnx`` (images -> unit image_embeds) and
   ``text_encoder.onnx`` (input_ids -> unit text_embeds); logits are their dot
   product times ``logit_scale`` (in ``export.json``).
@@ -25,9 +29,9 @@ from vlmkit's pure-PyTorch mirror of the same architecture
 (``vlmkit.bench.peers``) with the model's weights copied in. Before anything is
 written the mirror is checked against the model itself (logits within 1e-4 on
 a batch of the model's own shape), so an export never silently differs from
-the model. Configurations the mirror does not implement (``encoder_text_decoder``,
-gated cross-attention, SigLIP loss metadata, other Two-Leg fusions) raise
-NotImplementedError naming the setting. LoRA adapters are merged into the
+the model. Configurations the mirror does not implement (gated cross-attention,
+the SigLIP loss, other Two-Leg fusions, learned decoder positions, untied
+embeddings) raise NotImplementedError naming the setting. LoRA adapters are merged into the
 exported weights (the model itself is left as it was).
 """
 from __future__ import annotations
@@ -55,9 +59,9 @@ def _mirror(model: nn.Module) -> nn.Module:
 
     config = model.config
     arch = config.get("architecture")
-    if arch not in peers.PEERS:
+    if arch not in peers.MIRRORS:
         raise NotImplementedError(f"ONNX export of {arch!r} models is not built yet (export handles "
-                                  f"{sorted(peers.PEERS)})")
+                                  f"{sorted(peers.MIRRORS)})")
     missing = peers.unmirrored(config)
     if missing:
         raise NotImplementedError(f"ONNX export does not implement {', '.join(missing)}")
@@ -68,7 +72,7 @@ def _mirror(model: nn.Module) -> nn.Module:
         _C.lora_apply_config(source.cpp_module, _lora.config(model))
         source.load_state_dict(model.state_dict())
         _lora.remove(source, merge=True)
-    mirror = peers.build_peer(config).eval()
+    mirror = peers.MIRRORS[arch](config).eval()
     ours, theirs = list(source.named_parameters()), list(mirror.named_parameters())
     if [tuple(p.shape) for _, p in ours] != [tuple(p.shape) for _, p in theirs]:
         raise NotImplementedError(f"the {arch} mirror's parameters do not line up with the model's; "
@@ -81,18 +85,34 @@ def _mirror(model: nn.Module) -> nn.Module:
     return mirror
 
 
+def _etd_sample(config: Dict[str, Any], batch: int):
+    """Images, context ids (no padding) and prompts with one <image> for an encoder_text_decoder."""
+    g = torch.Generator().manual_seed(1)
+    size = config["image_encoder"]["image_size"]
+    text_vocab = min(config["text_encoder"]["vocab_size"], 260)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    context = torch.randint(8, text_vocab, (batch, 7), generator=g)
+    ids = torch.randint(8, min(config["decoder"]["vocab_size"], 260), (batch, 9), generator=g)
+    ids[:, 0], ids[:, 2] = _text.BOS, config.get("image_token_id", _text.IMAGE)
+    return images, context, ids
+
+
 def _check_mirror(model: nn.Module, mirror: nn.Module) -> float:
     """Largest |mirror - model| on a sample batch; raises if above 1e-4."""
     from .bench import suite
 
-    images, ids, _ = suite.batch_for(model.config, 2, 12, seed=1)
+    arch = model.config["architecture"]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        tower = model.config["architecture"] == "two_tower"
-        out = model(images, ids) if tower else model(images, ids, None, None)
-        ours = out.logits_per_image if tower else out.logits
-        theirs = mirror(images, ids)[0]
+        if arch == "encoder_text_decoder":
+            images, context, ids = _etd_sample(model.config, 2)
+            ours, theirs = model(images, context, ids).logits, mirror(images, context, ids)[0]
+        else:
+            images, ids, _ = suite.batch_for(model.config, 2, 12, seed=1)
+            out = model(images, ids) if arch == "two_tower" else model(images, ids, None, None)
+            ours = out.logits_per_image if arch == "two_tower" else out.logits
+            theirs = mirror(images, ids)[0]
     model.train(was_training)
     diff = (ours - theirs).abs().max().item()
     if not diff <= 1e-4:
@@ -126,7 +146,8 @@ def _heads(linear: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, past: List[torch.Tensor],
-                 context: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+                 context: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                 context_mask: Optional[torch.Tensor] = None):
     """The mirror's decoder written out step by step, with explicit past/present keys."""
     presents: List[torch.Tensor] = []
     for i, block in enumerate(decoder.blocks):
@@ -149,7 +170,8 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
             hc = block.norm_cross(x)
             qc = _heads(cross.q_proj, hc, cross.h)
             kc, vc = _heads(cross.k_proj, context, cross.h), _heads(cross.v_proj, context, cross.h)
-            x = x + cross.out_proj(_attend(qc, kc, vc).transpose(1, 2).reshape(b, t, d))
+            blocked = None if context_mask is None else context_mask[:, None, None, :]
+            x = x + cross.out_proj(_attend(qc, kc, vc, blocked).transpose(1, 2).reshape(b, t, d))
         x = x + block.mlp(block.norm2(x))
     logits = decoder.norm(x) @ decoder.token_embed.weight.t()
     return logits, presents
@@ -163,6 +185,17 @@ class _Vision(nn.Module):
     def forward(self, images):
         tokens, _, grid = self.image_encoder(images)
         return self.projector(tokens, grid)
+
+
+class _Encode(nn.Module):
+    """encoder_text_decoder: images and context text -> memory and its padding mask."""
+
+    def __init__(self, mirror):
+        super().__init__()
+        self.mirror = mirror
+
+    def forward(self, images, context_ids):
+        return self.mirror.encode(images, context_ids)
 
 
 class _Embed(nn.Module):
@@ -179,12 +212,12 @@ class _Prefill(nn.Module):
         super().__init__()
         self.decoder, self.prefix_lm, self.concat = mirror.decoder, mirror.prefix_lm, mirror.concat
 
-    def forward(self, inputs_embeds, image_embeds=None):
+    def forward(self, inputs_embeds, image_embeds=None, memory_mask=None):
         t = inputs_embeds.shape[1]
         positions = torch.ones_like(inputs_embeds[:, :, 0], dtype=torch.long).cumsum(1) - 1
         # Generation's prefill: prefix-LM lets the whole prompt attend both ways.
         mask = None if self.prefix_lm else torch.ones(t, t, dtype=torch.bool).triu(1)
-        logits, presents = _run_decoder(self.decoder, inputs_embeds, positions, [], image_embeds, mask)
+        logits, presents = _run_decoder(self.decoder, inputs_embeds, positions, [], image_embeds, mask, memory_mask)
         return (logits, *presents)
 
 
@@ -195,10 +228,11 @@ class _Decode(nn.Module):
 
     def forward(self, input_ids, *rest):
         depth = len(self.decoder.blocks)
-        past, image_embeds = list(rest[:2 * depth]), (None if self.concat else rest[2 * depth])
+        past, extra = list(rest[:2 * depth]), list(rest[2 * depth:]) + [None, None]
+        image_embeds, memory_mask = (None, None) if self.concat else (extra[0], extra[1])
         x = self.decoder.token_embed(input_ids)
         positions = torch.ones_like(input_ids).cumsum(1) - 1 + past[0].shape[2]
-        logits, presents = _run_decoder(self.decoder, x, positions, past, image_embeds, None)
+        logits, presents = _run_decoder(self.decoder, x, positions, past, image_embeds, None, memory_mask)
         return (logits, *presents)
 
 
@@ -283,7 +317,7 @@ def onnx(model: nn.Module, directory: str, opset: int = DEFAULT_OPSET, check: bo
         spec["graphs"][name] = {"file": f"{name}.onnx", "inputs": inputs, "outputs": outputs,
                                 "bytes": os.path.getsize(path)}
 
-    if arch == "encoder_decoder":
+    if arch in ("encoder_decoder", "encoder_text_decoder"):
         dec = config["decoder"]
         depth, heads = dec["depth"], dec["num_heads"]
         concat = mirror.concat
@@ -292,11 +326,26 @@ def onnx(model: nn.Module, directory: str, opset: int = DEFAULT_OPSET, check: bo
                      "head_dim": dec["d_model"] // heads, "vocab_size": dec["vocab_size"],
                      "prefix_lm": mirror.prefix_lm, "bos_id": _text.BOS, "eos_id": _text.EOS,
                      "pad_id": _text.PAD, "image_token_id": config.get("image_token_id", _text.IMAGE)})
-        vision = _Vision(mirror)
-        with torch.no_grad():
-            memory = vision(images)
-        add("vision", vision, (images,), ["images"], ["image_embeds"],
-            {"images": batch, "image_embeds": batch})
+        memory_axes = {0: "batch"}
+        masked = arch == "encoder_text_decoder"  # the memory holds the (padded) context too
+        if masked:
+            images, context, _ = _etd_sample(config, 2)
+            with torch.no_grad():
+                memory, memory_mask = _Encode(mirror)(images, context)
+            memory_axes = {0: "batch", 1: "memory"}
+            add("encode", _Encode(mirror), (images, context), ["images", "context_ids"],
+                ["image_embeds", "memory_mask"],
+                {"images": batch, "context_ids": {0: "batch", 1: "context"}, "image_embeds": memory_axes,
+                 "memory_mask": memory_axes})
+        else:
+            vision = _Vision(mirror)
+            with torch.no_grad():
+                memory = vision(images)
+            add("vision", vision, (images,), ["images"], ["image_embeds"],
+                {"images": batch, "image_embeds": batch})
+        cross_in = [] if concat else (["image_embeds", "memory_mask"] if masked else ["image_embeds"])
+        cross_args = () if concat else ((memory, memory_mask) if masked else (memory,))
+        cross_axes = {} if concat else {n: memory_axes for n in cross_in}
         ids = torch.randint(4, 200, (2, 9))
         add("embed", _Embed(mirror), (ids,), ["input_ids"], ["inputs_embeds"],
             {"input_ids": {0: "batch", 1: "sequence"}, "inputs_embeds": {0: "batch", 1: "sequence"}})
@@ -304,22 +353,18 @@ def onnx(model: nn.Module, directory: str, opset: int = DEFAULT_OPSET, check: bo
         past = [n.replace("present", "past") for n in kv]
         seq = {0: "batch", 2: "sequence"}
         embeds = mirror.decoder.token_embed(ids)
-        prefill_in = ["inputs_embeds"] + ([] if concat else ["image_embeds"])
-        prefill_args = (embeds,) if concat else (embeds, memory)
+        prefill_in = ["inputs_embeds"] + cross_in
+        prefill_args = (embeds, *cross_args)
         axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
-                **{n: seq for n in kv}}
-        if not concat:
-            axes["image_embeds"] = batch
+                **{n: seq for n in kv}, **cross_axes}
         add("prefill", _Prefill(mirror), prefill_args, prefill_in, ["logits"] + kv, axes)
         with torch.no_grad():
             presents = _Prefill(mirror)(*prefill_args)[1:]
         step = torch.randint(4, 200, (2, 1))
-        decode_in = ["input_ids"] + past + ([] if concat else ["image_embeds"])
-        decode_args = (step, *presents) + (() if concat else (memory,))
+        decode_in = ["input_ids"] + past + cross_in
+        decode_args = (step, *presents, *cross_args)
         axes = {"input_ids": batch, "logits": batch, **{n: {0: "batch", 2: "past"} for n in past},
-                **{n: {0: "batch", 2: "total"} for n in kv}}
-        if not concat:
-            axes["image_embeds"] = batch
+                **{n: {0: "batch", 2: "total"} for n in kv}, **cross_axes}
         add("decode", _Decode(mirror), decode_args, decode_in, ["logits"] + kv, axes)
     elif arch in ("two_tower", "two_leg"):
         ids = torch.randint(4, 60, (2, 9))

@@ -79,9 +79,6 @@ def test_export_checks_with_onnx_and_refuses_what_it_cannot_mirror(tmp_path):
     for g in spec["graphs"].values():
         onnx.checker.check_model(onnx.load(str(tmp_path / "vlm" / g["file"])))
     assert json.loads((tmp_path / "vlm" / "export.json").read_text())["depth"] == SMALL_VLM["decoder"]["depth"]
-    etd = vlmkit.build_model(vlmkit.default_config("encoder_text_decoder"))
-    with pytest.raises(NotImplementedError, match="encoder_text_decoder"):
-        export.onnx(etd, str(tmp_path / "etd"))
     gated = copy.deepcopy(vlmkit.default_config("encoder_decoder"))
     gated["fusion"], gated["decoder"]["gated_cross_attention"] = "cross_attention", True
     gated["decoder"]["cross_attention_every"] = 1
@@ -115,6 +112,40 @@ def test_generative_export_in_onnx_runtime_equals_vlmkit(name, config, tmp_path)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
     tokens, _ = model.cpp_module.generate_ids(images, ids.tolist(), max_new_tokens=8, stop_tokens=[])
+    assert result["tokens"] == tokens
+
+
+@needs_ort
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_encoder_text_decoder_export_in_onnx_runtime_equals_vlmkit(fusion, tmp_path):
+    torch.manual_seed(0)
+    config = vlmkit.default_config("encoder_text_decoder")
+    config["fusion"] = fusion
+    config["decoder"] = dict(config["decoder"], depth=2, **({"cross_attention_every": 1}
+                                                             if fusion == "cross_attention" else {}))
+    model = vlmkit.build_model(config).eval()
+    spec = export.onnx(model, str(tmp_path / "export"))
+    assert "encode" in spec["graphs"] and "vision" not in spec["graphs"]
+    size = spec["image_size"]
+    # Concat packs each row's valid memory into its prompt: rows need equal context lengths
+    # there; cross-attention masks padded context positions, so one row is padded.
+    n = 3 if fusion == "cross_attention" else 1
+    images = torch.rand(n, 3, size, size)
+    context = torch.randint(8, 200, (n, 11))
+    if n > 1:
+        context[1, 8:] = 0
+    ids = _prompts(n, 10, spec["vocab_size"])
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"images": _tensor(images), "context_ids": context.tolist(),
+                                   "input_ids": ids.tolist(), "max_new_tokens": 8}))
+    _node("generate.js", tmp_path / "export", request, tmp_path / "out.json")
+    result = json.loads((tmp_path / "out.json").read_text())
+    with torch.no_grad():
+        expected = model(images, context, ids).logits
+    got = torch.tensor(result["prefill_logits"]["data"]).view(result["prefill_logits"]["dims"])
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+    tokens, _ = model.cpp_module.generate_ids(images, context, ids.tolist(), max_new_tokens=8, stop_tokens=[])
     assert result["tokens"] == tokens
 
 
@@ -178,6 +209,9 @@ def test_cli_export_of_a_checkpoint(tmp_path, capsys):
     assert (tmp_path / "onnx" / "export.json").exists()
     assert cli.main(["export", "--checkpoint", path, "--format", "tflite"]) == 2
     assert "only 'onnx'" in capsys.readouterr().err
-    etd = checkpoint.save_model(str(tmp_path / "etd"), vlmkit.build_model(vlmkit.default_config("encoder_text_decoder")))
-    assert cli.main(["export", "--checkpoint", etd, "--output", str(tmp_path / "x")]) == 2
-    assert "not built" in capsys.readouterr().err
+    gated = vlmkit.default_config("encoder_decoder")
+    gated["fusion"] = "cross_attention"
+    gated["decoder"].update(gated_cross_attention=True, cross_attention_every=1)
+    refused = checkpoint.save_model(str(tmp_path / "gated"), vlmkit.build_model(gated))
+    assert cli.main(["export", "--checkpoint", refused, "--output", str(tmp_path / "x")]) == 2
+    assert "gated_cross_attention" in capsys.readouterr().err

@@ -8,11 +8,13 @@ function toTensor(spec) {
   const { type, dims, data } = spec;
   if (type === 'float32') return new ort.Tensor('float32', Float32Array.from(data), dims);
   if (type === 'int64') return new ort.Tensor('int64', BigInt64Array.from(data.map((v) => BigInt(v))), dims);
-  throw new Error(`unsupported tensor type ${type} (float32 or int64)`);
+  if (type === 'bool') return new ort.Tensor('bool', Uint8Array.from(data.map((v) => (v ? 1 : 0))), dims);
+  throw new Error(`unsupported tensor type ${type} (float32, int64 or bool)`);
 }
 
 function fromTensor(t) {
-  const data = t.type === 'int64' ? Array.from(t.data, (v) => Number(v)) : Array.from(t.data);
+  const data = t.type === 'int64' ? Array.from(t.data, (v) => Number(v))
+    : t.type === 'bool' ? Array.from(t.data, (v) => Boolean(v)) : Array.from(t.data);
   return { type: t.type, dims: Array.from(t.dims), data };
 }
 

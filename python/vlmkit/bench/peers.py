@@ -427,7 +427,96 @@ class TwoLeg(nn.Module):
         return logits, None if labels is None else F.cross_entropy(logits, labels)
 
 
+def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """vlmkit's fixed 2D positions [rows * cols, dim]: sin/cos of the row, then of the column."""
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    # Row-major (row, col) of every cell, written with expand so an ONNX trace keeps the grid dynamic.
+    ys = torch.arange(rows, dtype=torch.float64)[:, None].expand(rows, cols).reshape(-1)
+    xs = torch.arange(cols, dtype=torch.float64)[None, :].expand(rows, cols).reshape(-1)
+    # Angles in float64 as vlmkit does; sin and cos in float32 (ONNX Runtime has no float64 Sin/Cos).
+    oy, ox = torch.outer(ys, omega).float(), torch.outer(xs, omega).float()
+    return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], 1)
+
+
+class EncoderTextDecoder(nn.Module):
+    """Architecture 3: image tokens and a context text encoded together by the text
+    encoder's blocks, projected into a memory that the decoder reads (concat at
+    <image> or cross-attention). The mirror covers the forward pass (logits) and
+    the export; it is not timed by the suite."""
+
+    def __init__(self, c: Dict):
+        super().__init__()
+        image, text, dec = c["image_encoder"], c["text_encoder"], dict(c["decoder"])
+        self.concat = c.get("fusion", "concat") == "concat"
+        self.prefix_lm = c.get("attention", "causal") == "prefix_lm"
+        self.image_token = c.get("image_token_id", 3)
+        di, dt = image["d_model"], text["d_model"]
+        self.modality_embed = nn.Parameter(torch.randn(2, dt) * 0.02)  # own parameters come first, as in C++
+        if image.get("type", "vit") == "conv":
+            self.image_encoder = ConvStem(image["channels"], di, image.get("in_channels", 3))
+        else:
+            self.image_encoder = ViT(image)
+        self.text_encoder = TextEncoder(text)
+        if di != dt:
+            self.image_to_text = nn.Linear(di, dt)
+        self.projector = Projector(c["projector"], dt, dec["d_model"])
+        self.context_projection = nn.Linear(dt, dec["d_model"])
+        self.decoder = Decoder(dec, dec.get("context_dim", 0) or dec["d_model"])
+        _init(self)
+
+    def encode(self, images, context_ids):
+        """memory [B, M + C, D] and its padding mask [B, M + C] (true = padding)."""
+        out = self.image_encoder(images)
+        tokens, grid = (out[0], out[2]) if len(out) == 3 else out
+        img = self.image_to_text(tokens) if hasattr(self, "image_to_text") else tokens
+        d = img.shape[-1]
+        if grid[0] * grid[1] == img.shape[1] and d % 4 == 0:
+            img = img + sincos_2d(grid[0], grid[1], d)
+        img = img + self.modality_embed[0]
+        te = self.text_encoder
+        txt = te.token_embed(context_ids) + te.pos_embed[:, : context_ids.shape[1]] + self.modality_embed[1]
+        pad = context_ids.eq(te.pad)
+        joint_pad = torch.cat([torch.zeros_like(img[:, :, 0], dtype=torch.bool), pad], 1)
+        x = torch.cat([img, txt], 1)
+        for block in te.blocks:
+            x = block(x, mask=joint_pad[:, None, None, :])
+        x = te.norm(x)
+        n = img.shape[1]
+        projected = self.projector(x[:, :n], grid)
+        memory = torch.cat([projected, self.context_projection(x[:, n:])], 1)
+        mask = torch.cat([torch.zeros_like(projected[:, :, 0], dtype=torch.bool), pad], 1)
+        return memory, mask
+
+    def forward(self, images, context_ids, ids, labels=None):
+        if labels is not None:
+            raise NotImplementedError("the encoder_text_decoder mirror computes logits only")
+        memory, mask = self.encode(images, context_ids)
+        embeds = self.decoder.token_embed(ids)
+        if self.concat:  # each row's <image> becomes its valid memory tokens
+            rows = []
+            for b, p in enumerate(ids.eq(self.image_token).float().argmax(1).tolist()):
+                rows.append(torch.cat([embeds[b, :p], memory[b][~mask[b]], embeds[b, p + 1:]]))
+            if len({len(r) for r in rows}) != 1:
+                raise NotImplementedError("the mirror needs equal fused lengths per batch")
+            x, context, context_mask = torch.stack(rows), None, None
+        else:
+            x, context, context_mask = embeds, memory, mask
+        t = x.shape[1]
+        attn = None if self.prefix_lm else torch.ones(t, t, dtype=torch.bool).triu(1)
+        positions = torch.arange(t)
+        for block in self.decoder.blocks:
+            x = x + block.self_attn(block.norm1(x), mask=attn, positions=positions)
+            if block.cross:
+                x = x + block.cross_attn(block.norm_cross(x), context,
+                                         mask=None if context_mask is None else context_mask[:, None, None, :])
+            x = x + block.mlp(block.norm2(x))
+        return self.decoder.norm(x) @ self.decoder.token_embed.weight.t(), None
+
+
 PEERS = {"encoder_decoder": EncoderDecoder, "two_tower": TwoTower, "two_leg": TwoLeg}
+# The export also traces this one (the suite does not time it).
+MIRRORS = {**PEERS, "encoder_text_decoder": EncoderTextDecoder}
 
 
 def unmirrored(config: Dict) -> List[str]:
@@ -435,7 +524,7 @@ def unmirrored(config: Dict) -> List[str]:
     implement; build_peer refuses such configs rather than time other work."""
     arch, out = config["architecture"], []
     image = config.get("image_encoder", {})
-    if image.get("type", "vit") != "vit":
+    if image.get("type", "vit") != "vit" and arch != "encoder_text_decoder":
         out.append(f"image encoder {image.get('type')!r} (the peer has the ViT)")
     for key, default in (("pos_embedding", "learned"), ("norm_eps", 1e-5)):
         if key in image and image[key] != default:
@@ -457,7 +546,7 @@ def unmirrored(config: Dict) -> List[str]:
             out.append(f"fusion {config['fusion'].get('type')!r} (the peer has concat_mlp)")
         if config["head"].get("type", "classification") != "classification":
             out.append(f"head {config['head'].get('type')!r} (the peer has a classification head)")
-    if arch == "encoder_decoder":
+    if arch in ("encoder_decoder", "encoder_text_decoder"):
         if config.get("label_smoothing", 0.0):
             out.append("label_smoothing")
         if config["decoder"].get("gated_cross_attention"):
