@@ -150,12 +150,21 @@ torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch:
     x = x + pos_embed[0].index_select(0, pos.reshape(-1)).view({b, t, d});
   }
   const bool causal = !attn_mask.defined();
+  const bool recompute =
+      options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() && !cache;
   size_t i = 0;
   for (const auto& block : *blocks) {
     auto* layer = block->as<TransformerBlockImpl>();
-    x = layer->forward(x, mask, attn_mask, causal,
-                       layer->options.cross_attention() ? context : torch::Tensor(),
-                       context_mask, cache ? &cache->layers[i] : nullptr, pos);
+    const auto layer_context = layer->options.cross_attention() ? context : torch::Tensor();
+    if (recompute) {
+      x = detail::checkpoint([layer, mask, attn_mask, causal, context_mask, pos](const torch::Tensor& h,
+                                                                                 const torch::Tensor& c) {
+        return layer->forward(h, mask, attn_mask, causal, c, context_mask, nullptr, pos);
+      }, x, layer_context);
+    } else {
+      x = layer->forward(x, mask, attn_mask, causal, layer_context, context_mask,
+                         cache ? &cache->layers[i] : nullptr, pos);
+    }
     ++i;
   }
   return norm->forward(x);

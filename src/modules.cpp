@@ -346,6 +346,73 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
   return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
 }
 
+// ---------------------------------------------------------------- activation checkpointing
+namespace detail {
+namespace {
+using BlockFn = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+
+struct BlockHolder : torch::CustomClassHolder {
+  explicit BlockHolder(BlockFn f) : fn(std::move(f)) {}
+  BlockFn fn;
+};
+
+struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& context, c10::intrusive_ptr<BlockHolder> holder) {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      ctx->saved_data["rng"] = gen.get_state();
+    }
+    const bool has_context = context.numel() > 0;
+    ctx->saved_data["block"] = c10::IValue::make_capsule(holder);
+    ctx->saved_data["has_context"] = has_context;
+    ctx->save_for_backward({x, context});
+    torch::NoGradGuard no_grad;  // nothing of the block's graph is kept
+    return holder->fn(x, has_context ? context : torch::Tensor());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto holder = c10::static_intrusive_pointer_cast<BlockHolder>(ctx->saved_data["block"].toCapsule());
+    const bool has_context = ctx->saved_data["has_context"].toBool();
+    auto x = saved[0].detach().requires_grad_(true);
+    torch::Tensor context;
+    if (has_context) context = saved[1].detach().requires_grad_(saved[1].requires_grad());
+    auto gen = at::detail::getDefaultCPUGenerator();
+    torch::Tensor rng_now;
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      rng_now = gen.get_state();
+      gen.set_state(ctx->saved_data["rng"].toTensor());
+    }
+    torch::Tensor y;
+    {
+      torch::AutoGradMode enable(true);
+      y = holder->fn(x, context);
+    }
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(rng_now);
+    }
+    // Re-entrant backward: parameter gradients accumulate as in an ordinary backward.
+    torch::autograd::backward({y}, {grads[0]});
+    return {x.grad(), has_context && context.requires_grad() ? context.grad() : torch::Tensor(), torch::Tensor()};
+  }
+};
+}  // namespace
+
+torch::Tensor checkpoint(const BlockFn& block, const torch::Tensor& x, const torch::Tensor& context) {
+  // A frozen input (LoRA: frozen embeddings) would leave the output without a
+  // graph and the block's own trainable parameters without gradients.
+  auto input = x.requires_grad() ? x : x.detach().requires_grad_(true);
+  // No context: an empty stand-in (custom autograd functions take defined tensors only).
+  return CheckpointFunction::apply(input, context.defined() ? context : x.new_empty({0}),
+                                   c10::make_intrusive<BlockHolder>(block));
+}
+}  // namespace detail
+
 // ---------------------------------------------------------------- norm
 NormImpl::NormImpl(int64_t dim_, NormType type_, double eps_) : dim(dim_), type(type_), eps(eps_) { reset(); }
 
@@ -660,7 +727,14 @@ EncoderOutput ViTImpl::forward(const torch::Tensor& images, const torch::Tensor&
     x = torch::cat({cls.expand({b, 1, -1}), x}, 1);
     if (pad.defined()) key_pad = torch::cat({torch::zeros({b, 1}, pad.options()), pad}, 1);
   }
-  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, key_pad);
+  const bool recompute = options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
+  for (const auto& block : *blocks) {
+    auto* layer = block->as<TransformerBlockImpl>();
+    x = recompute ? detail::checkpoint([layer, key_pad](const torch::Tensor& h, const torch::Tensor&) {
+                      return layer->forward(h, key_pad);
+                    }, x, {})
+                  : layer->forward(x, key_pad);
+  }
   x = norm->forward(x);
   EncoderOutput out;
   out.grid = {rows, cols};
@@ -733,7 +807,14 @@ torch::Tensor TextEncoderImpl::embed(const torch::Tensor& token_ids) {
 
 torch::Tensor TextEncoderImpl::encode(const torch::Tensor& embeds, const torch::Tensor& padding_mask) {
   auto x = embeds;
-  for (const auto& block : *blocks) x = block->as<TransformerBlockImpl>()->forward(x, padding_mask);
+  const bool recompute = options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
+  for (const auto& block : *blocks) {
+    auto* layer = block->as<TransformerBlockImpl>();
+    x = recompute ? detail::checkpoint([layer, padding_mask](const torch::Tensor& h, const torch::Tensor&) {
+                      return layer->forward(h, padding_mask);
+                    }, x, {})
+                  : layer->forward(x, padding_mask);
+  }
   return norm->forward(x);
 }
 

@@ -368,3 +368,31 @@ TEST_CASE("trainer: freezing, parameter groups, schedule, accumulation and the n
   REQUIRE(bad.state().nonfinite_steps == 3);
   REQUIRE(torch::equal(vlmkit::module_state(*model).at("decoder.token_embed.weight"), before));
 }
+
+TEST_CASE("activation checkpointing: the same loss and gradients, through the Trainer's loss", "[trainer][checkpointing]") {
+  std::vector<std::map<std::string, torch::Tensor>> grads;
+  std::vector<double> losses;
+  for (bool recompute : {false, true}) {
+    auto config = tiny_config();
+    config["decoder"]["activation_checkpointing"] = recompute;
+    config["image_encoder"]["activation_checkpointing"] = recompute;
+    torch::manual_seed(0);
+    auto model = vlmkit::build_model(config);
+    model->train();
+    FixedBatches data(1);
+    auto batch = data.next();
+    REQUIRE(batch);
+    auto loss = vlmkit::generative_loss(*model, *batch);
+    loss.backward();
+    losses.push_back(loss.item<double>());
+    std::map<std::string, torch::Tensor> g;
+    for (const auto& p : model->named_parameters()) g[p.key()] = p.value().grad();
+    grads.push_back(g);
+  }
+  REQUIRE(losses[0] == Approx(losses[1]).margin(1e-6));
+  for (const auto& [name, g] : grads[0]) {
+    INFO(name);
+    REQUIRE(g.defined() == grads[1].at(name).defined());
+    if (g.defined()) REQUIRE(close(grads[1].at(name), g, 1e-6));
+  }
+}

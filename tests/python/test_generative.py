@@ -1,5 +1,6 @@
 """Architectures 3 and 4 with every projector and fusion: forward, backward,
 learning on a fixed batch, and generation with and without the KV cache."""
+import copy
 import itertools
 import json
 
@@ -192,6 +193,48 @@ def test_todays_blocks_bad_settings_raise_clear_errors():
         cfg["decoder"].update(change)
         with pytest.raises(ValueError, match=match):
             vlmkit.build_model(cfg)
+
+
+@pytest.mark.parametrize("case", ["concat", "cross_attention", "two_tower", "lora"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
+    """Recomputing each block in backward changes memory and time, not the numbers."""
+    from vlmkit import lora
+    if case == "two_tower":
+        from conftest import batch, tiny_config
+        cfg = tiny_config("two_tower")
+        images, ids = batch(4)
+        run = lambda m: m(images, ids).loss
+    else:
+        cfg = tiny("encoder_decoder", "mlp", "cross_attention" if case == "cross_attention" else "concat",
+                   attention="prefix_lm")
+        if case == "cross_attention":
+            cfg["decoder"]["cross_attention_every"] = 1
+        images = torch.rand(2, 3, 32, 32)
+        ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+        run = lambda m: m(images, ids, mask, labels).loss
+    results = []
+    for checkpointing in (False, True):
+        c = copy.deepcopy(cfg)
+        for part in ("image_encoder", "text_encoder", "decoder"):
+            if part in c:
+                c[part]["activation_checkpointing"] = checkpointing
+        torch.manual_seed(0)
+        model = vlmkit.build_model(c).train()
+        if case == "lora":  # frozen embeddings: the blocks' inputs need no gradient
+            lora.apply(model, rank=2)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05)
+        loss = run(model)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert grads_b[name] is not None, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_streaming_callback_stop_tokens_and_state_dict():

@@ -2,6 +2,8 @@
 /// Pre-norm transformer block (Xiong et al. 2020, "On Layer Normalization in
 /// the Transformer Architecture"), optionally with a cross-attention sub-layer.
 #include <torch/nn/modules/dropout.h>
+
+#include <functional>
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/attention.h"
@@ -47,6 +49,14 @@ namespace detail {
 /// ViT/BERT-style initialisation used by every vlmkit block: Linear and
 /// Embedding weights ~ N(0, 0.02), biases 0, LayerNorm weight 1 and bias 0.
 void init_transformer_weights(torch::nn::Module& module);
+
+/// Activation checkpointing (Chen et al. 2016): runs `block(x, context)` without
+/// keeping its activations and recomputes them during backward (with the RNG
+/// state of the first run, so dropout masks match). Gradients reach x, context
+/// (when it requires grad) and the block's parameters as without it.
+/// `context` may be undefined.
+torch::Tensor checkpoint(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>& block,
+                         const torch::Tensor& x, const torch::Tensor& context);
 }  // namespace detail
 
 }  // namespace vlmkit

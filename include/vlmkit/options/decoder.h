@@ -47,6 +47,9 @@ struct TextDecoderOptions {
   TORCH_ARG(int64_t, num_kv_heads) = 0;
   TORCH_ARG(bool, qk_norm) = false;
   TORCH_ARG(double, norm_eps) = 1e-5;
+  /// Activation checkpointing: while training, each block's activations are
+  /// recomputed during backward instead of kept (less memory, one more forward).
+  TORCH_ARG(bool, activation_checkpointing) = false;
 };
 
 template <class V>
@@ -70,6 +73,7 @@ void visit_fields(TextDecoderOptions& o, V& v) {
   v("num_kv_heads", o.num_kv_heads());
   v("qk_norm", o.qk_norm());
   v("norm_eps", o.norm_eps());
+  v("activation_checkpointing", o.activation_checkpointing());
 }
 
 enum class ProjectorType { linear, mlp, pixel_shuffle, patch_merger, resampler };

@@ -47,6 +47,8 @@ struct ViTOptions {
   /// Norm and MLP of the blocks (and the final norm), as in the decoder.
   TORCH_ARG(NormType, norm) = NormType::layernorm;
   TORCH_ARG(MlpType, mlp) = MlpType::gelu;
+  /// Activation checkpointing of the blocks while training (less memory, one more forward).
+  TORCH_ARG(bool, activation_checkpointing) = false;
   /// `patch`: one strided convolution (the ViT paper); `conv`: the conv stage
   /// (log2(patch_size) stride-2 convolutions, Xiao et al. 2021 "Early
   /// Convolutions Help Transformers See Better").
@@ -68,6 +70,7 @@ void visit_fields(ViTOptions& o, V& v) {
   v("stem", o.stem());
   v("norm", o.norm());
   v("mlp", o.mlp());
+  v("activation_checkpointing", o.activation_checkpointing());
 }
 
 /// Options for the conv stage: a small CNN (stride-2 3x3 convolutions, each

@@ -35,6 +35,8 @@ struct TextEncoderOptions {
   /// Norm and MLP of the blocks (and the final norm).
   TORCH_ARG(NormType, norm) = NormType::layernorm;
   TORCH_ARG(MlpType, mlp) = MlpType::gelu;
+  /// Activation checkpointing of the blocks while training (less memory, one more forward).
+  TORCH_ARG(bool, activation_checkpointing) = false;
 };
 
 template <class V>
@@ -50,6 +52,7 @@ void visit_fields(TextEncoderOptions& o, V& v) {
   v("pad_id", o.pad_id());
   v("norm", o.norm());
   v("mlp", o.mlp());
+  v("activation_checkpointing", o.activation_checkpointing());
 }
 
 }  // namespace vlmkit

@@ -283,11 +283,13 @@ class Decoder(nn.Module):
                                     for i in range(c["depth"]))
         self.norm = make_norm(d, c.get("norm", "layernorm"), c.get("norm_eps", 1e-5))
 
-    def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0):
+    def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0, last_only=False):
         positions = torch.arange(start, start + x.shape[1])
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, causal=causal, context=context,
                       cache=None if caches is None else caches[i], positions=positions)
+        if last_only:  # generation reads only the last position's logits (so does vlmkit)
+            x = x[:, -1:]
         return self.norm(x) @ self.token_embed.weight.t()
 
 
@@ -368,7 +370,7 @@ class EncoderDecoder(nn.Module):
         if use_cache:
             caches = [{} for _ in self.decoder.blocks]
             # Prefix-LM: the whole prompt attends both ways; generated tokens causally.
-            logits = self.decoder(x, causal=not self.prefix_lm, context=context, caches=caches)
+            logits = self.decoder(x, causal=not self.prefix_lm, context=context, caches=caches, last_only=True)
             length = x.shape[1]
             for step in range(max_new_tokens):
                 nxt = logits[:, -1].argmax(-1)
@@ -382,7 +384,7 @@ class EncoderDecoder(nn.Module):
         else:
             for _ in range(max_new_tokens):
                 mask = prefix_lm_mask(x.shape[1], prompt) if self.prefix_lm else None
-                nxt = self.decoder(x, mask=mask, causal=mask is None, context=context)[:, -1].argmax(-1)
+                nxt = self.decoder(x, mask=mask, causal=mask is None, context=context, last_only=True)[:, -1].argmax(-1)
                 for b, t in enumerate(nxt.tolist()):
                     out[b].append(t)
                 x = torch.cat([x, self.decoder.token_embed(nxt[:, None])], 1)
