@@ -173,6 +173,7 @@ void bind_train(py::module_& m) {
              r("min_lr_ratio", o.min_lr_ratio());
              r("clip_norm", o.clip_norm());
              r("accumulation", o.accumulation());
+             r("precision", o.precision());
              r("max_nonfinite_steps", o.max_nonfinite_steps());
              r("log_every", o.log_every());
              r("eval_every", o.eval_every());

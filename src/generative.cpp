@@ -288,7 +288,7 @@ PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
     : ProjectorModule("vlmkit::PatchMergerProjector"), options(std::move(options_)) {
   check_projector(options, "PatchMergerProjector");
   const int64_t merged = options.in_dim() * 4;
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.in_dim()})));
+  norm = register_module("norm", Norm(options.in_dim()));
   fc1 = register_module("fc1", Linear(merged, merged));
   fc2 = register_module("fc2", Linear(merged, options.out_dim()));
   detail::init_transformer_weights(*this);
@@ -322,7 +322,7 @@ ResamplerProjectorImpl::ResamplerProjectorImpl(ProjectorOptions options_)
     blocks->push_back(TransformerBlock(TransformerBlockOptions(options.out_dim(), options.num_heads())
                                            .cross_attention(true)
                                            .context_dim(options.in_dim())));
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.out_dim()})));
+  norm = register_module("norm", Norm(options.out_dim()));
   detail::init_transformer_weights(*this);
 }
 

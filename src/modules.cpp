@@ -1,5 +1,6 @@
 // Non-template building blocks: attention, transformer block, image and text
 // encoders, Two-Leg fusion blocks, heads and losses.
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <map>
@@ -414,6 +415,15 @@ torch::Tensor checkpoint(const BlockFn& block, const torch::Tensor& x, const tor
 }  // namespace detail
 
 // ---------------------------------------------------------------- norm
+namespace detail {
+torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
+  // LibTorch 1.13's CPU autocast leaves group_norm out: bf16 input, float32 weights.
+  if (input.scalar_type() != weight.scalar_type() && at::autocast::is_cpu_enabled())
+    return torch::nn::GroupNormImpl::forward(input.to(weight.scalar_type()));
+  return torch::nn::GroupNormImpl::forward(input);
+}
+}  // namespace detail
+
 NormImpl::NormImpl(int64_t dim_, NormType type_, double eps_) : dim(dim_), type(type_), eps(eps_) { reset(); }
 
 void NormImpl::reset() {
@@ -427,9 +437,14 @@ void NormImpl::pretty_print(std::ostream& stream) const {
   stream << "vlmkit::Norm(" << to_name(type) << ", " << dim << ", eps=" << eps << ")";
 }
 
-torch::Tensor NormImpl::forward(const torch::Tensor& x) {
-  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1 && x.size(-1) == dim, "Norm: expected [..., ", dim, "], got ",
-                    detail::shape_str(x));
+torch::Tensor NormImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK_VALUE(input.defined() && input.dim() >= 1 && input.size(-1) == dim, "Norm: expected [..., ", dim,
+                    "], got ", detail::shape_str(input));
+  // Under bf16 autocast a block hands its norm bf16 activations: normalise in the
+  // weights' precision (float32), as autocast does for its own fp32 ops.
+  const auto x = input.scalar_type() != weight.scalar_type() && at::autocast::is_cpu_enabled()
+                     ? input.to(weight.scalar_type())
+                     : input;
   if (type == NormType::layernorm) return torch::layer_norm(x, {dim}, weight, bias, eps);
   const bool low = x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
   const auto xf = low ? x.to(torch::kFloat) : x;
@@ -534,7 +549,7 @@ void ConvStageImpl::reset() {
     TORCH_CHECK_VALUE(c > 0, "ConvStage: channel counts must be positive, got ", c);
     // No conv bias: the GroupNorm that follows removes it anyway.
     stages->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(in, c, 3).stride(2).padding(1).bias(false)));
-    stages->push_back(torch::nn::GroupNorm(torch::nn::GroupNormOptions(std::gcd<int64_t>(8, c), c)));
+    stages->push_back(detail::GroupNorm(torch::nn::GroupNormOptions(std::gcd<int64_t>(8, c), c)));
     stages->push_back(torch::nn::GELU());
     in = c;
   }
@@ -544,7 +559,7 @@ void ConvStageImpl::reset() {
   // gradient is a transposed view, which a Linear after flatten/transpose
   // produces. The 1x1 conv hands the last GELU a contiguous NCHW gradient.
   proj = register_module("proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, options.d_model(), 1)));
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.d_model()})));
+  norm = register_module("norm", Norm(options.d_model()));
   detail::init_transformer_weights(*this);
 }
 
@@ -960,7 +975,7 @@ void CrossAttentionFusionImpl::reset() {
                                            .dropout(options.dropout())
                                            .cross_attention(true)
                                            .context_dim(options.image_dim())));
-  norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options.dim()})));
+  norm = register_module("norm", Norm(options.dim()));
   detail::init_transformer_weights(*this);
 }
 

@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 #include <unistd.h>
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "internal.h"
@@ -464,7 +466,8 @@ json trainer_options_to_json(const TrainerOptions& o) {
           {"eval_every", o.eval_every()},
           {"checkpoint_every", o.checkpoint_every()},
           {"keep_checkpoints", o.keep_checkpoints()},
-          {"output_dir", o.output_dir()}};
+          {"output_dir", o.output_dir()},
+          {"precision", o.precision()}};
 }
 
 torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {
@@ -473,6 +476,34 @@ torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {
   TORCH_CHECK_VALUE(false, "Trainer: no built-in loss for ", model.name(),
                     " (it handles encoder_decoder models); pass a loss function");
 }
+
+namespace detail {
+Autocast::Autocast(const torch::Device& device, torch::ScalarType dtype) : cuda_(device.is_cuda()) {
+  if (cuda_) {
+    was_enabled_ = at::autocast::is_enabled();
+    old_dtype_ = at::autocast::get_autocast_gpu_dtype();
+    at::autocast::set_enabled(true);
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  } else {
+    was_enabled_ = at::autocast::is_cpu_enabled();
+    old_dtype_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  }
+  at::autocast::increment_nesting();
+}
+
+Autocast::~Autocast() {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  if (cuda_) {
+    at::autocast::set_enabled(was_enabled_);
+    at::autocast::set_autocast_gpu_dtype(old_dtype_);
+  } else {
+    at::autocast::set_cpu_enabled(was_enabled_);
+    at::autocast::set_autocast_cpu_dtype(old_dtype_);
+  }
+}
+}  // namespace detail
 
 namespace {
 bool has_prefix(const std::string& name, const std::string& prefix) {
@@ -498,6 +529,8 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, TrainerOptions option
   TORCH_CHECK_VALUE(o.steps() >= 1, "Trainer: steps must be >= 1, got ", o.steps());
   TORCH_CHECK_VALUE(o.lr() > 0 && std::isfinite(o.lr()), "Trainer: lr must be a positive number, got ", o.lr());
   TORCH_CHECK_VALUE(o.accumulation() >= 1, "Trainer: accumulation must be >= 1, got ", o.accumulation());
+  TORCH_CHECK_VALUE(o.precision() == "fp32" || o.precision() == "bf16", "Trainer: precision must be 'fp32' or 'bf16', got '",
+                    o.precision(), "'");
   TORCH_CHECK_VALUE(o.warmup_steps() >= 0 && o.min_lr_ratio() >= 0 && o.min_lr_ratio() <= 1 && o.clip_norm() >= 0 &&
                         o.weight_decay() >= 0 && o.max_nonfinite_steps() >= 1 && o.log_every() >= 0 &&
                         o.eval_every() >= 0 && o.checkpoint_every() >= 0 && o.keep_checkpoints() >= 1,
@@ -726,7 +759,14 @@ json Trainer::fit(BatchSource& data) {
         batch->labels = batch->labels.to(device);
         batch->padding_mask = batch->padding_mask.to(device);
       }
-      auto loss = loss_(*model_, *batch);
+      torch::Tensor loss;
+      {
+        std::optional<detail::Autocast> autocast;
+        if (o.precision() == "bf16") autocast.emplace(device, torch::kBFloat16);
+        loss = loss_(*model_, *batch);
+      }
+      if (loss.defined() && loss.scalar_type() != torch::kFloat && loss.is_floating_point())
+        loss = loss.to(torch::kFloat);
       TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1, "Trainer: the loss function must return a scalar");
       (o.accumulation() > 1 ? loss / double(o.accumulation()) : loss).backward();
       loss_sum += loss.item<double>();

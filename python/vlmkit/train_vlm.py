@@ -90,6 +90,9 @@ class VlmRun:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
+    # "fp32" or "bf16" (autocast; float32 weights and optimizer state). bf16 wants
+    # torch's threads on the cores (`vlmkit train --precision bf16` sets them).
+    precision: str = "fp32"
 
 
 def compact(value) -> str:
@@ -269,7 +272,7 @@ def scene_tags(sample: Dict) -> List[str]:
 
 
 def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps: int, lr: float = 2e-3,
-                           batch: int = 64, verbose: bool = True) -> Dict[str, float]:
+                           batch: int = 64, verbose: bool = True, precision: str = "fp32") -> Dict[str, float]:
     """Stage 1: trains the model's image encoder (a standalone copy, then loaded back)
     to predict every scene tag (multi-label, max-pooled tokens, linear head), like a
     VLM that starts from a pretrained vision tower. Returns the held-out tag micro-F1."""
@@ -296,8 +299,9 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     start = time.perf_counter()
     for step in range(steps):
         index = torch.randint(0, len(train_x), (batch,), generator=generator)
-        logits = head(encoder(train_x[index]).tokens.max(1).values)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train_y[index])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = head(encoder(train_x[index]).tokens.max(1).values)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), train_y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -435,7 +439,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
                       log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
-                      freeze=[] if adapted else list(run.freeze))
+                      freeze=[] if adapted else list(run.freeze), precision=run.precision)
     params = sum(p.numel() for p in model.parameters())
     if verbose and rank == 0 and adapted:
         trainable = sum(p.numel() for p in lora.trainable_parameters(model))
@@ -451,7 +455,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     if not resumed and run.pretrain_steps > 0 and not run.init_from:
         # Every rank pretrains identically (same seed), so the weights agree.
         stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
-                                        verbose=verbose and rank == 0)
+                                        verbose=verbose and rank == 0, precision=run.precision)
         if verbose and rank == 0:
             print(f"stage 1: held-out tag F1 {stage1['pretrain/tag_f1']:.3f} "
                   f"in {stage1['pretrain/seconds']:.0f} s", flush=True)

@@ -44,6 +44,9 @@ class Trainer:
         log_every, eval_every, checkpoint_every, keep_checkpoints, output_dir: bookkeeping;
             ``output_dir`` receives ``metrics.jsonl`` and ``checkpoints/``.
         loss: optional ``f(batch_dict) -> scalar tensor``.
+        precision: ``"fp32"`` or ``"bf16"`` (forward and loss under bfloat16 autocast;
+            float32 weights, gradients and AdamW state). On CPU, bf16 matrix products
+            run on torch's threads: ``vlmkit.set_num_threads(2, 1)`` on two cores.
         distributed: average gradients over ``torch.distributed`` (default: when it is
             initialised with more than one process); only rank 0 writes files.
     """
@@ -55,7 +58,7 @@ class Trainer:
                  max_nonfinite_steps: int = 5, log_every: int = 50, eval_every: int = 0,
                  checkpoint_every: int = 0, keep_checkpoints: int = 2, output_dir: str = "",
                  loss: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
-                 distributed: Optional[bool] = None) -> None:
+                 distributed: Optional[bool] = None, precision: str = "fp32") -> None:
         if not hasattr(model, "cpp_module"):
             raise TypeError(f"Trainer: expected a vlmkit model, got {type(model).__name__}")
         import torch.distributed as dist
@@ -70,7 +73,8 @@ class Trainer:
                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio, "clip_norm": clip_norm,
                    "accumulation": accumulation, "max_nonfinite_steps": max_nonfinite_steps,
                    "log_every": log_every, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-                   "keep_checkpoints": keep_checkpoints, "output_dir": os.fspath(output_dir), "rank": self.rank}
+                   "keep_checkpoints": keep_checkpoints, "output_dir": os.fspath(output_dir), "rank": self.rank,
+                   "precision": precision}
         self._trainer = _C.Trainer(model.cpp_module, options, loss)
 
     @property

@@ -1,4 +1,6 @@
 // Checkpoint format and the Trainer.
+#include <ATen/autocast_mode.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -395,4 +397,28 @@ TEST_CASE("activation checkpointing: the same loss and gradients, through the Tr
     REQUIRE(g.defined() == grads[1].at(name).defined());
     if (g.defined()) REQUIRE(close(grads[1].at(name), g, 1e-6));
   }
+}
+
+TEST_CASE("trainer: bf16 autocast trains, restores the autocast state, refuses unknown precisions", "[trainer][bf16]") {
+  torch::manual_seed(0);
+  auto model = vlmkit::build_model(tiny_config());
+  vlmkit::Trainer trainer(model, vlmkit::TrainerOptions().steps(6).lr(3e-3).warmup_steps(0).log_every(1).precision("bf16"));
+  std::vector<double> losses;
+  trainer.on_log([&](const vlmkit::json& r) {
+    if (r.contains("loss")) losses.push_back(r["loss"].get<double>());
+  });
+  FixedBatches data(3);
+  trainer.fit(data);
+  REQUIRE(losses.size() == 6);
+  REQUIRE(losses.back() < losses.front());
+  REQUIRE(!at::autocast::is_cpu_enabled());
+  for (const auto& p : model->parameters()) REQUIRE(p.scalar_type() == torch::kFloat);
+  {
+    vlmkit::detail::Autocast guard(torch::kCPU, torch::kBFloat16);
+    REQUIRE(at::autocast::is_cpu_enabled());
+    REQUIRE(torch::mm(torch::randn({4, 4}), torch::randn({4, 4})).scalar_type() == torch::kBFloat16);
+  }
+  REQUIRE(!at::autocast::is_cpu_enabled());
+  REQUIRE_THROWS_WITH(vlmkit::Trainer(vlmkit::build_model(tiny_config()), vlmkit::TrainerOptions().precision("fp16")),
+                      Catch::Contains("precision must be 'fp32' or 'bf16'"));
 }

@@ -399,3 +399,42 @@ def test_trainer_with_a_python_loss_function(manifest):
     bad = vlmkit.Trainer(model, steps=1, log_every=0, loss=lambda batch: torch.zeros(2))
     with pytest.raises(ValueError, match="must return a scalar"):
         bad.fit(loader)
+
+
+def test_trainer_bf16_autocast_trains_like_fp32_and_restores_autocast(manifest):
+    """precision="bf16": forward and loss under bfloat16 autocast, float32 weights and
+    AdamW state; the loss curve follows fp32's and autocast is off again afterwards."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = vlmkit.build_model(TINY_VLM)
+        loader = data.Loader(manifest, batch_size=4, num_workers=2, image_size=32, seed=0, drop_last=True)
+        losses = []
+        vlmkit.Trainer(model, steps=12, lr=3e-3, warmup_steps=2, log_every=1, precision=precision).fit(
+            loader, on_log=lambda r: losses.append(r["loss"]) if "loss" in r else None)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        curves[precision] = losses
+    assert not torch.is_autocast_cpu_enabled()
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert bf16[-1] < bf16[0] - 0.5  # it trains
+    assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.03, (fp32, bf16)  # and like fp32
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        vlmkit.Trainer(vlmkit.build_model(TINY_VLM), steps=1, precision="fp16")
+
+
+def test_generation_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = vlmkit.build_model(TINY_VLM).eval()
+    images = torch.rand(2, 3, 32, 32)
+    prompts = [data.chat_prompt("<image>What colour?"), data.chat_prompt("<image>Describe")]
+    with torch.no_grad():
+        ids, labels, mask = vlmkit.text.training_batch(["<image>q", "<image>q"], ["a", "b"])
+        fp32 = model(images, ids, mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(images, ids, mask).logits
+            texts = model.generate(images, prompts, 6)
+            cached = model.generate(images, prompts, 6, return_ids=True)[1]
+            uncached = model.generate(images, prompts, 6, use_cache=False, return_ids=True)[1]
+    assert bf16.dtype == torch.bfloat16 and len(texts) == 2
+    assert (bf16.float() - fp32).abs().max() < 0.05 * fp32.abs().max()
+    assert all(1 <= len(row) <= 6 for row in cached) and len(uncached) == 2

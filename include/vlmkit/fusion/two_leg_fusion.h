@@ -79,7 +79,7 @@ class CrossAttentionFusionImpl final : public FusionModule {
   CrossAttentionFusionOptions options;
   Linear text_proj{nullptr};  // only when text_dim != dim
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
 };
 TORCH_MODULE(CrossAttentionFusion);
 

@@ -5,9 +5,21 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "vlmkit/modules/encoder.h"
+#include "vlmkit/modules/norm.h"
 #include "vlmkit/options/image_encoder.h"
 
 namespace vlmkit {
+
+namespace detail {
+/// torch::nn::GroupNorm that normalises bf16 activations in its weights'
+/// precision under CPU autocast (LibTorch 1.13's autocast leaves group_norm out).
+class GroupNormImpl : public torch::nn::GroupNormImpl {
+ public:
+  using torch::nn::GroupNormImpl::GroupNormImpl;
+  torch::Tensor forward(const torch::Tensor& input);
+};
+TORCH_MODULE(GroupNorm);
+}  // namespace detail
 
 /// Stride-2 3x3 convolutions (GroupNorm + GELU after each), then a linear map
 /// (1x1 convolution) of each feature-map cell to d_model and a LayerNorm. As an image encoder
@@ -36,7 +48,7 @@ class ConvStageImpl final : public ImageEncoderModule {
   ConvStageOptions options;
   torch::nn::Sequential stages{nullptr};
   torch::nn::Conv2d proj{nullptr};  // 1x1: a per-cell linear map
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
 };
 TORCH_MODULE(ConvStage);
 

@@ -84,7 +84,7 @@ class PatchMergerProjectorImpl final : public ProjectorModule {
   nlohmann::json config() const override;
 
   ProjectorOptions options;
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
   Linear fc1{nullptr}, fc2{nullptr};
 };
 TORCH_MODULE(PatchMergerProjector);
@@ -107,7 +107,7 @@ class ResamplerProjectorImpl final : public ProjectorModule {
   ProjectorOptions options;
   torch::Tensor queries;  // [1, Q, out_dim]
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
+  Norm norm{nullptr};
 };
 TORCH_MODULE(ResamplerProjector);
 

@@ -56,6 +56,12 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, keep_checkpoints) = 2;
   /// Where checkpoints/, metrics.jsonl go ("" : nothing written).
   TORCH_ARG(std::string, output_dir) = "";
+  /// "fp32", or "bf16": the forward pass and loss run under bfloat16 autocast
+  /// (CPU or CUDA, the model's device); weights, gradients and AdamW state stay
+  /// float32. On CPU bf16 GEMMs run on torch's intra-op threads (oneDNN), not
+  /// BLAS's: give torch the cores (vlmkit.set_num_threads; `vlmkit train
+  /// --precision bf16` does).
+  TORCH_ARG(std::string, precision) = "fp32";
   /// Only rank 0 writes files in data-parallel runs.
   TORCH_ARG(int64_t, rank) = 0;
 };
@@ -130,6 +136,22 @@ class Trainer {
   json last_eval_ = json::object();
   std::vector<std::string> group_names_;
 };
+
+namespace detail {
+/// Enables bfloat16 (or float16) autocast on `device`'s kind (CPU or CUDA) for
+/// its lifetime, as torch.autocast does; restores the previous state after.
+class Autocast {
+ public:
+  Autocast(const torch::Device& device, torch::ScalarType dtype);
+  ~Autocast();
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  bool cuda_, was_enabled_;
+  torch::ScalarType old_dtype_;
+};
+}  // namespace detail
 
 /// The default loss: next-token loss of an encoder_decoder model built by
 /// vlmkit (build_model or EncoderDecoderImpl<>); other models need a LossFn.

@@ -70,6 +70,56 @@ def gemm_peak(quick: bool) -> Dict[str, float]:
     return {"gflops": best, "per_size": per_size}
 
 
+def gemm_peak_bf16(quick: bool) -> Dict[str, float]:
+    """bf16 torch.mm (oneDNN on CPU) with torch's threads on every core, as bf16 training runs."""
+    before = vlmkit.thread_info()
+    vlmkit.set_num_threads(os.cpu_count() or 1, 1)
+    try:
+        best, per_size = 0.0, {}
+        for n in ((512, 1024) if quick else (256, 512, 1024, 2048)):
+            a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+            reps = max(3, int(4e9 / (2 * n ** 3)))
+            torch.mm(a, b)
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            per_size[str(n)] = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+            best = max(best, per_size[str(n)])
+    finally:
+        vlmkit.set_num_threads(before["torch_threads"], before["blas_threads"])
+    return {"gflops": best, "per_size": per_size}
+
+
+def train_bf16(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Dict:
+    """Training steps under bfloat16 autocast, vlmkit and the peer alike (torch.autocast
+    around each forward and loss; float32 weights and AdamW), both with torch's threads
+    on every core; beside vlmkit's own fp32 step with its default threads."""
+    model, peer, full = pair(config)
+    images, ids, labels = batch_for(full, batch, text_len)
+    opt_v = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_p = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fn()
+            return loss.float()
+        return run
+    step_v = training_step(model, autocast(lambda: vlmkit_loss(model, full, images, ids, labels)), opt_v)
+    step_p = training_step(peer, autocast(lambda: peer(images, ids, labels)[1]), opt_p)
+    fp32 = training_step(model, lambda: vlmkit_loss(model, full, images, ids, labels), opt_v)
+    before = vlmkit.thread_info()
+    fp32_t = interleaved({"vlmkit_fp32": fp32}, repeats)
+    vlmkit.set_num_threads(os.cpu_count() or 1, 1)
+    try:
+        t = interleaved({"vlmkit": step_v, "peer": step_p}, repeats)
+    finally:
+        vlmkit.set_num_threads(before["torch_threads"], before["blas_threads"])
+    return {"batch": batch, "train_s": {**t, **fp32_t},
+            "train_samples_per_s": {k: batch / v for k, v in {**t, **fp32_t}.items()},
+            "ratio": t["peer"] / t["vlmkit"], "speedup_over_fp32": fp32_t["vlmkit_fp32"] / t["vlmkit"]}
+
+
 def batch_for(config: Dict, batch: int, text_len: int = 32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     size = config["image_encoder"]["image_size"]
@@ -341,6 +391,18 @@ def markdown(results: Dict) -> str:
             lines.append(f"| {b} | {'yes' if mode == 'cache' else 'no'} | {g['ms_per_token']['vlmkit']:.2f} | "
                          f"{g['ms_per_token']['peer']:.2f} | {g['tokens_per_s']['vlmkit']:.0f} | "
                          f"{g['tokens_per_s']['peer']:.0f} | {g['ratio']:.2f} |")
+    bf16 = results.get("bf16")
+    if bf16:
+        g16 = results.get("gemm_bf16", {}).get("gflops", 0.0)
+        lines += ["", "## Training in bf16 (main job's small VLM; autocast on both sides, torch threads on every core)",
+                  "", f"bf16 GEMM peak {g16:.1f} GFLOP/s (torch.mm, oneDNN) beside the fp32 peak "
+                  f"{results['gemm']['gflops']:.1f} GFLOP/s (OpenBLAS).", "",
+                  "| batch | vlmkit bf16 samples/s | peer bf16 (torch.autocast) | ratio | vlmkit fp32 | bf16 / fp32 |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for b, r in bf16.items():
+            sps = r["train_samples_per_s"]
+            lines.append(f"| {b} | {sps['vlmkit']:.1f} | {sps['peer']:.1f} | {r['ratio']:.2f} | "
+                         f"{sps['vlmkit_fp32']:.1f} | {r['speedup_over_fp32']:.2f} |")
     mem = results.get("memory")
     if mem:
         lines += ["", "## Peak memory of training (RSS above the imports, batch 32)", "",
@@ -423,6 +485,13 @@ def main(argv=None) -> int:
             print(f"train {key}: vlmkit {r['train_samples_per_s']['vlmkit']:.1f} samples/s, "
                   f"peer {r['train_samples_per_s']['peer']:.1f}, ratio {r['train_ratio']:.2f}", flush=True)
 
+    results["gemm_bf16"] = gemm_peak_bf16(quick)
+    results["bf16"] = {str(b): train_bf16(SMALL_VLM, b, repeats) for b in (32, 1)}
+    for b, r in results["bf16"].items():
+        print(f"train bf16 batch {b}: vlmkit {r['train_samples_per_s']['vlmkit']:.1f} samples/s, peer under "
+              f"torch.autocast {r['train_samples_per_s']['peer']:.1f}, ratio {r['ratio']:.2f}, "
+              f"x{r['speedup_over_fp32']:.2f} vlmkit fp32", flush=True)
+
     results["generation"] = {}
     for b in (1, 8):
         results["generation"][str(b)] = g = generation(SMALL_VLM, b, 24 if quick else 48, max(3, repeats // 2))
@@ -451,6 +520,8 @@ def main(argv=None) -> int:
                                                          "need": ">= 1.5"},
         "training GFLOP/s / GEMM peak": {"value": gflops / results["gemm"]["gflops"], "need": ">= 0.70"},
         "peak training memory, vlmkit / peer": {"value": results["memory"]["ratio"], "need": "<= 1.0"},
+        "training step in bf16, batch 32, vlmkit / peer under torch.autocast": {
+            "value": results["bf16"]["32"]["ratio"], "need": ">= 1.3"},
         "peak training memory saved by activation checkpointing": {
             "value": results["memory"]["checkpointing_saving"], "need": ">= 0.40"},
     }
