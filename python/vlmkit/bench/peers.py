@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(d: int, kind: str = "layernorm", eps: float = 1e-5) -> nn.Module:
-    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+    return RMSNorm(d, eps) if kind == "rmsnorm" else LayerNorm(d, eps=eps)
 
 
 class Attention(nn.Module):
@@ -143,15 +143,31 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that takes bf16 activations under torch 1.13's CPU autocast:
+    normalised in float32, as vlmkit does."""
+
+    def forward(self, x):
+        return super().forward(x.float() if x.dtype != self.weight.dtype else x)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that takes bf16 activations under torch 1.13's CPU autocast
+    (which leaves group_norm out): normalised in float32, as vlmkit does."""
+
+    def forward(self, x):
+        return super().forward(x.float() if x.dtype != self.weight.dtype else x)
+
+
 class ConvStem(nn.Module):
     def __init__(self, channels: List[int], d: int, in_ch: int = 3):
         super().__init__()
         layers = []
         for c in channels:
-            layers += [nn.Conv2d(in_ch, c, 3, 2, 1, bias=False), nn.GroupNorm(math.gcd(8, c), c), nn.GELU()]
+            layers += [nn.Conv2d(in_ch, c, 3, 2, 1, bias=False), GroupNorm(math.gcd(8, c), c), nn.GELU()]
             in_ch = c
         self.stages = nn.Sequential(*layers)
-        self.proj, self.norm = nn.Conv2d(in_ch, d, 1), nn.LayerNorm(d)
+        self.proj, self.norm = nn.Conv2d(in_ch, d, 1), LayerNorm(d)
 
     def forward(self, images):
         f = self.proj(self.stages(images))
@@ -247,13 +263,13 @@ class Projector(nn.Module):
             self.r = c.get("factor", 2)
             self.proj = nn.Linear(in_dim * self.r ** 2, out_dim)
         elif self.kind == "patch_merger":
-            self.norm, self.fc1, self.fc2 = nn.LayerNorm(in_dim), nn.Linear(4 * in_dim, 4 * in_dim), \
+            self.norm, self.fc1, self.fc2 = LayerNorm(in_dim), nn.Linear(4 * in_dim, 4 * in_dim), \
                 nn.Linear(4 * in_dim, out_dim)
         elif self.kind == "resampler":
             self.queries = nn.Parameter(torch.randn(1, c.get("num_queries", 16), out_dim) * 0.02)
             self.blocks = nn.ModuleList(Block(out_dim, c.get("num_heads", 4), cross=True, context_dim=in_dim)
                                         for _ in range(c.get("num_layers", 1)))
-            self.norm = nn.LayerNorm(out_dim)
+            self.norm = LayerNorm(out_dim)
 
     def forward(self, tokens, grid):
         if self.kind == "linear":
