@@ -366,6 +366,11 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
       ctx->saved_data["rng"] = gen.get_state();
     }
     const bool has_context = context.numel() > 0;
+    // The recomputation must see the forward's autocast (bf16 training).
+    ctx->saved_data["autocast_cpu"] = at::autocast::is_cpu_enabled();
+    ctx->saved_data["autocast_cpu_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_cpu_dtype());
+    ctx->saved_data["autocast_cuda"] = at::autocast::is_enabled();
+    ctx->saved_data["autocast_cuda_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_gpu_dtype());
     ctx->saved_data["block"] = c10::IValue::make_capsule(holder);
     ctx->saved_data["has_context"] = has_context;
     ctx->save_for_backward({x, context});
@@ -391,7 +396,26 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     torch::Tensor y;
     {
       torch::AutoGradMode enable(true);
-      y = holder->fn(x, context);
+      const bool cpu_was = at::autocast::is_cpu_enabled(), cuda_was = at::autocast::is_enabled();
+      const auto cpu_dtype = at::autocast::get_autocast_cpu_dtype(), cuda_dtype = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_cpu_enabled(ctx->saved_data["autocast_cpu"].toBool());
+      at::autocast::set_autocast_cpu_dtype(static_cast<at::ScalarType>(ctx->saved_data["autocast_cpu_dtype"].toInt()));
+      at::autocast::set_enabled(ctx->saved_data["autocast_cuda"].toBool());
+      at::autocast::set_autocast_gpu_dtype(static_cast<at::ScalarType>(ctx->saved_data["autocast_cuda_dtype"].toInt()));
+      at::autocast::increment_nesting();
+      try {
+        y = holder->fn(x, context);
+      } catch (...) {
+        at::autocast::decrement_nesting();
+        at::autocast::set_cpu_enabled(cpu_was);
+        at::autocast::set_enabled(cuda_was);
+        throw;
+      }
+      if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+      at::autocast::set_cpu_enabled(cpu_was);
+      at::autocast::set_autocast_cpu_dtype(cpu_dtype);
+      at::autocast::set_enabled(cuda_was);
+      at::autocast::set_autocast_gpu_dtype(cuda_dtype);
     }
     {
       std::lock_guard<std::mutex> lock(gen.mutex());

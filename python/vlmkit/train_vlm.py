@@ -62,7 +62,9 @@ class VlmRun:
     eval_scenes: int = 200
     val_scenes: int = 24
     eval_every: int = 300
-    steps: int = 900
+    # 0: the precision's default (STEPS): bf16's 2.7x throughput buys 3x the steps
+    # in the same time (docs/training.md, "Mixed precision").
+    steps: int = 0
     batch_size: int = 32
     lr: float = 1e-3
     # Two stages (docs/training.md, "Causes" and "Fixes"): stage 1 trains the image
@@ -90,9 +92,32 @@ class VlmRun:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
+    # "auto" (bf16 where the hardware computes it natively: resolve_precision),
     # "fp32" or "bf16" (autocast; float32 weights and optimizer state). bf16 wants
-    # torch's threads on the cores (`vlmkit train --precision bf16` sets them).
-    precision: str = "fp32"
+    # torch's threads on the cores (`vlmkit train` sets them).
+    precision: str = "auto"
+
+
+# The VLM stage's steps per precision: the same wall-clock budget on the 2-core
+# reference machine (fp32 57 samples/s, bf16 155-162; both about 10 minutes end to end).
+STEPS = {"fp32": 900, "bf16": 2700}
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """"auto" -> "bf16" on CUDA or on CPUs with native bfloat16 arithmetic
+    (AVX-512 BF16 or AMX), else "fp32"; other values are checked and returned."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 def compact(value) -> str:
@@ -402,6 +427,8 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     if run.batch_size % world:
         raise ValueError(f"batch size {run.batch_size} does not split over {world} processes")
     torch.manual_seed(run.seed)
+    precision = resolve_precision(run.precision)
+    steps = run.steps or STEPS[precision]
     if run.init_from:
         from .checkpoint import load_model
         if config is not None:
@@ -436,10 +463,10 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         # The base is frozen; every selected layer's adapter trains, the image encoder's included.
         adapted = lora.apply(model, rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
                              target_modules=list(run.lora_targets))
-    trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
+    trainer = Trainer(model, steps=steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
                       log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
-                      freeze=[] if adapted else list(run.freeze), precision=run.precision)
+                      freeze=[] if adapted else list(run.freeze), precision=precision)
     params = sum(p.numel() for p in model.parameters())
     if verbose and rank == 0 and adapted:
         trainable = sum(p.numel() for p in lora.trainable_parameters(model))
@@ -448,14 +475,15 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     resumed = trainer.resume() if resume else False
     if verbose and rank == 0:
         print(f"model: {params / 1e6:.2f} M parameters; data: {loader._loader.num_records} examples "
-              f"from {run.train_scenes} scenes" + (f"; {world} processes" if distributed else ""), flush=True)
+              f"from {run.train_scenes} scenes; {steps} steps in {precision}"
+              + (f"; {world} processes" if distributed else ""), flush=True)
         if resumed:
             print(f"resumed from step {trainer.state['step']}", flush=True)
     stage1: Dict[str, float] = {}
     if not resumed and run.pretrain_steps > 0 and not run.init_from:
         # Every rank pretrains identically (same seed), so the weights agree.
         stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
-                                        verbose=verbose and rank == 0, precision=run.precision)
+                                        verbose=verbose and rank == 0, precision=precision)
         if verbose and rank == 0:
             print(f"stage 1: held-out tag F1 {stage1['pretrain/tag_f1']:.3f} "
                   f"in {stage1['pretrain/seconds']:.0f} s", flush=True)
@@ -483,7 +511,8 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(model.config, f, indent=2)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump({"run": asdict(run), "metrics": metrics, "checkpoint": summary.get("checkpoint"),
+            json.dump({"run": {**asdict(run), "steps": steps, "precision": precision}, "metrics": metrics,
+                       "checkpoint": summary.get("checkpoint"),
                        "adapter": adapter}, f, indent=2)
         plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
         plot_task_progress(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "tasks.png"))

@@ -195,9 +195,10 @@ def test_todays_blocks_bad_settings_raise_clear_errors():
             vlmkit.build_model(cfg)
 
 
-@pytest.mark.parametrize("case", ["concat", "cross_attention", "two_tower", "lora"])
+@pytest.mark.parametrize("case", ["concat", "cross_attention", "two_tower", "lora", "bf16"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
-    """Recomputing each block in backward changes memory and time, not the numbers."""
+    """Recomputing each block in backward changes memory and time, not the numbers
+    (under bf16 autocast too: the recomputation runs under the forward's autocast)."""
     from vlmkit import lora
     if case == "two_tower":
         from conftest import batch, tiny_config
@@ -212,6 +213,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
         images = torch.rand(2, 3, 32, 32)
         ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
         run = lambda m: m(images, ids, mask, labels).loss
+        if case == "bf16":
+            def run(m):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return m(images, ids, mask, labels).loss.float()
     results = []
     for checkpointing in (False, True):
         c = copy.deepcopy(cfg)
@@ -234,7 +239,11 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         assert grads_b[name] is not None, name
-        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
+        if case == "bf16":  # recomputed in bf16 as the forward was; a float32 recomputation is far off
+            scale = grads_a[name].abs().max().item() + 1e-12
+            assert (grads_b[name] - grads_a[name]).abs().max().item() <= 1e-3 * scale + 1e-6, name
+        else:
+            torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_streaming_callback_stop_tokens_and_state_dict():
