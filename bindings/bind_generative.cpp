@@ -41,7 +41,7 @@ ConstraintFactory schema_constraint(const std::optional<std::string>& schema, in
   ordered_json parsed;
   try {
     parsed = ordered_json::parse(*schema);
-  } catch (const ordered_json::parse_error& e) {
+  } catch (const ordered_json::exception& e) {  // parse errors and number overflow
     TORCH_CHECK_VALUE(false, "schema is not valid JSON: ", e.what());
   }
   TORCH_CHECK_VALUE(vocab_size >= ByteTokenizer().vocab_size(),

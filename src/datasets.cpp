@@ -60,7 +60,7 @@ std::string printable(const std::string& text) {
 ojson parse_document(const std::string& path) {
   try {
     return ojson::parse(read_file(path));
-  } catch (const ojson::parse_error& e) {
+  } catch (const ojson::exception& e) {  // parse errors and number overflow (out_of_range 406)
     TORCH_CHECK_VALUE(false, path, ": not valid JSON (text must be UTF-8): ", printable(e.what()));
   }
 }
@@ -208,7 +208,7 @@ std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy
       ojson entry;
       try {
         entry = ojson::parse(line);
-      } catch (const ojson::parse_error& e) {
+      } catch (const ojson::exception& e) {  // parse errors and number overflow (out_of_range 406)
         TORCH_CHECK_VALUE(false, "not valid JSON, or text not UTF-8 (", printable(e.what()), ")");
       }
       TORCH_CHECK_VALUE(entry.is_object(), "expected a JSON object, got ", entry.type_name());

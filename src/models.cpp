@@ -92,7 +92,7 @@ void ConfigReader::read(const json& v, const std::string& at, std::vector<int64_
 json parse_json(const std::string& text, const std::string& what) {
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse errors and number overflow (out_of_range 406)
     TORCH_CHECK_VALUE(false, what, " is not valid JSON: ", e.what());
   }
 }

@@ -226,3 +226,14 @@ def test_letterbox_rewrites_coco_detection_answers_and_refuses_other_boxes(tmp_p
         with pytest.raises(ValueError, match=f"source line 1 has boxes.*resize 'square' or 'dynamic'"):
             data.Loader(tmp_path / "m.jsonl", resize=resize)
     data.Loader(tmp_path / "m.jsonl", resize="dynamic")
+
+
+def test_a_number_too_large_for_a_double_is_a_bad_line_not_a_crash(tmp_path):
+    """Found by fuzz_datasets: nlohmann's number overflow (out_of_range 406) is not a
+    parse_error and escaped the reader."""
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"image": 33333333333E3333333333333333, "text": "a caption"}\n')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        data.read_records(str(path), "jsonl")
+    records, report = data.read_records(str(path), "jsonl", bad_samples="skip")
+    assert records == [] and report["skipped"] == 1
