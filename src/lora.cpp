@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <filesystem>
 #include <set>
-#include <sstream>
 
 #include "vlmkit/modules/linear.h"
 #include "vlmkit/runtime.h"
@@ -32,11 +31,17 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
            << (merged_ ? ", merged" : "") << ")";
 }
 
-void LinearImpl::add_lora(int64_t rank, double alpha, double dropout) {
-  TORCH_CHECK_VALUE(!has_lora(), "Linear.add_lora: this layer has an adapter already");
+namespace {
+void check_settings(int64_t rank, double alpha, double dropout) {
   TORCH_CHECK_VALUE(rank >= 1, "LoRA rank must be >= 1, got ", rank);
   TORCH_CHECK_VALUE(alpha > 0 && std::isfinite(alpha), "LoRA alpha must be a positive number, got ", alpha);
   TORCH_CHECK_VALUE(dropout >= 0 && dropout < 1, "LoRA dropout must be in [0, 1), got ", dropout);
+}
+}  // namespace
+
+void LinearImpl::add_lora(int64_t rank, double alpha, double dropout) {
+  TORCH_CHECK_VALUE(!has_lora(), "Linear.add_lora: this layer has an adapter already");
+  check_settings(rank, alpha, dropout);
   const auto in = options.in_features(), out = options.out_features();
   auto a = torch::nn::Linear(torch::nn::LinearOptions(in, rank).bias(false));
   auto b = torch::nn::Linear(torch::nn::LinearOptions(rank, out).bias(false));
@@ -118,17 +123,11 @@ bool wildcard(const std::string& pattern, size_t pi, const std::string& text, si
 }
 
 std::string join_names(const std::vector<std::string>& names, size_t limit = 12) {
-  std::ostringstream out;
-  for (size_t i = 0; i < names.size() && i < limit; ++i) out << (i ? ", " : "") << names[i];
-  if (names.size() > limit) out << ", ... (" << names.size() << " in all)";
-  return out.str();
+  return detail::join_list(names, limit);
 }
 
-bool inside_adapter(const std::string& path) {
-  return path.find("lora_A") != std::string::npos || path.find("lora_B") != std::string::npos;
-}
-
-/// (path, layer) for every vlmkit::Linear of the model, in module order.
+/// (path, layer) for every vlmkit::Linear of the model, in module order (the
+/// adapters' own lora_A / lora_B are plain torch::nn::Linear, so never listed).
 std::vector<std::pair<std::string, LinearImpl*>> linear_layers(const torch::nn::Module& model) {
   std::vector<std::pair<std::string, LinearImpl*>> out;
   for (const auto& item : model.named_modules("", /*include_self=*/false))
@@ -158,13 +157,9 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
   TORCH_CHECK_VALUE(!options.target_modules().empty(), "apply_lora: target_modules is empty");
   TORCH_CHECK_VALUE(adapted(model).empty(), "apply_lora: the model has LoRA adapters already (",
                     join_names(lora_layers(model)), "); remove_lora first");
-  std::vector<std::pair<std::string, LinearImpl*>> layers;
+  const auto layers = linear_layers(model);
   std::vector<std::string> all;
-  for (auto& l : linear_layers(model))
-    if (!inside_adapter(l.first)) {
-      layers.push_back(l);
-      all.push_back(l.first);
-    }
+  for (const auto& l : layers) all.push_back(l.first);
   std::set<std::string> chosen;
   for (const auto& pattern : options.target_modules()) {
     bool any = false;
@@ -176,16 +171,11 @@ std::vector<std::string> apply_lora(torch::nn::Module& model, const LoraOptions&
     TORCH_CHECK_VALUE(any, "apply_lora: target '", pattern, "' selects no Linear layer of ", model.name(),
                       "; its Linear layers are ", join_names(all, 24));
   }
-  // Validate everything before changing anything.
-  TORCH_CHECK_VALUE(options.rank() >= 1, "LoRA rank must be >= 1, got ", options.rank());
-  TORCH_CHECK_VALUE(options.alpha() > 0 && std::isfinite(options.alpha()), "LoRA alpha must be a positive number, got ",
-                    options.alpha());
-  TORCH_CHECK_VALUE(options.dropout() >= 0 && options.dropout() < 1, "LoRA dropout must be in [0, 1), got ",
-                    options.dropout());
+  check_settings(options.rank(), options.alpha(), options.dropout());  // before changing anything
   if (options.freeze_base())
     for (auto& p : model.parameters(true)) p.set_requires_grad(false);
   std::vector<std::string> out;
-  for (auto& [path, layer] : layers)
+  for (const auto& [path, layer] : layers)
     if (chosen.count(path)) {
       layer->add_lora(options.rank(), options.alpha(), options.dropout());
       layer->train(model.is_training());
@@ -322,20 +312,9 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
                       " on ", join_names(want), "); remove_lora first");
   }
   auto own = adapter_state(model);
-  std::vector<std::string> missing, unexpected, mismatched;
-  for (const auto& [name, t] : own)
-    if (!state.count(name)) missing.push_back(name);
-  for (const auto& [name, t] : state) {
-    auto it = own.find(name);
-    if (it == own.end()) unexpected.push_back(name);
-    else if (it->second.sizes() != t.sizes())
-      mismatched.push_back(name + " (adapter " + detail::shape_str(t) + ", model " + detail::shape_str(it->second) + ")");
-  }
-  TORCH_CHECK_VALUE(missing.empty() && unexpected.empty() && mismatched.empty(), "load_adapter: '", checkpoint.path(),
-                    "' does not fit ", model.name(), ": ", missing.empty() ? "" : "missing " + join_names(missing) + "; ",
-                    unexpected.empty() ? "" : "unexpected " + join_names(unexpected) + "; ",
-                    mismatched.empty() ? "" : "shape mismatch " + join_names(mismatched) + "; ",
-                    "was it trained on another base model?");
+  const auto problems = detail::state_mismatch(own, state, "adapter");
+  TORCH_CHECK_VALUE(problems.empty(), "load_adapter: '", checkpoint.path(), "' does not fit ", model.name(), ": ",
+                    problems, "was it trained on another base model?");
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : own) t.copy_(state.at(name));
 }

@@ -436,15 +436,36 @@ torch::Tensor checkpoint(const BlockFn& block, const torch::Tensor& x, const tor
   return CheckpointFunction::apply(input, context.defined() ? context : x.new_empty({0}),
                                    c10::make_intrusive<BlockHolder>(block));
 }
+
+torch::Tensor run_encoder_blocks(torch::nn::ModuleList& blocks, torch::Tensor x, const torch::Tensor& key_padding_mask,
+                                 bool checkpointing) {
+  const bool recompute = checkpointing && torch::GradMode::is_enabled();
+  for (const auto& block : *blocks) {
+    auto* layer = block->as<TransformerBlockImpl>();
+    x = recompute ? checkpoint([layer, key_padding_mask](const torch::Tensor& h, const torch::Tensor&) {
+                      return layer->forward(h, key_padding_mask);
+                    }, x, {})
+                  : layer->forward(x, key_padding_mask);
+  }
+  return x;
+}
 }  // namespace detail
 
 // ---------------------------------------------------------------- norm
 namespace detail {
+namespace {
+/// Under autocast a norm receives low-precision activations beside its float32
+/// weights; LibTorch 1.13's autocast does not cast for layer_norm or group_norm,
+/// so normalise in the weights' precision. Outside autocast a dtype mismatch is
+/// left to fail as it does in torch.
+torch::Tensor in_weight_precision(const torch::Tensor& input, const torch::Tensor& weight) {
+  const bool autocast = at::autocast::is_cpu_enabled() || at::autocast::is_enabled();
+  return autocast && input.scalar_type() != weight.scalar_type() ? input.to(weight.scalar_type()) : input;
+}
+}  // namespace
+
 torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
-  // LibTorch 1.13's CPU autocast leaves group_norm out: bf16 input, float32 weights.
-  if (input.scalar_type() != weight.scalar_type() && at::autocast::is_cpu_enabled())
-    return torch::nn::GroupNormImpl::forward(input.to(weight.scalar_type()));
-  return torch::nn::GroupNormImpl::forward(input);
+  return torch::nn::GroupNormImpl::forward(in_weight_precision(input, weight));
 }
 }  // namespace detail
 
@@ -464,11 +485,7 @@ void NormImpl::pretty_print(std::ostream& stream) const {
 torch::Tensor NormImpl::forward(const torch::Tensor& input) {
   TORCH_CHECK_VALUE(input.defined() && input.dim() >= 1 && input.size(-1) == dim, "Norm: expected [..., ", dim,
                     "], got ", detail::shape_str(input));
-  // Under bf16 autocast a block hands its norm bf16 activations: normalise in the
-  // weights' precision (float32), as autocast does for its own fp32 ops.
-  const auto x = input.scalar_type() != weight.scalar_type() && at::autocast::is_cpu_enabled()
-                     ? input.to(weight.scalar_type())
-                     : input;
+  const auto x = detail::in_weight_precision(input, weight);
   if (type == NormType::layernorm) return torch::layer_norm(x, {dim}, weight, bias, eps);
   const bool low = x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
   const auto xf = low ? x.to(torch::kFloat) : x;
@@ -766,15 +783,7 @@ EncoderOutput ViTImpl::forward(const torch::Tensor& images, const torch::Tensor&
     x = torch::cat({cls.expand({b, 1, -1}), x}, 1);
     if (pad.defined()) key_pad = torch::cat({torch::zeros({b, 1}, pad.options()), pad}, 1);
   }
-  const bool recompute = options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
-  for (const auto& block : *blocks) {
-    auto* layer = block->as<TransformerBlockImpl>();
-    x = recompute ? detail::checkpoint([layer, key_pad](const torch::Tensor& h, const torch::Tensor&) {
-                      return layer->forward(h, key_pad);
-                    }, x, {})
-                  : layer->forward(x, key_pad);
-  }
-  x = norm->forward(x);
+  x = norm->forward(detail::run_encoder_blocks(blocks, x, key_pad, options.activation_checkpointing() && is_training()));
   EncoderOutput out;
   out.grid = {rows, cols};
   out.tokens = use_cls ? x.slice(1, 1) : x;
@@ -845,16 +854,8 @@ torch::Tensor TextEncoderImpl::embed(const torch::Tensor& token_ids) {
 }
 
 torch::Tensor TextEncoderImpl::encode(const torch::Tensor& embeds, const torch::Tensor& padding_mask) {
-  auto x = embeds;
-  const bool recompute = options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
-  for (const auto& block : *blocks) {
-    auto* layer = block->as<TransformerBlockImpl>();
-    x = recompute ? detail::checkpoint([layer, padding_mask](const torch::Tensor& h, const torch::Tensor&) {
-                      return layer->forward(h, padding_mask);
-                    }, x, {})
-                  : layer->forward(x, padding_mask);
-  }
-  return norm->forward(x);
+  return norm->forward(
+      detail::run_encoder_blocks(blocks, embeds, padding_mask, options.activation_checkpointing() && is_training()));
 }
 
 EncoderOutput TextEncoderImpl::forward(const torch::Tensor& token_ids,

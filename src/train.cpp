@@ -92,12 +92,7 @@ const char* dtype_name(torch::Dtype dtype) {
 
 constexpr uint64_t kMaxHeader = 100ull << 20;
 
-std::string join(const std::vector<std::string>& items, size_t limit = 8) {
-  std::string out;
-  for (size_t i = 0; i < items.size() && i < limit; ++i) out += (i ? ", " : "") + items[i];
-  if (items.size() > limit) out += ", ... (" + std::to_string(items.size()) + " in all)";
-  return out;
-}
+using detail::join_list;
 
 template <class Map>
 auto optimizer_key(const torch::Tensor& p) {
@@ -398,21 +393,34 @@ TensorMap module_state(const torch::nn::Module& module) {
   return out;
 }
 
-void load_module_state(torch::nn::Module& module, const TensorMap& state, const std::string& what) {
-  auto own = module_state(module);
+namespace detail {
+std::string join_list(const std::vector<std::string>& items, size_t limit) {
+  std::string out;
+  for (size_t i = 0; i < items.size() && i < limit; ++i) out += (i ? ", " : "") + items[i];
+  if (items.size() > limit) out += ", ... (" + std::to_string(items.size()) + " in all)";
+  return out;
+}
+
+std::string state_mismatch(const TensorMap& own, const TensorMap& given, const char* source) {
   std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& [name, t] : own)
-    if (!state.count(name)) missing.push_back(name);
-  for (const auto& [name, t] : state) {
+    if (!given.count(name)) missing.push_back(name);
+  for (const auto& [name, t] : given) {
     auto it = own.find(name);
     if (it == own.end()) unexpected.push_back(name);
     else if (it->second.sizes() != t.sizes())
-      mismatched.push_back(name + " (checkpoint " + detail::shape_str(t) + ", model " + detail::shape_str(it->second) + ")");
+      mismatched.push_back(name + " (" + source + " " + shape_str(t) + ", model " + shape_str(it->second) + ")");
   }
-  TORCH_CHECK_VALUE(missing.empty() && unexpected.empty() && mismatched.empty(), "cannot load ", what, " into ",
-                    module.name(), ": ", missing.empty() ? "" : "missing " + join(missing) + "; ",
-                    unexpected.empty() ? "" : "unexpected " + join(unexpected) + "; ",
-                    mismatched.empty() ? "" : "shape mismatch " + join(mismatched) + "; ",
+  return (missing.empty() ? "" : "missing " + join_list(missing) + "; ") +
+         (unexpected.empty() ? "" : "unexpected " + join_list(unexpected) + "; ") +
+         (mismatched.empty() ? "" : "shape mismatch " + join_list(mismatched) + "; ");
+}
+}  // namespace detail
+
+void load_module_state(torch::nn::Module& module, const TensorMap& state, const std::string& what) {
+  auto own = module_state(module);
+  const auto problems = detail::state_mismatch(own, state, "checkpoint");
+  TORCH_CHECK_VALUE(problems.empty(), "cannot load ", what, " into ", module.name(), ": ", problems,
                     "was it written for another architecture or config?");
   torch::NoGradGuard no_grad;
   for (auto& [name, t] : own) t.copy_(state.at(name));
@@ -543,7 +551,7 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, TrainerOptions option
     bool any = false;
     for (const auto& p : params) any |= has_prefix(p.key(), prefix);
     TORCH_CHECK_VALUE(any, "Trainer: ", option, " names '", prefix, "', which matches no parameter; components are ",
-                      join(top, 32));
+                      join_list(top, 32));
   };
   for (const auto& f : o.freeze()) check_prefix(f, "freeze");
   for (const auto& g : o.group_lr()) {

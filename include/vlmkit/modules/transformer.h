@@ -1,6 +1,7 @@
 #pragma once
 /// Pre-norm transformer block (Xiong et al. 2020, "On Layer Normalization in
 /// the Transformer Architecture"), optionally with a cross-attention sub-layer.
+#include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
 
 #include <functional>
@@ -57,6 +58,10 @@ void init_transformer_weights(torch::nn::Module& module);
 /// `context` may be undefined.
 torch::Tensor checkpoint(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>& block,
                          const torch::Tensor& x, const torch::Tensor& context);
+/// x through encoder blocks (self-attention with `key_padding_mask`), each
+/// checkpointed when `checkpointing` and gradients are being recorded.
+torch::Tensor run_encoder_blocks(torch::nn::ModuleList& blocks, torch::Tensor x, const torch::Tensor& key_padding_mask,
+                                 bool checkpointing);
 }  // namespace detail
 
 }  // namespace vlmkit

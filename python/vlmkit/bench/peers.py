@@ -143,20 +143,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm that takes bf16 activations under torch 1.13's CPU autocast:
-    normalised in float32, as vlmkit does."""
+class _InWeightPrecision:
+    """Torch 1.13's CPU autocast leaves layer_norm and group_norm out: bf16
+    activations beside float32 weights are normalised in float32, as vlmkit does."""
 
     def forward(self, x):
-        return super().forward(x.float() if x.dtype != self.weight.dtype else x)
+        return super().forward(x.to(self.weight.dtype) if x.dtype != self.weight.dtype else x)
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that takes bf16 activations under torch 1.13's CPU autocast
-    (which leaves group_norm out): normalised in float32, as vlmkit does."""
+class LayerNorm(_InWeightPrecision, nn.LayerNorm):
+    pass
 
-    def forward(self, x):
-        return super().forward(x.float() if x.dtype != self.weight.dtype else x)
+
+class GroupNorm(_InWeightPrecision, nn.GroupNorm):
+    pass
 
 
 class ConvStem(nn.Module):
