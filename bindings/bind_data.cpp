@@ -352,7 +352,8 @@ void bind_data(py::module_& m) {
                                    double flip_probability, double crop_scale, double color_jitter,
                                    int64_t rank, int64_t world_size, int64_t patch_size, int64_t merge_size,
                                    int64_t dynamic_min_pixels, int64_t dynamic_max_pixels, bool jpeg_draft,
-                                   int64_t max_tiles, bool global_view) {
+                                   int64_t max_tiles, bool global_view, int64_t pack_to, int64_t pack_image_tokens,
+                                   bool group_by_length) {
              ReadReport report;
              auto records = read(format, path, image_root, bad_samples, &report);
              LoaderOptions o;
@@ -362,7 +363,8 @@ void bind_data(py::module_& m) {
                  .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size)
                  .patch_size(patch_size).merge_size(merge_size).dynamic_min_pixels(dynamic_min_pixels)
                  .dynamic_max_pixels(dynamic_max_pixels).jpeg_draft(jpeg_draft).max_tiles(max_tiles)
-                 .global_view(global_view);
+                 .global_view(global_view).pack_to(pack_to).pack_image_tokens(pack_image_tokens)
+                 .group_by_length(group_by_length);
              auto loader = std::make_unique<Loader>(std::move(records), o);
              return loader;
            }),
@@ -373,7 +375,8 @@ void bind_data(py::module_& m) {
            py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0,
            py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("patch_size") = 8, py::arg("merge_size") = 2,
            py::arg("dynamic_min_pixels") = 0, py::arg("dynamic_max_pixels") = 0, py::arg("jpeg_draft") = true,
-           py::arg("max_tiles") = 4, py::arg("global_view") = true)
+           py::arg("max_tiles") = 4, py::arg("global_view") = true, py::arg("pack_to") = 0,
+           py::arg("pack_image_tokens") = 1, py::arg("group_by_length") = false)
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)

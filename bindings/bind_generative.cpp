@@ -165,12 +165,13 @@ void bind_generative(py::module_& m) {
       .def(
           "forward",
           [](EncDec& self, const torch::Tensor& images, const torch::Tensor& ids, const OptTensor& mask,
-             const OptTensor& labels, const OptTensor& image_sizes) {
+             const OptTensor& labels, const OptTensor& image_sizes, const OptTensor& segment_ids) {
             return self.forward(images, ids, value_or_undefined(mask), value_or_undefined(labels),
-                                value_or_undefined(image_sizes));
+                                value_or_undefined(image_sizes), value_or_undefined(segment_ids));
           },
           py::arg("images"), py::arg("input_ids"), py::arg("padding_mask") = py::none(),
-          py::arg("labels") = py::none(), py::arg("image_sizes") = py::none(), Release())
+          py::arg("labels") = py::none(), py::arg("image_sizes") = py::none(),
+          py::arg("segment_ids") = py::none(), Release())
       .def(
           "encode_images",
           [](EncDec& self, const torch::Tensor& images, const OptTensor& image_sizes) -> py::object {
@@ -221,13 +222,14 @@ void bind_generative(py::module_& m) {
           "forward",
           [](EncTextDec& self, const torch::Tensor& images, const torch::Tensor& context_ids,
              const torch::Tensor& ids, const OptTensor& context_mask, const OptTensor& mask,
-             const OptTensor& labels) {
+             const OptTensor& labels, const OptTensor& segment_ids) {
             return self.forward(images, context_ids, ids, value_or_undefined(context_mask),
-                                value_or_undefined(mask), value_or_undefined(labels));
+                                value_or_undefined(mask), value_or_undefined(labels),
+                                value_or_undefined(segment_ids));
           },
           py::arg("images"), py::arg("context_ids"), py::arg("input_ids"),
           py::arg("context_padding_mask") = py::none(), py::arg("padding_mask") = py::none(),
-          py::arg("labels") = py::none(), Release())
+          py::arg("labels") = py::none(), py::arg("segment_ids") = py::none(), Release())
       .def(
           "generate_ids",
           [](EncTextDec& self, const torch::Tensor& images, const torch::Tensor& context_ids,

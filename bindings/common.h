@@ -43,6 +43,7 @@ inline py::dict batch_to_dict(const Batch& b) {
   d["input_ids"] = b.input_ids;
   d["labels"] = b.labels;
   d["padding_mask"] = b.padding_mask;
+  if (b.segment_ids.defined()) d["segment_ids"] = b.segment_ids;
   d["indices"] = b.indices;
   return d;
 }

@@ -538,6 +538,13 @@ Loader::Loader(std::vector<Record> records, LoaderOptions options)
                         options_.crop_scale() > 0 && options_.crop_scale() <= 1 && options_.color_jitter() >= 0 &&
                         options_.color_jitter() < 1,
                     "Loader: need flip_probability in [0, 1], crop_scale in (0, 1], color_jitter in [0, 1)");
+  TORCH_CHECK_VALUE(options_.pack_to() >= 0 && options_.pack_image_tokens() >= 1,
+                    "Loader: need pack_to >= 0 (0 = no packing) and pack_image_tokens >= 1, got ", options_.pack_to(),
+                    " and ", options_.pack_image_tokens());
+  if (options_.group_by_length()) {
+    lengths_.reserve(records_.size());
+    for (const auto& r : records_) lengths_.push_back(int64_t(encode_conversation(r.turns, tokenizer_).input_ids.size()));
+  }
 }
 
 Loader::~Loader() { stop(); }
@@ -551,9 +558,28 @@ int64_t Loader::num_batches() const {
 std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
   std::vector<int64_t> order(records_.size());
   std::iota(order.begin(), order.end(), 0);
-  if (options_.shuffle()) {
-    std::mt19937_64 rng(options_.seed() * 1000003ULL + uint64_t(epoch));
+  std::mt19937_64 rng(options_.seed() * 1000003ULL + uint64_t(epoch));
+  if (options_.shuffle())
     for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[size_t(rng() % i)]);
+  if (options_.group_by_length()) {
+    // Windows of 32 (global) batches: sorted by length (longest first, ties by
+    // position), cut into batches, the batches' order shuffled in the window.
+    const size_t batch = size_t(options_.batch_size() * options_.world_size()), window = 32 * batch;
+    for (size_t begin = 0; begin < order.size(); begin += window) {
+      const size_t end = std::min(order.size(), begin + window);
+      std::stable_sort(order.begin() + begin, order.begin() + end,
+                       [&](int64_t a, int64_t b) { return lengths_[size_t(a)] > lengths_[size_t(b)]; });
+      std::vector<std::vector<int64_t>> batches;
+      for (size_t i = begin; i < end; i += batch)
+        batches.emplace_back(order.begin() + i, order.begin() + std::min(end, i + batch));
+      // A short last batch stays last (drop_last and sharding expect it there).
+      const size_t full = batches.back().size() == batch ? batches.size() : batches.size() - 1;
+      if (options_.shuffle())
+        for (size_t i = full; i > 1; --i) std::swap(batches[i - 1], batches[size_t(rng() % i)]);
+      size_t at = begin;
+      for (const auto& part : batches)
+        for (int64_t index : part) order[at++] = index;
+    }
   }
   return order;
 }
@@ -628,19 +654,54 @@ Loader::Prepared Loader::prepare(int64_t index, int64_t epoch) const {
   return {std::move(views), encode_conversation(turns, tokenizer_)};
 }
 
+std::vector<std::vector<size_t>> Loader::pack_rows(const std::vector<Prepared>& items) const {
+  std::vector<std::vector<size_t>> rows;
+  if (options_.pack_to() == 0) {
+    for (size_t i = 0; i < items.size(); ++i) rows.push_back({i});
+    return rows;
+  }
+  // First fit, longest first (ties in batch order): the decoder positions of
+  // an example are its tokens plus pack_image_tokens - 1 per placeholder.
+  std::vector<int64_t> cost(items.size());
+  for (size_t i = 0; i < items.size(); ++i)
+    cost[i] = int64_t(items[i].text.input_ids.size()) +
+              int64_t(items[i].text.image_positions.size()) * (options_.pack_image_tokens() - 1);
+  std::vector<size_t> by_length(items.size());
+  std::iota(by_length.begin(), by_length.end(), size_t(0));
+  std::stable_sort(by_length.begin(), by_length.end(), [&](size_t a, size_t b) { return cost[a] > cost[b]; });
+  std::vector<int64_t> used;
+  for (size_t i : by_length) {
+    size_t row = 0;
+    while (row < rows.size() && used[row] + cost[i] > options_.pack_to()) ++row;
+    if (row == rows.size()) {
+      rows.emplace_back();
+      used.push_back(0);
+    }
+    rows[row].push_back(i);
+    used[row] += cost[i];
+  }
+  return rows;
+}
+
 Batch Loader::collate(const std::vector<int64_t>& indices, std::vector<Prepared>& items) const {
   Batch batch;
+  const auto rows = pack_rows(items);
+  const bool packed = options_.pack_to() > 0;
   size_t longest = 0;
   int64_t height = 0, width = 0, count = 0;
+  for (const auto& row : rows) {
+    size_t tokens = 0;
+    for (size_t i : row) tokens += items[i].text.input_ids.size();
+    longest = std::max(longest, tokens);
+  }
   for (auto& item : items) {
-    longest = std::max(longest, item.text.input_ids.size());
     for (const auto& image : item.images) {
       height = std::max<int64_t>(height, image.rows);
       width = std::max<int64_t>(width, image.cols);
       ++count;
     }
   }
-  const int64_t b = int64_t(items.size()), t = int64_t(longest);
+  const int64_t b = int64_t(rows.size()), t = int64_t(longest);
   // Images are normalised straight into their batch slots (no per-image tensor
   // and no stacking copy); "dynamic" batches are zero-padded to the largest.
   const bool dynamic = options_.resize() == "dynamic";
@@ -651,32 +712,38 @@ Batch Loader::collate(const std::vector<int64_t>& indices, std::vector<Prepared>
   }
   batch.images = dynamic ? torch::zeros({count, 3, height, width}) : torch::empty({count, 3, height, width});
   batch.image_sizes = torch::empty({count, 2}, torch::kLong);
-  batch.images_per_sample = torch::empty({b}, torch::kLong);
-  auto sizes = batch.image_sizes.accessor<int64_t, 2>();
-  auto per_sample = batch.images_per_sample.accessor<int64_t, 1>();
-  int64_t slot = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    per_sample[i] = int64_t(items[size_t(i)].images.size());
-    for (const cv::Mat& image : items[size_t(i)].images) {
-      TORCH_CHECK_VALUE(dynamic || (image.rows == height && image.cols == width),
-                        "Loader: internal error: images of one batch differ in size");
-      write_chw(image, norm_, batch.images[slot]);
-      sizes[slot][0] = image.rows;
-      sizes[slot][1] = image.cols;
-      ++slot;
-    }
-  }
+  batch.images_per_sample = torch::zeros({b}, torch::kLong);
   batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
   batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
   batch.padding_mask = torch::ones({b, t}, torch::kBool);
-  for (int64_t i = 0; i < b; ++i) {
-    const auto& e = items[size_t(i)].text;
-    const int64_t n = int64_t(e.input_ids.size());
-    batch.input_ids[i].slice(0, 0, n).copy_(torch::tensor(e.input_ids, torch::kLong));
-    batch.labels[i].slice(0, 0, n).copy_(torch::tensor(e.labels, torch::kLong));
-    batch.padding_mask[i].slice(0, 0, n).fill_(false);
+  if (packed) batch.segment_ids = torch::full({b, t}, -1, torch::kLong);
+  auto sizes = batch.image_sizes.accessor<int64_t, 2>();
+  auto per_row = batch.images_per_sample.accessor<int64_t, 1>();
+  std::vector<int64_t> order;  // record indices in row order
+  int64_t slot = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    int64_t at = 0, segment = 0;
+    for (size_t i : rows[size_t(r)]) {
+      per_row[r] += int64_t(items[i].images.size());
+      for (const cv::Mat& image : items[i].images) {
+        TORCH_CHECK_VALUE(dynamic || (image.rows == height && image.cols == width),
+                          "Loader: internal error: images of one batch differ in size");
+        write_chw(image, norm_, batch.images[slot]);
+        sizes[slot][0] = image.rows;
+        sizes[slot][1] = image.cols;
+        ++slot;
+      }
+      const auto& e = items[i].text;
+      const int64_t n = int64_t(e.input_ids.size());
+      batch.input_ids[r].slice(0, at, at + n).copy_(torch::tensor(e.input_ids, torch::kLong));
+      batch.labels[r].slice(0, at, at + n).copy_(torch::tensor(e.labels, torch::kLong));
+      batch.padding_mask[r].slice(0, at, at + n).fill_(false);
+      if (packed) batch.segment_ids[r].slice(0, at, at + n).fill_(segment++);
+      at += n;
+      order.push_back(indices[i]);
+    }
   }
-  batch.indices = torch::tensor(indices, torch::kLong);
+  batch.indices = torch::tensor(order, torch::kLong);
   return batch;
 }
 

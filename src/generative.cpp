@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <regex>
 #include <sstream>
 
@@ -353,6 +354,47 @@ torch::Tensor positions_from_mask(const torch::Tensor& padding_mask) {
 }
 
 namespace {
+/// [B, L] int64: for each position, how many `counted` positions of the row
+/// lie in earlier examples (segment_ids [B, L], -1 at padding).
+torch::Tensor count_before_segment(const torch::Tensor& counted, const torch::Tensor& segment_ids) {
+  auto seg = segment_ids.clamp_min(0);
+  auto per_segment = torch::zeros(seg.sizes(), seg.options()).scatter_add_(1, seg, counted);
+  return (per_segment.cumsum(1) - per_segment).gather(1, seg);
+}
+}  // namespace
+
+torch::Tensor positions_from_segments(const torch::Tensor& padding_mask, const torch::Tensor& segment_ids) {
+  auto valid = padding_mask.logical_not().to(torch::kLong);
+  return (valid.cumsum(1) - 1 - count_before_segment(valid, segment_ids)).clamp_min(0);
+}
+
+torch::Tensor check_segment_ids(const torch::Tensor& segment_ids, const torch::Tensor& ids,
+                                const torch::Tensor& padding_mask, const char* who) {
+  if (!segment_ids.defined()) return {};
+  TORCH_CHECK_TYPE(segment_ids.scalar_type() == torch::kLong, who, ": expected segment_ids of dtype int64, got ",
+                   segment_ids.scalar_type());
+  TORCH_CHECK_VALUE(segment_ids.sizes() == ids.sizes(), who, ": expected segment_ids of shape ", shape_str(ids),
+                    " (that of input_ids), got ", shape_str(segment_ids));
+  auto seg = segment_ids.to(torch::kCPU).contiguous();
+  auto pad = padding_mask.to(torch::kCPU).contiguous();
+  const auto* s = seg.data_ptr<int64_t>();
+  const auto* p = pad.data_ptr<bool>();
+  const int64_t b = ids.size(0), t = ids.size(1);
+  for (int64_t r = 0; r < b; ++r) {
+    int64_t previous = -1;
+    for (int64_t c = 0; c < t; ++c) {
+      if (p[r * t + c]) continue;
+      const int64_t v = s[r * t + c];
+      TORCH_CHECK_VALUE(v == previous || v == previous + 1, who,
+                        ": segment_ids must number the examples of each row 0, 1, ... in order (padding "
+                        "excluded); row ", r, " position ", c, " has ", v, " after ", previous);
+      previous = v;
+    }
+  }
+  return segment_ids.masked_fill(padding_mask, -1);
+}
+
+namespace {
 /// First labelled position per row (the answer starts there), or length.
 torch::Tensor prefix_from_labels(const torch::Tensor& labels, int64_t length) {
   auto labelled = labels.ne(kIgnoreIndex);
@@ -363,7 +405,8 @@ torch::Tensor prefix_from_labels(const torch::Tensor& labels, int64_t length) {
 
 DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const torch::Tensor& token_ids,
                                      const torch::Tensor& padding_mask, const torch::Tensor& memory,
-                                     const torch::Tensor& memory_mask, const torch::Tensor& labels) {
+                                     const torch::Tensor& memory_mask, const torch::Tensor& labels,
+                                     const torch::Tensor& segment_ids) {
   const int64_t b = token_ids.size(0), t = token_ids.size(1), d = text_embeds.size(2);
   TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(2) == d, "ConcatFusion: expected image tokens of shape [I, M, ",
                     d, "], got ", shape_str(memory));
@@ -390,30 +433,40 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
   }
   std::vector<int64_t> image_len(images, 0);
   for (int64_t i = 0; i < images * m; ++i) image_len[i / m] += mem_valid[size_t(i)];
-  std::vector<int64_t> lengths(b, 0);
+  // Trailing padding is dropped (rows are re-padded to the longest fused row).
+  std::vector<int64_t> lengths(b, 0), used(b, 0);
   {
     int64_t next = 0;
-    for (int64_t r = 0; r < b; ++r)
+    for (int64_t r = 0; r < b; ++r) {
       for (int64_t c = 0; c < t; ++c)
+        if (!pad[r * t + c]) used[r] = c + 1;
+      for (int64_t c = 0; c < used[r]; ++c)
         lengths[r] += (ids[r * t + c] == image_token_id && !pad[r * t + c]) ? image_len[next++] : 1;
+    }
   }
-  const int64_t length = *std::max_element(lengths.begin(), lengths.end());
+  const int64_t length = std::max(*std::max_element(lengths.begin(), lengths.end()), std::min<int64_t>(t, 1));
   // Gather table: rows [0, b*t) are text embeddings, then the image tokens.
   std::vector<int64_t> source(b * length, 0);
   std::vector<char> out_pad(b * length, 1);
   std::vector<int64_t> out_labels(b * length, kIgnoreIndex);
   auto labels_cpu = labels.defined() ? labels.to(torch::kCPU).contiguous() : torch::Tensor();
   const int64_t* lab = labels.defined() ? labels_cpu.data_ptr<int64_t>() : nullptr;
+  // Packed rows: each output position keeps its example (image tokens that of their placeholder).
+  const bool packed = segment_ids.defined();
+  std::vector<int64_t> out_seg(packed ? b * length : 0, -1);
+  auto seg_cpu = packed ? segment_ids.to(torch::kCPU).contiguous() : torch::Tensor();
+  const int64_t* seg = packed ? seg_cpu.data_ptr<int64_t>() : nullptr;
   int64_t next_image = 0;
   for (int64_t r = 0; r < b; ++r) {
     int64_t o = r * length;
-    for (int64_t c = 0; c < t; ++c) {
+    for (int64_t c = 0; c < used[r]; ++c) {
       const int64_t i = r * t + c;
       if (ids[i] == image_token_id && !pad[i]) {
         for (int64_t k = 0; k < m; ++k) {
           if (!mem_valid[size_t(next_image * m + k)]) continue;
           source[o] = b * t + next_image * m + k;
           out_pad[o] = 0;
+          if (seg) out_seg[o] = seg[i];
           ++o;
         }
         ++next_image;
@@ -421,6 +474,7 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
         source[o] = i;
         out_pad[o] = pad[i];
         if (lab) out_labels[o] = lab[i];
+        if (seg && !pad[i]) out_seg[o] = seg[i];
         ++o;
       }
     }
@@ -434,7 +488,12 @@ DecoderInputs ConcatFusionImpl::fuse(const torch::Tensor& text_embeds, const tor
                      .to(torch::kBool)
                      .view({b, length});
   out.padding_mask = pad_out.to(device);
-  out.positions = positions_from_mask(out.padding_mask);
+  if (packed) {
+    out.segment_ids = torch::tensor(out_seg, torch::kLong).view({b, length}).to(device);
+    out.positions = positions_from_segments(out.padding_mask, out.segment_ids);
+  } else {
+    out.positions = positions_from_mask(out.padding_mask);
+  }
   if (labels.defined()) {
     out.labels = torch::tensor(out_labels, torch::kLong).view({b, length}).to(device);
     out.prefix_len = prefix_from_labels(out.labels, length);
@@ -449,20 +508,59 @@ DecoderInputs CrossAttentionDecoderFusionImpl::fuse(const torch::Tensor& text_em
                                                     const torch::Tensor& padding_mask,
                                                     const torch::Tensor& memory,
                                                     const torch::Tensor& memory_mask,
-                                                    const torch::Tensor& labels) {
+                                                    const torch::Tensor& labels,
+                                                    const torch::Tensor& segment_ids) {
   const int64_t b = token_ids.size(0), t = token_ids.size(1);
-  TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(0) == b,
-                    "CrossAttentionDecoderFusion: expected one image per prompt (", b,
-                    "), got image tokens of shape ", shape_str(memory));
   DecoderInputs out;
   out.embeds = text_embeds;
   out.padding_mask = padding_mask;
-  out.positions = positions_from_mask(padding_mask);
   out.labels = labels;
   out.prefix_len = labels.defined() ? prefix_from_labels(labels, t)
                                     : torch::full({b}, t, torch::TensorOptions().dtype(torch::kLong).device(text_embeds.device()));
-  out.context = memory;
-  out.context_mask = memory_mask;
+  if (!segment_ids.defined()) {
+    TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(0) == b,
+                      "CrossAttentionDecoderFusion: expected one image per prompt (", b,
+                      "), got image tokens of shape ", shape_str(memory));
+    out.positions = positions_from_mask(padding_mask);
+    out.context = memory;
+    out.context_mask = memory_mask;
+    return out;
+  }
+  // Packed rows: row r's memory is its examples' images side by side (slots
+  // up to the most examples of any row); each query sees its own example's.
+  auto seg_cpu = segment_ids.to(torch::kCPU).contiguous();
+  const auto* seg = seg_cpu.data_ptr<int64_t>();
+  std::vector<int64_t> examples(b, 0);
+  int64_t total = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    for (int64_t c = 0; c < t; ++c) examples[r] = std::max(examples[r], seg[r * t + c] + 1);
+    total += examples[r];
+  }
+  TORCH_CHECK_VALUE(memory.dim() == 3 && memory.size(0) == total,
+                    "CrossAttentionDecoderFusion: the packed rows hold ", total,
+                    " examples, one image each, but got image tokens of shape ", shape_str(memory));
+  const int64_t slots = std::max<int64_t>(1, *std::max_element(examples.begin(), examples.end()));
+  const int64_t m = memory.size(1), d = memory.size(2);
+  std::vector<int64_t> image(b * slots, 0), slot_seg(b * slots, -2);
+  for (int64_t r = 0, next = 0; r < b; ++r)
+    for (int64_t k = 0; k < examples[r]; ++k) {
+      image[r * slots + k] = next++;
+      slot_seg[r * slots + k] = k;
+    }
+  const auto device = memory.device();
+  auto index = torch::tensor(image, torch::kLong).to(device);
+  out.context = memory.index_select(0, index).view({b, slots * m, d});
+  auto key_seg = torch::tensor(slot_seg, torch::kLong).to(device).view({b, slots, 1}).expand({b, slots, m}).reshape({b, 1, slots * m});
+  auto blocked = segment_ids.unsqueeze(2).ne(key_seg);  // [B, T, slots * M]
+  if (memory_mask.defined()) {
+    TORCH_CHECK_VALUE(memory_mask.dim() == 2 && memory_mask.size(0) == total && memory_mask.size(1) == m,
+                      "CrossAttentionDecoderFusion: expected memory_mask of shape [", total, ", ", m, "], got ",
+                      shape_str(memory_mask));
+    blocked = blocked.logical_or(memory_mask.to(torch::kBool).index_select(0, index).view({b, 1, slots * m}));
+  }
+  out.context_mask = blocked;
+  out.segment_ids = segment_ids;
+  out.positions = positions_from_segments(padding_mask, segment_ids);
   return out;
 }
 
@@ -477,24 +575,60 @@ torch::Tensor policy_attention_mask(AttentionPolicy policy, const torch::Tensor&
   return blocked.expand({prefix_len.size(0), length, length});
 }
 
+torch::Tensor packed_attention_mask(AttentionPolicy policy, const torch::Tensor& segment_ids,
+                                    const torch::Tensor& labels) {
+  TORCH_CHECK_VALUE(segment_ids.dim() == 2, "packed_attention_mask: expected segment_ids [B, L], got ",
+                    shape_str(segment_ids));
+  const int64_t length = segment_ids.size(1);
+  auto opts = torch::TensorOptions().dtype(torch::kLong).device(segment_ids.device());
+  auto rows = torch::arange(length, opts).view({1, length, 1});
+  auto cols = torch::arange(length, opts).view({1, 1, length});
+  auto seen = cols.le(rows);  // causal
+  if (policy == AttentionPolicy::prefix_lm) {
+    // A key is in its example's prefix while no label of the example lies at or before it.
+    auto labelled = labels.defined() ? labels.ne(kIgnoreIndex).to(torch::kLong)
+                                     : torch::zeros(segment_ids.sizes(), opts);
+    auto in_prefix = (labelled.cumsum(1) - count_before_segment(labelled, segment_ids)).eq(0);
+    seen = seen.logical_or(in_prefix.unsqueeze(1));
+  }
+  return segment_ids.unsqueeze(2).eq(segment_ids.unsqueeze(1)).logical_and(seen).logical_not();
+}
+
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                              double label_smoothing, LossReduction reduction) {
+                              double label_smoothing, LossReduction reduction, const torch::Tensor& segment_ids) {
   TORCH_CHECK_VALUE(logits.dim() == 3 && labels.dim() == 2 && labels.size(0) == logits.size(0) &&
                         labels.size(1) == logits.size(1),
                     "next_token_loss: expected logits [B, L, V] and labels [B, L], got ",
                     shape_str(logits), " and ", shape_str(labels));
-  const int64_t v = logits.size(2);
+  TORCH_CHECK_VALUE(!segment_ids.defined() || segment_ids.sizes() == labels.sizes(),
+                    "next_token_loss: expected segment_ids of shape ", shape_str(labels), ", got ",
+                    shape_str(segment_ids));
+  const int64_t b = logits.size(0), v = logits.size(2);
   auto pred = logits.slice(1, 0, -1).reshape({-1, v});
-  auto target = labels.slice(1, 1).reshape({-1});
-  TORCH_CHECK_VALUE(target.ne(kIgnoreIndex).any().item<bool>(),
+  auto target = labels.slice(1, 1);
+  // Packed rows: an example's first token is not predicted from the one before.
+  if (segment_ids.defined())
+    target = target.masked_fill(segment_ids.slice(1, 1).ne(segment_ids.slice(1, 0, -1)), kIgnoreIndex);
+  auto valid_target = target.ne(kIgnoreIndex);
+  TORCH_CHECK_VALUE(valid_target.any().item<bool>(),
                     "next_token_loss: no labelled positions (every label is ", kIgnoreIndex, ")");
   auto options = F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).label_smoothing(label_smoothing);
-  if (reduction == LossReduction::token) return F::cross_entropy(pred, target, options);
+  if (reduction == LossReduction::token) return F::cross_entropy(pred, target.reshape({-1}), options);
   // Per sample: mean over its labelled tokens, then mean over samples that have any.
-  auto per_token = F::cross_entropy(pred, target, options.reduction(torch::kNone)).view({logits.size(0), -1});
-  auto valid = labels.slice(1, 1).ne(kIgnoreIndex).to(per_token.scalar_type());
-  auto count = valid.sum(1);
-  auto per_sample = (per_token * valid).sum(1) / count.clamp_min(1);
+  auto per_token = F::cross_entropy(pred, target.reshape({-1}), options.reduction(torch::kNone)).view({b, -1});
+  auto valid = valid_target.to(per_token.scalar_type());
+  torch::Tensor sums, count;
+  if (segment_ids.defined()) {
+    const int64_t length = labels.size(1);
+    auto sample = (segment_ids.slice(1, 1).clamp_min(0) +
+                   torch::arange(b, segment_ids.options()).unsqueeze(1) * length).reshape({-1});
+    sums = torch::zeros({b * length}, per_token.options()).index_add_(0, sample, (per_token * valid).reshape({-1}));
+    count = torch::zeros({b * length}, per_token.options()).index_add_(0, sample, valid.reshape({-1}));
+  } else {
+    sums = (per_token * valid).sum(1);
+    count = valid.sum(1);
+  }
+  auto per_sample = sums / count.clamp_min(1);
   auto has = count.gt(0).to(per_sample.scalar_type());
   return (per_sample * has).sum() / has.sum();
 }
@@ -502,15 +636,42 @@ torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& 
 DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& in, AttentionPolicy policy,
                            double label_smoothing, LossReduction reduction) {
   torch::Tensor attn;
-  if (policy == AttentionPolicy::prefix_lm)
+  if (in.segment_ids.defined())
+    attn = packed_attention_mask(policy, in.segment_ids, in.labels);
+  else if (policy == AttentionPolicy::prefix_lm)
     attn = policy_attention_mask(policy, in.prefix_len, in.embeds.size(1), in.embeds.device());
   auto hidden = decoder.forward(in.embeds, in.padding_mask, in.positions, attn, in.context, in.context_mask);
   DecoderOutput out;
   out.logits = decoder.logits(hidden);
   out.labels = in.labels;
   out.padding_mask = in.padding_mask;
-  if (in.labels.defined()) out.loss = next_token_loss(out.logits, in.labels, label_smoothing, reduction);
+  if (in.labels.defined())
+    out.loss = next_token_loss(out.logits, in.labels, label_smoothing, reduction, in.segment_ids);
   return out;
+}
+
+void check_one_placeholder_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                       const torch::Tensor& segment_ids, int64_t image_token_id,
+                                       const char* who) {
+  auto ids_cpu = ids.to(torch::kCPU).contiguous();
+  auto pad_cpu = padding_mask.to(torch::kCPU).contiguous();
+  auto seg_cpu = segment_ids.defined() ? segment_ids.to(torch::kCPU).contiguous() : torch::Tensor();
+  const auto* id = ids_cpu.data_ptr<int64_t>();
+  const auto* pad = pad_cpu.data_ptr<bool>();
+  const int64_t* seg = seg_cpu.defined() ? seg_cpu.data_ptr<int64_t>() : nullptr;
+  const int64_t b = ids.size(0), t = ids.size(1);
+  for (int64_t r = 0; r < b; ++r) {
+    std::map<int64_t, int64_t> count;  // example -> placeholders
+    for (int64_t c = 0; c < t; ++c) {
+      if (pad[r * t + c]) continue;
+      count[seg ? seg[r * t + c] : 0] += id[r * t + c] == image_token_id;
+    }
+    if (count.empty()) count[0] = 0;
+    for (const auto& [example, n] : count)
+      TORCH_CHECK_VALUE(n == 1, who, ": with concat fusion every prompt needs exactly one <image> placeholder (id ",
+                        image_token_id, "); row ", r, seg ? " example " + std::to_string(example) : std::string(),
+                        " has ", n);
+  }
 }
 
 void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const TextDecoderImpl& decoder,

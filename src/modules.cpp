@@ -556,7 +556,10 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x,
     TORCH_CHECK_VALUE(context.defined(),
                       "TransformerBlock: this block has cross-attention and needs a context of "
                       "shape [B, N, D]");
-    auto c = cross_attn->forward(norm_cross->forward(h), context, context_padding_mask, {}, false,
+    // [B, T, N]: a per-query mask (packed rows), else [B, N] key padding.
+    const bool per_query = context_padding_mask.defined() && context_padding_mask.dim() == 3;
+    auto c = cross_attn->forward(norm_cross->forward(h), context, per_query ? torch::Tensor() : context_padding_mask,
+                                 per_query ? context_padding_mask : torch::Tensor(), false,
                                  cache ? &cache->cross : nullptr);
     if (cross_gate.defined()) c = torch::tanh(cross_gate) * c;
     h = h + dropout->forward(c);

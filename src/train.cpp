@@ -480,7 +480,9 @@ json trainer_options_to_json(const TrainerOptions& o) {
 
 torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {
   if (auto* m = dynamic_cast<EncoderDecoderImpl<>*>(&model))
-    return m->forward(batch.images, batch.input_ids, batch.padding_mask, batch.labels, batch.image_sizes).loss;
+    return m->forward(batch.images, batch.input_ids, batch.padding_mask, batch.labels, batch.image_sizes,
+                      batch.segment_ids)
+        .loss;
   TORCH_CHECK_VALUE(false, "Trainer: no built-in loss for ", model.name(),
                     " (it handles encoder_decoder models); pass a loss function");
 }
@@ -766,6 +768,7 @@ json Trainer::fit(BatchSource& data) {
         batch->input_ids = batch->input_ids.to(device);
         batch->labels = batch->labels.to(device);
         batch->padding_mask = batch->padding_mask.to(device);
+        if (batch->segment_ids.defined()) batch->segment_ids = batch->segment_ids.to(device);
       }
       torch::Tensor loss;
       {
@@ -778,7 +781,10 @@ json Trainer::fit(BatchSource& data) {
       TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1, "Trainer: the loss function must return a scalar");
       (o.accumulation() > 1 ? loss / double(o.accumulation()) : loss).backward();
       loss_sum += loss.item<double>();
-      samples += batch->input_ids.defined() ? batch->input_ids.size(0) : 0;
+      // Examples, not rows: a packed row holds several.
+      samples += batch->indices.defined()     ? batch->indices.numel()
+                 : batch->input_ids.defined() ? batch->input_ids.size(0)
+                                              : 0;
     }
     const double loss_value = loss_sum / double(o.accumulation());
     if (grad_hook_) {

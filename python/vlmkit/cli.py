@@ -146,7 +146,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
-                 precision=precision)
+                 precision=precision, pack_to=args.pack_to)
     output = args.output or ("runs/lora" if args.lora_rank else "runs/vlm")
     metrics = train(run, config=None if args.init_from else _model_config(args), out_dir=output,
                     resume=not args.no_resume, verbose=True)
@@ -434,6 +434,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "auto (default): bf16 where the CPU has native bf16 (AVX-512 BF16, AMX) or on CUDA")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each encoder and decoder block in backward (less memory, ~1.2x step time)")
+    p.add_argument("--pack-to", type=int, default=-1,
+                   help="sequence packing: each batch's examples share rows of at most this many decoder positions "
+                        "(default -1: the decoder's max_len; 0: one example per row)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

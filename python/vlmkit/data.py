@@ -192,6 +192,16 @@ class Loader:
     1/8 scale (libjpeg's DCT scaling), several times cheaper; False gives exactly the
     pixels of PIL + torchvision's bilinear ``Resize`` (every resize here is PIL's
     anti-aliased bilinear, byte for byte).
+
+    ``pack_to=N`` (sequence packing): the ``batch_size`` examples of each batch are
+    packed first-fit-decreasing into rows of at most N decoder positions, each
+    ``<image>`` counting ``pack_image_tokens`` (the model's image tokens with concat
+    fusion, 1 with cross-attention); ``segment_ids`` [rows, T] says which example of
+    its row each token belongs to (-1 at padding), ``indices`` lists the examples in
+    row order and ``images_per_sample`` counts each row's images. Pass
+    ``segment_ids=batch["segment_ids"]`` to the model (the Trainer does): loss and
+    gradients equal those of the unpacked batch. ``group_by_length`` is the simpler
+    option: windows of 32 batches are sorted by length before batching.
     """
 
     def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
@@ -201,13 +211,14 @@ class Loader:
                  crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1,
                  patch_size: int = 8, merge_size: int = 2, dynamic_min_pixels: int = 0,
                  dynamic_max_pixels: int = 0, jpeg_draft: bool = True, max_tiles: int = 4,
-                 global_view: bool = True) -> None:
+                 global_view: bool = True, pack_to: int = 0, pack_image_tokens: int = 1,
+                 group_by_length: bool = False) -> None:
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
         self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
                                  drop_last, bad_samples, image_size, resize, normalize, max_pixels,
                                  flip_probability, crop_scale, color_jitter, rank, world_size, patch_size,
                                  merge_size, dynamic_min_pixels, dynamic_max_pixels, jpeg_draft, max_tiles,
-                                 global_view)
+                                 global_view, pack_to, pack_image_tokens, group_by_length)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -96,6 +96,10 @@ class VlmRun:
     # "fp32" or "bf16" (autocast; float32 weights and optimizer state). bf16 wants
     # torch's threads on the cores (`vlmkit train` sets them).
     precision: str = "auto"
+    # Sequence packing: each batch's examples share rows of at most this many decoder
+    # positions (the same examples, loss and gradients; fewer padded positions:
+    # docs/benchmarks.md, "Packing"). -1: the decoder's max_len; 0: one example per row.
+    pack_to: int = -1
 
 
 # The VLM stage's steps per precision: the same wall-clock budget on the 2-core
@@ -412,6 +416,15 @@ def plot_task_progress(log_path: str, png_path: str) -> Optional[str]:
     return png_path
 
 
+def image_tokens_per_placeholder(model: EncoderDecoder, size: int) -> int:
+    """Decoder positions one ``<image>`` takes: the projector's tokens per image with
+    concat fusion, 1 with cross-attention (the image is the cross-attention memory)."""
+    if model.config.get("fusion") != "concat":
+        return 1
+    with torch.no_grad():
+        return int(model.cpp_module.encode_images(torch.zeros(1, 3, size, size)).shape[1])
+
+
 def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = "runs/vlm",
           data_dir: Optional[str] = None, verbose: bool = True, resume: bool = True) -> Dict[str, float]:
     """Trains with the C++ Trainer, evaluates every task on held-out scenes and writes
@@ -456,8 +469,12 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         if distributed:
             dist.barrier()
         manifest = os.path.join(data_dir, "tasks.jsonl")
+    if run.pack_to < -1:
+        raise ValueError(f"pack_to must be -1 (the decoder's max_len), 0 (off) or a budget, got {run.pack_to}")
+    pack_to = model.config["decoder"]["max_len"] if run.pack_to == -1 else run.pack_to
     loader = data.Loader(manifest, batch_size=run.batch_size // world, num_workers=run.workers, image_size=size,
-                         seed=run.seed, drop_last=True, color_jitter=0.1, rank=rank, world_size=world)
+                         seed=run.seed, drop_last=True, color_jitter=0.1, rank=rank, world_size=world,
+                         pack_to=pack_to, pack_image_tokens=image_tokens_per_placeholder(model, size))
     adapted: List[str] = []
     if run.lora_rank > 0:
         # The base is frozen; every selected layer's adapter trains, the image encoder's included.

@@ -4,6 +4,7 @@
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/build.h"
 #include "vlmkit/modules/vit.h"
+#include "vlmkit/train/trainer.h"
 
 using namespace vlmkit;
 using vlmkit::test::close;
@@ -161,4 +162,77 @@ TEST_CASE("tokenizer: bytes round-trip and <image> is one token", "[tokenizer]")
   REQUIRE(std::count(ids.begin(), ids.end(), t.special().image) == 1);
   REQUIRE(t.decode(ids, false) == "<bos>" + text + "<eos>");
   CHECK_THROWS_AS(t.decode({999}), c10::IndexError);
+}
+
+TEST_CASE("encoder-decoder: packed rows give the loss and gradients of one example per row", "[model][packing]") {
+  ByteTokenizer tokenizer;
+  const std::vector<std::pair<std::string, std::string>> examples{
+      {"<image>What colour?", "red"}, {"<image>Describe", "a blue circle"}, {"<image>Count", "3"}};
+  auto encode = [&](size_t i) {
+    auto prompt = tokenizer.encode(examples[i].first, true);
+    auto answer = tokenizer.encode(examples[i].second, false, true);
+    std::vector<int64_t> ids = prompt, labels(prompt.size(), kIgnoreIndex);
+    ids.insert(ids.end(), answer.begin(), answer.end());
+    labels.insert(labels.end(), answer.begin(), answer.end());
+    return std::make_pair(ids, labels);
+  };
+  // rows: unpacked {0}, {1}, {2}; packed {0, 2}, {1}
+  auto batch_of = [&](const std::vector<std::vector<size_t>>& rows) {
+    size_t width = 0;
+    for (const auto& row : rows) {
+      size_t n = 0;
+      for (size_t i : row) n += encode(i).first.size();
+      width = std::max(width, n);
+    }
+    const auto b = int64_t(rows.size()), t = int64_t(width);
+    Batch batch;
+    batch.input_ids = torch::zeros({b, t}, torch::kLong);
+    batch.labels = torch::full({b, t}, kIgnoreIndex, torch::kLong);
+    batch.padding_mask = torch::ones({b, t}, torch::kBool);
+    batch.segment_ids = torch::full({b, t}, -1, torch::kLong);
+    for (int64_t r = 0; r < b; ++r) {
+      int64_t at = 0, s = 0;
+      for (size_t i : rows[size_t(r)]) {
+        auto [ids, labels] = encode(i);
+        const auto n = int64_t(ids.size());
+        batch.input_ids[r].slice(0, at, at + n).copy_(torch::tensor(ids));
+        batch.labels[r].slice(0, at, at + n).copy_(torch::tensor(labels));
+        batch.padding_mask[r].slice(0, at, at + n).fill_(false);
+        batch.segment_ids[r].slice(0, at, at + n).fill_(s++);
+        at += n;
+      }
+    }
+    return batch;
+  };
+  auto images = torch::rand({3, 3, 32, 32});
+  for (const char* fusion : {"concat", "cross_attention"})
+    for (const char* attention : {"causal", "prefix_lm"}) {
+      INFO(fusion << " + " << attention);
+      torch::manual_seed(0);
+      auto config = tiny_generative("pixel_shuffle", fusion);
+      config["attention"] = attention;
+      config["loss_reduction"] = "sample";
+      auto model = make_encoder_decoder(config);
+      auto loss_and_grads = [&](const std::vector<std::vector<size_t>>& rows, bool segments) {
+        auto batch = batch_of(rows);
+        if (!segments) batch.segment_ids = torch::Tensor();
+        std::vector<int64_t> order;
+        for (const auto& row : rows) order.insert(order.end(), row.begin(), row.end());
+        batch.images = images.index_select(0, torch::tensor(order));
+        model->zero_grad();
+        auto loss = generative_loss(*model, batch);
+        loss.backward();
+        std::vector<torch::Tensor> grads;
+        for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+        return std::make_pair(loss.item<double>(), grads);
+      };
+      auto [loss, grads] = loss_and_grads({{0}, {1}, {2}}, false);
+      auto [packed, packed_grads] = loss_and_grads({{0, 2}, {1}}, true);
+      REQUIRE(std::abs(packed - loss) < 1e-5);
+      if (std::string(fusion) == "concat") {  // the same rows read without segment ids differ
+        auto mixed = loss_and_grads({{0, 2}, {1}}, false).first;
+        REQUIRE(std::abs(mixed - loss) > 1e-4);
+      }
+      for (size_t i = 0; i < grads.size(); ++i) REQUIRE(close(packed_grads[i], grads[i], 1e-5));
+    }
 }

@@ -17,7 +17,11 @@ struct Batch {
   torch::Tensor input_ids;     // [B, T] int64 (right-padded with <pad>)
   torch::Tensor labels;        // [B, T] int64, kIgnoreIndex outside answers
   torch::Tensor padding_mask;  // [B, T] bool
-  torch::Tensor indices;       // [B] record indices
+  /// Packed rows (LoaderOptions::pack_to): [B, T] int64, the example of each
+  /// token within its row (0, 1, ...; -1 at padding); undefined otherwise.
+  /// images_per_sample then counts the images of each row.
+  torch::Tensor segment_ids;
+  torch::Tensor indices;       // [N] record indices of the batch's examples, in row order
 };
 
 class BatchSource {

@@ -71,6 +71,18 @@ struct LoaderOptions {
   /// consecutive slices and this loader yields slice `rank`.
   TORCH_ARG(int64_t, rank) = 0;
   TORCH_ARG(int64_t, world_size) = 1;
+  /// Sequence packing (0 = off): each batch's batch_size examples are packed
+  /// first-fit-decreasing into rows of at most pack_to decoder positions
+  /// (Batch::segment_ids says which example each token belongs to); an
+  /// example longer than that gets a row of its own. Every <image>
+  /// placeholder counts pack_image_tokens positions (the model's image tokens
+  /// per image with concat fusion, 1 with cross-attention).
+  TORCH_ARG(int64_t, pack_to) = 0;
+  TORCH_ARG(int64_t, pack_image_tokens) = 1;
+  /// Length-grouped batching, the simpler option: each window of 32 batches
+  /// of the epoch's order is sorted by token count and cut into batches, whose
+  /// order within the window is shuffled; rows of a batch have similar lengths.
+  TORCH_ARG(bool, group_by_length) = false;
 };
 
 class Loader : public BatchSource {
@@ -106,8 +118,11 @@ class Loader : public BatchSource {
   };
   Prepared prepare(int64_t index, int64_t epoch) const;
   Batch collate(const std::vector<int64_t>& indices, std::vector<Prepared>& items) const;
+  /// Rows of a batch: item numbers per row (one each unless packing).
+  std::vector<std::vector<size_t>> pack_rows(const std::vector<Prepared>& items) const;
 
   std::vector<Record> records_;
+  std::vector<int64_t> lengths_;  // token count per record (group_by_length only)
   LoaderOptions options_;
   ByteTokenizer tokenizer_;
   Normalization norm_;

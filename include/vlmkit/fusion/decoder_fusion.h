@@ -22,49 +22,76 @@ struct DecoderInputs {
   torch::Tensor prefix_len;
   torch::Tensor labels;        // [B, L] int64 or undefined
   torch::Tensor context;       // [B, N, D] cross-attention memory or undefined
-  torch::Tensor context_mask;  // [B, N] bool or undefined
+  /// [B, N] bool (true = padding), or [B, L, N] (true = blocked) for packed
+  /// rows, where each example sees only its own image; or undefined.
+  torch::Tensor context_mask;
+  /// Packed rows (sequence packing): [B, L] int64, the example of each
+  /// position within its row (0, 1, ...; -1 at padding); undefined otherwise.
+  /// Each example attends only to itself, its positions restart at 0 and its
+  /// first label is ignored (it does not continue the previous example).
+  torch::Tensor segment_ids;
 };
 
 /// Positions 0, 1, ... counting only non-padding tokens (pads get 0).
 torch::Tensor positions_from_mask(const torch::Tensor& padding_mask);
 
+/// Packed rows: positions 0, 1, ... restarting at each example (segment_ids
+/// [B, L]), counting only non-padding tokens.
+torch::Tensor positions_from_segments(const torch::Tensor& padding_mask, const torch::Tensor& segment_ids);
+
+/// Validates packed-row segment ids against token ids [B, T] (int64, same
+/// shape; along each row the non-padding positions start at example 0 and
+/// step by 0 or 1) and returns them with padding set to -1; undefined stays
+/// undefined. `who` names the caller in errors.
+torch::Tensor check_segment_ids(const torch::Tensor& segment_ids, const torch::Tensor& ids,
+                                const torch::Tensor& padding_mask, const char* who);
+
 /// The decoder-fusion slot contract.
 ///   text_embeds [B, T, D], token_ids [B, T], padding_mask [B, T],
 ///   memory [I, M, D] (I images, M tokens each), memory_mask [I, M] or
-///   undefined, labels [B, T] or undefined.
+///   undefined, labels [B, T] or undefined, segment_ids [B, T] (packed rows,
+///   checked by check_segment_ids) or undefined. A fusion that receives
+///   segment_ids returns them for its output positions, with positions from
+///   positions_from_segments and every example's own images only.
 class DecoderFusionModule : public torch::nn::Module {
  public:
   using torch::nn::Module::Module;
   virtual DecoderInputs fuse(const torch::Tensor& text_embeds, const torch::Tensor& token_ids,
                              const torch::Tensor& padding_mask, const torch::Tensor& memory,
-                             const torch::Tensor& memory_mask, const torch::Tensor& labels) = 0;
+                             const torch::Tensor& memory_mask, const torch::Tensor& labels,
+                             const torch::Tensor& segment_ids) = 0;
   virtual DecoderFusionType type() const = 0;
 };
 
 /// Each <image> placeholder (image_token_id) is replaced by the M tokens of
 /// the next image, in order, so a sample may hold several images; the number
 /// of placeholders must equal the number of images. Labels at image
-/// positions become kIgnoreIndex. Output is right-padded.
+/// positions become kIgnoreIndex. Output is right-padded. Packed rows: image
+/// tokens belong to the example of their placeholder.
 class ConcatFusionImpl final : public DecoderFusionModule {
  public:
   explicit ConcatFusionImpl(int64_t image_token_id = 3)
       : DecoderFusionModule("vlmkit::ConcatFusion"), image_token_id(image_token_id) {}
   DecoderInputs fuse(const torch::Tensor& text_embeds, const torch::Tensor& token_ids,
                      const torch::Tensor& padding_mask, const torch::Tensor& memory,
-                     const torch::Tensor& memory_mask, const torch::Tensor& labels) override;
+                     const torch::Tensor& memory_mask, const torch::Tensor& labels,
+                     const torch::Tensor& segment_ids) override;
   DecoderFusionType type() const override { return DecoderFusionType::concat; }
   int64_t image_token_id;
 };
 TORCH_MODULE(ConcatFusion);
 
 /// One image per sample (I == B); its tokens become the cross-attention
-/// memory and the text passes unchanged.
+/// memory and the text passes unchanged. Packed rows: one image per example
+/// (I == the number of examples, in row order); a row's memory is its
+/// examples' images side by side, each example seeing only its own.
 class CrossAttentionDecoderFusionImpl final : public DecoderFusionModule {
  public:
   CrossAttentionDecoderFusionImpl() : DecoderFusionModule("vlmkit::CrossAttentionDecoderFusion") {}
   DecoderInputs fuse(const torch::Tensor& text_embeds, const torch::Tensor& token_ids,
                      const torch::Tensor& padding_mask, const torch::Tensor& memory,
-                     const torch::Tensor& memory_mask, const torch::Tensor& labels) override;
+                     const torch::Tensor& memory_mask, const torch::Tensor& labels,
+                     const torch::Tensor& segment_ids) override;
   DecoderFusionType type() const override { return DecoderFusionType::cross_attention; }
 };
 TORCH_MODULE(CrossAttentionDecoderFusion);

@@ -70,10 +70,20 @@ GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs pr
 torch::Tensor policy_attention_mask(AttentionPolicy policy, const torch::Tensor& prefix_len,
                                     int64_t length, torch::Device device);
 
+/// Packed rows: [B, L, L] bool (true = blocked). Each position sees only its
+/// own example (segment_ids [B, L]), causally, or under prefix-LM also every
+/// position of its example before the example's first label (labels [B, L];
+/// undefined: the whole example).
+torch::Tensor packed_attention_mask(AttentionPolicy policy, const torch::Tensor& segment_ids,
+                                    const torch::Tensor& labels);
+
 /// Next-token cross-entropy: logits [B, L, V] at t predict labels[t + 1];
-/// kIgnoreIndex positions do not count.
+/// kIgnoreIndex positions do not count. Per-sample reduction averages each
+/// sample's tokens first: a sample is a row, or with segment_ids [B, L]
+/// (packed rows) an example.
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                              double label_smoothing = 0.0, LossReduction reduction = LossReduction::token);
+                              double label_smoothing = 0.0, LossReduction reduction = LossReduction::token,
+                              const torch::Tensor& segment_ids = {});
 
 /// Right-padded [B, T] ids and padding mask from token lists.
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,

@@ -55,23 +55,28 @@ class EncoderDecoderImpl : public torch::nn::Module {
 
   /// Fuses images into the token sequence. Concat: images are assigned to the
   /// <image> placeholders in reading order across the batch (with
-  /// image_sizes, each contributes only its valid tokens: packed). Cross-
-  /// attention: one image per sample (padded tokens masked).
+  /// image_sizes, each contributes only its valid tokens). Cross-attention:
+  /// one image per sample (padded tokens masked). segment_ids [B, T]: packed
+  /// rows (several examples per row, see DecoderInputs::segment_ids); with
+  /// cross-attention one image per example, in row order.
   DecoderInputs prepare(const torch::Tensor& images, const torch::Tensor& input_ids,
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
-                        const torch::Tensor& image_sizes = {}) {
+                        const torch::Tensor& image_sizes = {}, const torch::Tensor& segment_ids = {}) {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderDecoder");
     check_labels(labels, input_ids, *decoder, "EncoderDecoder");
+    auto segments = check_segment_ids(segment_ids, input_ids, mask, "EncoderDecoder");
     auto [memory, memory_mask] = encode_images(images, image_sizes);
-    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels);
+    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels, segments);
   }
 
   /// labels [B, T]: the target token at each position, kIgnoreIndex on the
   /// prompt; logits at t predict labels[t + 1]. image_sizes: see encode_images.
+  /// segment_ids: packed rows (the Loader's pack_to); loss and gradients
+  /// equal those of the same examples one per row.
   DecoderOutput forward(const torch::Tensor& images, const torch::Tensor& input_ids,
                         const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
-                        const torch::Tensor& image_sizes = {}) {
-    return decode_fused(*decoder, prepare(images, input_ids, padding_mask, labels, image_sizes),
+                        const torch::Tensor& image_sizes = {}, const torch::Tensor& segment_ids = {}) {
+    return decode_fused(*decoder, prepare(images, input_ids, padding_mask, labels, image_sizes, segment_ids),
                         options.attention(), options.label_smoothing(), options.loss_reduction());
   }
 

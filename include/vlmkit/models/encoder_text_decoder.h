@@ -82,27 +82,27 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
     return {torch::cat({projected, context}, 1), memory_mask};
   }
 
+  /// segment_ids [B, T]: packed rows (several examples per row); images and
+  /// context_ids then hold one entry per example, in row order.
   DecoderInputs prepare(const torch::Tensor& images, const torch::Tensor& context_ids,
                         const torch::Tensor& input_ids, const torch::Tensor& context_mask = {},
-                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
+                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
+                        const torch::Tensor& segment_ids = {}) {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderTextDecoder");
     check_labels(labels, input_ids, *decoder, "EncoderTextDecoder");
-    if (options.fusion() == DecoderFusionType::concat) {
-      auto per_sample = input_ids.eq(options.image_token_id()).sum(1);
-      TORCH_CHECK_VALUE(per_sample.eq(1).all().item<bool>(),
-                        "EncoderTextDecoder: with concat fusion every prompt needs exactly one "
-                        "<image> placeholder (id ", options.image_token_id(), "), got counts ",
-                        per_sample.sizes(), " ", per_sample.to(torch::kCPU));
-    }
+    auto segments = check_segment_ids(segment_ids, input_ids, mask, "EncoderTextDecoder");
+    if (options.fusion() == DecoderFusionType::concat)
+      check_one_placeholder_per_example(input_ids, mask, segments, options.image_token_id(), "EncoderTextDecoder");
     auto [memory, memory_mask] = encode(images, context_ids, context_mask);
-    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels);
+    return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels, segments);
   }
 
   DecoderOutput forward(const torch::Tensor& images, const torch::Tensor& context_ids,
                         const torch::Tensor& input_ids, const torch::Tensor& context_mask = {},
-                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {}) {
+                        const torch::Tensor& padding_mask = {}, const torch::Tensor& labels = {},
+                        const torch::Tensor& segment_ids = {}) {
     return decode_fused(*decoder,
-                        prepare(images, context_ids, input_ids, context_mask, padding_mask, labels),
+                        prepare(images, context_ids, input_ids, context_mask, padding_mask, labels, segment_ids),
                         options.attention(), options.label_smoothing(), options.loss_reduction());
   }
 

@@ -21,7 +21,8 @@ struct BlockCache {
 /// Args (forward):
 ///   x: [B, T, D]; key_padding_mask [B, S] and attn_mask as in MultiheadAttention;
 ///   context: [B, N, Dc] for the cross-attention sub-layer (required when the
-///   block has one), context_padding_mask [B, N] bool (true = padding).
+///   block has one), context_padding_mask [B, N] bool (true = padding), or
+///   [B, T, N] bool (true = blocked) to mask per query (packed rows).
 /// Shape: returns [B, T, D].
 class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
  public:
