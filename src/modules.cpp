@@ -337,9 +337,10 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                                          additive.defined() ? c10::optional<torch::Tensor>(additive) : c10::nullopt,
                                          dropout_p, false);
 #else
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(dh)));
-  if (blocked.defined())
-    scores = scores.masked_fill(blocked, detail::mask_fill_value(scores.scalar_type()));
+  // The scale goes on q ([T, Dh]) rather than on the scores ([T, S]), and the
+  // mask fills the product in place: two passes over [B, H, T, S] fewer.
+  auto scores = torch::matmul(q * (1.0 / std::sqrt(double(dh))), k.transpose(-2, -1));
+  if (blocked.defined()) scores.masked_fill_(blocked, detail::mask_fill_value(scores.scalar_type()));
   auto weights = scores.softmax(-1);
   if (dropout_p > 0) weights = F::dropout(weights, F::DropoutFuncOptions().p(dropout_p).training(true));
   out = torch::matmul(weights, v);
