@@ -1,6 +1,7 @@
 // The generative half of vlmkit: text decoder, projectors, decoder fusion,
 // generation (sampling, beam search, cache), JSON-schema constraints, boxes.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -150,7 +151,23 @@ torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch:
                       pos.max().item<int64_t>(), " exceeds the context length max_len=", options.max_len());
     x = x + pos_embed[0].index_select(0, pos.reshape(-1)).view({b, t, d});
   }
-  const bool causal = !attn_mask.defined();
+  bool causal = !attn_mask.defined();
+  auto self_mask = attn_mask, key_mask = mask;
+  if (!cache && (!attn_mask.defined() || attn_mask.scalar_type() == torch::kBool)) {
+    // Without a cache (training, scoring): padding and the causal or policy mask
+    // become one additive mask in the attention's dtype, built once for all layers.
+    auto opts = torch::TensorOptions().dtype(torch::kBool).device(embeds.device());
+    auto blocked = attn_mask.defined() ? (attn_mask.dim() == 2 ? attn_mask.unsqueeze(0) : attn_mask)
+                                       : torch::ones({t, t}, opts).triu(1).unsqueeze(0);
+    blocked = blocked.logical_or(mask.view({b, 1, t}));
+    auto dtype = embeds.scalar_type();
+    if (embeds.is_cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled())
+      dtype = embeds.is_cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+    self_mask = torch::zeros(blocked.sizes(), embeds.options().dtype(dtype))
+                    .masked_fill_(blocked, detail::mask_fill_value(dtype));
+    key_mask = torch::Tensor();
+    causal = false;
+  }
   const bool recompute =
       options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled() && !cache;
   size_t i = 0;
@@ -158,12 +175,12 @@ torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch:
     auto* layer = block->as<TransformerBlockImpl>();
     const auto layer_context = layer->options.cross_attention() ? context : torch::Tensor();
     if (recompute) {
-      x = detail::checkpoint([layer, mask, attn_mask, causal, context_mask, pos](const torch::Tensor& h,
-                                                                                 const torch::Tensor& c) {
-        return layer->forward(h, mask, attn_mask, causal, c, context_mask, nullptr, pos);
+      x = detail::checkpoint([layer, key_mask, self_mask, causal, context_mask, pos](const torch::Tensor& h,
+                                                                                     const torch::Tensor& c) {
+        return layer->forward(h, key_mask, self_mask, causal, c, context_mask, nullptr, pos);
       }, x, layer_context);
     } else {
-      x = layer->forward(x, mask, attn_mask, causal, layer_context, context_mask,
+      x = layer->forward(x, key_mask, self_mask, causal, layer_context, context_mask,
                          cache ? &cache->layers[i] : nullptr, pos);
     }
     ++i;

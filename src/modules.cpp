@@ -306,17 +306,19 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                       "], got ", detail::shape_str(key_padding_mask));
     blocked = key_padding_mask.view({b, 1, 1, s});
   }
+  torch::Tensor added;  // a floating attn_mask, added to the scores
   if (attn_mask.defined()) {
-    TORCH_CHECK_TYPE(attn_mask.scalar_type() == torch::kBool,
-                     "MultiheadAttention: expected attn_mask of dtype bool, got ",
-                     attn_mask.scalar_type());
+    TORCH_CHECK_TYPE(attn_mask.scalar_type() == torch::kBool || attn_mask.is_floating_point(),
+                     "MultiheadAttention: expected attn_mask of dtype bool (true = blocked) or floating (added "
+                     "to the scores), got ", attn_mask.scalar_type());
     TORCH_CHECK_VALUE((attn_mask.dim() == 2 && attn_mask.size(0) == t && attn_mask.size(1) == s) ||
                           (attn_mask.dim() == 3 && attn_mask.size(0) == b &&
                            attn_mask.size(1) == t && attn_mask.size(2) == s),
                       "MultiheadAttention: expected attn_mask of shape [", t, ", ", s, "] or [",
                       b, ", ", t, ", ", s, "], got ", detail::shape_str(attn_mask));
     auto m = attn_mask.dim() == 2 ? attn_mask.view({1, 1, t, s}) : attn_mask.view({b, 1, t, s});
-    blocked = blocked.defined() ? blocked.logical_or(m) : m;
+    if (attn_mask.scalar_type() == torch::kBool) blocked = blocked.defined() ? blocked.logical_or(m) : m;
+    else added = m.to(q.scalar_type());
   }
   if (causal) {
     auto m = torch::ones({t, s}, torch::TensorOptions().dtype(torch::kBool).device(x.device()))
@@ -324,23 +326,29 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                  .view({1, 1, t, s});
     blocked = blocked.defined() ? blocked.logical_or(m) : m;
   }
+  // One additive mask in q's dtype, built at the masks' own size (H times
+  // smaller than the scores) and added to the scores: filling the [B, H, T, S]
+  // scores through a broadcast bool mask cost 4x that (ATen A/B in
+  // docs/benchmarks.md), and its backward as much again.
+  torch::Tensor additive = added;
+  if (blocked.defined()) {
+    const double fill = detail::mask_fill_value(q.scalar_type());
+    additive = added.defined() ? torch::where(blocked, torch::full({}, fill, q.options()), added)
+                               : torch::zeros(blocked.sizes(), q.options()).masked_fill_(blocked, fill);
+  }
 
   const double dropout_p = is_training() ? options.dropout() : 0.0;
   torch::Tensor out;
 #if TORCH_VERSION_MAJOR >= 2
-  torch::Tensor additive;
-  if (blocked.defined())
-    additive = torch::zeros(blocked.sizes(), q.options())
-                   .masked_fill(blocked, detail::mask_fill_value(q.scalar_type()));
   // An undefined tensor is not "no mask" for SDPA: pass an empty optional.
   out = at::scaled_dot_product_attention(q, k, v,
                                          additive.defined() ? c10::optional<torch::Tensor>(additive) : c10::nullopt,
                                          dropout_p, false);
 #else
   // The scale goes on q ([T, Dh]) rather than on the scores ([T, S]), and the
-  // mask fills the product in place: two passes over [B, H, T, S] fewer.
+  // mask is added in place: two passes over [B, H, T, S] fewer.
   auto scores = torch::matmul(q * (1.0 / std::sqrt(double(dh))), k.transpose(-2, -1));
-  if (blocked.defined()) scores.masked_fill_(blocked, detail::mask_fill_value(scores.scalar_type()));
+  if (additive.defined()) scores.add_(additive);
   auto weights = scores.softmax(-1);
   if (dropout_p > 0) weights = F::dropout(weights, F::DropoutFuncOptions().p(dropout_p).training(true));
   out = torch::matmul(weights, v);

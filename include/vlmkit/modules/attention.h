@@ -34,7 +34,8 @@ struct KVCache {
 ///     means self-attention on x.
 ///   key_padding_mask: [B, S] bool, true = padding. With a self-attention
 ///     cache, S covers the cached and the new positions.
-///   attn_mask: [T, S] or [B, T, S] bool, true = blocked.
+///   attn_mask: [T, S] or [B, T, S], bool (true = blocked) or floating
+///     (added to the scores, e.g. a large negative value where blocked).
 ///   causal: query t (at absolute position past + t) sees keys <= past + t.
 ///   cache: optional KVCache (see above).
 ///   positions: [B, T] int64 positions for rotary attention; undefined means
