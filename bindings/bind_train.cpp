@@ -47,6 +47,26 @@ void bind_train(py::module_& m) {
 
   py::class_<BatchSource>(m, "BatchSource", "Anything the Trainer can draw batches from (vlmkit.data.Loader).");
 
+  py::class_<FusedAdamW>(m, "FusedAdamW", "torch::optim::AdamW with one fused pass per parameter (vlmkit.FusedAdamW).")
+      .def(py::init([](const std::vector<torch::Tensor>& params, double lr, double beta1, double beta2, double eps,
+                       double weight_decay) {
+             TORCH_CHECK_VALUE(!params.empty(), "FusedAdamW: expected at least one parameter");
+             for (const auto& p : params)
+               TORCH_CHECK_VALUE(p.is_leaf() && p.requires_grad(),
+                                 "FusedAdamW: expected leaf tensors that require grad (parameters)");
+             return std::make_unique<FusedAdamW>(
+                 params, torch::optim::AdamWOptions(lr).betas({beta1, beta2}).eps(eps).weight_decay(weight_decay));
+           }),
+           py::arg("params"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+           py::arg("weight_decay"))
+      .def("step", [](FusedAdamW& self) { self.step(); }, py::call_guard<py::gil_scoped_release>())
+      .def_property(
+          "lr", [](FusedAdamW& self) { return static_cast<torch::optim::AdamWOptions&>(self.param_groups()[0].options()).lr(); },
+          [](FusedAdamW& self, double lr) {
+            TORCH_CHECK_VALUE(lr >= 0, "FusedAdamW: lr must be >= 0, got ", lr);
+            static_cast<torch::optim::AdamWOptions&>(self.param_groups()[0].options()).lr(lr);
+          });
+
   m.def("save_safetensors",
         [](const std::string& path, const py::dict& tensors, const StringMap& metadata) {
           auto t = to_tensor_map(tensors);

@@ -478,6 +478,105 @@ json trainer_options_to_json(const TrainerOptions& o) {
           {"precision", o.precision()}};
 }
 
+namespace {
+/// One AdamW update of n floats (the moments, the decay and the step) in one
+/// pass; restrict-qualified and branch-free so that it vectorises. Compiled
+/// for AVX-512 and AVX2 as well, picked at run time like the resampler's.
+struct AdamWScalars {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, root_bias2, eps, neg_step, decay;
+};
+#define VLMKIT_ADAMW_BODY                                                \
+  for (int64_t i = 0; i < n; ++i) {                                      \
+    const float g = grad[i];                                             \
+    const float mi = m[i] * k.beta1 + k.one_minus_beta1 * g;             \
+    const float vi = v[i] * k.beta2 + k.one_minus_beta2 * g * g;         \
+    m[i] = mi;                                                           \
+    v[i] = vi;                                                           \
+    p[i] = p[i] * k.decay + k.neg_step * (mi / (std::sqrt(vi) / k.root_bias2 + k.eps)); \
+  }
+__attribute__((target("avx512f"))) void adamw_avx512(float* __restrict p, const float* __restrict grad,
+                                                     float* __restrict m, float* __restrict v, int64_t n,
+                                                     const AdamWScalars k) {
+  VLMKIT_ADAMW_BODY
+}
+__attribute__((target("avx2,fma"))) void adamw_avx2(float* __restrict p, const float* __restrict grad,
+                                                    float* __restrict m, float* __restrict v, int64_t n,
+                                                    const AdamWScalars k) {
+  VLMKIT_ADAMW_BODY
+}
+void adamw_default(float* __restrict p, const float* __restrict grad, float* __restrict m, float* __restrict v,
+                   int64_t n, const AdamWScalars k) {
+  VLMKIT_ADAMW_BODY
+}
+#undef VLMKIT_ADAMW_BODY
+using AdamWKernel = void (*)(float*, const float*, float*, float*, int64_t, AdamWScalars);
+AdamWKernel adamw_kernel() {
+  static const AdamWKernel kernel = __builtin_cpu_supports("avx512f") ? adamw_avx512
+                                    : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                        ? adamw_avx2
+                                        : adamw_default;
+  return kernel;
+}
+}  // namespace
+
+torch::Tensor FusedAdamW::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure) {
+    torch::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  auto& states = state();
+  for (auto& group : param_groups()) {
+    auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
+    TORCH_CHECK_VALUE(!o.amsgrad(), "FusedAdamW: amsgrad is not supported; use torch::optim::AdamW");
+    const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      const auto& grad = p.grad();
+      TORCH_CHECK_VALUE(!grad.is_sparse(), "FusedAdamW: sparse gradients are not supported");
+      const auto key = optimizer_key<decltype(states)>(p);
+      auto it = states.find(key);
+      if (it == states.end()) {
+        auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+        fresh->step(0);
+        fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        states[key] = std::move(fresh);
+        it = states.find(key);
+      }
+      auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      s.step(s.step() + 1);
+      const double bias1 = 1 - std::pow(beta1, double(s.step())), bias2 = 1 - std::pow(beta2, double(s.step()));
+      const double step_size = o.lr() / bias1, decay = 1 - o.lr() * o.weight_decay();
+      auto& m = s.exp_avg();
+      auto& v = s.exp_avg_sq();
+      const bool fusable = p.device().is_cpu() && p.scalar_type() == torch::kFloat &&
+                           grad.scalar_type() == torch::kFloat && p.is_contiguous() && grad.is_contiguous() &&
+                           m.is_contiguous() && v.is_contiguous() && m.scalar_type() == torch::kFloat &&
+                           v.scalar_type() == torch::kFloat;
+      if (!fusable) {  // AdamW's own sequence
+        if (o.weight_decay() != 0) p.mul_(decay);
+        m.mul_(beta1).add_(grad, 1 - beta1);
+        v.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+        p.addcdiv_(m, (v.sqrt() / std::sqrt(bias2)).add_(o.eps()), -step_size);
+        continue;
+      }
+      const AdamWScalars k{float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(std::sqrt(bias2)),
+                           float(o.eps()), float(-step_size), o.weight_decay() != 0 ? float(decay) : 1.0f};
+      float* pp = p.data_ptr<float>();
+      const float* gp = grad.data_ptr<float>();
+      float* mp = m.data_ptr<float>();
+      float* vp = v.data_ptr<float>();
+      const auto kernel = adamw_kernel();
+      at::parallel_for(0, p.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+        kernel(pp + begin, gp + begin, mp + begin, vp + begin, end - begin, k);
+      });
+    }
+  }
+  return loss;
+}
+
 torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {
   if (auto* m = dynamic_cast<EncoderDecoderImpl<>*>(&model))
     return m->forward(batch.images, batch.input_ids, batch.padding_mask, batch.labels, batch.image_sizes,
@@ -587,7 +686,7 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, TrainerOptions option
     group_base_lr_.push_back(lr);
     group_names_.push_back((key.first.empty() ? "default" : key.first) + (key.second ? "" : "/no_decay"));
   }
-  optimizer_ = std::make_unique<torch::optim::AdamW>(param_groups, torch::optim::AdamWOptions(o.lr()));
+  optimizer_ = std::make_unique<FusedAdamW>(param_groups, torch::optim::AdamWOptions(o.lr()));
   log_ = [](const json& r) {
     if (r.contains("eval")) {
       std::cout << "eval at step " << r["step"].get<int64_t>() << ": " << r["eval"].dump() << std::endl;

@@ -17,7 +17,7 @@ import torch as _torch  # loads libtorch before the extension
 from . import _C
 from ._module import CppModule, wrap_block
 from . import checkpoint, export, lora, text
-from .trainer import Trainer
+from .trainer import FusedAdamW, Trainer
 from .models import (ARCHITECTURES, EncoderDecoder, EncoderTextDecoder, TwoLeg, TwoTower,
                      build_model, default_config)
 
@@ -98,7 +98,7 @@ load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
 __all__ = [
-    "ARCHITECTURES", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "ARCHITECTURES", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
     "JsonSchemaMatcher", "MlpProjector", "PatchMergerProjector", "PixelShuffleProjector",
     "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",

@@ -126,3 +126,43 @@ class Trainer:
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
         print(f"step {record['step']:6d}/{record['steps']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
               f"{record['samples_per_second']:6.1f} samples/s  eta {eta_text}", flush=True)
+
+
+class FusedAdamW:
+    """AdamW (decoupled weight decay) whose step updates each float32 CPU parameter
+    and its two moments in one fused C++ pass, the GIL released: the Trainer's
+    optimizer, for your own loop. The same arithmetic as ``torch.optim.AdamW``
+    (``foreach=False``) up to float rounding; other dtypes and devices take the
+    plain per-op path. One parameter group; ``lr`` may be set between steps (a
+    schedule). ``zero_grad(set_to_none=True)`` as torch's."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("FusedAdamW: expected at least one parameter that requires grad")
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"FusedAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, "
+                             f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        self._optimizer = _C.FusedAdamW(self.params, lr, betas[0], betas[1], eps, weight_decay)
+
+    @property
+    def lr(self) -> float:
+        return self._optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._optimizer.lr = value
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()

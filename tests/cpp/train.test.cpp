@@ -422,3 +422,38 @@ TEST_CASE("trainer: bf16 autocast trains, restores the autocast state, refuses u
   REQUIRE_THROWS_WITH(vlmkit::Trainer(vlmkit::build_model(tiny_config()), vlmkit::TrainerOptions().precision("fp16")),
                       Catch::Contains("precision must be 'fp32' or 'bf16'"));
 }
+
+TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]") {
+  torch::manual_seed(0);
+  std::vector<torch::Tensor> a, b;
+  for (auto shape : {std::vector<int64_t>{37, 129}, {5}, {3, 4, 5}}) {
+    auto t = torch::randn(shape);
+    a.push_back(t.clone().requires_grad_(true));
+    b.push_back(t.clone().requires_grad_(true));
+  }
+  a.push_back(torch::randn({8}, torch::kDouble).requires_grad_(true));  // the unfused path
+  b.push_back(a.back().detach().clone().requires_grad_(true));
+  auto options = torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1);
+  torch::optim::AdamW reference(a, options);
+  vlmkit::FusedAdamW fused(b, options);
+  for (int step = 0; step < 6; ++step) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      auto g = torch::randn(a[i].sizes(), a[i].options().requires_grad(false));
+      a[i].mutable_grad() = g.clone();
+      b[i].mutable_grad() = g.clone();
+    }
+    reference.step();
+    fused.step();
+  }
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO("parameter " << i);
+    REQUIRE(torch::allclose(b[i], a[i], 1e-6, 1e-7));
+    REQUIRE(!torch::allclose(b[i], b[i].detach() * 0));
+  }
+  // The state is AdamW's: a checkpoint of one loads into the other.
+  auto key_count = reference.state().size();
+  REQUIRE(fused.state().size() == key_count);
+  auto amsgrad = torch::optim::AdamWOptions(1e-3).amsgrad(true);
+  vlmkit::FusedAdamW refused(std::vector<torch::Tensor>{b[0]}, amsgrad);
+  CHECK_THROWS_AS(refused.step(), c10::ValueError);
+}

@@ -438,3 +438,28 @@ def test_generation_under_bf16_autocast():
     assert bf16.dtype == torch.bfloat16 and len(texts) == 2
     assert (bf16.float() - fp32).abs().max() < 0.05 * fp32.abs().max()
     assert all(1 <= len(row) <= 6 for row in cached) and len(uncached) == 2
+
+
+def test_fused_adamw_steps_like_torch_adamw():
+    from conftest import tiny_config
+    torch.manual_seed(0)
+    model = vlmkit.build_model(tiny_config("encoder_decoder"))
+    twin = vlmkit.build_model(tiny_config("encoder_decoder"))
+    twin.load_state_dict(model.state_dict())
+    fused = vlmkit.FusedAdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    reference = torch.optim.AdamW(twin.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    images = torch.rand(2, 3, 32, 32)
+    ids, labels, mask = vlmkit.text.training_batch(["<image>a", "<image>bc"], ["red", "blue"])
+    for step in range(4):
+        for m, opt in ((model, fused), (twin, reference)):
+            opt.zero_grad()
+            m(images, ids, mask, labels).loss.backward()
+            opt.step()
+        fused.lr = reference.param_groups[0]["lr"] = 2e-3 * (0.5 ** step)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert fused.lr == pytest.approx(2e-3 * 0.125)
+    with pytest.raises(ValueError, match="betas in"):
+        vlmkit.FusedAdamW(model.parameters(), betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="at least one parameter"):
+        vlmkit.FusedAdamW([])

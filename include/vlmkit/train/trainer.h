@@ -21,6 +21,7 @@
 #include "vlmkit/config.h"
 #include "vlmkit/data/batch.h"
 #include "vlmkit/train/checkpoint.h"
+#include "vlmkit/train/optim.h"
 
 namespace vlmkit {
 

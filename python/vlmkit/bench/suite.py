@@ -98,7 +98,7 @@ def train_bf16(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Di
     on every core; beside vlmkit's own fp32 step with its default threads."""
     model, peer, full = pair(config)
     images, ids, labels = batch_for(full, batch, text_len)
-    opt_v = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_v = vlmkit.FusedAdamW(model.parameters(), lr=1e-4)  # the Trainer's optimizer
     opt_p = torch.optim.AdamW(peer.parameters(), lr=1e-4)
 
     def autocast(fn):
@@ -240,7 +240,7 @@ def pair(config: Dict) -> Tuple[torch.nn.Module, torch.nn.Module, Dict]:
 def train_and_forward(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Dict:
     model, peer, full = pair(config)
     images, ids, labels = batch_for(full, batch, text_len)
-    opt_v = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_v = vlmkit.FusedAdamW(model.parameters(), lr=1e-4)  # the Trainer's optimizer
     opt_p = torch.optim.AdamW(peer.parameters(), lr=1e-4)
     step_v = training_step(model, lambda: vlmkit_loss(model, full, images, ids, labels), opt_v)
     step_p = training_step(peer, lambda: peer(images, ids, labels)[1], opt_p)

@@ -1,0 +1,21 @@
+#pragma once
+/// AdamW with the update of each parameter in one fused pass.
+#include <torch/optim/adamw.h>
+
+namespace vlmkit {
+
+/// torch::optim::AdamW (Loshchilov & Hutter 2019) whose step updates each
+/// float32 CPU parameter, its two moments and its decay in a single pass over
+/// memory (at::parallel_for over torch's intra-op threads) instead of eight
+/// ATen ops per tensor: the saving is per-tensor dispatch and memory traffic,
+/// which dominate small-batch steps. The state (AdamWParamState, the same keys)
+/// and so checkpoints are torch::optim::AdamW's; other dtypes and devices take
+/// AdamW's own path. The results equal AdamW's up to float rounding (tests:
+/// 1e-6 relative after several steps). amsgrad is refused.
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+};
+
+}  // namespace vlmkit
