@@ -50,7 +50,11 @@ void bind_train(py::module_& m) {
   py::class_<FusedAdamW>(m, "FusedAdamW", "torch::optim::AdamW with one fused pass per parameter (vlmkit.FusedAdamW).")
       .def(py::init([](const std::vector<torch::Tensor>& params, double lr, double beta1, double beta2, double eps,
                        double weight_decay) {
-             TORCH_CHECK_VALUE(!params.empty(), "FusedAdamW: expected at least one parameter");
+             TORCH_CHECK_VALUE(!params.empty(), "FusedAdamW: expected at least one parameter that requires grad");
+             TORCH_CHECK_VALUE(lr >= 0 && eps >= 0 && weight_decay >= 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 &&
+                                   beta2 < 1,
+                               "FusedAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr=", lr,
+                               ", betas=(", beta1, ", ", beta2, "), eps=", eps, ", weight_decay=", weight_decay);
              for (const auto& p : params)
                TORCH_CHECK_VALUE(p.is_leaf() && p.requires_grad(),
                                  "FusedAdamW: expected leaf tensors that require grad (parameters)");

@@ -153,18 +153,13 @@ torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch:
   }
   bool causal = !attn_mask.defined();
   auto self_mask = attn_mask, key_mask = mask;
-  if (!cache && (!attn_mask.defined() || attn_mask.scalar_type() == torch::kBool)) {
+  if (!cache) {
     // Without a cache (training, scoring): padding and the causal or policy mask
-    // become one additive mask in the attention's dtype, built once for all layers.
-    auto opts = torch::TensorOptions().dtype(torch::kBool).device(embeds.device());
-    auto blocked = attn_mask.defined() ? (attn_mask.dim() == 2 ? attn_mask.unsqueeze(0) : attn_mask)
-                                       : torch::ones({t, t}, opts).triu(1).unsqueeze(0);
-    blocked = blocked.logical_or(mask.view({b, 1, t}));
+    // become the attention's additive mask once, in its dtype, for all layers.
     auto dtype = embeds.scalar_type();
     if (embeds.is_cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled())
       dtype = embeds.is_cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
-    self_mask = torch::zeros(blocked.sizes(), embeds.options().dtype(dtype))
-                    .masked_fill_(blocked, detail::mask_fill_value(dtype));
+    self_mask = detail::attention_bias(mask, attn_mask, causal, t, t, 0, dtype, embeds.device()).view({b, t, t});
     key_mask = torch::Tensor();
     causal = false;
   }

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "vlmkit/config.h"
+#include "vlmkit/detail/autocast.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/heads.h"
@@ -72,6 +73,26 @@ double mask_fill_value(torch::ScalarType dtype) {
     case torch::kBFloat16: return -3.38e38;
     default: return std::numeric_limits<float>::lowest();
   }
+}
+
+torch::Tensor attention_bias(const torch::Tensor& key_padding_mask, const torch::Tensor& attn_mask, bool causal,
+                             int64_t t, int64_t s, int64_t past, torch::ScalarType dtype, torch::Device device) {
+  torch::Tensor blocked, added;  // bool [., 1, T | 1, S]; floating [., 1, T, S]
+  if (key_padding_mask.defined()) blocked = key_padding_mask.view({key_padding_mask.size(0), 1, 1, s});
+  if (attn_mask.defined()) {
+    auto m = attn_mask.dim() == 2 ? attn_mask.view({1, 1, t, s}) : attn_mask.view({attn_mask.size(0), 1, t, s});
+    if (m.scalar_type() == torch::kBool) blocked = blocked.defined() ? blocked.logical_or(m) : m;
+    else added = m.to(dtype);
+  }
+  if (causal) {
+    auto m = torch::ones({t, s}, torch::TensorOptions().dtype(torch::kBool).device(device)).triu(past + 1).view({1, 1, t, s});
+    blocked = blocked.defined() ? blocked.logical_or(m) : m;
+  }
+  if (!blocked.defined()) return added;
+  const double fill = mask_fill_value(dtype);
+  const auto options = torch::TensorOptions().dtype(dtype).device(device);
+  return added.defined() ? torch::where(blocked, torch::full({}, fill, options), added)
+                         : torch::zeros(blocked.sizes(), options).masked_fill_(blocked, fill);
 }
 
 void init_transformer_weights(torch::nn::Module& module) {
@@ -295,7 +316,6 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
     v = v.repeat_interleave(h / kv, 1);
   }
 
-  torch::Tensor blocked;  // bool, broadcastable to [B, H, T, S]; true = not attended
   if (key_padding_mask.defined()) {
     TORCH_CHECK_TYPE(key_padding_mask.scalar_type() == torch::kBool,
                      "MultiheadAttention: expected key_padding_mask of dtype bool, got ",
@@ -304,9 +324,7 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                           key_padding_mask.size(1) == s,
                       "MultiheadAttention: expected key_padding_mask of shape [", b, ", ", s,
                       "], got ", detail::shape_str(key_padding_mask));
-    blocked = key_padding_mask.view({b, 1, 1, s});
   }
-  torch::Tensor added;  // a floating attn_mask, added to the scores
   if (attn_mask.defined()) {
     TORCH_CHECK_TYPE(attn_mask.scalar_type() == torch::kBool || attn_mask.is_floating_point(),
                      "MultiheadAttention: expected attn_mask of dtype bool (true = blocked) or floating (added "
@@ -316,26 +334,9 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                            attn_mask.size(1) == t && attn_mask.size(2) == s),
                       "MultiheadAttention: expected attn_mask of shape [", t, ", ", s, "] or [",
                       b, ", ", t, ", ", s, "], got ", detail::shape_str(attn_mask));
-    auto m = attn_mask.dim() == 2 ? attn_mask.view({1, 1, t, s}) : attn_mask.view({b, 1, t, s});
-    if (attn_mask.scalar_type() == torch::kBool) blocked = blocked.defined() ? blocked.logical_or(m) : m;
-    else added = m.to(q.scalar_type());
   }
-  if (causal) {
-    auto m = torch::ones({t, s}, torch::TensorOptions().dtype(torch::kBool).device(x.device()))
-                 .triu(past + 1)
-                 .view({1, 1, t, s});
-    blocked = blocked.defined() ? blocked.logical_or(m) : m;
-  }
-  // One additive mask in q's dtype, built at the masks' own size (H times
-  // smaller than the scores) and added to the scores: filling the [B, H, T, S]
-  // scores through a broadcast bool mask cost 4x that (ATen A/B in
-  // docs/benchmarks.md), and its backward as much again.
-  torch::Tensor additive = added;
-  if (blocked.defined()) {
-    const double fill = detail::mask_fill_value(q.scalar_type());
-    additive = added.defined() ? torch::where(blocked, torch::full({}, fill, q.options()), added)
-                               : torch::zeros(blocked.sizes(), q.options()).masked_fill_(blocked, fill);
-  }
+  const auto additive =
+      detail::attention_bias(key_padding_mask, attn_mask, causal, t, s, past, q.scalar_type(), q.device());
 
   const double dropout_p = is_training() ? options.dropout() : 0.0;
   torch::Tensor out;
@@ -355,6 +356,46 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
 #endif
   return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
 }
+
+// ---------------------------------------------------------------- autocast scope
+namespace detail {
+AutocastState AutocastState::current() {
+  return {at::autocast::is_cpu_enabled(), at::autocast::get_autocast_cpu_dtype(), at::autocast::is_enabled(),
+          at::autocast::get_autocast_gpu_dtype()};
+}
+
+namespace {
+void apply_autocast(const AutocastState& s) {
+  at::autocast::set_cpu_enabled(s.cpu_enabled);
+  at::autocast::set_autocast_cpu_dtype(s.cpu_dtype);
+  at::autocast::set_enabled(s.cuda_enabled);
+  at::autocast::set_autocast_gpu_dtype(s.cuda_dtype);
+}
+}  // namespace
+
+Autocast::Autocast(const AutocastState& state) : saved_(AutocastState::current()) {
+  apply_autocast(state);
+  at::autocast::increment_nesting();
+}
+
+Autocast::Autocast(const torch::Device& device, torch::ScalarType dtype) : saved_(AutocastState::current()) {
+  auto state = saved_;
+  if (device.is_cuda()) {
+    state.cuda_enabled = true;
+    state.cuda_dtype = dtype;
+  } else {
+    state.cpu_enabled = true;
+    state.cpu_dtype = dtype;
+  }
+  apply_autocast(state);
+  at::autocast::increment_nesting();
+}
+
+Autocast::~Autocast() {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  apply_autocast(saved_);
+}
+}  // namespace detail
 
 // ---------------------------------------------------------------- activation checkpointing
 namespace detail {
@@ -376,10 +417,11 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     }
     const bool has_context = context.numel() > 0;
     // The recomputation must see the forward's autocast (bf16 training).
-    ctx->saved_data["autocast_cpu"] = at::autocast::is_cpu_enabled();
-    ctx->saved_data["autocast_cpu_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_cpu_dtype());
-    ctx->saved_data["autocast_cuda"] = at::autocast::is_enabled();
-    ctx->saved_data["autocast_cuda_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_gpu_dtype());
+    const auto autocast = AutocastState::current();
+    ctx->saved_data["autocast_cpu"] = autocast.cpu_enabled;
+    ctx->saved_data["autocast_cpu_dtype"] = static_cast<int64_t>(autocast.cpu_dtype);
+    ctx->saved_data["autocast_cuda"] = autocast.cuda_enabled;
+    ctx->saved_data["autocast_cuda_dtype"] = static_cast<int64_t>(autocast.cuda_dtype);
     ctx->saved_data["block"] = c10::IValue::make_capsule(holder);
     ctx->saved_data["has_context"] = has_context;
     ctx->save_for_backward({x, context});
@@ -405,26 +447,11 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
     torch::Tensor y;
     {
       torch::AutoGradMode enable(true);
-      const bool cpu_was = at::autocast::is_cpu_enabled(), cuda_was = at::autocast::is_enabled();
-      const auto cpu_dtype = at::autocast::get_autocast_cpu_dtype(), cuda_dtype = at::autocast::get_autocast_gpu_dtype();
-      at::autocast::set_cpu_enabled(ctx->saved_data["autocast_cpu"].toBool());
-      at::autocast::set_autocast_cpu_dtype(static_cast<at::ScalarType>(ctx->saved_data["autocast_cpu_dtype"].toInt()));
-      at::autocast::set_enabled(ctx->saved_data["autocast_cuda"].toBool());
-      at::autocast::set_autocast_gpu_dtype(static_cast<at::ScalarType>(ctx->saved_data["autocast_cuda_dtype"].toInt()));
-      at::autocast::increment_nesting();
-      try {
-        y = holder->fn(x, context);
-      } catch (...) {
-        at::autocast::decrement_nesting();
-        at::autocast::set_cpu_enabled(cpu_was);
-        at::autocast::set_enabled(cuda_was);
-        throw;
-      }
-      if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-      at::autocast::set_cpu_enabled(cpu_was);
-      at::autocast::set_autocast_cpu_dtype(cpu_dtype);
-      at::autocast::set_enabled(cuda_was);
-      at::autocast::set_autocast_gpu_dtype(cuda_dtype);
+      Autocast replay({ctx->saved_data["autocast_cpu"].toBool(),
+                       static_cast<at::ScalarType>(ctx->saved_data["autocast_cpu_dtype"].toInt()),
+                       ctx->saved_data["autocast_cuda"].toBool(),
+                       static_cast<at::ScalarType>(ctx->saved_data["autocast_cuda_dtype"].toInt())});
+      y = holder->fn(x, context);
     }
     {
       std::lock_guard<std::mutex> lock(gen.mutex());

@@ -139,11 +139,6 @@ class FusedAdamW:
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2) -> None:
         self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("FusedAdamW: expected at least one parameter that requires grad")
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"FusedAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, "
-                             f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
         self._optimizer = _C.FusedAdamW(self.params, lr, betas[0], betas[1], eps, weight_decay)
 
     @property

@@ -47,11 +47,10 @@ def losses_and_grads(model, arch, packed):
     if packed:
         ids, labels, mask, segments = pack(ids, labels, mask, ROWS)
     model.zero_grad()
+    kwargs = {"segment_ids": segments} if packed else {}
     if arch == "encoder_decoder":
-        kwargs = {"segment_ids": segments} if packed else {}
         out = model(images[order], ids, mask, labels, **kwargs)
     else:
-        kwargs = {"segment_ids": segments} if packed else {}
         out = model(images[order], cids[order], ids, cmask[order], mask, labels, **kwargs)
     out.loss.backward()
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -65,6 +65,15 @@ namespace detail {
 /// The additive-mask fill value: the lowest finite value of the dtype, so a
 /// row with every key masked yields uniform weights instead of NaN.
 double mask_fill_value(torch::ScalarType dtype);
+/// The additive attention mask [B | 1, 1, T, S] in `dtype` that MultiheadAttention
+/// adds to its scores: key_padding_mask [B, S] bool, attn_mask [T, S] or
+/// [B, T, S] (bool: true = blocked; floating: added) and causal (query t at
+/// absolute position past + t sees keys <= past + t), combined; undefined when
+/// there is nothing to mask. Shapes are the caller's to check. The bool masks
+/// are filled at their own size (H times smaller than the scores): filling the
+/// scores through a broadcast bool mask costs 4x the add, in backward too.
+torch::Tensor attention_bias(const torch::Tensor& key_padding_mask, const torch::Tensor& attn_mask, bool causal,
+                             int64_t t, int64_t s, int64_t past, torch::ScalarType dtype, torch::Device device);
 /// Rotary embedding (rotate-half form) of x [B, H, T, Dh] at positions [B, T].
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta);
 }  // namespace detail

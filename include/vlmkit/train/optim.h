@@ -7,8 +7,8 @@ namespace vlmkit {
 /// torch::optim::AdamW (Loshchilov & Hutter 2019) whose step updates each
 /// float32 CPU parameter, its two moments and its decay in a single pass over
 /// memory (at::parallel_for over torch's intra-op threads) instead of eight
-/// ATen ops per tensor: the saving is per-tensor dispatch and memory traffic,
-/// which dominate small-batch steps. The state (AdamWParamState, the same keys)
+/// ATen ops per tensor. On the 2-core reference machine it runs at torch's
+/// speed (the update is memory-bound there; docs/benchmarks.md). The state (AdamWParamState, the same keys)
 /// and so checkpoints are torch::optim::AdamW's; other dtypes and devices take
 /// AdamW's own path. The results equal AdamW's up to float rounding (tests:
 /// 1e-6 relative after several steps). amsgrad is refused.

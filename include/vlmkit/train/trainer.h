@@ -20,6 +20,7 @@
 
 #include "vlmkit/config.h"
 #include "vlmkit/data/batch.h"
+#include "vlmkit/detail/autocast.h"
 #include "vlmkit/train/checkpoint.h"
 #include "vlmkit/train/optim.h"
 
@@ -137,22 +138,6 @@ class Trainer {
   json last_eval_ = json::object();
   std::vector<std::string> group_names_;
 };
-
-namespace detail {
-/// Enables bfloat16 (or float16) autocast on `device`'s kind (CPU or CUDA) for
-/// its lifetime, as torch.autocast does; restores the previous state after.
-class Autocast {
- public:
-  Autocast(const torch::Device& device, torch::ScalarType dtype);
-  ~Autocast();
-  Autocast(const Autocast&) = delete;
-  Autocast& operator=(const Autocast&) = delete;
-
- private:
-  bool cuda_, was_enabled_;
-  torch::ScalarType old_dtype_;
-};
-}  // namespace detail
 
 /// The default loss: next-token loss of an encoder_decoder model built by
 /// vlmkit (build_model or EncoderDecoderImpl<>); other models need a LossFn.
