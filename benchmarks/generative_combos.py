@@ -41,7 +41,7 @@ def main():
     ids, labels, mask = text.training_batch(prompts, answers)
     for arch, projector, fusion in itertools.product(
             ["encoder_decoder", "encoder_text_decoder"],
-            ["linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"], ["concat", "cross_attention"]):
+            vlmkit.PROJECTORS, ["concat", "cross_attention"]):
         torch.manual_seed(0)
         model = vlmkit.build_model({"architecture": arch, "projector": {"type": projector}, "fusion": fusion})
         images = torch.rand(args.batch, 3, 64, 64)

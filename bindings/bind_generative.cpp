@@ -80,30 +80,54 @@ py::tuple run_generation(const TextDecoderImpl& decoder, const GenerationOptions
   return py::make_tuple(out.tokens, out.scores);
 }
 
-template <class Impl, class Options>
-void bind_projector(py::module_& m, const char* name, std::function<std::shared_ptr<Impl>(Options)> make,
-                    ProjectorType type) {
-  auto cls = bind_block<Impl>(m, name);
-  cls.def_property_readonly("options", [](Impl& self) {
-    auto j = self.config();
-    j["in_dim"] = self.options.in_dim();
-    j["out_dim"] = self.options.out_dim();
-    return bindings::to_python(j);
-  });
-  cls.def(py::init([make, type, name](int64_t in_dim, int64_t out_dim, const py::kwargs& kwargs) {
-            ProjectorOptions o(in_dim, out_dim);
-            auto j = to_json(kwargs);
-            if (!j.is_null() && !j.empty()) {
-              ConfigReader reader(j, name);
-              visit_projector_fields(type, o, reader);
-              reader.finish();
-            }
-            return make(o);
-          }),
-          py::arg("in_dim"), py::arg("out_dim"))
-      .def("forward", &Impl::forward, py::arg("image"), Release())
-      .def("num_output_tokens", &Impl::num_output_tokens, py::arg("rows"), py::arg("cols"))
-      .def("config_json", [](Impl& self) { return self.config().dump(); });
+/// The projector slot: one class for every projector (the registry's rows
+/// are built through make_projector and listed by projector_types).
+void bind_projectors(py::module_& m) {
+  add_slot_caster<ProjectorModule>();
+  bind_block<ProjectorModule>(m, "Projector")
+      .def("forward", &ProjectorModule::forward, py::arg("image"), Release())
+      .def("num_output_tokens", &ProjectorModule::num_output_tokens, py::arg("rows"), py::arg("cols"))
+      .def_property_readonly("input_dim", &ProjectorModule::input_dim)
+      .def_property_readonly("output_dim", &ProjectorModule::output_dim)
+      .def_property_readonly("options",
+                             [](ProjectorModule& self) {
+                               auto j = self.config();
+                               j.erase("type");
+                               j["in_dim"] = self.input_dim();
+                               j["out_dim"] = self.output_dim();
+                               return to_python(j);
+                             })
+      .def("config_json", [](ProjectorModule& self) { return self.config().dump(); });
+  m.def(
+      "make_projector",
+      [](const std::string& type, int64_t in_dim, int64_t out_dim, const std::string& options_json) {
+        const auto& row = projector_registry().at(type);
+        auto options = parse_json(options_json, "projector options");
+        TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
+                          ": expected keyword options (", detail::join_names([&] {
+                            std::vector<std::string> keys;
+                            for (const auto& item : row.defaults.items()) keys.push_back(item.key());
+                            return keys;
+                          }()), "), not a type");
+        return row.make(options, row.python_class, in_dim, out_dim);
+      },
+      py::arg("type"), py::arg("in_dim"), py::arg("out_dim"), py::arg("options_json") = "{}",
+      "Builds the registered projector `type` (see projector_types) from its keyword options.");
+  m.def(
+      "projector_types",
+      [] {
+        py::list out;
+        for (const auto& row : projector_registry().rows()) {
+          py::dict d;
+          d["name"] = row.name;
+          d["python_class"] = row.python_class;
+          d["doc"] = row.doc;
+          d["defaults"] = to_python(row.defaults);
+          out.append(d);
+        }
+        return out;
+      },
+      "The registered projectors: name, python_class, doc and their option defaults, sorted by name.");
 }
 
 }  // namespace
@@ -142,21 +166,7 @@ void bind_generative(py::module_& m) {
         .def("config_json", [](TextDecoderImpl& self) { return self.config().dump(); });
   }
 
-  bind_projector<MlpProjectorImpl, ProjectorOptions>(
-      m, "MlpProjector", [](ProjectorOptions o) { return std::make_shared<MlpProjectorImpl>(o, true); },
-      ProjectorType::mlp);
-  bind_projector<PixelShuffleProjectorImpl, ProjectorOptions>(
-      m, "PixelShuffleProjector",
-      [](ProjectorOptions o) { return std::make_shared<PixelShuffleProjectorImpl>(o); },
-      ProjectorType::pixel_shuffle);
-  bind_projector<PatchMergerProjectorImpl, ProjectorOptions>(
-      m, "PatchMergerProjector",
-      [](ProjectorOptions o) { return std::make_shared<PatchMergerProjectorImpl>(o); },
-      ProjectorType::patch_merger);
-  bind_projector<ResamplerProjectorImpl, ProjectorOptions>(
-      m, "ResamplerProjector",
-      [](ProjectorOptions o) { return std::make_shared<ResamplerProjectorImpl>(o); },
-      ProjectorType::resampler);
+  bind_projectors(m);
 
   using EncDec = EncoderDecoderImpl<>;
   bind_block<EncDec>(m, "EncoderDecoder")

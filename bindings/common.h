@@ -5,6 +5,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <sstream>
 
@@ -65,6 +66,35 @@ inline void ensure_module_base(py::module_& m) {
   py::class_<torch::nn::Module, std::shared_ptr<torch::nn::Module>>(m, "Module");
 }
 
+/// Casts for slot base classes (ProjectorModule, ...): a child whose own class
+/// is not bound (a registered implementation) reaches Python as its slot's
+/// class instead of a bare torch::nn::Module. Each slot's binding adds one.
+using ModuleCaster = std::function<py::object(const std::shared_ptr<torch::nn::Module>&)>;
+inline std::vector<ModuleCaster>& slot_casters() {
+  static std::vector<ModuleCaster> casters;
+  return casters;
+}
+
+/// The Python object of a C++ module: its own bound class, else its slot's.
+inline py::object cast_module(const std::shared_ptr<torch::nn::Module>& module) {
+  if (module && !py::detail::get_type_info(typeid(*module))) {
+    for (const auto& cast : slot_casters()) {
+      py::object out = cast(module);
+      if (!out.is_none()) return out;
+    }
+  }
+  return py::cast(module);
+}
+
+/// Registers the caster of slot base `Base` (see slot_casters).
+template <class Base>
+void add_slot_caster() {
+  slot_casters().push_back([](const std::shared_ptr<torch::nn::Module>& module) -> py::object {
+    if (auto base = std::dynamic_pointer_cast<Base>(module)) return py::cast(base);
+    return py::none();
+  });
+}
+
 template <class Items>
 py::dict to_dict(const Items& items) {
   py::dict out;
@@ -83,7 +113,12 @@ ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
           py::arg("recurse") = true)
       .def("named_buffers", [](Impl& self, bool recurse) { return to_dict(self.named_buffers(recurse)); },
            py::arg("recurse") = true)
-      .def("named_children", [](Impl& self) { return to_dict(self.named_children()); })
+      .def("named_children",
+           [](Impl& self) {
+             py::dict out;
+             for (const auto& item : self.named_children()) out[py::str(item.key())] = cast_module(item.value());
+             return out;
+           })
       .def("train", [](Impl& self, bool mode) { self.train(mode); }, py::arg("mode") = true)
       .def_property_readonly("training", [](Impl& self) { return self.is_training(); })
       .def("_tree_repr", [](Impl& self) { return module_repr(self); });

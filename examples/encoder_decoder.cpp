@@ -4,6 +4,7 @@
 //
 //   ./example_encoder_decoder
 #include <torch/torch.h>
+#include <vlmkit/projectors/pixel_shuffle.h>
 #include <vlmkit/vlmkit.h>
 
 #include <iostream>
@@ -15,7 +16,7 @@ int main() {
   using Model = EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl, ConcatFusionImpl, TextDecoderImpl>;
   auto model = std::make_shared<Model>(
       std::make_shared<ViTImpl>(ViTOptions().image_size(32).patch_size(8).d_model(64).depth(2)),
-      std::make_shared<PixelShuffleProjectorImpl>(ProjectorOptions(64, 64).factor(2)),
+      std::make_shared<PixelShuffleProjectorImpl>(PixelShuffleProjectorOptions(64, 64).factor(2)),
       std::make_shared<ConcatFusionImpl>(),
       std::make_shared<TextDecoderImpl>(TextDecoderOptions().d_model(64).depth(2).max_len(128)));
 

@@ -1,4 +1,4 @@
-// The generative half of vlmkit: text decoder, projectors, decoder fusion,
+// The generative half of vlmkit: text decoder, decoder fusion,
 // generation (sampling, beam search, cache), JSON-schema constraints, boxes.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
@@ -14,31 +14,12 @@
 #include "vlmkit/generate/boxes.h"
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/generative.h"
-#include "vlmkit/projectors/projector.h"
 #include "internal.h"
 
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
 using detail::shape_str;
-namespace {
-void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who) {
-  TORCH_CHECK_VALUE(image.tokens.defined() && image.tokens.dim() == 3 && image.tokens.size(2) == in_dim,
-                    who, ": expected image tokens of shape [B, N, ", in_dim, "], got ",
-                    shape_str(image.tokens));
-}
-
-/// Grid of the tokens: the encoder's, or a square one when it reports none.
-std::array<int64_t, 2> token_grid(const EncoderOutput& image, const char* who) {
-  const int64_t n = image.tokens.size(1);
-  if (image.grid[0] * image.grid[1] == n) return image.grid;
-  const auto side = static_cast<int64_t>(std::llround(std::sqrt(double(n))));
-  TORCH_CHECK_VALUE(side * side == n, who, ": needs image tokens on a grid; got ", n,
-                    " tokens and no grid");
-  return {side, side};
-}
-}  // namespace
-
 // ---------------------------------------------------------------- text decoder
 void DecoderCache::select(const torch::Tensor& index) {
   for (auto& layer : layers) {
@@ -185,179 +166,6 @@ torch::Tensor TextDecoderImpl::forward(const torch::Tensor& embeds, const torch:
 
 torch::Tensor TextDecoderImpl::logits(const torch::Tensor& hidden) {
   return lm_head ? lm_head->forward(hidden) : torch::matmul(hidden, token_embed->weight.t());
-}
-
-// ---------------------------------------------------------------- projectors
-namespace {
-void check_projector(const ProjectorOptions& o, const char* who) {
-  TORCH_CHECK_VALUE(o.in_dim() > 0 && o.out_dim() > 0, who, ": in_dim and out_dim must be positive, got ",
-                    o.in_dim(), " and ", o.out_dim());
-}
-
-json projector_config(const ProjectorOptions& options, ProjectorType type) {
-  json out = json::object();
-  ConfigWriter writer(out);
-  ProjectorOptions copy = options;
-  visit_projector_fields(type, copy, writer);
-  out["type"] = to_name(type);
-  return out;
-}
-}  // namespace
-
-void ProjectorModule::pretty_print(std::ostream& stream) const {
-  auto fields = config();
-  fields["in_dim"] = input_dim();
-  fields["out_dim"] = output_dim();
-  detail::print_options(stream, name().c_str(), fields);
-}
-
-namespace {
-/// Space-to-depth on a token grid: each r x r block of tokens [B, rows*cols, D]
-/// becomes one token of r*r*D features, row-major: [B, (rows/r)*(cols/r), r*r*D].
-torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2> grid, int64_t r, const char* who) {
-  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, who, ": the token grid ", grid[0], "x", grid[1],
-                    " must be divisible by ", r);
-  const int64_t b = tokens.size(0), d = tokens.size(2);
-  return tokens.reshape({b, grid[0] / r, r, grid[1] / r, r, d})
-      .permute({0, 1, 3, 2, 4, 5})
-      .reshape({b, (grid[0] / r) * (grid[1] / r), r * r * d});
-}
-
-/// Padding mask [B, rows*cols] -> [B, (rows/r)*(cols/r)]: a block is padding
-/// only when all its tokens are.
-torch::Tensor merge_padding_mask(const EncoderOutput& image, int64_t r, const char* who) {
-  if (!image.padding_mask.defined()) return {};
-  const auto grid = image.grid;
-  TORCH_CHECK_VALUE(grid[0] % r == 0 && grid[1] % r == 0, who, ": the token grid ", grid[0], "x", grid[1],
-                    " must be divisible by ", r);
-  const int64_t b = image.padding_mask.size(0);
-  auto blocks = image.padding_mask.reshape({b, grid[0] / r, r, grid[1] / r, r});
-  auto all = blocks.all(4).all(2), any = blocks.any(4).any(2);
-  TORCH_CHECK_VALUE(all.eq(any).all().item<bool>(), who, ": an image's token grid must be divisible by ", r,
-                    " (image sizes multiples of patch_size * ", r, ", as data.dynamic_resolution with merge=", r,
-                    " gives)");
-  return all.reshape({b, -1});
-}
-}  // namespace
-
-MlpProjectorImpl::MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer_)
-    : ProjectorModule(hidden_layer_ ? "vlmkit::MlpProjector" : "vlmkit::LinearProjector"),
-      options(std::move(options_)),
-      hidden_layer(hidden_layer_) {
-  check_projector(options, "MlpProjector");
-  if (hidden_layer) {
-    const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.out_dim();
-    fc1 = register_module("fc1", Linear(options.in_dim(), hidden));
-    fc2 = register_module("fc2", Linear(hidden, options.out_dim()));
-  } else {
-    fc1 = register_module("fc1", Linear(options.in_dim(), options.out_dim()));
-  }
-  detail::init_transformer_weights(*this);
-}
-
-json MlpProjectorImpl::config() const {
-  return projector_config(options, hidden_layer ? ProjectorType::mlp : ProjectorType::linear);
-}
-
-torch::Tensor MlpProjectorImpl::forward(const EncoderOutput& image) {
-  check_image_tokens(image, options.in_dim(), "MlpProjector");
-  auto x = fc1->forward(image.tokens);
-  return hidden_layer ? fc2->forward(torch::gelu(x)) : x;
-}
-
-PixelShuffleProjectorImpl::PixelShuffleProjectorImpl(ProjectorOptions options_)
-    : ProjectorModule("vlmkit::PixelShuffleProjector"), options(std::move(options_)) {
-  check_projector(options, "PixelShuffleProjector");
-  TORCH_CHECK_VALUE(options.factor() >= 1, "PixelShuffleProjector: factor must be >= 1, got ",
-                    options.factor());
-  const int64_t r = options.factor();
-  proj = register_module("proj", Linear(options.in_dim() * r * r, options.out_dim()));
-  detail::init_transformer_weights(*this);
-}
-
-json PixelShuffleProjectorImpl::config() const {
-  return projector_config(options, ProjectorType::pixel_shuffle);
-}
-
-int64_t PixelShuffleProjectorImpl::num_output_tokens(int64_t rows, int64_t cols) const {
-  return (rows / options.factor()) * (cols / options.factor());
-}
-
-torch::Tensor PixelShuffleProjectorImpl::forward(const EncoderOutput& image) {
-  check_image_tokens(image, options.in_dim(), "PixelShuffleProjector");
-  return proj->forward(space_to_depth(image.tokens, token_grid(image, "PixelShuffleProjector"), options.factor(),
-                                      "PixelShuffleProjector"));
-}
-
-torch::Tensor PixelShuffleProjectorImpl::output_padding_mask(const EncoderOutput& image) const {
-  return merge_padding_mask(image, options.factor(), "PixelShuffleProjector");
-}
-
-torch::Tensor PatchMergerProjectorImpl::output_padding_mask(const EncoderOutput& image) const {
-  return merge_padding_mask(image, 2, "PatchMergerProjector");
-}
-
-PatchMergerProjectorImpl::PatchMergerProjectorImpl(ProjectorOptions options_)
-    : ProjectorModule("vlmkit::PatchMergerProjector"), options(std::move(options_)) {
-  check_projector(options, "PatchMergerProjector");
-  const int64_t merged = options.in_dim() * 4;
-  norm = register_module("norm", Norm(options.in_dim()));
-  fc1 = register_module("fc1", Linear(merged, merged));
-  fc2 = register_module("fc2", Linear(merged, options.out_dim()));
-  detail::init_transformer_weights(*this);
-}
-
-json PatchMergerProjectorImpl::config() const {
-  return projector_config(options, ProjectorType::patch_merger);
-}
-
-int64_t PatchMergerProjectorImpl::num_output_tokens(int64_t rows, int64_t cols) const {
-  return (rows / 2) * (cols / 2);
-}
-
-torch::Tensor PatchMergerProjectorImpl::forward(const EncoderOutput& image) {
-  check_image_tokens(image, options.in_dim(), "PatchMergerProjector");
-  auto x = space_to_depth(norm->forward(image.tokens), token_grid(image, "PatchMergerProjector"), 2,
-                          "PatchMergerProjector");
-  return fc2->forward(torch::gelu(fc1->forward(x)));
-}
-
-ResamplerProjectorImpl::ResamplerProjectorImpl(ProjectorOptions options_)
-    : ProjectorModule("vlmkit::ResamplerProjector"), options(std::move(options_)) {
-  check_projector(options, "ResamplerProjector");
-  TORCH_CHECK_VALUE(options.num_queries() >= 1 && options.num_layers() >= 1,
-                    "ResamplerProjector: num_queries and num_layers must be >= 1");
-  TORCH_CHECK_VALUE(options.out_dim() % options.num_heads() == 0, "ResamplerProjector: out_dim ",
-                    options.out_dim(), " must be divisible by num_heads ", options.num_heads());
-  queries = register_parameter("queries", torch::randn({1, options.num_queries(), options.out_dim()}) * 0.02);
-  blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t i = 0; i < options.num_layers(); ++i)
-    blocks->push_back(TransformerBlock(TransformerBlockOptions(options.out_dim(), options.num_heads())
-                                           .cross_attention(true)
-                                           .context_dim(options.in_dim())));
-  norm = register_module("norm", Norm(options.out_dim()));
-  detail::init_transformer_weights(*this);
-}
-
-json ResamplerProjectorImpl::config() const { return projector_config(options, ProjectorType::resampler); }
-
-torch::Tensor ResamplerProjectorImpl::forward(const EncoderOutput& image) {
-  check_image_tokens(image, options.in_dim(), "ResamplerProjector");
-  auto x = queries.expand({image.tokens.size(0), -1, -1});
-  for (const auto& block : *blocks)
-    x = block->as<TransformerBlockImpl>()->forward(x, {}, {}, false, image.tokens, image.padding_mask);
-  return norm->forward(x);
-}
-
-std::shared_ptr<ProjectorModule> make_projector(ProjectorType type, const ProjectorOptions& options) {
-  switch (type) {
-    case ProjectorType::linear: return std::make_shared<MlpProjectorImpl>(options, false);
-    case ProjectorType::mlp: return std::make_shared<MlpProjectorImpl>(options, true);
-    case ProjectorType::pixel_shuffle: return std::make_shared<PixelShuffleProjectorImpl>(options);
-    case ProjectorType::patch_merger: return std::make_shared<PatchMergerProjectorImpl>(options);
-    case ProjectorType::resampler: return std::make_shared<ResamplerProjectorImpl>(options);
-  }
-  TORCH_CHECK_VALUE(false, "unreachable projector type");
 }
 
 // ---------------------------------------------------------------- decoder fusion

@@ -206,19 +206,6 @@ std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config) {
   return std::make_shared<TwoLegImpl<>>(image, text, fusion, head, options);
 }
 
-std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
-                                                const std::string& path) {
-  const auto type = type_of(config, path, ProjectorType::mlp);
-  ProjectorOptions options(in_dim, out_dim);
-  if (!config.is_null()) {
-    ConfigReader reader(config, path);
-    reader.allow("type");
-    visit_projector_fields(type, options, reader);
-    reader.finish();
-  }
-  return make_projector(type, options);
-}
-
 DecoderFusionType fusion_type(const json& config) {
   if (config.is_null()) return DecoderFusionType::concat;
   if (config.is_string()) return enum_from_json<DecoderFusionType>(config, "fusion");

@@ -15,7 +15,7 @@ import os as _os
 import torch as _torch  # loads libtorch before the extension
 
 from . import _C
-from ._module import CppModule, wrap_block
+from ._module import CppModule, projector_classes, wrap_block
 from . import checkpoint, export, lora, text
 from .trainer import FusedAdamW, Trainer
 from .models import (ARCHITECTURES, EncoderDecoder, EncoderTextDecoder, TwoLeg, TwoTower,
@@ -70,17 +70,14 @@ MatchingLoss = wrap_block(_C.MatchingLoss, "MatchingLoss")
 TextDecoder = wrap_block(_C.TextDecoder, "TextDecoder", "Causal pre-norm text decoder: "
                          "TextDecoder(vocab_size=264, max_len=256, d_model=128, depth=4, "
                          "pos_embedding='rotary', cross_attention_every=0, ...).")
-MlpProjector = wrap_block(_C.MlpProjector, "MlpProjector", "LLaVA-1.5 projector: "
-                          "MlpProjector(in_dim, out_dim, hidden_dim=0); N tokens out.")
-PixelShuffleProjector = wrap_block(_C.PixelShuffleProjector, "PixelShuffleProjector",
-                                   "Space-to-depth projector: PixelShuffleProjector(in_dim, out_dim, "
-                                   "factor=2); N / factor^2 tokens out.")
-PatchMergerProjector = wrap_block(_C.PatchMergerProjector, "PatchMergerProjector",
-                                  "Qwen2-VL patch merger: PatchMergerProjector(in_dim, out_dim); "
-                                  "N / 4 tokens out.")
-ResamplerProjector = wrap_block(_C.ResamplerProjector, "ResamplerProjector",
-                                "Perceiver resampler: ResamplerProjector(in_dim, out_dim, "
-                                "num_queries=16, num_layers=1, num_heads=4); num_queries tokens out.")
+# One class per registered projector (vlmkit.MlpProjector(in_dim, out_dim, ...)),
+# built from the C++ registry: projector_types() lists them.
+projector_types = _C.projector_types
+Projector = _C.Projector
+_PROJECTORS = projector_classes()
+globals().update(_PROJECTORS)
+#: The registered projectors' config names, sorted.
+PROJECTORS = tuple(row["name"] for row in projector_types())
 ByteTokenizer = _C.ByteTokenizer
 DecoderOutput = _C.DecoderOutput
 JsonSchemaMatcher = _C.JsonSchemaMatcher
@@ -98,12 +95,11 @@ load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
 __all__ = [
-    "ARCHITECTURES", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
-    "JsonSchemaMatcher", "MlpProjector", "PatchMergerProjector", "PixelShuffleProjector",
-    "ResamplerProjector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
+    "ARCHITECTURES", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",
     "GatedFusion", "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_threads", "build_model", "classification_loss", "clip_loss", "default_config",
-    "matching_loss", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
-]
+    "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
+] + sorted(_PROJECTORS)

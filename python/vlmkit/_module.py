@@ -172,3 +172,26 @@ def wrap_block(cpp_class: type, name: str, doc: str | None = None) -> type:
     """The public torch.nn.Module class for a bound C++ block."""
     return type(name, (CppModule,), {"_cpp_class": cpp_class, "__module__": "vlmkit",
                                      "__doc__": doc or cpp_class.__doc__})
+
+
+def _projector_init(name: str) -> Callable[..., None]:
+    def __init__(self: CppModule, in_dim: int, out_dim: int, **options: Any) -> None:
+        from . import _C
+        self._wrap(_C.make_projector(name, in_dim, out_dim, json.dumps(options)))
+    return __init__
+
+
+def projector_classes() -> Dict[str, type]:
+    """One ``torch.nn.Module`` class per registered projector, named and documented
+    from its registry row: ``Cls(in_dim, out_dim, **options)``."""
+    from . import _C
+
+    out: Dict[str, type] = {}
+    for row in _C.projector_types():
+        fields = ", ".join(f"{key}={value!r}" for key, value in row["defaults"].items())
+        signature = f"{row['python_class']}(in_dim, out_dim{', ' + fields if fields else ''})"
+
+        out[row["python_class"]] = type(row["python_class"], (CppModule,), {
+            "__init__": _projector_init(row["name"]), "__module__": "vlmkit", "type_name": row["name"],
+            "__doc__": f"{row['doc']}.\n\n{signature}; config type '{row['name']}'."})
+    return out

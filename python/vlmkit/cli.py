@@ -401,7 +401,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p = sub.add_parser("train", help="train a small model on the built-in data")
     p.add_argument("--architecture", default="encoder_decoder", help="encoder_decoder (default) or two_tower")
-    p.add_argument("--projector", default="", help="linear, mlp, pixel_shuffle (default), patch_merger, resampler")
+    from . import PROJECTORS
+    p.add_argument("--projector", default="", choices=("",) + PROJECTORS, metavar="NAME",
+                   help=f"one of {', '.join(PROJECTORS)} (default: the recipe's)")
     p.add_argument("--fusion", default="", help="concat (default) or cross_attention")
     p.add_argument("--image-size", type=int, default=0)
     p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")

@@ -107,8 +107,8 @@ class EncoderDecoder(_Generative, CppModule):
     """Architecture 4: image encoder, projector, concatenation or cross-attention
     into a next-token text decoder (LLaVA / Flamingo family).
 
-    Config keys: ``image_encoder``, ``projector`` (``type`` one of "linear", "mlp",
-    "pixel_shuffle", "patch_merger", "resampler"), ``fusion`` ("concat" |
+    Config keys: ``image_encoder``, ``projector`` (``type``: a name in
+    ``vlmkit.PROJECTORS``, its fields in ``vlmkit.projector_types()``), ``fusion`` ("concat" |
     "cross_attention"), ``decoder``, ``attention`` ("causal" | "prefix_lm"),
     ``image_token_id``, ``label_smoothing``.
 

@@ -36,7 +36,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     vlmkit::shortest_side_center_crop(image, 8);
     vlmkit::to_chw_tensor(square, vlmkit::Normalization::preset("clip"));
     vlmkit::tile_image(image, 16, 4, true);
-    // The resampler at sizes taken from the input (up and down, odd factors).
+    // The image resize kernel at sizes taken from the input (up and down, odd factors).
     const int64_t w = 1 + (size > 0 ? data[0] % 97 : 0), h = 1 + (size > 1 ? data[1] % 89 : 0);
     vlmkit::resize_image(image, w, h);
     const auto dyn = vlmkit::dynamic_resolution(image.rows, image.cols, 4, 2, 64, 4096);

@@ -52,7 +52,7 @@ def main():
         gpu_out.loss.backward()
         grads = all(p.grad is not None and p.grad.is_cuda and torch.isfinite(p.grad).all() for p in model.parameters())
         check(f"{arch} backward on cuda", grads)
-    for projector in ["mlp", "pixel_shuffle", "resampler"]:
+    for projector in vlmkit.PROJECTORS:
         for fusion in ["concat", "cross_attention"]:
             torch.manual_seed(0)
             model = vlmkit.build_model({"architecture": "encoder_decoder", "projector": {"type": projector},

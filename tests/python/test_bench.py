@@ -14,7 +14,7 @@ def configs():
     out = [vlmkit.default_config(a) for a in ("two_tower", "two_leg", "encoder_decoder")] + [SMALL_VLM]
     for reduction in ("token", "sample"):
         out.append({**copy.deepcopy(SMALL_VLM), "loss_reduction": reduction})
-    for proj in ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"):
+    for proj in vlmkit.PROJECTORS:
         for fusion in ("concat", "cross_attention"):
             c = vlmkit.default_config("encoder_decoder")
             c["projector"], c["fusion"] = {"type": proj}, fusion

@@ -12,6 +12,7 @@ import vlmkit
 from vlmkit import _C, data, text
 
 PATCH, MERGE = 8, 2
+FIELDS = {row["name"]: row["defaults"] for row in vlmkit.projector_types()}
 SIZES = [(32, 64), (64, 32)]  # (height, width), multiples of PATCH * MERGE
 
 
@@ -25,7 +26,9 @@ def model(projector, fusion, stem="patch", pos="learned"):
         "architecture": "encoder_decoder",
         "image_encoder": {"image_size": 32, "patch_size": PATCH, "d_model": 32, "depth": 2, "num_heads": 4,
                           "stem": stem, "pos_embedding": pos},
-        "projector": {"type": projector, **({"factor": MERGE} if projector == "pixel_shuffle" else {})},
+        # Projectors that merge tokens do so by MERGE (the default recipe's factor).
+        "projector": {"type": projector,
+                      **({"factor": MERGE} if "factor" in FIELDS[projector] else {})},
         "fusion": fusion,
         "decoder": {"d_model": 32, "depth": 2, "num_heads": 4, "max_len": 160},
     }
@@ -56,7 +59,7 @@ def test_vit_padded_batch_equals_each_image_alone(pos, pool, stem):
         assert (grid[mask] == 0).all()  # padded tokens are zeroed, not garbage
 
 
-@pytest.mark.parametrize("projector", ["linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"])
+@pytest.mark.parametrize("projector", vlmkit.PROJECTORS)
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 def test_encoder_decoder_logits_and_generation_equal_each_image_alone(projector, fusion):
     m = model(projector, fusion)

@@ -60,7 +60,7 @@ def _generative_configs():
         llama["decoder"].update(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, qk_norm=True, rope_theta=5e5,
                                 **({"cross_attention_every": 1} if fusion == "cross_attention" else {}))
         out.append((f"llama_style-{fusion}", llama))
-    for projector in ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"):
+    for projector in vlmkit.PROJECTORS:
         for fusion in ("concat", "cross_attention"):
             c = vlmkit.default_config("encoder_decoder")
             c["projector"], c["fusion"] = {"type": projector}, fusion

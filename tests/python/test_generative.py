@@ -10,7 +10,7 @@ import torch
 import vlmkit
 from vlmkit import text
 
-PROJECTORS = ["linear", "mlp", "pixel_shuffle", "patch_merger", "resampler"]
+PROJECTORS = list(vlmkit.PROJECTORS)
 FUSIONS = ["concat", "cross_attention"]
 ARCHS = ["encoder_decoder", "encoder_text_decoder"]
 
@@ -272,13 +272,11 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.rand(3, 3, 32, 32), ids, mask, labels)
     with pytest.raises(ValueError, match="max_len=160"):
         model.generate(torch.rand(1, 3, 32, 32), ["x" * 200], 4)
-    with pytest.raises(ValueError, match="unknown projector 'qformer'.*'resampler'"):
+    with pytest.raises(ValueError, match="unknown projector 'qformer'; expected one of " +
+                       ", ".join(f"'{name}'" for name in vlmkit.PROJECTORS)):
         vlmkit.build_model(tiny("encoder_decoder", "qformer"))
     with pytest.raises(ValueError, match="unknown decoder fusion 'sum'"):
         vlmkit.build_model(tiny("encoder_decoder", "mlp", "sum"))
-    with pytest.raises(ValueError, match="grid 4x4 must be divisible by 3"):
-        bad = vlmkit.build_model(tiny("encoder_decoder", "mlp"))
-        vlmkit.PixelShuffleProjector(32, 32, factor=3)(bad.image_encoder(torch.rand(1, 3, 32, 32)))
     with pytest.raises(ValueError, match="one image per prompt"):
         vlmkit.EncoderDecoder(tiny("encoder_decoder", "mlp", "cross_attention"))(torch.rand(3, 3, 32, 32), ids, mask)
     with pytest.raises(ValueError, match="concat fusion needs a decoder without cross-attention"):
@@ -296,13 +294,27 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(torch.rand(1, 3, 32, 32), ["x"], 4, num_beams=0)
 
 
-def test_projector_token_counts():
+def test_projector_classes_come_from_the_registry():
+    """Every registered projector is a vlmkit class: an nn.Module built from keyword options,
+    with the documented token count, its config and options, and clear errors."""
     tokens = vlmkit.EncoderOutput(torch.randn(2, 64, 16), torch.randn(2, 16))  # an 8x8 grid
-    assert vlmkit.MlpProjector(16, 24)(tokens).shape == (2, 64, 24)
-    assert vlmkit.PixelShuffleProjector(16, 24, factor=2)(tokens).shape == (2, 16, 24)
-    assert vlmkit.PixelShuffleProjector(16, 24, factor=4)(tokens).shape == (2, 4, 24)
-    assert vlmkit.PatchMergerProjector(16, 24)(tokens).shape == (2, 16, 24)
-    assert vlmkit.ResamplerProjector(16, 24, num_queries=5, num_heads=4)(tokens).shape == (2, 5, 24)
-    big = vlmkit.EncoderOutput(torch.randn(1, 256, 16), torch.randn(1, 16))
-    assert vlmkit.ResamplerProjector(16, 24, num_queries=5, num_heads=4)(big).shape == (1, 5, 24)
-    assert vlmkit.PixelShuffleProjector(16, 24).num_output_tokens(8, 8) == 16
+    rows = vlmkit.projector_types()
+    assert [row["name"] for row in rows] == sorted(vlmkit.PROJECTORS) and rows
+    for row in rows:
+        cls = getattr(vlmkit, row["python_class"])
+        assert row["python_class"] in vlmkit.__all__ and issubclass(cls, torch.nn.Module)
+        assert row["name"] in cls.__doc__ and all(key in cls.__doc__ for key in row["defaults"])
+        p = cls(16, 24, **row["defaults"])
+        out = p(tokens)
+        assert out.shape == (2, p.num_output_tokens(8, 8), 24), row["name"]
+        assert p.config == {"type": row["name"], **row["defaults"]}
+        assert p.options == {"in_dim": 16, "out_dim": 24, **row["defaults"]}
+        assert isinstance(vlmkit.build_model(tiny("encoder_decoder", row["name"])).projector, vlmkit.Projector)
+        with pytest.raises(ValueError, match=f"unknown config key '{row['python_class']}.bogus'"):
+            cls(16, 24, bogus=1)
+        with pytest.raises(ValueError, match="in_dim and out_dim must be positive"):
+            cls(0, 24)
+        with pytest.raises(ValueError, match=r"expected image tokens of shape \[B, N, 16\]"):
+            p(vlmkit.EncoderOutput(torch.randn(2, 64, 8), torch.randn(2, 8)))
+    with pytest.raises(ValueError, match="unknown projector 'qformer'"):
+        vlmkit._C.make_projector("qformer", 16, 24)

@@ -18,9 +18,6 @@ std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config,
 std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
                                           const std::string& path = "fusion");
 
-/// config: {"type": "linear" | "mlp" | "pixel_shuffle" | "patch_merger" | "resampler", ...}.
-std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
-                                                const std::string& path = "projector");
 /// config: decoder options; `fusion` decides the default of cross_attention_every.
 std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, DecoderFusionType fusion,
                                               const std::string& path = "decoder");

@@ -1,6 +1,5 @@
 #pragma once
-/// Options for the text decoder, the projectors (connectors) and the fusion
-/// of image tokens into the decoder.
+/// Options for the text decoder and the fusion of image tokens into it.
 #include <torch/arg.h>
 
 #include <cstdint>
@@ -74,44 +73,6 @@ void visit_fields(TextDecoderOptions& o, V& v) {
   v("qk_norm", o.qk_norm());
   v("norm_eps", o.norm_eps());
   v("activation_checkpointing", o.activation_checkpointing());
-}
-
-enum class ProjectorType { linear, mlp, pixel_shuffle, patch_merger, resampler };
-VLMKIT_ENUM_NAMES(ProjectorType, "projector", {ProjectorType::linear, "linear"},
-                  {ProjectorType::mlp, "mlp"}, {ProjectorType::pixel_shuffle, "pixel_shuffle"},
-                  {ProjectorType::patch_merger, "patch_merger"},
-                  {ProjectorType::resampler, "resampler"});
-
-/// One options struct for the projector zoo; each projector reads the fields
-/// it documents (the config reader accepts only those for the chosen type).
-struct ProjectorOptions {
-  ProjectorOptions(int64_t in_dim = 128, int64_t out_dim = 128) : in_dim_(in_dim), out_dim_(out_dim) {}
-  TORCH_ARG(int64_t, in_dim);
-  TORCH_ARG(int64_t, out_dim);
-  /// mlp: hidden width (0 = out_dim).
-  TORCH_ARG(int64_t, hidden_dim) = 0;
-  /// pixel_shuffle: space-to-depth factor r (r^2 fewer tokens).
-  TORCH_ARG(int64_t, factor) = 2;
-  /// resampler: number of learned queries (= output tokens), layers, heads.
-  TORCH_ARG(int64_t, num_queries) = 16;
-  TORCH_ARG(int64_t, num_layers) = 1;
-  TORCH_ARG(int64_t, num_heads) = 4;
-};
-
-/// Visits the fields that `type` reads.
-template <class V>
-void visit_projector_fields(ProjectorType type, ProjectorOptions& o, V& v) {
-  switch (type) {
-    case ProjectorType::mlp: v("hidden_dim", o.hidden_dim()); break;
-    case ProjectorType::pixel_shuffle: v("factor", o.factor()); break;
-    case ProjectorType::resampler:
-      v("num_queries", o.num_queries());
-      v("num_layers", o.num_layers());
-      v("num_heads", o.num_heads());
-      break;
-    case ProjectorType::linear:
-    case ProjectorType::patch_merger: break;
-  }
 }
 
 enum class DecoderFusionType { concat, cross_attention };

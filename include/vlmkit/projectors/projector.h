@@ -1,20 +1,20 @@
 #pragma once
-/// Projectors (connectors): image-encoder tokens -> decoder-width tokens.
+/// The projector slot (connector): image-encoder tokens -> decoder-width tokens.
 ///
-/// | name          | reference                          | tokens out (N in, grid h x w) |
-/// |---------------|------------------------------------|-------------------------------|
-/// | linear        | LLaVA (Liu et al. 2023)            | N                             |
-/// | mlp           | LLaVA-1.5: Linear-GELU-Linear      | N                             |
-/// | pixel_shuffle | nanoVLM / Idefics3, factor r       | N / r^2 (h, w divisible by r) |
-/// | patch_merger  | Qwen2-VL: LN, merge 2x2, MLP       | N / 4 (h, w even)             |
-/// | resampler     | Perceiver resampler / Q-Former     | num_queries (any N)           |
-#include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/normalization.h>
+/// Each implementation has its own header beside this one (mlp.h, ...) and
+/// registers a row in projector_registry() from its source file; configs name
+/// it by the row's name ({"projector": {"type": name, ...fields}}), and Python
+/// exposes it as vlmkit.<row.python_class>. `vlmkit.projector_types()` (or
+/// projector_registry().rows() in C++) lists them with their fields.
+#include <torch/nn/module.h>
+
+#include <array>
+#include <memory>
+#include <ostream>
+#include <string>
 
 #include "vlmkit/modules/encoder.h"
-#include "vlmkit/modules/linear.h"
-#include "vlmkit/modules/transformer.h"
-#include "vlmkit/options/decoder.h"
+#include "vlmkit/registry.h"
 
 namespace vlmkit {
 
@@ -32,85 +32,69 @@ class ProjectorModule : public torch::nn::Module {
   virtual torch::Tensor output_padding_mask(const EncoderOutput& image) const { return image.padding_mask; }
   virtual int64_t input_dim() const = 0;
   virtual int64_t output_dim() const = 0;
+  /// {"type": name, ...the fields the row's config reads}.
   virtual nlohmann::json config() const = 0;
   /// name(in_dim=..., out_dim=..., <config fields>), shared by all projectors.
   void pretty_print(std::ostream& stream) const override;
 };
 
-/// linear and mlp: a per-token map; N tokens out.
-class MlpProjectorImpl final : public ProjectorModule {
- public:
-  MlpProjectorImpl(ProjectorOptions options_, bool hidden_layer);
-  torch::Tensor forward(const EncoderOutput& image) override;
-  int64_t num_output_tokens(int64_t rows, int64_t cols) const override { return rows * cols; }
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override;
+/// Rows build a projector from (config, path, in_dim, out_dim): the widths
+/// come from the architecture (encoder width, decoder or memory width).
+using ProjectorRegistry = SlotRegistry<ProjectorModule, int64_t, int64_t>;
+ProjectorRegistry& projector_registry();
 
-  ProjectorOptions options;
-  bool hidden_layer;
-  Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(MlpProjector);
+/// Builds the projector named by config["type"] (default "mlp"); null config
+/// gives that projector with its defaults. Unknown names and keys raise
+/// ValueError listing the allowed ones.
+std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
+                                                const std::string& path = "projector");
 
-/// Space-to-depth by r: each r x r block of tokens becomes one token of
-/// r^2 * in_dim features, then a Linear; r^2 fewer tokens.
-class PixelShuffleProjectorImpl final : public ProjectorModule {
- public:
-  explicit PixelShuffleProjectorImpl(ProjectorOptions options_);
-  torch::Tensor forward(const EncoderOutput& image) override;
-  /// A merged token is padding when its whole r x r block is.
-  torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
-  int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override;
+/// The row of a projector class `Impl` with:
+///   using Options = ...;  // constructible from (in_dim, out_dim), with visit_fields
+///   static constexpr const char* kName = "...";
+///   Options options;      // and a constructor from Options
+template <class Impl>
+ProjectorRegistry::Row projector_row(std::string python_class, std::string doc) {
+  using Options = typename Impl::Options;
+  ProjectorRegistry::Row row;
+  row.name = Impl::kName;
+  row.python_class = std::move(python_class);
+  row.doc = std::move(doc);
+  row.defaults = options_to_json(Options(1, 1));
+  row.make = [](const json& config, const std::string& path, int64_t in_dim,
+                int64_t out_dim) -> std::shared_ptr<ProjectorModule> {
+    Options options(in_dim, out_dim);
+    read_options(config, path, options);
+    return std::make_shared<Impl>(options);
+  };
+  return row;
+}
 
-  ProjectorOptions options;
-  Linear proj{nullptr};
-};
-TORCH_MODULE(PixelShuffleProjector);
+/// Registers `Impl` (see projector_row) from its source file, at namespace scope.
+#define VLMKIT_REGISTER_PROJECTOR(Impl, python_class, doc) \
+  VLMKIT_REGISTER(::vlmkit::projector_registry(), ::vlmkit::projector_row<Impl>(python_class, doc))
 
-/// Qwen2-VL's patch merger: LayerNorm, concatenate each 2x2 neighbourhood,
-/// then Linear(4D, 4D) - GELU - Linear(4D, out).
-class PatchMergerProjectorImpl final : public ProjectorModule {
- public:
-  explicit PatchMergerProjectorImpl(ProjectorOptions options_);
-  torch::Tensor forward(const EncoderOutput& image) override;
-  torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
-  int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override;
-
-  ProjectorOptions options;
-  Norm norm{nullptr};
-  Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(PatchMergerProjector);
-
-/// num_queries learned queries; each layer: self-attention among queries,
-/// cross-attention to the (linearly mapped) image tokens, MLP. Output length
-/// is num_queries whatever the image size.
-class ResamplerProjectorImpl final : public ProjectorModule {
- public:
-  explicit ResamplerProjectorImpl(ProjectorOptions options_);
-  /// Padded image tokens are masked out of the cross-attention.
-  torch::Tensor forward(const EncoderOutput& image) override;
-  /// The queries are never padding: undefined.
-  torch::Tensor output_padding_mask(const EncoderOutput&) const override { return {}; }
-  int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override;
-
-  ProjectorOptions options;
-  torch::Tensor queries;  // [1, Q, out_dim]
-  torch::nn::ModuleList blocks{nullptr};
-  Norm norm{nullptr};
-};
-TORCH_MODULE(ResamplerProjector);
-
-std::shared_ptr<ProjectorModule> make_projector(ProjectorType type, const ProjectorOptions& options);
+/// Helpers for implementations.
+namespace detail {
+/// {"type": Impl::kName, ...its options' fields}: the config() of a projector.
+template <class Impl>
+json projector_config(const Impl& projector) {
+  json out = options_to_json(projector.options);
+  out["type"] = Impl::kName;
+  return out;
+}
+/// Raises ValueError unless in_dim and out_dim are positive.
+void check_projector_dims(int64_t in_dim, int64_t out_dim, const char* who);
+/// Raises ValueError unless image.tokens is [B, N, in_dim].
+void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who);
+/// Grid of the tokens: the encoder's, or a square one when it reports none.
+std::array<int64_t, 2> token_grid(const EncoderOutput& image, const char* who);
+/// Space-to-depth on a token grid: each r x r block of tokens [B, rows*cols, D]
+/// becomes one token of r*r*D features, row-major: [B, (rows/r)*(cols/r), r*r*D].
+torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2> grid, int64_t r, const char* who);
+/// Padding mask [B, rows*cols] -> [B, (rows/r)*(cols/r)]: a block is padding
+/// only when all its tokens are (undefined in, undefined out).
+torch::Tensor merge_padding_mask(const EncoderOutput& image, int64_t r, const char* who);
+}  // namespace detail
 
 }  // namespace vlmkit

@@ -250,40 +250,71 @@ def space_to_depth(x, grid, r):
     return x.reshape(b, grid[0] // r, r, grid[1] // r, r, d).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, r * r * d)
 
 
-class Projector(nn.Module):
+class LinearProjector(nn.Module):
     def __init__(self, c: Dict, in_dim: int, out_dim: int):
         super().__init__()
-        self.kind = c.get("type", "mlp")
-        if self.kind in ("linear", "mlp"):
-            hidden = c.get("hidden_dim", 0) or out_dim
-            self.fc1 = nn.Linear(in_dim, hidden if self.kind == "mlp" else out_dim)
-            if self.kind == "mlp":
-                self.fc2 = nn.Linear(hidden, out_dim)
-        elif self.kind == "pixel_shuffle":
-            self.r = c.get("factor", 2)
-            self.proj = nn.Linear(in_dim * self.r ** 2, out_dim)
-        elif self.kind == "patch_merger":
-            self.norm, self.fc1, self.fc2 = LayerNorm(in_dim), nn.Linear(4 * in_dim, 4 * in_dim), \
-                nn.Linear(4 * in_dim, out_dim)
-        elif self.kind == "resampler":
-            self.queries = nn.Parameter(torch.randn(1, c.get("num_queries", 16), out_dim) * 0.02)
-            self.blocks = nn.ModuleList(Block(out_dim, c.get("num_heads", 4), cross=True, context_dim=in_dim)
-                                        for _ in range(c.get("num_layers", 1)))
-            self.norm = LayerNorm(out_dim)
+        self.fc1 = nn.Linear(in_dim, out_dim)
 
     def forward(self, tokens, grid):
-        if self.kind == "linear":
-            return self.fc1(tokens)
-        if self.kind == "mlp":
-            return self.fc2(F.gelu(self.fc1(tokens)))
-        if self.kind == "pixel_shuffle":
-            return self.proj(space_to_depth(tokens, grid, self.r))
-        if self.kind == "patch_merger":
-            return self.fc2(F.gelu(self.fc1(space_to_depth(self.norm(tokens), grid, 2))))
+        return self.fc1(tokens)
+
+
+class MlpProjector(nn.Module):
+    def __init__(self, c: Dict, in_dim: int, out_dim: int):
+        super().__init__()
+        hidden = c.get("hidden_dim", 0) or out_dim
+        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
+
+    def forward(self, tokens, grid):
+        return self.fc2(F.gelu(self.fc1(tokens)))
+
+
+class PixelShuffleProjector(nn.Module):
+    def __init__(self, c: Dict, in_dim: int, out_dim: int):
+        super().__init__()
+        self.r = c.get("factor", 2)
+        self.proj = nn.Linear(in_dim * self.r ** 2, out_dim)
+
+    def forward(self, tokens, grid):
+        return self.proj(space_to_depth(tokens, grid, self.r))
+
+
+class PatchMergerProjector(nn.Module):
+    def __init__(self, c: Dict, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = LayerNorm(in_dim), nn.Linear(4 * in_dim, 4 * in_dim), \
+            nn.Linear(4 * in_dim, out_dim)
+
+    def forward(self, tokens, grid):
+        return self.fc2(F.gelu(self.fc1(space_to_depth(self.norm(tokens), grid, 2))))
+
+
+class ResamplerProjector(nn.Module):
+    def __init__(self, c: Dict, in_dim: int, out_dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, c.get("num_queries", 16), out_dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(out_dim, c.get("num_heads", 4), cross=True, context_dim=in_dim)
+                                    for _ in range(c.get("num_layers", 1)))
+        self.norm = LayerNorm(out_dim)
+
+    def forward(self, tokens, grid):
         x = self.queries.expand(tokens.shape[0], -1, -1)
         for block in self.blocks:
             x = block(x, context=tokens)
         return self.norm(x)
+
+
+#: The plain-PyTorch mirror of each registered projector, by config name. A
+#: projector registered in C++ without a mirror here is refused by unmirrored().
+PROJECTORS = {"linear": LinearProjector, "mlp": MlpProjector, "pixel_shuffle": PixelShuffleProjector,
+              "patch_merger": PatchMergerProjector, "resampler": ResamplerProjector}
+
+
+def Projector(c: Dict, in_dim: int, out_dim: int) -> nn.Module:
+    kind = c.get("type", "mlp")
+    if kind not in PROJECTORS:
+        raise NotImplementedError(f"no plain-PyTorch mirror of projector {kind!r} (have {sorted(PROJECTORS)})")
+    return PROJECTORS[kind](c, in_dim, out_dim)
 
 
 class Decoder(nn.Module):
@@ -565,6 +596,9 @@ def unmirrored(config: Dict) -> List[str]:
         if config["head"].get("type", "classification") != "classification":
             out.append(f"head {config['head'].get('type')!r} (the peer has a classification head)")
     if arch in ("encoder_decoder", "encoder_text_decoder"):
+        kind = config.get("projector", {}).get("type", "mlp")
+        if kind not in PROJECTORS:
+            out.append(f"projector {kind!r} (the peer has {', '.join(sorted(PROJECTORS))})")
         if config.get("label_smoothing", 0.0):
             out.append("label_smoothing")
         if config["decoder"].get("gated_cross_attention"):

@@ -544,9 +544,8 @@ def main(argv=None) -> int:
                "encoder_decoder (default)": vlmkit.default_config("encoder_decoder"),
                "two_tower (default)": vlmkit.default_config("two_tower"),
                "two_leg (default)": vlmkit.default_config("two_leg")}
-    projectors = ("linear", "mlp", "pixel_shuffle", "patch_merger", "resampler")
-    for proj in (("mlp", "resampler") if quick else projectors):
-        for fusion in ("concat", "cross_attention"):
+    for proj in vlmkit.PROJECTORS:
+        for fusion in (("concat",) if quick else ("concat", "cross_attention")):
             c = vlmkit.default_config("encoder_decoder")
             c["projector"] = {"type": proj}
             c["fusion"] = fusion

@@ -1,0 +1,52 @@
+#pragma once
+/// resampler: a Perceiver resampler / Q-Former: num_queries learned queries;
+/// each layer is self-attention among the queries, cross-attention to the
+/// image tokens, MLP. num_queries tokens out, whatever the image size.
+#include <torch/arg.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include "vlmkit/modules/norm.h"
+#include "vlmkit/projectors/projector.h"
+
+namespace vlmkit {
+
+struct ResamplerProjectorOptions {
+  ResamplerProjectorOptions(int64_t in_dim, int64_t out_dim) : in_dim_(in_dim), out_dim_(out_dim) {}
+  TORCH_ARG(int64_t, in_dim);
+  TORCH_ARG(int64_t, out_dim);
+  /// Learned queries (= output tokens), layers, attention heads.
+  TORCH_ARG(int64_t, num_queries) = 16;
+  TORCH_ARG(int64_t, num_layers) = 1;
+  TORCH_ARG(int64_t, num_heads) = 4;
+};
+
+template <class V>
+void visit_fields(ResamplerProjectorOptions& o, V& v) {
+  v("num_queries", o.num_queries());
+  v("num_layers", o.num_layers());
+  v("num_heads", o.num_heads());
+}
+
+class ResamplerProjectorImpl final : public ProjectorModule {
+ public:
+  using Options = ResamplerProjectorOptions;
+  static constexpr const char* kName = "resampler";
+
+  explicit ResamplerProjectorImpl(Options options_);
+  /// Padded image tokens are masked out of the cross-attention.
+  torch::Tensor forward(const EncoderOutput& image) override;
+  /// The queries are never padding: undefined.
+  torch::Tensor output_padding_mask(const EncoderOutput&) const override { return {}; }
+  int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
+  int64_t input_dim() const override { return options.in_dim(); }
+  int64_t output_dim() const override { return options.out_dim(); }
+  nlohmann::json config() const override { return detail::projector_config(*this); }
+
+  Options options;
+  torch::Tensor queries;  // [1, Q, out_dim]
+  torch::nn::ModuleList blocks{nullptr};
+  Norm norm{nullptr};
+};
+TORCH_MODULE(ResamplerProjector);
+
+}  // namespace vlmkit

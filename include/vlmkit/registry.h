@@ -1,0 +1,111 @@
+#pragma once
+/// Slot registries. A slot (the projector, ...) has one table; each row names
+/// one implementation and carries everything the rest of vlmkit needs to know
+/// about it: the config name, the Python class name, a one-line description,
+/// the option fields with their defaults, and the factory. Rows register
+/// themselves from the implementation's own source file, so the JSON configs,
+/// the bindings, the CLI, the benchmark suite and the generic tests pick up a
+/// new implementation without an edit (docs/CONTRIBUTING.md).
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "vlmkit/config.h"
+
+namespace vlmkit {
+
+/// One implementation of a slot whose factory takes (config, path, args...).
+template <class Module, class... Args>
+struct SlotRow {
+  /// The config's "type" (snake_case).
+  std::string name;
+  /// The class vlmkit exposes in Python (vlmkit.<python_class>).
+  std::string python_class;
+  /// One line: what it is and where it comes from.
+  std::string doc;
+  /// The option fields the config reads, with their defaults.
+  json defaults = json::object();
+  /// Builds it from a config object (null: all defaults); `path` names the
+  /// config object in error messages.
+  std::function<std::shared_ptr<Module>(const json& config, const std::string& path, Args...)> make;
+};
+
+/// The table of one slot. Rows are kept sorted by name.
+template <class Module, class... Args>
+class SlotRegistry {
+ public:
+  using Row = SlotRow<Module, Args...>;
+
+  /// `what` names the slot in error messages ("projector").
+  explicit SlotRegistry(const char* what) : what_(what) {}
+
+  /// Adds a row; a name may be registered once. Returns true (for static
+  /// registration: `static const bool registered = registry.add(...)`).
+  bool add(Row row) {
+    TORCH_CHECK_VALUE(!row.name.empty() && static_cast<bool>(row.make), "a ", what_,
+                      " row needs a name and a factory");
+    TORCH_CHECK_VALUE(find(row.name) == nullptr, what_, " '", row.name, "' is registered twice");
+    auto at = std::lower_bound(rows_.begin(), rows_.end(), row.name,
+                               [](const Row& r, const std::string& name) { return r.name < name; });
+    rows_.insert(at, std::move(row));
+    return true;
+  }
+
+  const Row* find(const std::string& name) const {
+    for (const auto& row : rows_)
+      if (row.name == name) return &row;
+    return nullptr;
+  }
+
+  /// The row of `name`; an unknown name raises ValueError listing the known
+  /// ones, prefixed by `at` (the config key) when given.
+  const Row& at(const std::string& name, const std::string& at = "") const {
+    if (const Row* row = find(name)) return *row;
+    TORCH_CHECK_VALUE(false, at.empty() ? "" : "config key '" + at + "': ", "unknown ", what_, " '", name,
+                      "'; expected one of ", detail::join_names(names()));
+  }
+
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& row : rows_) out.push_back(row.name);
+    return out;
+  }
+
+  const std::vector<Row>& rows() const { return rows_; }
+  const char* what() const { return what_; }
+
+ private:
+  const char* what_;
+  std::vector<Row> rows_;
+};
+
+namespace detail {
+/// config["type"] as a string, or `fallback` when the config or its type is
+/// absent; `path` names the config object in errors.
+inline std::string slot_type(const json& config, const std::string& path, const std::string& fallback) {
+  if (!config.is_object()) return fallback;
+  auto it = config.find("type");
+  if (it == config.end() || it->is_null()) return fallback;
+  const std::string at = path.empty() ? "type" : path + ".type";
+  TORCH_CHECK_TYPE(it->is_string(), "config key '", at, "': expected a string, got ", json_kind(*it));
+  return it->get<std::string>();
+}
+}  // namespace detail
+
+}  // namespace vlmkit
+
+#define VLMKIT_CONCAT_INNER(a, b) a##b
+#define VLMKIT_CONCAT(a, b) VLMKIT_CONCAT_INNER(a, b)
+/// Adds a row to a registry during static initialisation, from the source
+/// file of the implementation: VLMKIT_REGISTER(projector_registry(), row).
+/// At namespace scope; each use makes its own variable (__COUNTER__), so
+/// several may share a translation unit (unity builds).
+#define VLMKIT_REGISTER(registry, ...)                                       \
+  namespace {                                                                \
+  [[maybe_unused]] const bool VLMKIT_CONCAT(vlmkit_registered_, __COUNTER__) = \
+      (registry).add(__VA_ARGS__);                                           \
+  }
