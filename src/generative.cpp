@@ -168,6 +168,53 @@ torch::Tensor TextDecoderImpl::logits(const torch::Tensor& hidden) {
   return lm_head ? lm_head->forward(hidden) : torch::matmul(hidden, token_embed->weight.t());
 }
 
+// ---------------------------------------------------------------- the decoder-fusion slot
+std::shared_ptr<DecoderFusionModule> make_decoder_fusion(DecoderFusionType type, int64_t image_token_id) {
+  switch (type) {
+    case DecoderFusionType::concat: return std::make_shared<ConcatFusionImpl>(image_token_id);
+    case DecoderFusionType::cross_attention: return std::make_shared<CrossAttentionDecoderFusionImpl>();
+  }
+  TORCH_CHECK_VALUE(false, "invalid decoder fusion value ", static_cast<int>(type));
+}
+
+void ConcatFusionImpl::check_slots(int64_t projector_dim, const TextDecoderOptions& o, const char* who) const {
+  TORCH_CHECK_VALUE(o.cross_attention_every() == 0, who,
+                    ": concat fusion needs a decoder without cross-attention layers "
+                    "(decoder.cross_attention_every = 0), got ", o.cross_attention_every());
+  TORCH_CHECK_VALUE(projector_dim == memory_width(o), who, ": with concat fusion the projector must output the "
+                    "decoder width ", memory_width(o), ", got ", projector_dim);
+}
+
+void CrossAttentionDecoderFusionImpl::check_slots(int64_t projector_dim, const TextDecoderOptions& o,
+                                                  const char* who) const {
+  TORCH_CHECK_VALUE(o.cross_attention_every() >= 1, who,
+                    ": cross_attention fusion needs decoder.cross_attention_every >= 1");
+  TORCH_CHECK_VALUE(projector_dim == memory_width(o), who, ": the projector must output the decoder's "
+                    "cross-attention width ", memory_width(o), ", got ", projector_dim);
+}
+
+void ConcatFusionImpl::check_one_image_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                                   const torch::Tensor& segment_ids, const char* who) const {
+  auto ids_cpu = ids.to(torch::kCPU).contiguous();
+  auto pad_cpu = padding_mask.to(torch::kCPU).contiguous();
+  auto seg_cpu = segment_ids.defined() ? segment_ids.to(torch::kCPU).contiguous() : torch::Tensor();
+  const auto* id = ids_cpu.data_ptr<int64_t>();
+  const auto* pad = pad_cpu.data_ptr<bool>();
+  const int64_t* seg = seg_cpu.defined() ? seg_cpu.data_ptr<int64_t>() : nullptr;
+  const int64_t b = ids.size(0), t = ids.size(1);
+  for (int64_t r = 0; r < b; ++r) {
+    std::map<int64_t, int64_t> count;  // example -> placeholders
+    for (int64_t c = 0; c < t; ++c) {
+      if (pad[r * t + c]) continue;
+      count[seg ? seg[r * t + c] : 0] += id[r * t + c] == image_token_id;
+    }
+    if (count.empty()) count[0] = 0;
+    for (const auto& [example, n] : count)
+      TORCH_CHECK_VALUE(n == 1, who, ": with concat fusion every prompt needs exactly one <image> placeholder (id ",
+                        image_token_id, "); row ", r, seg ? " example " + std::to_string(example) : std::string(),
+                        " has ", n);
+  }
+}
 // ---------------------------------------------------------------- decoder fusion
 torch::Tensor positions_from_mask(const torch::Tensor& padding_mask) {
   return (padding_mask.logical_not().to(torch::kLong).cumsum(1) - 1).clamp_min(0);
@@ -470,29 +517,6 @@ DecoderOutput decode_fused(TextDecoderImpl& decoder, const DecoderInputs& in, At
   return out;
 }
 
-void check_one_placeholder_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
-                                       const torch::Tensor& segment_ids, int64_t image_token_id,
-                                       const char* who) {
-  auto ids_cpu = ids.to(torch::kCPU).contiguous();
-  auto pad_cpu = padding_mask.to(torch::kCPU).contiguous();
-  auto seg_cpu = segment_ids.defined() ? segment_ids.to(torch::kCPU).contiguous() : torch::Tensor();
-  const auto* id = ids_cpu.data_ptr<int64_t>();
-  const auto* pad = pad_cpu.data_ptr<bool>();
-  const int64_t* seg = seg_cpu.defined() ? seg_cpu.data_ptr<int64_t>() : nullptr;
-  const int64_t b = ids.size(0), t = ids.size(1);
-  for (int64_t r = 0; r < b; ++r) {
-    std::map<int64_t, int64_t> count;  // example -> placeholders
-    for (int64_t c = 0; c < t; ++c) {
-      if (pad[r * t + c]) continue;
-      count[seg ? seg[r * t + c] : 0] += id[r * t + c] == image_token_id;
-    }
-    if (count.empty()) count[0] = 0;
-    for (const auto& [example, n] : count)
-      TORCH_CHECK_VALUE(n == 1, who, ": with concat fusion every prompt needs exactly one <image> placeholder (id ",
-                        image_token_id, "); row ", r, seg ? " example " + std::to_string(example) : std::string(),
-                        " has ", n);
-  }
-}
 
 void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const TextDecoderImpl& decoder,
                   const char* who) {
@@ -522,23 +546,6 @@ torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& p
   return padding_mask;
 }
 
-void check_generative_slots(int64_t projector_dim, DecoderFusionType fusion, const TextDecoderImpl& decoder,
-                            const char* who) {
-  const auto& o = decoder.options;
-  if (fusion == DecoderFusionType::concat) {
-    TORCH_CHECK_VALUE(!decoder.has_cross_attention(), who,
-                      ": concat fusion needs a decoder without cross-attention layers "
-                      "(decoder.cross_attention_every = 0), got ", o.cross_attention_every());
-    TORCH_CHECK_VALUE(projector_dim == o.d_model(), who, ": with concat fusion the projector must output the "
-                      "decoder width ", o.d_model(), ", got ", projector_dim);
-  } else {
-    TORCH_CHECK_VALUE(decoder.has_cross_attention(), who,
-                      ": cross_attention fusion needs decoder.cross_attention_every >= 1");
-    const int64_t context = o.context_dim() > 0 ? o.context_dim() : o.d_model();
-    TORCH_CHECK_VALUE(projector_dim == context, who, ": the projector must output the decoder's "
-                      "cross-attention width ", context, ", got ", projector_dim);
-  }
-}
 
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,
                                                         int64_t pad_id) {

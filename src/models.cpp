@@ -218,25 +218,14 @@ DecoderFusionType fusion_type(const json& config) {
   return type_of(config, "fusion", DecoderFusionType::concat);
 }
 
-std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, DecoderFusionType fusion,
+std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, const DecoderFusionModule& fusion,
                                               const std::string& path) {
   TextDecoderOptions options;
-  if (fusion == DecoderFusionType::cross_attention) options.cross_attention_every(1);
+  options.cross_attention_every(fusion.default_cross_attention_every());
   read_options(config, path, options);
   return std::make_shared<TextDecoderImpl>(options);
 }
 
-namespace {
-std::shared_ptr<DecoderFusionModule> make_decoder_fusion(DecoderFusionType type, int64_t image_token_id) {
-  if (type == DecoderFusionType::concat) return std::make_shared<ConcatFusionImpl>(image_token_id);
-  return std::make_shared<CrossAttentionDecoderFusionImpl>();
-}
-
-int64_t memory_width(const TextDecoderImpl& decoder, DecoderFusionType fusion) {
-  const auto& o = decoder.options;
-  return fusion == DecoderFusionType::cross_attention && o.context_dim() > 0 ? o.context_dim() : o.d_model();
-}
-}  // namespace
 
 std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config) {
   check_architecture(config, Architecture::encoder_decoder);
@@ -244,13 +233,12 @@ std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config) {
   read_options(config, "", options, {"architecture", "image_encoder", "projector", "fusion", "decoder"});
   const auto fusion = fusion_type(config.is_object() && config.contains("fusion") ? config["fusion"] : json());
   options.fusion(fusion);
+  auto fusion_block = make_decoder_fusion(fusion, options.image_token_id());
   auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
-  auto decoder = make_decoder(sub_object(config, "decoder", ""), fusion);
+  auto decoder = make_decoder(sub_object(config, "decoder", ""), *fusion_block);
   auto projector = make_projector(sub_object(config, "projector", ""), image->output_dim(),
-                                  memory_width(*decoder, fusion));
-  return std::make_shared<EncoderDecoderImpl<>>(image, projector,
-                                                make_decoder_fusion(fusion, options.image_token_id()),
-                                                decoder, options);
+                                  fusion_block->memory_width(decoder->options));
+  return std::make_shared<EncoderDecoderImpl<>>(image, projector, fusion_block, decoder, options);
 }
 
 std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& config) {
@@ -264,12 +252,11 @@ std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& 
   if (image_config.is_null()) image_config = json{{"type", "conv"}};  // the mission's conv stage
   auto image = make_image_encoder(image_config);
   auto text = std::dynamic_pointer_cast<TextEncoderImpl>(make_text_encoder(sub_object(config, "text_encoder", "")));
-  auto decoder = make_decoder(sub_object(config, "decoder", ""), fusion);
+  auto fusion_block = make_decoder_fusion(fusion, options.image_token_id());
+  auto decoder = make_decoder(sub_object(config, "decoder", ""), *fusion_block);
   auto projector = make_projector(sub_object(config, "projector", ""), text->output_dim(),
-                                  memory_width(*decoder, fusion));
-  return std::make_shared<EncoderTextDecoderImpl<>>(image, text, projector,
-                                                    make_decoder_fusion(fusion, options.image_token_id()),
-                                                    decoder, options);
+                                  fusion_block->memory_width(decoder->options));
+  return std::make_shared<EncoderTextDecoderImpl<>>(image, text, projector, fusion_block, decoder, options);
 }
 
 std::shared_ptr<torch::nn::Module> build_model(const json& config) {

@@ -1,4 +1,5 @@
 #include "helpers.h"
+#include "vlmkit/fusion/decoder_fusion.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
 #include "vlmkit/modules/encoder.h"
 
@@ -58,4 +59,24 @@ TEST_CASE("fusion: cross-attention ignores padded text positions", "[fusion][mas
   changed.tokens = text.tokens.detach().clone();
   changed.tokens.slice(1, 4) = 50.0;
   REQUIRE(close(fusion->forward(image, changed), a));
+}
+
+TEST_CASE("decoder-fusion slot: each block owns its memory width, decoder default and checks", "[fusion][decoder_fusion]") {
+  auto decoder = TextDecoderOptions().d_model(48).context_dim(32);
+  for (const auto& name : enum_names<DecoderFusionType>()) {
+    INFO(name);
+    auto block = make_decoder_fusion(from_name<DecoderFusionType>(name), 5);
+    REQUIRE(to_name(block->type()) == name);
+    REQUIRE(block->config() == name);
+    const bool concat = block->type() == DecoderFusionType::concat;
+    REQUIRE(block->memory_width(decoder) == (concat ? 48 : 32));
+    REQUIRE(block->default_cross_attention_every() == (concat ? 0 : 1));
+    auto fitting = TextDecoderOptions(decoder).cross_attention_every(block->default_cross_attention_every());
+    block->check_slots(block->memory_width(fitting), fitting, "test");
+    CHECK_THROWS_AS(block->check_slots(block->memory_width(fitting) + 1, fitting, "test"), c10::ValueError);
+    auto other = TextDecoderOptions(decoder).cross_attention_every(concat ? 1 : 0);
+    CHECK_THROWS_AS(block->check_slots(block->memory_width(other), other, "test"), c10::ValueError);
+  }
+  REQUIRE(std::dynamic_pointer_cast<ConcatFusionImpl>(make_decoder_fusion(DecoderFusionType::concat, 5))->image_token_id == 5);
+  CHECK_THROWS_AS(make_decoder_fusion(static_cast<DecoderFusionType>(7), 3), c10::ValueError);
 }

@@ -5,6 +5,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <nlohmann/json.hpp>
+
 #include "vlmkit/options/decoder.h"
 
 namespace vlmkit {
@@ -61,7 +63,24 @@ class DecoderFusionModule : public torch::nn::Module {
                              const torch::Tensor& memory_mask, const torch::Tensor& labels,
                              const torch::Tensor& segment_ids) = 0;
   virtual DecoderFusionType type() const = 0;
+  /// The width the projector must output for this fusion into `decoder`.
+  virtual int64_t memory_width(const TextDecoderOptions& decoder) const = 0;
+  /// The decoder's cross_attention_every when its config leaves it out.
+  virtual int64_t default_cross_attention_every() const = 0;
+  /// Raises ValueError unless a projector of `projector_dim` and `decoder`
+  /// fit this fusion; `who` names the architecture.
+  virtual void check_slots(int64_t projector_dim, const TextDecoderOptions& decoder, const char* who) const = 0;
+  /// Architectures with one image per example (EncoderTextDecoder): raises
+  /// ValueError unless the token ids fit that (concat: one placeholder each).
+  virtual void check_one_image_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                           const torch::Tensor& segment_ids, const char* who) const = 0;
+  /// The config's "fusion" value.
+  nlohmann::json config() const { return to_name(type()); }
 };
+
+/// The decoder-fusion slot's one switch: the block for `type` (concat reads
+/// image_token_id). Every other choice lives in the blocks' virtuals.
+std::shared_ptr<DecoderFusionModule> make_decoder_fusion(DecoderFusionType type, int64_t image_token_id);
 
 /// Each <image> placeholder (image_token_id) is replaced by the M tokens of
 /// the next image, in order, so a sample may hold several images; the number
@@ -77,6 +96,12 @@ class ConcatFusionImpl final : public DecoderFusionModule {
                      const torch::Tensor& memory_mask, const torch::Tensor& labels,
                      const torch::Tensor& segment_ids) override;
   DecoderFusionType type() const override { return DecoderFusionType::concat; }
+  /// The image tokens join the decoder's own sequence: d_model.
+  int64_t memory_width(const TextDecoderOptions& decoder) const override { return decoder.d_model(); }
+  int64_t default_cross_attention_every() const override { return 0; }
+  void check_slots(int64_t projector_dim, const TextDecoderOptions& decoder, const char* who) const override;
+  void check_one_image_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
+                                   const torch::Tensor& segment_ids, const char* who) const override;
   int64_t image_token_id;
 };
 TORCH_MODULE(ConcatFusion);
@@ -93,6 +118,16 @@ class CrossAttentionDecoderFusionImpl final : public DecoderFusionModule {
                      const torch::Tensor& memory_mask, const torch::Tensor& labels,
                      const torch::Tensor& segment_ids) override;
   DecoderFusionType type() const override { return DecoderFusionType::cross_attention; }
+  /// The decoder's cross-attention width: context_dim, or d_model when 0.
+  int64_t memory_width(const TextDecoderOptions& decoder) const override {
+    return decoder.context_dim() > 0 ? decoder.context_dim() : decoder.d_model();
+  }
+  /// Cross-attention in every layer.
+  int64_t default_cross_attention_every() const override { return 1; }
+  void check_slots(int64_t projector_dim, const TextDecoderOptions& decoder, const char* who) const override;
+  /// One image per sample is checked by fuse (images == samples).
+  void check_one_image_per_example(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                   const char*) const override {}
 };
 TORCH_MODULE(CrossAttentionDecoderFusion);
 

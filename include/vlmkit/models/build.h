@@ -19,7 +19,7 @@ std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim,
                                           const std::string& path = "fusion");
 
 /// config: decoder options; `fusion` decides the default of cross_attention_every.
-std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, DecoderFusionType fusion,
+std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, const DecoderFusionModule& fusion,
                                               const std::string& path = "decoder");
 /// config: "concat" | "cross_attention" (or {"type": ...}).
 DecoderFusionType fusion_type(const json& config);

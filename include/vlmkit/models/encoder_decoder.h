@@ -31,7 +31,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
     TORCH_CHECK_VALUE(image_encoder_ && projector_ && fusion_ && decoder_,
                       "EncoderDecoder: image_encoder, projector, fusion and decoder are required");
     options.fusion(fusion_->type());
-    check_generative_slots(projector_->output_dim(), options.fusion(), *decoder_, "EncoderDecoder");
+    fusion_->check_slots(projector_->output_dim(), decoder_->options, "EncoderDecoder");
     image_encoder = register_module("image_encoder", std::move(image_encoder_));
     projector = register_module("projector", std::move(projector_));
     fusion = register_module("fusion", std::move(fusion_));
@@ -99,7 +99,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
     out["architecture"] = "encoder_decoder";
     out["image_encoder"] = image_encoder->config();
     out["projector"] = projector->config();
-    out["fusion"] = to_name(options.fusion());
+    out["fusion"] = fusion->config();
     out["decoder"] = decoder->config();
     return out;
   }

@@ -42,8 +42,7 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
     TORCH_CHECK_VALUE(projector_->input_dim() == dt,
                       "EncoderTextDecoder: the projector reads the joint encoder's width ", dt,
                       ", got projector in_dim ", projector_->input_dim());
-    check_generative_slots(projector_->output_dim(), options.fusion(), *decoder_,
-                           "EncoderTextDecoder");
+    fusion_->check_slots(projector_->output_dim(), decoder_->options, "EncoderTextDecoder");
     image_encoder = register_module("image_encoder", std::move(image_encoder_));
     text_encoder = register_module("text_encoder", std::move(text_encoder_));
     if (image_encoder->output_dim() != dt)
@@ -91,8 +90,7 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
     auto mask = check_decoder_ids(input_ids, padding_mask, *decoder, "EncoderTextDecoder");
     check_labels(labels, input_ids, *decoder, "EncoderTextDecoder");
     auto segments = check_segment_ids(segment_ids, input_ids, mask, "EncoderTextDecoder");
-    if (options.fusion() == DecoderFusionType::concat)
-      check_one_placeholder_per_example(input_ids, mask, segments, options.image_token_id(), "EncoderTextDecoder");
+    fusion->check_one_image_per_example(input_ids, mask, segments, "EncoderTextDecoder");
     auto [memory, memory_mask] = encode(images, context_ids, context_mask);
     return fusion->fuse(decoder->embed(input_ids), input_ids, mask, memory, memory_mask, labels, segments);
   }
@@ -125,7 +123,7 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
     out["image_encoder"] = image_encoder->config();
     out["text_encoder"] = text_encoder->config();
     out["projector"] = projector->config();
-    out["fusion"] = to_name(options.fusion());
+    out["fusion"] = fusion->config();
     out["decoder"] = decoder->config();
     return out;
   }

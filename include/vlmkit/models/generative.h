@@ -30,16 +30,4 @@ torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& p
 void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const TextDecoderImpl& decoder,
                   const char* who);
 
-/// Concat fusion with one image per example: every prompt (every example of
-/// a packed row when segment_ids is defined) holds exactly one <image>
-/// placeholder; raises ValueError naming the first that does not.
-void check_one_placeholder_per_example(const torch::Tensor& ids, const torch::Tensor& padding_mask,
-                                       const torch::Tensor& segment_ids, int64_t image_token_id,
-                                       const char* who);
-
-/// Checks that projector, fusion and decoder fit together; raises ValueError
-/// naming the mismatch.
-void check_generative_slots(int64_t projector_dim, DecoderFusionType fusion,
-                            const TextDecoderImpl& decoder, const char* who);
-
 }  // namespace vlmkit
