@@ -1,4 +1,4 @@
-# The README's commands. `make train` sets up and runs the main job;
+# The README's commands. `make train` sets up and trains the default small VLM;
 # `make test` sets up and runs every test (Catch2 through ctest, then pytest).
 SHELL := /bin/bash
 VENV  ?= .venv

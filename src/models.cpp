@@ -249,7 +249,7 @@ std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& 
   const auto fusion = fusion_type(config.is_object() && config.contains("fusion") ? config["fusion"] : json());
   options.fusion(fusion);
   json image_config = sub_object(config, "image_encoder", "");
-  if (image_config.is_null()) image_config = json{{"type", "conv"}};  // the mission's conv stage
+  if (image_config.is_null()) image_config = json{{"type", "conv"}};  // the conv stage by default
   auto image = make_image_encoder(image_config);
   auto text = std::dynamic_pointer_cast<TextEncoderImpl>(make_text_encoder(sub_object(config, "text_encoder", "")));
   auto fusion_block = make_decoder_fusion(fusion, options.image_token_id());

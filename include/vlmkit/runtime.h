@@ -1,11 +1,9 @@
 #pragma once
 /// Library version and the thread policy.
 ///
-/// Measured on the 2-core reference machine (../shared/ENVIRONMENT.md): a small
-/// VLM trains 2.1x faster with 1 torch intra-op thread and OpenBLAS on every
-/// core than with both at 1, and 2.7x faster than with both on every core
-/// (oversubscription). vlmkit's default is therefore: torch threads = 1, BLAS
-/// threads = number of cores. VLMKIT_TORCH_THREADS and VLMKIT_BLAS_THREADS
+/// vlmkit's default: torch intra-op threads = 1, BLAS threads = number of
+/// cores. fp32 training spends its time in BLAS GEMMs, and both pools on every
+/// core oversubscribe them (docs/benchmarks.md, "threads", has the numbers). VLMKIT_TORCH_THREADS and VLMKIT_BLAS_THREADS
 /// override it; set_num_threads() changes it at any time.
 #include <string>
 

@@ -85,7 +85,7 @@ box_to_text = _C.box_to_text
 parse_boxes = _C.parse_boxes
 parse_polygons = _C.parse_polygons
 
-# Thread policy (measured 2.1x-2.7x on 2 cores, see vlmkit/runtime.h): one torch
+# Thread policy (vlmkit/runtime.h; docs/benchmarks.md has the numbers): one torch
 # intra-op thread, OpenBLAS on every core. VLMKIT_TORCH_THREADS /
 # VLMKIT_BLAS_THREADS override it; VLMKIT_KEEP_THREADS=1 leaves torch's as they are.
 if _os.environ.get("VLMKIT_KEEP_THREADS", "") not in ("1", "true", "yes"):

@@ -99,7 +99,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
     precision = resolve_precision(args.precision) if args.architecture == "encoder_decoder" else "fp32"
     if precision == "bf16":
         # bf16 matrix products run on torch's intra-op threads (oneDNN), not OpenBLAS's:
-        # give torch the cores (measured: 2.7x fp32's training throughput on 2 cores).
+        # give torch the cores (docs/benchmarks.md has the bf16 GEMM figures).
         cores = args.threads or os.cpu_count() or 1
         set_num_threads(cores, 1)
     elif args.threads:
@@ -323,8 +323,8 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
 
 def _predict_segment(model, image, pixels, args) -> int:
     """--task segment: with --prompt ("Segment the red circle.") one answer; without,
-    detect the objects, then ask for each detected label's outline (the main job's
-    model learns to segment a named object). Prints the segmentation JSON of every
+    detect the objects, then ask for each detected label's outline (the
+    default model learns to segment a named object). Prints the segmentation JSON of every
     outline and draws them."""
     from . import data, parse_polygons
     from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA

@@ -1,4 +1,4 @@
-"""`vlmkit train` end to end on tiny budgets (the full run is README's main job)."""
+"""`vlmkit train` end to end on tiny budgets (the full run is `make train`)."""
 import json
 
 from vlmkit import cli

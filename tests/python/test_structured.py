@@ -32,7 +32,7 @@ DETECTION_SCHEMA = {
     "required": ["Object", "Bounding_box"],
 }
 
-# The main job's segmentation schema, with both keys required so that polygons are written.
+# The default run's segmentation schema, with both keys required so that polygons are written.
 SEGMENTATION_SCHEMA = {**vlmkit.train_vlm.SEGMENTATION_SCHEMA, "required": ["Object", "Polygon"]}
 
 

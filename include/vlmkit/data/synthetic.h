@@ -1,7 +1,7 @@
 #pragma once
 /// The synthetic multitask dataset: deterministic scenes of coloured shapes on
 /// noisy backgrounds with an optional rendered word, each yielding the
-/// mission's tasks (caption, VQA by kind, OCR, detection, JSON extraction,
+/// tasks vlmkit serves (caption, VQA by kind, OCR, detection, JSON extraction,
 /// image-text pairs). Sample i depends only on (seed, i).
 #include <nlohmann/json.hpp>
 #include <opencv2/core.hpp>
