@@ -37,21 +37,6 @@ void bind_image_encoder(py::module_& m, const char* name) {
       .def("config_json", [](Impl& self) { return self.config().dump(); });
 }
 
-template <class Impl, class Options>
-void bind_fusion(py::module_& m, const char* name, const char* doc) {
-  auto cls = bind_block<Impl>(m, name);
-  add_options<Impl>(cls);
-  cls.doc() = doc;
-  cls.def(py::init([name](int64_t image_dim, int64_t text_dim, const py::kwargs& kwargs) {
-            return std::make_shared<Impl>(
-                options_from_kwargs(Options(image_dim, text_dim), kwargs, name));
-          }),
-          py::arg("image_dim"), py::arg("text_dim"))
-      .def("forward", &Impl::forward, py::arg("image"), py::arg("text"), Release())
-      .def("output_dim", &Impl::output_dim)
-      .def("config_json", [](Impl& self) { return self.config().dump(); });
-}
-
 }  // namespace
 
 void bind_blocks(py::module_& m) {
@@ -136,14 +121,19 @@ void bind_blocks(py::module_& m) {
         .def("config_json", [](TextEncoderImpl& self) { return self.config().dump(); });
   }
 
-  bind_fusion<ConcatMlpFusionImpl, ConcatMlpFusionOptions>(
-      m, "ConcatMlpFusion", "concat(pooled image, pooled text) -> MLP -> [B, dim]");
-  bind_fusion<AttentionFusionImpl, AttentionFusionOptions>(
-      m, "AttentionFusion", "softmax-weighted sum over modalities -> [B, dim]");
-  bind_fusion<GatedFusionImpl, GatedFusionOptions>(m, "GatedFusion",
-                                                   "gated multimodal unit -> [B, dim]");
-  bind_fusion<CrossAttentionFusionImpl, CrossAttentionFusionOptions>(
-      m, "CrossAttentionFusion", "text tokens cross-attend to image tokens, masked mean -> [B, dim]");
+  // The Two-Leg fusion slot: one class for every fusion (the registry's rows).
+  add_slot_caster<FusionModule>();
+  bind_block<FusionModule>(m, "Fusion")
+      .def("forward", &FusionModule::forward, py::arg("image"), py::arg("text"), Release())
+      .def("output_dim", &FusionModule::output_dim)
+      .def_property_readonly("options",
+                             [](FusionModule& self) {
+                               auto j = self.config();
+                               j.erase("type");
+                               return to_python(j);
+                             })
+      .def("config_json", [](FusionModule& self) { return self.config().dump(); });
+  bind_slot_registry(m, fusion_registry(), "make_fusion", "fusion_types", "image_dim", "text_dim");
 
   {
     auto cls = bind_block<ClassificationHeadImpl>(m, "ClassificationHead");

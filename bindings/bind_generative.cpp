@@ -98,36 +98,7 @@ void bind_projectors(py::module_& m) {
                                return to_python(j);
                              })
       .def("config_json", [](ProjectorModule& self) { return self.config().dump(); });
-  m.def(
-      "make_projector",
-      [](const std::string& type, int64_t in_dim, int64_t out_dim, const std::string& options_json) {
-        const auto& row = projector_registry().at(type);
-        auto options = parse_json(options_json, "projector options");
-        TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
-                          ": expected keyword options (", detail::join_names([&] {
-                            std::vector<std::string> keys;
-                            for (const auto& item : row.defaults.items()) keys.push_back(item.key());
-                            return keys;
-                          }()), "), not a type");
-        return row.make(options, row.python_class, in_dim, out_dim);
-      },
-      py::arg("type"), py::arg("in_dim"), py::arg("out_dim"), py::arg("options_json") = "{}",
-      "Builds the registered projector `type` (see projector_types) from its keyword options.");
-  m.def(
-      "projector_types",
-      [] {
-        py::list out;
-        for (const auto& row : projector_registry().rows()) {
-          py::dict d;
-          d["name"] = row.name;
-          d["python_class"] = row.python_class;
-          d["doc"] = row.doc;
-          d["defaults"] = to_python(row.defaults);
-          out.append(d);
-        }
-        return out;
-      },
-      "The registered projectors: name, python_class, doc and their option defaults, sorted by name.");
+  bind_slot_registry(m, projector_registry(), "make_projector", "projector_types", "in_dim", "out_dim");
 }
 
 }  // namespace

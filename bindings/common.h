@@ -95,6 +95,41 @@ void add_slot_caster() {
   });
 }
 
+/// `make_name(type, <a>, <b>, options_json)` and `types_name()` for a slot
+/// registry whose rows take two widths (`a`, `b`: their Python names).
+template <class Registry>
+void bind_slot_registry(py::module_& m, Registry& registry, const char* make_name, const char* types_name,
+                        const char* a, const char* b) {
+  m.def(
+      make_name,
+      [&registry](const std::string& type, int64_t first, int64_t second, const std::string& options_json) {
+        const auto& row = registry.at(type);
+        auto options = parse_json(options_json, std::string(registry.what()) + " options");
+        TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
+                          ": expected keyword options, not a type");
+        return row.make(options, row.python_class, first, second);
+      },
+      py::arg("type"), py::arg(a), py::arg(b), py::arg("options_json") = "{}",
+      ("Builds the registered " + std::string(registry.what()) + " `type` (see " + types_name +
+       ") from its keyword options.").c_str());
+  m.def(
+      types_name,
+      [&registry] {
+        py::list out;
+        for (const auto& row : registry.rows()) {
+          py::dict d;
+          d["name"] = row.name;
+          d["python_class"] = row.python_class;
+          d["doc"] = row.doc;
+          d["defaults"] = to_python(row.defaults);
+          out.append(d);
+        }
+        return out;
+      },
+      ("The registered " + std::string(registry.what()) +
+       "s: name, python_class, doc and their option defaults, sorted by name.").c_str());
+}
+
 template <class Items>
 py::dict to_dict(const Items& items) {
   py::dict out;

@@ -156,29 +156,8 @@ std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config, const s
 
 std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
                                           const std::string& path) {
-  switch (type_of(config, path, FusionType::concat_mlp)) {
-    case FusionType::concat_mlp: {
-      ConcatMlpFusionOptions options(image_dim, text_dim);
-      read_options(config, path, options);
-      return std::make_shared<ConcatMlpFusionImpl>(options);
-    }
-    case FusionType::attention: {
-      AttentionFusionOptions options(image_dim, text_dim);
-      read_options(config, path, options);
-      return std::make_shared<AttentionFusionImpl>(options);
-    }
-    case FusionType::gated: {
-      GatedFusionOptions options(image_dim, text_dim);
-      read_options(config, path, options);
-      return std::make_shared<GatedFusionImpl>(options);
-    }
-    case FusionType::cross_attention: {
-      CrossAttentionFusionOptions options(image_dim, text_dim);
-      read_options(config, path, options);
-      return std::make_shared<CrossAttentionFusionImpl>(options);
-    }
-  }
-  TORCH_CHECK_VALUE(false, "unreachable fusion type");
+  const auto name = detail::slot_type(config, path, "concat_mlp");
+  return fusion_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path, image_dim, text_dim);
 }
 
 std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config) {

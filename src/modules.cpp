@@ -921,6 +921,17 @@ EncoderOutput TextEncoderImpl::forward(const torch::Tensor& token_ids,
 }
 
 // ---------------------------------------------------------------- fusion
+FusionRegistry& fusion_registry() {
+  static FusionRegistry registry("fusion type");
+  return registry;
+}
+
+VLMKIT_REGISTER_FUSION(ConcatMlpFusionImpl, "ConcatMlpFusion", "concat(pooled image, pooled text) -> MLP -> [B, dim]")
+VLMKIT_REGISTER_FUSION(AttentionFusionImpl, "AttentionFusion", "softmax-weighted sum over modalities -> [B, dim]")
+VLMKIT_REGISTER_FUSION(GatedFusionImpl, "GatedFusion", "gated multimodal unit (Arevalo et al. 2017) -> [B, dim]")
+VLMKIT_REGISTER_FUSION(CrossAttentionFusionImpl, "CrossAttentionFusion",
+                       "text tokens cross-attend to image tokens, masked mean -> [B, dim]")
+
 ConcatMlpFusionImpl::ConcatMlpFusionImpl(ConcatMlpFusionOptions options_)
     : FusionModule("vlmkit::ConcatMlpFusion"), options(std::move(options_)) {
   reset();
@@ -938,12 +949,6 @@ void ConcatMlpFusionImpl::reset() {
 
 void ConcatMlpFusionImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::ConcatMlpFusion", options_to_json(options));
-}
-
-json ConcatMlpFusionImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "concat_mlp";
-  return out;
 }
 
 torch::Tensor ConcatMlpFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
@@ -974,12 +979,6 @@ void AttentionFusionImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::AttentionFusion", options_to_json(options));
 }
 
-json AttentionFusionImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "attention";
-  return out;
-}
-
 torch::Tensor AttentionFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
   detail::check_pooled(image, options.image_dim(), "AttentionFusion", "image");
   detail::check_pooled(text, options.text_dim(), "AttentionFusion", "text");
@@ -1005,12 +1004,6 @@ void GatedFusionImpl::reset() {
 
 void GatedFusionImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::GatedFusion", options_to_json(options));
-}
-
-json GatedFusionImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "gated";
-  return out;
 }
 
 torch::Tensor GatedFusionImpl::forward(const EncoderOutput& image, const EncoderOutput& text) {
@@ -1045,12 +1038,6 @@ void CrossAttentionFusionImpl::reset() {
 
 void CrossAttentionFusionImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::CrossAttentionFusion", options_to_json(options));
-}
-
-json CrossAttentionFusionImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "cross_attention";
-  return out;
 }
 
 torch::Tensor CrossAttentionFusionImpl::forward(const EncoderOutput& image,

@@ -83,6 +83,36 @@ class SlotRegistry {
   std::vector<Row> rows_;
 };
 
+/// The row of an implementation class `Impl` of slot `Module` with:
+///   using Options = ...;  // constructible from the factory's Args, with visit_fields
+///   static constexpr const char* kName = "...";
+///   explicit Impl(Options);
+/// `defaults` are the fields of Options(default_args...).
+template <class Impl, class Module, class... Args>
+SlotRow<Module, Args...> slot_row(std::string python_class, std::string doc, Args... default_args) {
+  using Options = typename Impl::Options;
+  SlotRow<Module, Args...> row;
+  row.name = Impl::kName;
+  row.python_class = std::move(python_class);
+  row.doc = std::move(doc);
+  row.defaults = options_to_json(Options(default_args...));
+  row.make = [](const json& config, const std::string& path, Args... args) -> std::shared_ptr<Module> {
+    Options options(args...);
+    read_options(config, path, options);
+    return std::make_shared<Impl>(options);
+  };
+  return row;
+}
+
+/// {"type": Impl::kName, ...the fields of its options}: the config() of a
+/// slot implementation.
+template <class Impl>
+json slot_config(const Impl& module) {
+  json out = options_to_json(module.options);
+  out["type"] = Impl::kName;
+  return out;
+}
+
 namespace detail {
 /// config["type"] as a string, or `fallback` when the config or its type is
 /// absent; `path` names the config object in errors.

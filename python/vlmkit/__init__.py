@@ -15,7 +15,7 @@ import os as _os
 import torch as _torch  # loads libtorch before the extension
 
 from . import _C
-from ._module import CppModule, projector_classes, wrap_block
+from ._module import CppModule, slot_classes, wrap_block
 from . import checkpoint, export, lora, text
 from .trainer import FusedAdamW, Trainer
 from .models import (ARCHITECTURES, EncoderDecoder, EncoderTextDecoder, TwoLeg, TwoTower,
@@ -58,10 +58,14 @@ ConvStage = wrap_block(_C.ConvStage, "ConvStage", "Conv stage image encoder: "
 TextEncoder = wrap_block(_C.TextEncoder, "TextEncoder", "Bidirectional text encoder: "
                          "TextEncoder(vocab_size=512, max_len=64, d_model=128, depth=4, "
                          "num_heads=4, pool='mean', pad_id=0).")
-ConcatMlpFusion = wrap_block(_C.ConcatMlpFusion, "ConcatMlpFusion")
-AttentionFusion = wrap_block(_C.AttentionFusion, "AttentionFusion")
-GatedFusion = wrap_block(_C.GatedFusion, "GatedFusion")
-CrossAttentionFusion = wrap_block(_C.CrossAttentionFusion, "CrossAttentionFusion")
+# One class per registered Two-Leg fusion (vlmkit.GatedFusion(image_dim, text_dim, ...)),
+# from the C++ registry: fusion_types() lists them.
+fusion_types = _C.fusion_types
+Fusion = _C.Fusion
+_FUSIONS = slot_classes(fusion_types(), _C.make_fusion, ("image_dim", "text_dim"))
+globals().update(_FUSIONS)
+#: The registered Two-Leg fusions' config names, sorted.
+FUSIONS = tuple(row["name"] for row in fusion_types())
 ClassificationHead = wrap_block(_C.ClassificationHead, "ClassificationHead")
 ClipLoss = wrap_block(_C.ClipLoss, "ClipLoss")
 SigLipLoss = wrap_block(_C.SigLipLoss, "SigLipLoss")
@@ -74,7 +78,7 @@ TextDecoder = wrap_block(_C.TextDecoder, "TextDecoder", "Causal pre-norm text de
 # built from the C++ registry: projector_types() lists them.
 projector_types = _C.projector_types
 Projector = _C.Projector
-_PROJECTORS = projector_classes()
+_PROJECTORS = slot_classes(projector_types(), _C.make_projector, ("in_dim", "out_dim"))
 globals().update(_PROJECTORS)
 #: The registered projectors' config names, sorted.
 PROJECTORS = tuple(row["name"] for row in projector_types())
@@ -95,11 +99,11 @@ load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
 __all__ = [
-    "ARCHITECTURES", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
-    "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "AttentionFusion", "ClassificationHead", "ClassificationLoss", "ClipLoss",
-    "ConcatMlpFusion", "ConvStage", "CppModule", "CrossAttentionFusion", "EncoderOutput",
-    "GatedFusion", "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
+    "ARCHITECTURES", "FUSIONS", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "ClassificationHead", "ClassificationLoss", "ClipLoss",
+    "ConvStage", "CppModule", "EncoderOutput",
+    "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_threads", "build_model", "classification_loss", "clip_loss", "default_config",
-    "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
-] + sorted(_PROJECTORS)
+    "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
+] + sorted(_PROJECTORS) + sorted(_FUSIONS)

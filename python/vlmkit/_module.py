@@ -174,24 +174,24 @@ def wrap_block(cpp_class: type, name: str, doc: str | None = None) -> type:
                                      "__doc__": doc or cpp_class.__doc__})
 
 
-def _projector_init(name: str) -> Callable[..., None]:
-    def __init__(self: CppModule, in_dim: int, out_dim: int, **options: Any) -> None:
-        from . import _C
-        self._wrap(_C.make_projector(name, in_dim, out_dim, json.dumps(options)))
+def _slot_init(make: Callable[..., Any], name: str, positional: tuple) -> Callable[..., None]:
+    def __init__(self: CppModule, *args: Any, **options: Any) -> None:
+        if len(args) != len(positional):
+            raise TypeError(f"{type(self).__name__}() takes {len(positional)} positional arguments "
+                            f"({', '.join(positional)}), got {len(args)}")
+        self._wrap(make(name, *args, json.dumps(options)))
     return __init__
 
 
-def projector_classes() -> Dict[str, type]:
-    """One ``torch.nn.Module`` class per registered projector, named and documented
-    from its registry row: ``Cls(in_dim, out_dim, **options)``."""
-    from . import _C
-
+def slot_classes(rows: list, make: Callable[..., Any], positional: tuple) -> Dict[str, type]:
+    """One ``torch.nn.Module`` class per row of a C++ slot registry (``_C.projector_types()``),
+    named and documented from the row: ``Cls(*positional, **options)`` calls ``make``."""
     out: Dict[str, type] = {}
-    for row in _C.projector_types():
+    for row in rows:
         fields = ", ".join(f"{key}={value!r}" for key, value in row["defaults"].items())
-        signature = f"{row['python_class']}(in_dim, out_dim{', ' + fields if fields else ''})"
-
+        signature = f"{row['python_class']}({', '.join(positional)}{', ' + fields if fields else ''})"
         out[row["python_class"]] = type(row["python_class"], (CppModule,), {
-            "__init__": _projector_init(row["name"]), "__module__": "vlmkit", "type_name": row["name"],
+            "__init__": _slot_init(make, row["name"], positional), "__module__": "vlmkit",
+            "type_name": row["name"],
             "__doc__": f"{row['doc']}.\n\n{signature}; config type '{row['name']}'."})
     return out

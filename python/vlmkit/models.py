@@ -56,8 +56,8 @@ class TwoTower(CppModule):
 class TwoLeg(CppModule):
     """Architecture 2: both encoders, a fusion block and a task head.
 
-    Config keys: ``image_encoder``, ``text_encoder``, ``fusion`` (``type`` one of
-    "concat_mlp", "attention", "gated", "cross_attention"), ``head`` (``type``
+    Config keys: ``image_encoder``, ``text_encoder``, ``fusion`` (``type``: a name in
+    ``vlmkit.FUSIONS``, its fields in ``vlmkit.fusion_types()``), ``head`` (``type``
     "classification" with ``num_classes``, or "matching"), ``label_smoothing``.
 
     ``forward(images, token_ids, padding_mask=None, labels=None, image_sizes=None)`` returns a

@@ -37,7 +37,7 @@ TEST_CASE("projector registry: rows are sorted, named and documented", "[project
   CHECK_THROWS_WITH(make_projector(json{{"type", "qformer"}}, 16, 24),
                     Catch::Contains("config key 'projector.type': unknown projector 'qformer'; expected one of 'linear'"));
   CHECK_THROWS_AS(make_projector(json{{"type", 3}}, 16, 24), c10::TypeError);
-  CHECK_THROWS_WITH(projector_registry().add(projector_row<MlpProjectorImpl>("Again", "again")),
+  CHECK_THROWS_WITH(projector_registry().add(slot_row<MlpProjectorImpl, ProjectorModule>("Again", "again", int64_t{1}, int64_t{1})),
                     Catch::Contains("projector 'mlp' is registered twice"));
   REQUIRE(make_projector(json(), 16, 24)->config()["type"] == "mlp");  // the default
 }

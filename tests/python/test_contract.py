@@ -125,10 +125,22 @@ def test_blocks_are_modules_with_options_and_repr():
     assert "vlmkit::ViT(" in repr(vit) and "pool=mean" in repr(vit)
     text = vlmkit.TextEncoder(vocab_size=64, max_len=16, d_model=32, depth=1, num_heads=4)
     t = text(torch.randint(1, 64, (2, 5)))
-    for fusion_cls in (vlmkit.ConcatMlpFusion, vlmkit.AttentionFusion, vlmkit.GatedFusion,
-                       vlmkit.CrossAttentionFusion):
+    assert len(vlmkit.fusion_types()) == len(vlmkit.FUSIONS) >= 4
+    for row in vlmkit.fusion_types():  # every registered Two-Leg fusion, from the C++ registry
+        fusion_cls = getattr(vlmkit, row["python_class"])
+        assert issubclass(fusion_cls, torch.nn.Module) and row["python_class"] in vlmkit.__all__
         fusion = fusion_cls(32, 32, dim=16)
-        assert fusion(out, t).shape == (2, 16)
+        assert fusion(out, t).shape == (2, 16) and fusion.output_dim() == 16
+        assert fusion.config == {**row["defaults"], "dim": 16, "type": row["name"]}
+        assert isinstance(vlmkit.build_model({"architecture": "two_leg", "fusion": {"type": row["name"]}}).fusion,
+                          vlmkit.Fusion)
+        with pytest.raises(ValueError, match=f"unknown config key '{row['python_class']}.bogus'"):
+            fusion_cls(32, 32, bogus=1)
+        with pytest.raises(TypeError, match="positional arguments"):
+            fusion_cls(32)
+    with pytest.raises(ValueError, match="unknown fusion type 'sum'; expected one of " +
+                       ", ".join(f"'{name}'" for name in vlmkit.FUSIONS)):
+        vlmkit.build_model({"architecture": "two_leg", "fusion": {"type": "sum"}})
     attn = vlmkit.MultiheadAttention(32, 4, context_dim=16)
     assert attn(torch.randn(2, 3, 32), context=torch.randn(2, 4, 16)).shape == (2, 3, 32)
     head = vlmkit.ClassificationHead(32, 7, hidden_dim=16)

@@ -9,11 +9,6 @@
 
 namespace vlmkit {
 
-enum class FusionType { concat_mlp, attention, gated, cross_attention };
-VLMKIT_ENUM_NAMES(FusionType, "fusion type", {FusionType::concat_mlp, "concat_mlp"},
-                  {FusionType::attention, "attention"}, {FusionType::gated, "gated"},
-                  {FusionType::cross_attention, "cross_attention"});
-
 /// concat(pooled image, pooled text) -> Linear -> GELU -> Linear.
 struct ConcatMlpFusionOptions {
   ConcatMlpFusionOptions(int64_t image_dim = 128, int64_t text_dim = 128)

@@ -49,40 +49,14 @@ ProjectorRegistry& projector_registry();
 std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
                                                 const std::string& path = "projector");
 
-/// The row of a projector class `Impl` with:
-///   using Options = ...;  // constructible from (in_dim, out_dim), with visit_fields
-///   static constexpr const char* kName = "...";
-///   Options options;      // and a constructor from Options
-template <class Impl>
-ProjectorRegistry::Row projector_row(std::string python_class, std::string doc) {
-  using Options = typename Impl::Options;
-  ProjectorRegistry::Row row;
-  row.name = Impl::kName;
-  row.python_class = std::move(python_class);
-  row.doc = std::move(doc);
-  row.defaults = options_to_json(Options(1, 1));
-  row.make = [](const json& config, const std::string& path, int64_t in_dim,
-                int64_t out_dim) -> std::shared_ptr<ProjectorModule> {
-    Options options(in_dim, out_dim);
-    read_options(config, path, options);
-    return std::make_shared<Impl>(options);
-  };
-  return row;
-}
-
-/// Registers `Impl` (see projector_row) from its source file, at namespace scope.
+/// Registers `Impl` (see slot_row in registry.h) from its source file, at
+/// namespace scope.
 #define VLMKIT_REGISTER_PROJECTOR(Impl, python_class, doc) \
-  VLMKIT_REGISTER(::vlmkit::projector_registry(), ::vlmkit::projector_row<Impl>(python_class, doc))
+  VLMKIT_REGISTER(::vlmkit::projector_registry(),         \
+                  (::vlmkit::slot_row<Impl, ::vlmkit::ProjectorModule>(python_class, doc, int64_t{1}, int64_t{1})))
 
 /// Helpers for implementations.
 namespace detail {
-/// {"type": Impl::kName, ...its options' fields}: the config() of a projector.
-template <class Impl>
-json projector_config(const Impl& projector) {
-  json out = options_to_json(projector.options);
-  out["type"] = Impl::kName;
-  return out;
-}
 /// Raises ValueError unless in_dim and out_dim are positive.
 void check_projector_dims(int64_t in_dim, int64_t out_dim, const char* who);
 /// Raises ValueError unless image.tokens is [B, N, in_dim].

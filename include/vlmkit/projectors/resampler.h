@@ -40,7 +40,7 @@ class ResamplerProjectorImpl final : public ProjectorModule {
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
   int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override { return detail::projector_config(*this); }
+  nlohmann::json config() const override { return slot_config(*this); }
 
   Options options;
   torch::Tensor queries;  // [1, Q, out_dim]

@@ -33,7 +33,7 @@ class StridedProjectorImpl final : public ProjectorModule {
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
   int64_t input_dim() const override { return options.in_dim(); }
   int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override { return detail::projector_config(*this); }
+  nlohmann::json config() const override { return slot_config(*this); }
 
   Options options;
   Linear proj{nullptr};
