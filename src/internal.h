@@ -9,7 +9,17 @@
 
 #include "vlmkit/config.h"
 
+namespace vlmkit {
+struct EncoderOutput;
+}
+
 namespace vlmkit::detail {
+/// Raises ValueError unless width and heads are positive and heads divides width.
+void check_heads(int64_t dim, int64_t heads, const char* who);
+/// out.pooled is [B, dim] (`which` names the input: "image", "text").
+void check_pooled(const EncoderOutput& out, int64_t dim, const char* who, const char* which);
+/// out.tokens is [B, N, dim].
+void check_tokens(const EncoderOutput& out, int64_t dim, const char* who, const char* which);
 /// "[2, 64, 64]", or "undefined".
 std::string shape_str(const torch::Tensor& t);
 /// "vlmkit::ViT(image_size=64, patch_size=8, ...)" from an options JSON ("type" left out).
