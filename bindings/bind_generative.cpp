@@ -138,6 +138,7 @@ void bind_generative(py::module_& m) {
   }
 
   bind_projectors(m);
+  m.def("decoder_fusion_names", &enum_names<DecoderFusionType>, "The decoder fusions' config names.");
 
   using EncDec = EncoderDecoderImpl<>;
   bind_block<EncDec>(m, "EncoderDecoder")

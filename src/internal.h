@@ -18,6 +18,9 @@ namespace vlmkit::detail {
 void check_heads(int64_t dim, int64_t heads, const char* who);
 /// out.pooled is [B, dim] (`which` names the input: "image", "text").
 void check_pooled(const EncoderOutput& out, int64_t dim, const char* who, const char* which);
+/// [B, L] int64: for each position, how many `counted` positions of the row
+/// lie in earlier examples (segment_ids [B, L], -1 at padding).
+torch::Tensor count_before_segment(const torch::Tensor& counted, const torch::Tensor& segment_ids);
 /// out.tokens is [B, N, dim].
 void check_tokens(const EncoderOutput& out, int64_t dim, const char* who, const char* which);
 /// "[2, 64, 64]", or "undefined".

@@ -80,6 +80,8 @@ projector_types = _C.projector_types
 Projector = _C.Projector
 _PROJECTORS = slot_classes(projector_types(), _C.make_projector, ("in_dim", "out_dim"))
 globals().update(_PROJECTORS)
+#: The decoder fusions' config names (EncoderDecoder / EncoderTextDecoder "fusion").
+DECODER_FUSIONS = tuple(_C.decoder_fusion_names())
 #: The registered projectors' config names, sorted.
 PROJECTORS = tuple(row["name"] for row in projector_types())
 ByteTokenizer = _C.ByteTokenizer
@@ -99,7 +101,7 @@ load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
 __all__ = [
-    "ARCHITECTURES", "FUSIONS", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "ARCHITECTURES", "DECODER_FUSIONS", "FUSIONS", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
     "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConvStage", "CppModule", "EncoderOutput",
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",

@@ -101,7 +101,7 @@ TEST_CASE("projectors (generic): in every model, cached generation equals uncach
           "[projector][generic][generate]") {
   ByteTokenizer tokenizer;
   for (const auto& name : projector_registry().names())
-    for (const char* fusion : {"concat", "cross_attention"}) {
+    for (const auto& fusion : enum_names<DecoderFusionType>()) {
       INFO(name << " + " << fusion);
       torch::manual_seed(0);
       auto model = make_encoder_decoder({{"architecture", "encoder_decoder"},

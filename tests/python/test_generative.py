@@ -11,7 +11,7 @@ import vlmkit
 from vlmkit import text
 
 PROJECTORS = list(vlmkit.PROJECTORS)
-FUSIONS = ["concat", "cross_attention"]
+FUSIONS = list(vlmkit.DECODER_FUSIONS)
 ARCHS = ["encoder_decoder", "encoder_text_decoder"]
 
 PROMPTS = ["<image>What colour?", "<image>Describe the picture"]

@@ -10,7 +10,7 @@
 
 #include "vlmkit/modules/linear.h"
 #include "vlmkit/runtime.h"
-#include "internal.h"
+#include "../internal.h"
 
 namespace fs = std::filesystem;
 
