@@ -79,7 +79,7 @@ def test_peer_computes_what_vlmkit_computes(config, attention):
 
 
 @pytest.mark.parametrize("change,what", [
-    ({"architecture": "two_tower", "loss": "siglip"}, "siglip"),
+    ({"architecture": "two_tower", "text_encoder": {"pool": "cls"}}, "pool"),
     ({"architecture": "two_leg", "fusion": {"type": "gated"}}, "gated"),
     ({"architecture": "encoder_decoder", "label_smoothing": 0.1}, "label_smoothing"),
 ])

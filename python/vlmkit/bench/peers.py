@@ -1,5 +1,11 @@
 """The peer: what a user would write instead of vlmkit, in plain eager PyTorch.
 
+It is also vlmkit's one pure-PyTorch reference: tests/python/test_parity.py checks
+that, with vlmkit's weights copied in, it computes vlmkit's outputs, losses and
+gradients for every architecture x registered projector x decoder fusion, and the
+ONNX export (vlmkit.export) traces it. What it does not mirror, unmirrored() names,
+and every user of it refuses such a configuration.
+
 Same configurations as vlmkit (built from a vlmkit config dict, so the shapes and
 parameter counts match — `check_parameter_counts` verifies it), the same
 initialisation scheme (truncated normal 0.02 for weights, zero biases, unit
@@ -446,14 +452,20 @@ class TwoTower(nn.Module):
         self.image_proj = nn.Linear(c["image_encoder"]["d_model"], e, bias=False)
         self.text_proj = nn.Linear(c["text_encoder"]["d_model"], e, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(c.get("logit_scale_init", math.log(1 / 0.07))))
-        if c.get("loss") == "siglip":
+        self.max_scale = c.get("max_logit_scale", 100.0)
+        self.siglip = c.get("loss") == "siglip"
+        if self.siglip:
             self.logit_bias = nn.Parameter(torch.tensor(c.get("logit_bias_init", -10.0)))
         _init(self)
 
     def forward(self, images, ids, labels=None):
         i = F.normalize(self.image_proj(self.image_encoder(images)[1]), dim=-1)
         t = F.normalize(self.text_proj(self.text_encoder(ids)), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * i @ t.t()
+        logits = self.logit_scale.exp().clamp(max=self.max_scale) * i @ t.t()
+        if self.siglip:  # sigmoid loss over every pair (Zhai et al. 2023), +1 on the diagonal
+            logits = logits + self.logit_bias
+            signs = 2 * torch.eye(len(i), dtype=logits.dtype) - 1
+            return logits, -F.logsigmoid(signs * logits).sum() / len(i)
         target = torch.arange(len(i))
         return logits, (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
@@ -586,10 +598,6 @@ def unmirrored(config: Dict) -> List[str]:
         out.append(f"decoder pos_embedding {decoder['pos_embedding']!r} (the peer has rotary)")
     if not decoder.get("tie_embeddings", True):
         out.append("untied decoder embeddings")
-    if arch == "two_tower" and config.get("loss", "clip") != "clip":
-        out.append(f"loss {config['loss']!r} (the peer has the CLIP loss)")
-    if arch == "two_tower" and config.get("max_logit_scale", 100.0) != 100.0:
-        out.append(f"max_logit_scale {config['max_logit_scale']} (the peer clamps at 100)")
     if arch == "two_leg":
         if config["fusion"].get("type") != "concat_mlp":
             out.append(f"fusion {config['fusion'].get('type')!r} (the peer has concat_mlp)")
