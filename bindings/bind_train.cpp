@@ -168,44 +168,7 @@ void bind_train(py::module_& m) {
       .def(py::init([](std::shared_ptr<torch::nn::Module> model, const py::dict& options, py::object loss) {
              const auto j = to_json(options);
              TrainerOptions o;
-             ConfigReader r(j, "Trainer");
-             r("steps", o.steps());
-             r("lr", o.lr());
-             r.allow("group_lr");
-             r.allow("freeze");
-             if (j.contains("group_lr") && !j["group_lr"].is_null()) {
-               TORCH_CHECK_TYPE(j["group_lr"].is_object(), "Trainer: group_lr must be a dict of component name to "
-                                "learning rate, got ", detail::json_kind(j["group_lr"]));
-               for (const auto& [k, v] : j["group_lr"].items()) {
-                 TORCH_CHECK_TYPE(v.is_number(), "Trainer: group_lr['", k, "'] must be a number, got ",
-                                  detail::json_kind(v));
-                 o.group_lr()[k] = v.get<double>();
-               }
-             }
-             if (j.contains("freeze") && !j["freeze"].is_null()) {
-               TORCH_CHECK_TYPE(j["freeze"].is_array(), "Trainer: freeze must be a list of component names");
-               for (const auto& v : j["freeze"]) {
-                 TORCH_CHECK_TYPE(v.is_string(), "Trainer: freeze entries must be strings, got ", detail::json_kind(v));
-                 o.freeze().push_back(v.get<std::string>());
-               }
-             }
-             r("weight_decay", o.weight_decay());
-             r("beta1", o.beta1());
-             r("beta2", o.beta2());
-             r("eps", o.eps());
-             r("warmup_steps", o.warmup_steps());
-             r("min_lr_ratio", o.min_lr_ratio());
-             r("clip_norm", o.clip_norm());
-             r("accumulation", o.accumulation());
-             r("precision", o.precision());
-             r("max_nonfinite_steps", o.max_nonfinite_steps());
-             r("log_every", o.log_every());
-             r("eval_every", o.eval_every());
-             r("checkpoint_every", o.checkpoint_every());
-             r("keep_checkpoints", o.keep_checkpoints());
-             r("output_dir", o.output_dir());
-             r("rank", o.rank());
-             r.finish();
+             read_options(j, "Trainer", o, {});
              auto fn = with_gil<torch::Tensor, torch::nn::Module&, const Batch&>(
                  loss, [](py::object& f, torch::nn::Module&, const Batch& b) {
                    return f(batch_to_dict(b)).cast<torch::Tensor>();
@@ -217,6 +180,8 @@ void bind_train(py::module_& m) {
       .def("save_checkpoint", &Trainer::save_checkpoint, py::call_guard<py::gil_scoped_release>())
       .def("schedule", &Trainer::schedule, py::arg("step"))
       .def_property_readonly("options", [](const Trainer& t) { return to_python(trainer_options_to_json(t.options())); })
+      .def_property_readonly_static("defaults", [](py::object) { return to_python(trainer_options_to_json({})); },
+                                    "Every option with its default, by name (vlmkit.Trainer's keywords).")
       .def_property_readonly("state", [](const Trainer& t) {
         const auto& s = t.state();
         py::dict d;

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -68,6 +69,8 @@ class ConfigReader {
   static void read(const json& v, const std::string& at, bool& out);
   static void read(const json& v, const std::string& at, std::string& out);
   static void read(const json& v, const std::string& at, std::vector<int64_t>& out);
+  static void read(const json& v, const std::string& at, std::vector<std::string>& out);
+  static void read(const json& v, const std::string& at, std::map<std::string, double>& out);
   template <class E, std::enable_if_t<detail::has_enum_names<E>::value, int> = 0>
   static void read(const json& v, const std::string& at, E& out) {
     out = enum_from_json<E>(v, at);

@@ -41,6 +41,7 @@ class Trainer:
             global-norm clipping, batches per step).
         group_lr: learning rates per component, e.g. ``{"image_encoder": 1e-4}``.
         freeze: components to freeze, e.g. ``["image_encoder", "decoder"]`` (LLaVA stage 1).
+        beta1, beta2, eps: AdamW's (or ``betas=(beta1, beta2)`` as torch.optim spells them).
         log_every, eval_every, checkpoint_every, keep_checkpoints, output_dir: bookkeeping;
             ``output_dir`` receives ``metrics.jsonl`` and ``checkpoints/``.
         loss: optional ``f(batch_dict) -> scalar tensor``.
@@ -51,14 +52,16 @@ class Trainer:
             initialised with more than one process); only rank 0 writes files.
     """
 
-    def __init__(self, model: torch.nn.Module, *, steps: int = 1000, lr: float = 1e-3,
-                 group_lr: Optional[Mapping[str, float]] = None, freeze: Iterable[str] = (),
-                 weight_decay: float = 0.05, betas=(0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 50,
-                 min_lr_ratio: float = 0.0, clip_norm: float = 1.0, accumulation: int = 1,
-                 max_nonfinite_steps: int = 5, log_every: int = 50, eval_every: int = 0,
-                 checkpoint_every: int = 0, keep_checkpoints: int = 2, output_dir: str = "",
+    def __init__(self, model: torch.nn.Module, *,
                  loss: Optional[Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = None,
-                 distributed: Optional[bool] = None, precision: str = "fp32") -> None:
+                 distributed: Optional[bool] = None, betas: Optional[Sequence[float]] = None,
+                 **options: Any) -> None:
+        # The options are C++'s TrainerOptions (one field list: _C.Trainer.defaults);
+        # the signature below is generated from it.
+        unknown = sorted(set(options) - set(_OPTIONS) | ({"rank"} & set(options)))
+        if unknown:
+            raise TypeError(f"Trainer: unexpected option(s) {', '.join(map(repr, unknown))}; the options are "
+                            f"{', '.join(k for k in _OPTIONS if k != 'rank')} (rank comes from torch.distributed)")
         if not hasattr(model, "cpp_module"):
             raise TypeError(f"Trainer: expected a vlmkit model, got {type(model).__name__}")
         import torch.distributed as dist
@@ -68,13 +71,17 @@ class Trainer:
             raise ValueError("Trainer: distributed=True needs torch.distributed initialised with world size > 1")
         self.rank = dist.get_rank() if self.distributed else 0
         self.model = model
-        options = {"steps": steps, "lr": lr, "group_lr": dict(group_lr or {}), "freeze": list(freeze),
-                   "weight_decay": weight_decay, "beta1": betas[0], "beta2": betas[1], "eps": eps,
-                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio, "clip_norm": clip_norm,
-                   "accumulation": accumulation, "max_nonfinite_steps": max_nonfinite_steps,
-                   "log_every": log_every, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-                   "keep_checkpoints": keep_checkpoints, "output_dir": os.fspath(output_dir), "rank": self.rank,
-                   "precision": precision}
+        if betas is not None:  # torch.optim's spelling of beta1, beta2
+            if "beta1" in options or "beta2" in options:
+                raise TypeError("Trainer: give betas or beta1/beta2, not both")
+            options["beta1"], options["beta2"] = betas
+        if options.get("group_lr") is None:
+            options.pop("group_lr", None)
+        if "freeze" in options and not isinstance(options["freeze"], (list, tuple)):
+            options["freeze"] = list(options["freeze"])
+        if "output_dir" in options:
+            options["output_dir"] = os.fspath(options["output_dir"])
+        options["rank"] = self.rank
         self._trainer = _C.Trainer(model.cpp_module, options, loss)
 
     @property
@@ -161,3 +168,23 @@ class FusedAdamW:
                 p.grad = None
             else:
                 p.grad.zero_()
+
+
+#: Every Trainer option with its default, from C++ (TrainerOptions' field list).
+_OPTIONS: Dict[str, Any] = _C.Trainer.defaults
+
+
+def _signature() -> "inspect.Signature":
+    import inspect
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter(k, keyword, default=v) for k, v in _OPTIONS.items() if k != "rank"]
+    params += [inspect.Parameter("betas", keyword, default=None), inspect.Parameter("loss", keyword, default=None),
+               inspect.Parameter("distributed", keyword, default=None)]
+    return inspect.Signature(params)
+
+
+Trainer.__init__.__signature__ = _signature()
+Trainer.__doc__ += ("\n    Options and defaults (C++ TrainerOptions): "
+                    + ", ".join(f"{k}={v!r}" for k, v in _OPTIONS.items() if k != "rank") + ".\n")

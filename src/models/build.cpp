@@ -89,6 +89,29 @@ void ConfigReader::read(const json& v, const std::string& at, std::vector<int64_
   out = std::move(values);
 }
 
+void ConfigReader::read(const json& v, const std::string& at, std::vector<std::string>& out) {
+  TORCH_CHECK_TYPE(v.is_array(), "config key '", at, "': expected a list of strings, got ", detail::json_kind(v));
+  std::vector<std::string> values;
+  for (const auto& item : v) {
+    TORCH_CHECK_TYPE(item.is_string(), "config key '", at, "': expected a list of strings, found ",
+                     detail::json_kind(item));
+    values.push_back(item.get<std::string>());
+  }
+  out = std::move(values);
+}
+
+void ConfigReader::read(const json& v, const std::string& at, std::map<std::string, double>& out) {
+  TORCH_CHECK_TYPE(v.is_object(), "config key '", at, "': expected a mapping of names to numbers, got ",
+                   detail::json_kind(v));
+  std::map<std::string, double> values;
+  for (const auto& item : v.items()) {
+    TORCH_CHECK_TYPE(item.value().is_number(), "config key '", at, ".", item.key(), "': expected a number, got ",
+                     detail::json_kind(item.value()));
+    values[item.key()] = item.value().get<double>();
+  }
+  out = std::move(values);
+}
+
 json parse_json(const std::string& text, const std::string& what) {
   try {
     return json::parse(text);

@@ -35,27 +35,6 @@ using detail::optimizer_key;
 using detail::write_synced;
 
 // ------------------------------------------------------------------ trainer
-json trainer_options_to_json(const TrainerOptions& o) {
-  return {{"steps", o.steps()},
-          {"lr", o.lr()},
-          {"group_lr", o.group_lr()},
-          {"freeze", o.freeze()},
-          {"weight_decay", o.weight_decay()},
-          {"beta1", o.beta1()},
-          {"beta2", o.beta2()},
-          {"eps", o.eps()},
-          {"warmup_steps", o.warmup_steps()},
-          {"min_lr_ratio", o.min_lr_ratio()},
-          {"clip_norm", o.clip_norm()},
-          {"accumulation", o.accumulation()},
-          {"max_nonfinite_steps", o.max_nonfinite_steps()},
-          {"log_every", o.log_every()},
-          {"eval_every", o.eval_every()},
-          {"checkpoint_every", o.checkpoint_every()},
-          {"keep_checkpoints", o.keep_checkpoints()},
-          {"output_dir", o.output_dir()},
-          {"precision", o.precision()}};
-}
 
 
 torch::Tensor generative_loss(torch::nn::Module& model, const Batch& batch) {

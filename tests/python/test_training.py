@@ -83,7 +83,20 @@ def test_trainer_options_are_checked(manifest):
         vlmkit.Trainer(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="group_lr"):
         vlmkit._C.Trainer(model.cpp_module, {"group_lr": [1]}, None)
-    trainer = vlmkit.Trainer(model, freeze=["image_encoder", "decoder"], steps=2)
+    with pytest.raises(TypeError, match="unexpected option.*'stepz'.*the options are accumulation"):
+        vlmkit.Trainer(model, stepz=3)
+    with pytest.raises(TypeError, match="rank"):
+        vlmkit.Trainer(model, rank=1)
+    with pytest.raises(TypeError, match="betas or beta1/beta2"):
+        vlmkit.Trainer(model, betas=(0.9, 0.95), beta1=0.8)
+    # One field list (C++ TrainerOptions): the signature, the defaults and the record agree.
+    import inspect
+    defaults = vlmkit._C.Trainer.defaults
+    params = inspect.signature(vlmkit.Trainer).parameters
+    assert {k: params[k].default for k in defaults if k != "rank"} == {k: v for k, v in defaults.items() if k != "rank"}
+    trainer = vlmkit.Trainer(model, freeze=["image_encoder", "decoder"], steps=2, betas=(0.8, 0.95))
+    assert trainer.options == {**defaults, "freeze": ["image_encoder", "decoder"], "steps": 2,
+                               "beta1": 0.8, "beta2": 0.95}
     assert trainer.trainable and all(n.startswith("projector.") for n in trainer.trainable)
     with pytest.raises(TypeError, match="Loader"):
         trainer.fit([1, 2, 3])

@@ -68,8 +68,34 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, rank) = 0;
 };
 
+/// The options' fields: the one list that the JSON record, the
+/// Python binding (keyword arguments) and vlmkit.Trainer's signature read.
+template <class V>
+void visit_fields(TrainerOptions& o, V& v) {
+  v("steps", o.steps());
+  v("lr", o.lr());
+  v("group_lr", o.group_lr());
+  v("freeze", o.freeze());
+  v("weight_decay", o.weight_decay());
+  v("beta1", o.beta1());
+  v("beta2", o.beta2());
+  v("eps", o.eps());
+  v("warmup_steps", o.warmup_steps());
+  v("min_lr_ratio", o.min_lr_ratio());
+  v("clip_norm", o.clip_norm());
+  v("accumulation", o.accumulation());
+  v("max_nonfinite_steps", o.max_nonfinite_steps());
+  v("log_every", o.log_every());
+  v("eval_every", o.eval_every());
+  v("checkpoint_every", o.checkpoint_every());
+  v("keep_checkpoints", o.keep_checkpoints());
+  v("output_dir", o.output_dir());
+  v("precision", o.precision());
+  v("rank", o.rank());
+}
+
 /// A JSON record of the options (written into trainer.json).
-json trainer_options_to_json(const TrainerOptions& options);
+inline json trainer_options_to_json(const TrainerOptions& options) { return options_to_json(options); }
 
 struct TrainState {
   int64_t step = 0;
