@@ -293,7 +293,7 @@ void bind_data(py::module_& m) {
 
   auto policy = [](const std::string& name) {
     TORCH_CHECK_VALUE(name == "raise" || name == "skip", "bad_samples must be 'raise' or 'skip', got '", name, "'");
-    return name == "raise" ? BadSamplePolicy::raise : BadSamplePolicy::skip;
+    return from_name<BadSamplePolicy>(name);
   };
   auto read = [policy](const std::string& format, const std::string& path, const std::string& image_root,
                        const std::string& bad_samples, ReadReport* report) {
@@ -345,38 +345,17 @@ void bind_data(py::module_& m) {
         py::arg("turns"));
 
   py::class_<Loader, BatchSource>(m, "Loader", "Threaded loader over a dataset file (see vlmkit.data.Loader).")
-      .def(py::init([read, policy](const std::string& format, const std::string& path, const std::string& image_root,
-                                   int64_t batch_size, int64_t num_workers, int64_t prefetch, bool shuffle,
-                                   uint64_t seed, bool drop_last, const std::string& bad_samples, int64_t image_size,
-                                   const std::string& resize, const std::string& normalize, int64_t max_pixels,
-                                   double flip_probability, double crop_scale, double color_jitter,
-                                   int64_t rank, int64_t world_size, int64_t patch_size, int64_t merge_size,
-                                   int64_t dynamic_min_pixels, int64_t dynamic_max_pixels, bool jpeg_draft,
-                                   int64_t max_tiles, bool global_view, int64_t pack_to, int64_t pack_image_tokens,
-                                   bool group_by_length) {
-             ReadReport report;
-             auto records = read(format, path, image_root, bad_samples, &report);
+      .def(py::init([read](const std::string& format, const std::string& path, const std::string& image_root,
+                           const py::kwargs& kwargs) {
              LoaderOptions o;
-             o.batch_size(batch_size).num_workers(num_workers).prefetch(prefetch).shuffle(shuffle).seed(seed)
-                 .drop_last(drop_last).bad_samples(policy(bad_samples)).image_size(image_size).resize(resize)
-                 .normalize(normalize).max_pixels(max_pixels).flip_probability(flip_probability)
-                 .crop_scale(crop_scale).color_jitter(color_jitter).rank(rank).world_size(world_size)
-                 .patch_size(patch_size).merge_size(merge_size).dynamic_min_pixels(dynamic_min_pixels)
-                 .dynamic_max_pixels(dynamic_max_pixels).jpeg_draft(jpeg_draft).max_tiles(max_tiles)
-                 .global_view(global_view).pack_to(pack_to).pack_image_tokens(pack_image_tokens)
-                 .group_by_length(group_by_length);
-             auto loader = std::make_unique<Loader>(std::move(records), o);
-             return loader;
+             read_options(to_json(kwargs), "Loader", o, {});
+             ReadReport report;
+             auto records = read(format, path, image_root, to_name(o.bad_samples()), &report);
+             return std::make_unique<Loader>(std::move(records), o);
            }),
-           py::arg("format"), py::arg("path"), py::arg("image_root") = "", py::arg("batch_size") = 8,
-           py::arg("num_workers") = 2, py::arg("prefetch") = 4, py::arg("shuffle") = true, py::arg("seed") = 0,
-           py::arg("drop_last") = false, py::arg("bad_samples") = "raise", py::arg("image_size") = 64,
-           py::arg("resize") = "square", py::arg("normalize") = "clip", py::arg("max_pixels") = kDefaultMaxPixels,
-           py::arg("flip_probability") = 0.0, py::arg("crop_scale") = 1.0, py::arg("color_jitter") = 0.0,
-           py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("patch_size") = 8, py::arg("merge_size") = 2,
-           py::arg("dynamic_min_pixels") = 0, py::arg("dynamic_max_pixels") = 0, py::arg("jpeg_draft") = true,
-           py::arg("max_tiles") = 4, py::arg("global_view") = true, py::arg("pack_to") = 0,
-           py::arg("pack_image_tokens") = 1, py::arg("group_by_length") = false)
+           py::arg("format"), py::arg("path"), py::arg("image_root") = "")
+      .def_property_readonly_static("defaults", [](py::object) { return to_python(options_to_json(LoaderOptions())); },
+                                    "Every option with its default, by name (vlmkit.data.Loader's keywords).")
       .def("__len__", &Loader::num_batches)
       .def_property_readonly("num_records", &Loader::size)
       .def_property_readonly("skipped", &Loader::skipped)

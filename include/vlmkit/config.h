@@ -65,6 +65,7 @@ class ConfigReader {
 
  private:
   static void read(const json& v, const std::string& at, int64_t& out);
+  static void read(const json& v, const std::string& at, uint64_t& out);
   static void read(const json& v, const std::string& at, double& out);
   static void read(const json& v, const std::string& at, bool& out);
   static void read(const json& v, const std::string& at, std::string& out);

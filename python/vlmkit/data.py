@@ -8,7 +8,7 @@ of [x1, y1, x2, y2] pixel coordinates.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -204,21 +204,15 @@ class Loader:
     option: windows of 32 batches are sorted by length before batching.
     """
 
-    def __init__(self, path, format: str = "jsonl", image_root=None, batch_size: int = 8, num_workers: int = 2,
-                 prefetch: int = 4, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 bad_samples: str = "raise", image_size: int = 64, resize: str = "square",
-                 normalize: str = "clip", max_pixels: int = DEFAULT_MAX_PIXELS, flip_probability: float = 0.0,
-                 crop_scale: float = 1.0, color_jitter: float = 0.0, rank: int = 0, world_size: int = 1,
-                 patch_size: int = 8, merge_size: int = 2, dynamic_min_pixels: int = 0,
-                 dynamic_max_pixels: int = 0, jpeg_draft: bool = True, max_tiles: int = 4,
-                 global_view: bool = True, pack_to: int = 0, pack_image_tokens: int = 1,
-                 group_by_length: bool = False) -> None:
+    def __init__(self, path, format: str = "jsonl", image_root=None, **options: Any) -> None:
+        # The options are C++'s LoaderOptions (one field list: _C.Loader.defaults); the
+        # signature below is generated from it.
+        unknown = sorted(set(options) - set(_LOADER_OPTIONS))
+        if unknown:
+            raise TypeError(f"Loader: unexpected option(s) {', '.join(map(repr, unknown))}; the options are "
+                            f"{', '.join(_LOADER_OPTIONS)}")
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.fspath(path)) or "."
-        self._loader = _C.Loader(format, os.fspath(path), root, batch_size, num_workers, prefetch, shuffle, seed,
-                                 drop_last, bad_samples, image_size, resize, normalize, max_pixels,
-                                 flip_probability, crop_scale, color_jitter, rank, world_size, patch_size,
-                                 merge_size, dynamic_min_pixels, dynamic_max_pixels, jpeg_draft, max_tiles,
-                                 global_view, pack_to, pack_image_tokens, group_by_length)
+        self._loader = _C.Loader(format, os.fspath(path), root, **options)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -240,6 +234,24 @@ class Loader:
                 return
             yield batch
 
+
+
+#: Every Loader option with its default, from C++ (LoaderOptions' field list).
+_LOADER_OPTIONS: Dict[str, Any] = _C.Loader.defaults
+
+
+def _loader_signature() -> "inspect.Signature":
+    import inspect
+    plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("self", plain), inspect.Parameter("path", plain),
+              inspect.Parameter("format", plain, default="jsonl"), inspect.Parameter("image_root", plain, default=None)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _LOADER_OPTIONS.items()]
+    return inspect.Signature(params)
+
+
+Loader.__init__.__signature__ = _loader_signature()
+Loader.__doc__ += ("\n    Options and defaults (C++ LoaderOptions): "
+                   + ", ".join(f"{k}={v!r}" for k, v in _LOADER_OPTIONS.items()) + ".\n")
 
 def plot_bounding_boxes(image: ImageSource, boxes: Boxes, labels: Sequence[str] = (),
                         path: Optional[str] = None) -> torch.Tensor:

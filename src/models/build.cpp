@@ -59,6 +59,13 @@ void ConfigReader::read(const json& v, const std::string& at, int64_t& out) {
   out = v.get<int64_t>();
 }
 
+void ConfigReader::read(const json& v, const std::string& at, uint64_t& out) {
+  TORCH_CHECK_TYPE(v.is_number_integer(), "config key '", at, "': expected an integer, got ", detail::json_kind(v));
+  TORCH_CHECK_VALUE(v.is_number_unsigned() || v.get<int64_t>() >= 0, "config key '", at,
+                    "': expected a non-negative integer, got ", v.dump());
+  out = v.get<uint64_t>();
+}
+
 void ConfigReader::read(const json& v, const std::string& at, double& out) {
   TORCH_CHECK_TYPE(v.is_number(), "config key '", at, "': expected a number, got ",
                    detail::json_kind(v));

@@ -160,6 +160,24 @@ def test_loader_bad_sample_policy(folder):
         list(data.Loader(manifest, batch_size=2, shuffle=False, image_size=8))
 
 
+def test_loader_options_come_from_one_field_list(folder):
+    """vlmkit.data.Loader's keywords and defaults are C++'s LoaderOptions (_C.Loader.defaults)."""
+    import inspect
+    manifest = folder / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "img/0.png", "text": "t"}))
+    defaults = vlmkit._C.Loader.defaults
+    params = inspect.signature(data.Loader).parameters
+    assert {k: params[k].default for k in defaults} == defaults and defaults["batch_size"] == 8
+    with pytest.raises(TypeError, match="unexpected option.*'batchsize'"):
+        data.Loader(manifest, batchsize=4)
+    with pytest.raises(TypeError, match="config key 'Loader.batch_size': expected an integer"):
+        data.Loader(manifest, batch_size="4")
+    with pytest.raises(ValueError, match="unknown bad_samples policy 'ignore'; expected one of 'raise', 'skip'"):
+        data.Loader(manifest, bad_samples="ignore")
+    with pytest.raises(ValueError, match="expected a non-negative integer"):
+        data.Loader(manifest, seed=-1)
+
+
 def test_loader_feeds_an_encoder_decoder(folder):
     dataset = data.SyntheticDataset(8, image_size=32, seed=0)
     dataset.write(str(folder / "synth"))

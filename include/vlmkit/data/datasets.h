@@ -12,6 +12,8 @@
 #include "vlmkit/generate/boxes.h"
 #include "vlmkit/generate/polygons.h"
 
+#include "vlmkit/detail/enum_names.h"
+
 namespace vlmkit {
 
 /// One turn of a conversation: role "user" or "assistant".
@@ -57,6 +59,8 @@ std::string segmentation_answer_of(const std::vector<std::string>& labels, const
 /// What to do with a malformed entry: raise ValueError naming file and line,
 /// or skip it and count it in the report.
 enum class BadSamplePolicy { raise, skip };
+VLMKIT_ENUM_NAMES(BadSamplePolicy, "bad_samples policy", {BadSamplePolicy::raise, "raise"},
+                  {BadSamplePolicy::skip, "skip"});
 
 struct ReadReport {
   int64_t read = 0;

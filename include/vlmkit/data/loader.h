@@ -85,6 +85,38 @@ struct LoaderOptions {
   TORCH_ARG(bool, group_by_length) = false;
 };
 
+/// The options' fields: the one list that the binding's keyword parsing and
+/// vlmkit.data.Loader's signature read.
+template <class V>
+void visit_fields(LoaderOptions& o, V& v) {
+  v("batch_size", o.batch_size());
+  v("num_workers", o.num_workers());
+  v("prefetch", o.prefetch());
+  v("shuffle", o.shuffle());
+  v("seed", o.seed());
+  v("drop_last", o.drop_last());
+  v("bad_samples", o.bad_samples());
+  v("image_size", o.image_size());
+  v("resize", o.resize());
+  v("max_tiles", o.max_tiles());
+  v("global_view", o.global_view());
+  v("patch_size", o.patch_size());
+  v("merge_size", o.merge_size());
+  v("dynamic_min_pixels", o.dynamic_min_pixels());
+  v("dynamic_max_pixels", o.dynamic_max_pixels());
+  v("normalize", o.normalize());
+  v("max_pixels", o.max_pixels());
+  v("jpeg_draft", o.jpeg_draft());
+  v("flip_probability", o.flip_probability());
+  v("crop_scale", o.crop_scale());
+  v("color_jitter", o.color_jitter());
+  v("rank", o.rank());
+  v("world_size", o.world_size());
+  v("pack_to", o.pack_to());
+  v("pack_image_tokens", o.pack_image_tokens());
+  v("group_by_length", o.group_by_length());
+}
+
 class Loader : public BatchSource {
  public:
   Loader(std::vector<Record> records, LoaderOptions options = {});
