@@ -156,8 +156,32 @@ ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
            })
       .def("train", [](Impl& self, bool mode) { self.train(mode); }, py::arg("mode") = true)
       .def_property_readonly("training", [](Impl& self) { return self.is_training(); })
-      .def("_tree_repr", [](Impl& self) { return module_repr(self); });
+      .def("_tree_repr", [](Impl& self) { return module_repr(self); })
+      .def("_module_name", [](Impl& self) { return self.name(); })
+      .def("_module_address", [](Impl& self) { return reinterpret_cast<uintptr_t>(static_cast<torch::nn::Module*>(&self)); });
   return cls;
+}
+
+/// The same functions for modules whose Python class is the plain
+/// torch::nn::Module one (ModuleList, Conv2d, ... children): a bound vlmkit
+/// class has them as methods (bind_block), and pybind cannot pass one of those
+/// as a torch::nn::Module& when the base is virtual (Cloneable).
+inline void bind_module_functions(py::module_& m) {
+  using Module = torch::nn::Module;
+  m.def("_module_parameters", [](Module& self, bool recurse) { return to_dict(self.named_parameters(recurse)); },
+        py::arg("module"), py::arg("recurse") = true);
+  m.def("_module_buffers", [](Module& self, bool recurse) { return to_dict(self.named_buffers(recurse)); },
+        py::arg("module"), py::arg("recurse") = true);
+  m.def("_module_children", [](Module& self) {
+    py::dict out;
+    for (const auto& item : self.named_children()) out[py::str(item.key())] = cast_module(item.value());
+    return out;
+  }, py::arg("module"));
+  m.def("_module_name", [](Module& self) { return self.name(); }, py::arg("module"));
+  m.def("_module_address", [](Module& self) { return reinterpret_cast<uintptr_t>(&self); }, py::arg("module"));
+  m.def("_module_train", [](Module& self, bool mode) { self.train(mode); }, py::arg("module"), py::arg("mode"));
+  m.def("_module_training", [](Module& self) { return self.is_training(); }, py::arg("module"));
+  m.def("_module_repr", [](Module& self) { return module_repr(self); }, py::arg("module"));
 }
 
 /// Adds `options` (a dict) for modules with an options struct.

@@ -28,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
         "(VLMKIT_TORCH_THREADS / VLMKIT_BLAS_THREADS override).");
 
   vlmkit::bindings::ensure_module_base(m);
+  vlmkit::bindings::bind_module_functions(m);
   vlmkit::bindings::bind_blocks(m);
   vlmkit::bindings::bind_models(m);
   vlmkit::bindings::bind_generative(m);

@@ -29,12 +29,6 @@ set_num_threads = _C.set_num_threads
 thread_info = _C.thread_info
 apply_default_threads = _C.apply_default_threads
 
-# Child modules reached through a model (``model.image_encoder``) are the plain
-# C++ objects; make them callable like their nn.Module wrappers.
-for _name in dir(_C):
-    _cls = getattr(_C, _name)
-    if isinstance(_cls, type) and hasattr(_cls, "forward") and "__call__" not in _cls.__dict__:
-        _cls.__call__ = lambda self, *args, **kwargs: self.forward(*args, **kwargs)
 
 EncoderOutput = _C.EncoderOutput
 TwoTowerOutput = _C.TwoTowerOutput

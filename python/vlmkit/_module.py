@@ -1,14 +1,19 @@
 """The torch.nn.Module face of the C++ modules.
 
-The extension binds each C++ module as a plain pybind class (``vlmkit._C.ViT``)
-exposing its parameters and buffers by dotted name. :class:`CppModule` wraps
-one in a real ``torch.nn.Module``: to Python it is a leaf module whose
-``_parameters`` are a live view of every C++ parameter (``image_encoder.norm.weight``),
-so ``parameters()``, ``named_parameters()``, ``torch.optim``, ``.to()``,
-``.train()/.eval()``, hooks, ``nn.Sequential`` and ``DistributedDataParallel``
-work through torch's own code, on LibTorch 1.x and 2.x alike (torch 2.x no
-longer ships ``torch.nn.cpp.ModuleWrapper``). ``state_dict()`` and
-``load_state_dict()`` are implemented here for the dotted names.
+The extension binds each C++ module as a plain pybind class (``vlmkit._C.ViT``).
+:class:`CppModule` wraps one in a real ``torch.nn.Module`` tree: its
+``_parameters`` and ``_buffers`` are live views of the module's own C++ tensors,
+and its ``_modules`` a live view of its C++ children, each wrapped in a
+CppModule too (``model.image_encoder``, ``model.decoder.blocks[0]``). So
+``parameters()`` and ``named_parameters()`` (dotted names, as in C++:
+``image_encoder.norm.weight``), ``named_modules()``, ``apply()``,
+``requires_grad_()`` per module, ``torch.optim``, ``.to()``, ``.train()/.eval()``,
+``nn.Sequential`` and ``DistributedDataParallel`` work through torch's own code,
+on LibTorch 1.x and 2.x alike (torch 2.x no longer ships
+``torch.nn.cpp.ModuleWrapper``). Forward hooks fire when a module is called from
+Python; a parent's forward runs in C++ and does not call its children's hooks.
+``state_dict()`` and ``load_state_dict()`` are implemented here for the dotted
+names.
 """
 from __future__ import annotations
 
@@ -39,6 +44,71 @@ class _TensorView(_MappingABC):
     def __contains__(self, key: object) -> bool:
         return key in self._get()
 
+    # One C++ call per traversal (torch iterates items() of every module).
+    def items(self):  # type: ignore[override]
+        return self._get().items()
+
+    def values(self):  # type: ignore[override]
+        return self._get().values()
+
+    def keys(self):  # type: ignore[override]
+        return self._get().keys()
+
+
+def _call(cpp: Any, method: str, *args: Any) -> Any:
+    """``cpp.<method>(*args)`` on a bound vlmkit class, else ``_C._module_<...>(cpp, *args)``
+    for the plain torch::nn::Module objects (ModuleList and other children)."""
+    from . import _C
+    if hasattr(type(cpp), "_tree_repr"):
+        return getattr(cpp, method)(*args)
+    return getattr(_C, _FREE[method])(cpp, *args)
+
+
+_FREE = {"named_parameters": "_module_parameters", "named_buffers": "_module_buffers",
+         "named_children": "_module_children", "_module_name": "_module_name",
+         "_module_address": "_module_address", "train": "_module_train", "_tree_repr": "_module_repr"}
+
+
+class _ChildView(_MappingABC):
+    """Read-only live mapping of a C++ module's children to their CppModule wrappers
+    (one wrapper per child object, kept while the child is the same C++ module)."""
+
+    def __init__(self, cpp: Any) -> None:
+        self._cpp = cpp
+        self._wrappers: Dict[str, tuple] = {}
+
+    def _children(self) -> Dict[str, "CppModule"]:
+        out = OrderedDict()
+        for name, child in _call(self._cpp, "named_children").items():
+            address = _call(child, "_module_address")
+            cached = self._wrappers.get(name)
+            if cached is None or cached[0] != address:
+                cached = (address, wrapper_class(_call(child, "_module_name")).from_cpp(child))
+                self._wrappers[name] = cached
+            out[name] = cached[1]
+        return out
+
+    def __getitem__(self, key: str) -> "CppModule":
+        return self._children()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._children())
+
+    def __len__(self) -> int:
+        return len(self._children())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._children()
+
+    def items(self):  # type: ignore[override]
+        return self._children().items()
+
+    def values(self):  # type: ignore[override]
+        return self._children().values()
+
+    def keys(self):  # type: ignore[override]
+        return self._children().keys()
+
 
 class CppModule(torch.nn.Module):
     """A ``torch.nn.Module`` backed by a bound C++ module (``self.cpp_module``).
@@ -55,9 +125,12 @@ class CppModule(torch.nn.Module):
 
     def _wrap(self, cpp: Any) -> None:
         object.__setattr__(self, "cpp_module", cpp)
+        object.__setattr__(self, "_wrapping", True)
         super().__init__()
-        object.__setattr__(self, "_parameters", _TensorView(lambda: cpp.named_parameters(True)))
-        object.__setattr__(self, "_buffers", _TensorView(lambda: cpp.named_buffers(True)))
+        del self.__dict__["_wrapping"]
+        object.__setattr__(self, "_parameters", _TensorView(lambda: _call(cpp, "named_parameters", False)))
+        object.__setattr__(self, "_buffers", _TensorView(lambda: _call(cpp, "named_buffers", False)))
+        object.__setattr__(self, "_modules", _ChildView(cpp))
 
     @classmethod
     def from_cpp(cls, cpp: Any) -> "CppModule":
@@ -72,25 +145,28 @@ class CppModule(torch.nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return super().__getattr__(name)  # parameters, buffers and children (wrapped)
         except AttributeError:
             pass
         cpp = self.__dict__.get("cpp_module")
         if cpp is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        children = cpp.named_children()
-        if name in children:
-            return children[name]
         return getattr(cpp, name)
 
     @property
     def training(self) -> bool:  # type: ignore[override]
+        from . import _C
         cpp = self.__dict__.get("cpp_module")
-        return cpp.training if cpp is not None else True
+        if cpp is None:
+            return True
+        return cpp.training if hasattr(type(cpp), "_tree_repr") else _C._module_training(cpp)
 
     @training.setter
     def training(self, mode: bool) -> None:
-        self.cpp_module.train(bool(mode))
+        from . import _C
+        if self.__dict__.get("_wrapping"):  # nn.Module.__init__'s default: keep the C++ module's mode
+            return
+        _call(self.cpp_module, "train", bool(mode))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "CppModule":
         # The tensors belong to C++: convert them in place (as torch.nn.cpp did).
@@ -154,7 +230,7 @@ class CppModule(torch.nn.Module):
     # -- presentation ---------------------------------------------------------------
     def __repr__(self) -> str:
         cpp = self.__dict__.get("cpp_module")
-        return cpp._tree_repr() if cpp is not None else f"<{type(self).__name__} (not constructed)>"
+        return _call(cpp, "_tree_repr") if cpp is not None else f"<{type(self).__name__} (not constructed)>"
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -166,6 +242,39 @@ class CppModule(torch.nn.Module):
     def __reduce__(self):
         raise TypeError(f"{type(self).__name__} is backed by C++ and cannot be pickled; "
                         f"save model.config and model.state_dict() instead")
+
+
+_WRAPPERS: Dict[str, type] = {}
+
+
+def wrapper_class(cpp_name: str) -> type:
+    """The CppModule class for a C++ module named ``cpp_name`` ("vlmkit::ViT"): the
+    public vlmkit class of that name when there is one, else a plain CppModule
+    subclass of that name (``ModuleList``, ``MultiheadAttention``, ...)."""
+    short = cpp_name.rsplit("::", 1)[-1]
+    short = short[:-4] if short.endswith("Impl") else short
+    if cpp_name not in _WRAPPERS:
+        import vlmkit
+        public = getattr(vlmkit, short, None)
+        if isinstance(public, type) and issubclass(public, CppModule):
+            _WRAPPERS[cpp_name] = public
+        else:
+            body = {"__module__": "vlmkit", "__doc__": f"The C++ module {cpp_name}."}
+            if short in ("ModuleList", "Sequential"):
+                body.update(_LIST_METHODS)
+            _WRAPPERS[cpp_name] = type(short, (CppModule,), body)
+    return _WRAPPERS[cpp_name]
+
+
+def _list_getitem(self: CppModule, index: int) -> CppModule:
+    if not isinstance(index, int):
+        raise TypeError(f"{type(self).__name__} indices must be integers, got {type(index).__name__}")
+    return list(self._modules.values())[index]
+
+
+#: A ModuleList child (``model.decoder.blocks``) indexes, iterates and counts like torch's.
+_LIST_METHODS = {"__getitem__": _list_getitem, "__len__": lambda self: len(self._modules),
+                 "__iter__": lambda self: iter(list(self._modules.values()))}
 
 
 def wrap_block(cpp_class: type, name: str, doc: str | None = None) -> type:

@@ -132,8 +132,8 @@ def test_blocks_are_modules_with_options_and_repr():
         fusion = fusion_cls(32, 32, dim=16)
         assert fusion(out, t).shape == (2, 16) and fusion.output_dim() == 16
         assert fusion.config == {**row["defaults"], "dim": 16, "type": row["name"]}
-        assert isinstance(vlmkit.build_model({"architecture": "two_leg", "fusion": {"type": row["name"]}}).fusion,
-                          vlmkit.Fusion)
+        child = vlmkit.build_model({"architecture": "two_leg", "fusion": {"type": row["name"]}}).fusion
+        assert type(child) is fusion_cls and isinstance(child.cpp_module, vlmkit.Fusion)
         with pytest.raises(ValueError, match=f"unknown config key '{row['python_class']}.bogus'"):
             fusion_cls(32, 32, bogus=1)
         with pytest.raises(TypeError, match="positional arguments"):
@@ -153,3 +153,31 @@ def test_gradcheck_float64_attention():
     attn = vlmkit.MultiheadAttention(8, 2).double()
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: attn(t, causal=True), (x,))
+
+
+def test_children_are_nn_modules():
+    """model.image_encoder, model.decoder.blocks[0], ... are torch.nn.Modules over the same
+    C++ tensors: named_modules, apply, per-module requires_grad_, hooks when called."""
+    model = vlmkit.build_model({"architecture": "encoder_decoder", "decoder": {"depth": 2}})
+    assert isinstance(model.image_encoder, vlmkit.ViT) and isinstance(model.decoder.blocks[1], torch.nn.Module)
+    assert len(model.decoder.blocks) == 2 and model.image_encoder is model.image_encoder
+    names = dict(model.named_modules())
+    assert "decoder.blocks.0" in names and names["decoder"] is model.decoder
+    # One tensor per name: the recursive view equals C++'s own list, in its order.
+    assert [n for n, _ in model.named_parameters()] == list(model.cpp_module.named_parameters(True))
+    assert model.decoder.blocks[0].cpp_module is not None
+    model.image_encoder.requires_grad_(False)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("image_encoder."))
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder."))
+    seen = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert seen.count("TransformerBlock") >= 2 and seen[-1] == "EncoderDecoder"
+    model.eval()
+    assert not model.decoder.blocks[0].training and not model.training
+    calls = []
+    handle = model.image_encoder.register_forward_hook(lambda m, args, out: calls.append(out.tokens.shape))
+    model.image_encoder(torch.rand(1, 3, 64, 64))
+    handle.remove()
+    assert calls == [(1, 64, 128)]
+    with pytest.raises(TypeError, match="indices must be integers"):
+        model.decoder.blocks["0"]

@@ -309,7 +309,8 @@ def test_projector_classes_come_from_the_registry():
         assert out.shape == (2, p.num_output_tokens(8, 8), 24), row["name"]
         assert p.config == {"type": row["name"], **row["defaults"]}
         assert p.options == {"in_dim": 16, "out_dim": 24, **row["defaults"]}
-        assert isinstance(vlmkit.build_model(tiny("encoder_decoder", row["name"])).projector, vlmkit.Projector)
+        child = vlmkit.build_model(tiny("encoder_decoder", row["name"])).projector
+        assert type(child) is cls and isinstance(child.cpp_module, vlmkit.Projector)
         with pytest.raises(ValueError, match=f"unknown config key '{row['python_class']}.bogus'"):
             cls(16, 24, bogus=1)
         with pytest.raises(ValueError, match="in_dim and out_dim must be positive"):
