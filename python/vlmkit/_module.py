@@ -27,7 +27,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 
 class _TensorView(_MappingABC):
-    """Read-only live mapping over a C++ module's named parameters or buffers."""
+    """Read-only live mapping over a C++ module's named parameters or buffers (or,
+    in _ChildView, its children)."""
 
     def __init__(self, getter: Callable[[], Dict[str, torch.Tensor]]) -> None:
         self._get = getter
@@ -69,11 +70,12 @@ _FREE = {"named_parameters": "_module_parameters", "named_buffers": "_module_buf
          "_module_address": "_module_address", "train": "_module_train", "_tree_repr": "_module_repr"}
 
 
-class _ChildView(_MappingABC):
+class _ChildView(_TensorView):
     """Read-only live mapping of a C++ module's children to their CppModule wrappers
     (one wrapper per child object, kept while the child is the same C++ module)."""
 
     def __init__(self, cpp: Any) -> None:
+        super().__init__(self._children)
         self._cpp = cpp
         self._wrappers: Dict[str, tuple] = {}
 
@@ -87,27 +89,6 @@ class _ChildView(_MappingABC):
                 self._wrappers[name] = cached
             out[name] = cached[1]
         return out
-
-    def __getitem__(self, key: str) -> "CppModule":
-        return self._children()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._children())
-
-    def __len__(self) -> int:
-        return len(self._children())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._children()
-
-    def items(self):  # type: ignore[override]
-        return self._children().items()
-
-    def values(self):  # type: ignore[override]
-        return self._children().values()
-
-    def keys(self):  # type: ignore[override]
-        return self._children().keys()
 
 
 class CppModule(torch.nn.Module):

@@ -9,8 +9,7 @@ namespace vlmkit {
 VLMKIT_REGISTER_PROJECTOR(LinearProjectorImpl, "LinearProjector", "LLaVA projector: one Linear per token; N tokens out")
 
 LinearProjectorImpl::LinearProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::LinearProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "LinearProjector");
+    : ProjectorBase("vlmkit::LinearProjector", std::move(options_)) {
   fc1 = register_module("fc1", Linear(options.in_dim(), options.out_dim()));
   detail::init_transformer_weights(*this);
 }

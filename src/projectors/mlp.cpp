@@ -10,8 +10,7 @@ VLMKIT_REGISTER_PROJECTOR(MlpProjectorImpl, "MlpProjector",
                           "LLaVA-1.5 projector: Linear-GELU-Linear per token; N tokens out")
 
 MlpProjectorImpl::MlpProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::MlpProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "MlpProjector");
+    : ProjectorBase("vlmkit::MlpProjector", std::move(options_)) {
   TORCH_CHECK_VALUE(options.hidden_dim() >= 0, "MlpProjector: hidden_dim must be >= 0 (0 = out_dim), got ",
                     options.hidden_dim());
   const int64_t hidden = options.hidden_dim() > 0 ? options.hidden_dim() : options.out_dim();

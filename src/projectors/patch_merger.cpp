@@ -10,8 +10,7 @@ VLMKIT_REGISTER_PROJECTOR(PatchMergerProjectorImpl, "PatchMergerProjector",
                           "Qwen2-VL patch merger: LayerNorm, 2x2 merge, MLP; N / 4 tokens out")
 
 PatchMergerProjectorImpl::PatchMergerProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::PatchMergerProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "PatchMergerProjector");
+    : ProjectorBase("vlmkit::PatchMergerProjector", std::move(options_)) {
   const int64_t merged = options.in_dim() * 4;
   norm = register_module("norm", Norm(options.in_dim()));
   fc1 = register_module("fc1", Linear(merged, merged));

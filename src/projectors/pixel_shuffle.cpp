@@ -10,8 +10,7 @@ VLMKIT_REGISTER_PROJECTOR(PixelShuffleProjectorImpl, "PixelShuffleProjector",
                           "Space-to-depth projector (nanoVLM, Idefics3); N / factor^2 tokens out")
 
 PixelShuffleProjectorImpl::PixelShuffleProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::PixelShuffleProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "PixelShuffleProjector");
+    : ProjectorBase("vlmkit::PixelShuffleProjector", std::move(options_)) {
   TORCH_CHECK_VALUE(options.factor() >= 1, "PixelShuffleProjector: factor must be >= 1, got ",
                     options.factor());
   const int64_t r = options.factor();

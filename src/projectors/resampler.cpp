@@ -11,8 +11,7 @@ VLMKIT_REGISTER_PROJECTOR(ResamplerProjectorImpl, "ResamplerProjector",
                           "num_queries tokens out")
 
 ResamplerProjectorImpl::ResamplerProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::ResamplerProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "ResamplerProjector");
+    : ProjectorBase("vlmkit::ResamplerProjector", std::move(options_)) {
   TORCH_CHECK_VALUE(options.num_queries() >= 1 && options.num_layers() >= 1,
                     "ResamplerProjector: num_queries and num_layers must be >= 1");
   TORCH_CHECK_VALUE(options.num_heads() >= 1 && options.out_dim() % options.num_heads() == 0,

@@ -2,38 +2,29 @@
 /// patch_merger: Qwen2-VL's merger: LayerNorm, concatenate each 2x2
 /// neighbourhood, then Linear(4D, 4D) - GELU - Linear(4D, out); N / 4 tokens
 /// out (the grid's sides even).
-#include <torch/arg.h>
-
 #include "vlmkit/modules/linear.h"
 #include "vlmkit/modules/norm.h"
 #include "vlmkit/projectors/projector.h"
 
 namespace vlmkit {
 
-struct PatchMergerProjectorOptions {
-  PatchMergerProjectorOptions(int64_t in_dim, int64_t out_dim) : in_dim_(in_dim), out_dim_(out_dim) {}
-  TORCH_ARG(int64_t, in_dim);
-  TORCH_ARG(int64_t, out_dim);
+struct PatchMergerProjectorOptions : ProjectorDims {
+  using ProjectorDims::ProjectorDims;
 };
 
 /// No fields beyond the widths.
 template <class V>
 void visit_fields(PatchMergerProjectorOptions&, V&) {}
 
-class PatchMergerProjectorImpl final : public ProjectorModule {
+class PatchMergerProjectorImpl final : public ProjectorBase<PatchMergerProjectorImpl, PatchMergerProjectorOptions> {
  public:
-  using Options = PatchMergerProjectorOptions;
   static constexpr const char* kName = "patch_merger";
 
   explicit PatchMergerProjectorImpl(Options options_);
   torch::Tensor forward(const EncoderOutput& image) override;
   torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override { return slot_config(*this); }
 
-  Options options;
   Norm norm{nullptr};
   Linear fc1{nullptr}, fc2{nullptr};
 };

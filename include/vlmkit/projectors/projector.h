@@ -6,6 +6,7 @@
 /// it by the row's name ({"projector": {"type": name, ...fields}}), and Python
 /// exposes it as vlmkit.<row.python_class>. `vlmkit.projector_types()` (or
 /// projector_registry().rows() in C++) lists them with their fields.
+#include <torch/arg.h>
 #include <torch/nn/module.h>
 
 #include <array>
@@ -38,6 +39,49 @@ class ProjectorModule : public torch::nn::Module {
   void pretty_print(std::ostream& stream) const override;
 };
 
+/// Helpers for implementations.
+namespace detail {
+/// Raises ValueError unless in_dim and out_dim are positive.
+void check_projector_dims(int64_t in_dim, int64_t out_dim, const char* who);
+/// Raises ValueError unless image.tokens is [B, N, in_dim].
+void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who);
+/// Grid of the tokens: the encoder's, or a square one when it reports none.
+std::array<int64_t, 2> token_grid(const EncoderOutput& image, const char* who);
+/// Space-to-depth on a token grid: each r x r block of tokens [B, rows*cols, D]
+/// becomes one token of r*r*D features, row-major: [B, (rows/r)*(cols/r), r*r*D].
+torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2> grid, int64_t r, const char* who);
+/// Padding mask [B, rows*cols] -> [B, (rows/r)*(cols/r)]: a block is padding
+/// only when all its tokens are (undefined in, undefined out).
+torch::Tensor merge_padding_mask(const EncoderOutput& image, int64_t r, const char* who);
+}  // namespace detail
+
+/// The widths every projector's options start with; the architecture sets
+/// them (encoder width in, decoder or memory width out), so configs do not
+/// carry them. Options structs derive from it.
+struct ProjectorDims {
+  ProjectorDims(int64_t in_dim, int64_t out_dim) : in_dim_(in_dim), out_dim_(out_dim) {}
+  TORCH_ARG(int64_t, in_dim);
+  TORCH_ARG(int64_t, out_dim);
+};
+
+/// The shared part of a projector class `Impl` with options `Opts` (derived
+/// from ProjectorDims): the options, the width checks, input_dim, output_dim
+/// and config(). `Impl` declares `static constexpr const char* kName`.
+template <class Impl, class Opts>
+class ProjectorBase : public ProjectorModule {
+ public:
+  using Options = Opts;
+  ProjectorBase(const char* module_name, Options options_)
+      : ProjectorModule(module_name), options(std::move(options_)) {
+    detail::check_projector_dims(options.in_dim(), options.out_dim(), module_name);
+  }
+  int64_t input_dim() const override { return options.in_dim(); }
+  int64_t output_dim() const override { return options.out_dim(); }
+  nlohmann::json config() const override { return slot_config(static_cast<const Impl&>(*this)); }
+
+  Options options;
+};
+
 /// Rows build a projector from (config, path, in_dim, out_dim): the widths
 /// come from the architecture (encoder width, decoder or memory width).
 using ProjectorRegistry = SlotRegistry<ProjectorModule, int64_t, int64_t>;
@@ -55,20 +99,5 @@ std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_d
   VLMKIT_REGISTER(::vlmkit::projector_registry(),         \
                   (::vlmkit::slot_row<Impl, ::vlmkit::ProjectorModule>(python_class, doc, int64_t{1}, int64_t{1})))
 
-/// Helpers for implementations.
-namespace detail {
-/// Raises ValueError unless in_dim and out_dim are positive.
-void check_projector_dims(int64_t in_dim, int64_t out_dim, const char* who);
-/// Raises ValueError unless image.tokens is [B, N, in_dim].
-void check_image_tokens(const EncoderOutput& image, int64_t in_dim, const char* who);
-/// Grid of the tokens: the encoder's, or a square one when it reports none.
-std::array<int64_t, 2> token_grid(const EncoderOutput& image, const char* who);
-/// Space-to-depth on a token grid: each r x r block of tokens [B, rows*cols, D]
-/// becomes one token of r*r*D features, row-major: [B, (rows/r)*(cols/r), r*r*D].
-torch::Tensor space_to_depth(const torch::Tensor& tokens, std::array<int64_t, 2> grid, int64_t r, const char* who);
-/// Padding mask [B, rows*cols] -> [B, (rows/r)*(cols/r)]: a block is padding
-/// only when all its tokens are (undefined in, undefined out).
-torch::Tensor merge_padding_mask(const EncoderOutput& image, int64_t r, const char* who);
-}  // namespace detail
 
 }  // namespace vlmkit

@@ -10,10 +10,8 @@
 
 namespace vlmkit {
 
-struct ResamplerProjectorOptions {
-  ResamplerProjectorOptions(int64_t in_dim, int64_t out_dim) : in_dim_(in_dim), out_dim_(out_dim) {}
-  TORCH_ARG(int64_t, in_dim);
-  TORCH_ARG(int64_t, out_dim);
+struct ResamplerProjectorOptions : ProjectorDims {
+  using ProjectorDims::ProjectorDims;
   /// Learned queries (= output tokens), layers, attention heads.
   TORCH_ARG(int64_t, num_queries) = 16;
   TORCH_ARG(int64_t, num_layers) = 1;
@@ -27,9 +25,8 @@ void visit_fields(ResamplerProjectorOptions& o, V& v) {
   v("num_heads", o.num_heads());
 }
 
-class ResamplerProjectorImpl final : public ProjectorModule {
+class ResamplerProjectorImpl final : public ProjectorBase<ResamplerProjectorImpl, ResamplerProjectorOptions> {
  public:
-  using Options = ResamplerProjectorOptions;
   static constexpr const char* kName = "resampler";
 
   explicit ResamplerProjectorImpl(Options options_);
@@ -38,11 +35,7 @@ class ResamplerProjectorImpl final : public ProjectorModule {
   /// The queries are never padding: undefined.
   torch::Tensor output_padding_mask(const EncoderOutput&) const override { return {}; }
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
-  int64_t input_dim() const override { return options.in_dim(); }
-  int64_t output_dim() const override { return options.out_dim(); }
-  nlohmann::json config() const override { return slot_config(*this); }
 
-  Options options;
   torch::Tensor queries;  // [1, Q, out_dim]
   torch::nn::ModuleList blocks{nullptr};
   Norm norm{nullptr};

@@ -8,8 +8,7 @@ VLMKIT_REGISTER_PROJECTOR(StridedProjectorImpl, "TestStridedProjector",
                           "Test-only: every stride-th token, then a Linear")
 
 StridedProjectorImpl::StridedProjectorImpl(Options options_)
-    : ProjectorModule("vlmkit::test::StridedProjector"), options(std::move(options_)) {
-  detail::check_projector_dims(options.in_dim(), options.out_dim(), "StridedProjector");
+    : ProjectorBase("vlmkit::test::StridedProjector", std::move(options_)) {
   TORCH_CHECK_VALUE(options.stride() >= 1, "StridedProjector: stride must be >= 1");
   proj = register_module("proj", Linear(options.in_dim(), options.out_dim()));
 }
