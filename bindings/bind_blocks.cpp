@@ -102,6 +102,8 @@ void bind_blocks(py::module_& m) {
             Release());
   }
 
+  bind_slot_types(m, image_encoder_registry(), "image_encoder_types");
+  bind_slot_types(m, text_encoder_registry(), "text_encoder_types");
   bind_image_encoder<ViTImpl, ViTOptions>(m, "ViT");
   bind_image_encoder<ConvStageImpl, ConvStageOptions>(m, "ConvStage");
   {

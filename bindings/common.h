@@ -95,6 +95,27 @@ void add_slot_caster() {
   });
 }
 
+/// `types_name()`: a slot registry's rows (name, python_class, doc, defaults).
+template <class Registry>
+void bind_slot_types(py::module_& m, Registry& registry, const char* types_name) {
+  m.def(
+      types_name,
+      [&registry] {
+        py::list out;
+        for (const auto& row : registry.rows()) {
+          py::dict d;
+          d["name"] = row.name;
+          d["python_class"] = row.python_class;
+          d["doc"] = row.doc;
+          d["defaults"] = to_python(row.defaults);
+          out.append(d);
+        }
+        return out;
+      },
+      ("The registered " + std::string(registry.what()) +
+       "s: name, python_class, doc and their option defaults, sorted by name.").c_str());
+}
+
 /// `make_name(type, <a>, <b>, options_json)` and `types_name()` for a slot
 /// registry whose rows take two widths (`a`, `b`: their Python names).
 template <class Registry>
@@ -112,22 +133,7 @@ void bind_slot_registry(py::module_& m, Registry& registry, const char* make_nam
       py::arg("type"), py::arg(a), py::arg(b), py::arg("options_json") = "{}",
       ("Builds the registered " + std::string(registry.what()) + " `type` (see " + types_name +
        ") from its keyword options.").c_str());
-  m.def(
-      types_name,
-      [&registry] {
-        py::list out;
-        for (const auto& row : registry.rows()) {
-          py::dict d;
-          d["name"] = row.name;
-          d["python_class"] = row.python_class;
-          d["doc"] = row.doc;
-          d["defaults"] = to_python(row.defaults);
-          out.append(d);
-        }
-        return out;
-      },
-      ("The registered " + std::string(registry.what()) +
-       "s: name, python_class, doc and their option defaults, sorted by name.").c_str());
+  bind_slot_types(m, registry, types_name);
 }
 
 template <class Items>

@@ -76,6 +76,11 @@ _PROJECTORS = slot_classes(projector_types(), _C.make_projector, ("in_dim", "out
 globals().update(_PROJECTORS)
 #: The decoder fusions' config names (EncoderDecoder / EncoderTextDecoder "fusion").
 DECODER_FUSIONS = tuple(_C.decoder_fusion_names())
+#: The registered image and text encoders (config "type"), with their option defaults.
+image_encoder_types = _C.image_encoder_types
+text_encoder_types = _C.text_encoder_types
+IMAGE_ENCODERS = tuple(row["name"] for row in image_encoder_types())
+TEXT_ENCODERS = tuple(row["name"] for row in text_encoder_types())
 #: The registered projectors' config names, sorted.
 PROJECTORS = tuple(row["name"] for row in projector_types())
 ByteTokenizer = _C.ByteTokenizer
@@ -95,7 +100,7 @@ load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
 __all__ = [
-    "ARCHITECTURES", "DECODER_FUSIONS", "FUSIONS", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
+    "ARCHITECTURES", "DECODER_FUSIONS", "FUSIONS", "IMAGE_ENCODERS", "TEXT_ENCODERS", "image_encoder_types", "text_encoder_types", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
     "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "ClassificationHead", "ClassificationLoss", "ClipLoss",
     "ConvStage", "CppModule", "EncoderOutput",
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",

@@ -158,30 +158,13 @@ void check_architecture(const json& config, Architecture expected) {
 }  // namespace
 
 std::shared_ptr<ImageEncoderModule> make_image_encoder(const json& config, const std::string& path) {
-  switch (type_of(config, path, ImageEncoderType::vit)) {
-    case ImageEncoderType::vit: {
-      ViTOptions options;
-      read_options(config, path, options);
-      return std::make_shared<ViTImpl>(options);
-    }
-    case ImageEncoderType::conv: {
-      ConvStageOptions options;
-      read_options(config, path, options);
-      return std::make_shared<ConvStageImpl>(options);
-    }
-  }
-  TORCH_CHECK_VALUE(false, "unreachable image encoder type");
+  const auto name = detail::slot_type(config, path, "vit");
+  return image_encoder_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path);
 }
 
 std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config, const std::string& path) {
-  switch (type_of(config, path, TextEncoderType::transformer)) {
-    case TextEncoderType::transformer: {
-      TextEncoderOptions options;
-      read_options(config, path, options);
-      return std::make_shared<TextEncoderImpl>(options);
-    }
-  }
-  TORCH_CHECK_VALUE(false, "unreachable text encoder type");
+  const auto name = detail::slot_type(config, path, "transformer");
+  return text_encoder_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path);
 }
 
 std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,

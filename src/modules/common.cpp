@@ -20,6 +20,16 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+ImageEncoderRegistry& image_encoder_registry() {
+  static ImageEncoderRegistry registry("image encoder type");
+  return registry;
+}
+
+TextEncoderRegistry& text_encoder_registry() {
+  static TextEncoderRegistry registry("text encoder type");
+  return registry;
+}
+
 namespace detail {
 
 void print_options(std::ostream& stream, const char* name, const json& fields) {

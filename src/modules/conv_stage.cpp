@@ -19,6 +19,7 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+VLMKIT_REGISTER_IMAGE_ENCODER(ConvStageImpl, "ConvStage", "Convolutional stage: strided conv blocks to a token grid")
 ConvStageImpl::ConvStageImpl(ConvStageOptions options_)
     : ImageEncoderModule("vlmkit::ConvStage"), options(std::move(options_)) {
   reset();
@@ -56,12 +57,6 @@ void ConvStageImpl::reset() {
 
 void ConvStageImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::ConvStage", options_to_json(options));
-}
-
-json ConvStageImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "conv";
-  return out;
 }
 
 torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {

@@ -19,6 +19,7 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+VLMKIT_REGISTER_TEXT_ENCODER(TextEncoderImpl, "TextEncoder", "Bidirectional transformer text encoder")
 TextEncoderImpl::TextEncoderImpl(TextEncoderOptions options_)
     : TextEncoderModule("vlmkit::TextEncoder"), options(std::move(options_)) {
   reset();
@@ -49,12 +50,6 @@ void TextEncoderImpl::reset() {
 
 void TextEncoderImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::TextEncoder", options_to_json(options));
-}
-
-json TextEncoderImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "transformer";
-  return out;
 }
 
 torch::Tensor TextEncoderImpl::check_ids(const torch::Tensor& token_ids,

@@ -19,6 +19,7 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+VLMKIT_REGISTER_IMAGE_ENCODER(ViTImpl, "ViT", "Vision Transformer: patch or conv stem, CLS / mean / attention pooling")
 ViTImpl::ViTImpl(ViTOptions options_) : ImageEncoderModule("vlmkit::ViT"), options(std::move(options_)) {
   reset();
 }
@@ -79,12 +80,6 @@ void ViTImpl::reset() {
 
 void ViTImpl::pretty_print(std::ostream& stream) const {
   detail::print_options(stream, "vlmkit::ViT", options_to_json(options));
-}
-
-json ViTImpl::config() const {
-  auto out = options_to_json(options);
-  out["type"] = "vit";
-  return out;
 }
 
 torch::Tensor ViTImpl::patch_positions(int64_t rows, int64_t cols, torch::TensorOptions like) {

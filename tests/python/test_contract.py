@@ -181,3 +181,25 @@ def test_children_are_nn_modules():
     assert calls == [(1, 64, 128)]
     with pytest.raises(TypeError, match="indices must be integers"):
         model.decoder.blocks["0"]
+
+
+def test_encoder_slots_come_from_the_registry():
+    """Image and text encoders are registry slots: each row's class is public, its defaults
+    are the fields its config reads, and unknown types list the registered ones."""
+    for rows, arch in ((vlmkit.image_encoder_types(), "image_encoder"), (vlmkit.text_encoder_types(), "text_encoder")):
+        assert rows and [r["name"] for r in rows] == sorted(r["name"] for r in rows)
+        for row in rows:
+            cls = getattr(vlmkit, row["python_class"])
+            assert issubclass(cls, torch.nn.Module) and row["python_class"] in vlmkit.__all__
+            config = vlmkit.default_config("two_tower")
+            config[arch] = {"type": row["name"]}
+            if row["name"] == "conv":  # a conv stage has no CLS token: the tower pools by mean
+                config[arch]["image_size"] = 64
+            model = vlmkit.build_model(config)
+            child = getattr(model, arch)
+            assert type(child) is cls and child.config == {"type": row["name"], **row["defaults"]}
+    assert set(vlmkit.IMAGE_ENCODERS) >= {"vit", "conv"} and "transformer" in vlmkit.TEXT_ENCODERS
+    with pytest.raises(ValueError, match="unknown image encoder type 'resnet'; expected one of 'conv', 'vit'"):
+        vlmkit.build_model({"architecture": "two_tower", "image_encoder": {"type": "resnet"}})
+    with pytest.raises(TypeError, match="config key 'text_encoder.type': expected a string"):
+        vlmkit.build_model({"architecture": "two_tower", "text_encoder": {"type": 3}})

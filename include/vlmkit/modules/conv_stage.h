@@ -33,6 +33,9 @@ TORCH_MODULE(GroupNorm);
 ///   auto out = stem->forward(torch::rand({2, 3, 64, 64}));  // tokens [2, 256, 96]
 class ConvStageImpl final : public ImageEncoderModule {
  public:
+  using Options = ConvStageOptions;
+  static constexpr const char* kName = "conv";
+
   explicit ConvStageImpl(ConvStageOptions options_ = {});
   void reset();
   void pretty_print(std::ostream& stream) const override;
@@ -43,7 +46,7 @@ class ConvStageImpl final : public ImageEncoderModule {
   torch::Tensor features(const torch::Tensor& images);
   int64_t output_dim() const override { return options.d_model(); }
   int64_t downsample() const { return int64_t{1} << options.channels().size(); }
-  nlohmann::json config() const override;
+  nlohmann::json config() const override { return slot_config(*this); }
 
   ConvStageOptions options;
   torch::nn::Sequential stages{nullptr};

@@ -6,6 +6,8 @@
 #include <nlohmann/json_fwd.hpp>
 #include <torch/nn/module.h>
 
+#include "vlmkit/registry.h"
+
 #include <array>
 
 namespace vlmkit {
@@ -54,6 +56,19 @@ class TextEncoderModule : public torch::nn::Module {
   virtual int64_t output_dim() const = 0;
   virtual nlohmann::json config() const = 0;
 };
+
+/// The image-encoder and text-encoder slots: rows build an encoder from
+/// (config, path) alone (registry.h; configs name them by "type").
+using ImageEncoderRegistry = SlotRegistry<ImageEncoderModule>;
+using TextEncoderRegistry = SlotRegistry<TextEncoderModule>;
+ImageEncoderRegistry& image_encoder_registry();
+TextEncoderRegistry& text_encoder_registry();
+
+/// Registers an encoder class `Impl` (see slot_row) from its source file.
+#define VLMKIT_REGISTER_IMAGE_ENCODER(Impl, python_class, doc) \
+  VLMKIT_REGISTER(::vlmkit::image_encoder_registry(), (::vlmkit::slot_row<Impl, ::vlmkit::ImageEncoderModule>(python_class, doc)))
+#define VLMKIT_REGISTER_TEXT_ENCODER(Impl, python_class, doc) \
+  VLMKIT_REGISTER(::vlmkit::text_encoder_registry(), (::vlmkit::slot_row<Impl, ::vlmkit::TextEncoderModule>(python_class, doc)))
 
 /// Base of the Two-Leg fusion blocks: two encoder outputs in, [B, dim] out.
 class FusionModule : public torch::nn::Module {

@@ -17,6 +17,9 @@ namespace vlmkit {
 ///   -> tokens [B, T, d_model], pooled [B, d_model], padding_mask [B, T].
 class TextEncoderImpl final : public TextEncoderModule {
  public:
+  using Options = TextEncoderOptions;
+  static constexpr const char* kName = "transformer";
+
   explicit TextEncoderImpl(TextEncoderOptions options_ = {});
   void reset();
   void pretty_print(std::ostream& stream) const override;
@@ -30,7 +33,7 @@ class TextEncoderImpl final : public TextEncoderModule {
   /// The transformer blocks and final norm on any embedded sequence [B, S, D].
   torch::Tensor encode(const torch::Tensor& embeds, const torch::Tensor& padding_mask);
   int64_t output_dim() const override { return options.d_model(); }
-  nlohmann::json config() const override;
+  nlohmann::json config() const override { return slot_config(*this); }
 
   TextEncoderOptions options;
   torch::nn::Embedding token_embed{nullptr};

@@ -23,6 +23,9 @@ namespace vlmkit {
 ///   EncoderOutput out = vit->forward(torch::rand({8, 3, 32, 32}));
 class ViTImpl final : public ImageEncoderModule {
  public:
+  using Options = ViTOptions;
+  static constexpr const char* kName = "vit";
+
   explicit ViTImpl(ViTOptions options_ = {});
   void reset();
   void pretty_print(std::ostream& stream) const override;
@@ -34,7 +37,7 @@ class ViTImpl final : public ImageEncoderModule {
   /// on each size group's unpadded crop, so valid tokens equal the image's own.
   EncoderOutput forward(const torch::Tensor& images, const torch::Tensor& image_sizes) override;
   int64_t output_dim() const override { return options.d_model(); }
-  nlohmann::json config() const override;
+  nlohmann::json config() const override { return slot_config(*this); }
   /// Position embeddings for a grid of rows x cols patches: [1, rows*cols, D].
   torch::Tensor patch_positions(int64_t rows, int64_t cols, torch::TensorOptions like);
 

@@ -10,13 +10,10 @@
 
 namespace vlmkit {
 
-enum class ImageEncoderType { vit, conv };
 enum class PosEmbedding { learned, sincos2d };
 enum class ImagePool { cls, mean, map };
 enum class ViTStem { patch, conv };
 
-VLMKIT_ENUM_NAMES(ImageEncoderType, "image encoder type", {ImageEncoderType::vit, "vit"},
-                  {ImageEncoderType::conv, "conv"});
 VLMKIT_ENUM_NAMES(PosEmbedding, "position embedding", {PosEmbedding::learned, "learned"},
                   {PosEmbedding::sincos2d, "sincos2d"});
 VLMKIT_ENUM_NAMES(ImagePool, "image pooling", {ImagePool::cls, "cls"}, {ImagePool::mean, "mean"},

@@ -9,12 +9,10 @@
 
 namespace vlmkit {
 
-enum class TextEncoderType { transformer };
 /// How a sequence becomes one vector: mean over non-padding tokens, the first
 /// token, or the last non-padding token (CLIP's EOS pooling).
 enum class TextPool { mean, cls, last };
 
-VLMKIT_ENUM_NAMES(TextEncoderType, "text encoder type", {TextEncoderType::transformer, "transformer"});
 VLMKIT_ENUM_NAMES(TextPool, "text pooling", {TextPool::mean, "mean"}, {TextPool::cls, "cls"},
                   {TextPool::last, "last"});
 
