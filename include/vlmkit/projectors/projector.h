@@ -99,5 +99,4 @@ std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_d
   VLMKIT_REGISTER(::vlmkit::projector_registry(),         \
                   (::vlmkit::slot_row<Impl, ::vlmkit::ProjectorModule>(python_class, doc, int64_t{1}, int64_t{1})))
 
-
 }  // namespace vlmkit
