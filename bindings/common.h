@@ -137,6 +137,16 @@ void bind_slot_registry(py::module_& m, Registry& registry, const char* make_nam
 }
 
 template <class Items>
+py::dict to_dict(const Items& items);
+
+/// A module's children by name, each as its own bound class or its slot's.
+inline py::dict children_dict(torch::nn::Module& module) {
+  py::dict out;
+  for (const auto& item : module.named_children()) out[py::str(item.key())] = cast_module(item.value());
+  return out;
+}
+
+template <class Items>
 py::dict to_dict(const Items& items) {
   py::dict out;
   for (const auto& item : items) out[py::str(item.key())] = item.value();
@@ -149,40 +159,30 @@ py::dict to_dict(const Items& items) {
 /// way on every LibTorch version (no dependence on torch.nn.cpp).
 template <class Impl>
 ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
-  ModuleClass<Impl> cls(m, name);
+  // multiple_inheritance: Cloneable blocks derive from torch::nn::Module virtually,
+  // so pybind must adjust the pointer when it passes one as a torch::nn::Module&.
+  ModuleClass<Impl> cls(m, name, py::multiple_inheritance());
   cls.def("named_parameters", [](Impl& self, bool recurse) { return to_dict(self.named_parameters(recurse)); },
           py::arg("recurse") = true)
       .def("named_buffers", [](Impl& self, bool recurse) { return to_dict(self.named_buffers(recurse)); },
            py::arg("recurse") = true)
-      .def("named_children",
-           [](Impl& self) {
-             py::dict out;
-             for (const auto& item : self.named_children()) out[py::str(item.key())] = cast_module(item.value());
-             return out;
-           })
+      .def("named_children", [](Impl& self) { return children_dict(self); })
       .def("train", [](Impl& self, bool mode) { self.train(mode); }, py::arg("mode") = true)
       .def_property_readonly("training", [](Impl& self) { return self.is_training(); })
-      .def("_tree_repr", [](Impl& self) { return module_repr(self); })
-      .def("_module_name", [](Impl& self) { return self.name(); })
-      .def("_module_address", [](Impl& self) { return reinterpret_cast<uintptr_t>(static_cast<torch::nn::Module*>(&self)); });
+      .def("_tree_repr", [](Impl& self) { return module_repr(self); });
   return cls;
 }
 
-/// The same functions for modules whose Python class is the plain
-/// torch::nn::Module one (ModuleList, Conv2d, ... children): a bound vlmkit
-/// class has them as methods (bind_block), and pybind cannot pass one of those
-/// as a torch::nn::Module& when the base is virtual (Cloneable).
+/// Functions on any C++ module, whatever its Python class (a bound vlmkit
+/// block or the plain torch::nn::Module of a ModuleList, Conv2d, ... child):
+/// what vlmkit.CppModule needs to present the module tree to Python.
 inline void bind_module_functions(py::module_& m) {
   using Module = torch::nn::Module;
   m.def("_module_parameters", [](Module& self, bool recurse) { return to_dict(self.named_parameters(recurse)); },
         py::arg("module"), py::arg("recurse") = true);
   m.def("_module_buffers", [](Module& self, bool recurse) { return to_dict(self.named_buffers(recurse)); },
         py::arg("module"), py::arg("recurse") = true);
-  m.def("_module_children", [](Module& self) {
-    py::dict out;
-    for (const auto& item : self.named_children()) out[py::str(item.key())] = cast_module(item.value());
-    return out;
-  }, py::arg("module"));
+  m.def("_module_children", [](Module& self) { return children_dict(self); }, py::arg("module"));
   m.def("_module_name", [](Module& self) { return self.name(); }, py::arg("module"));
   m.def("_module_address", [](Module& self) { return reinterpret_cast<uintptr_t>(&self); }, py::arg("module"));
   m.def("_module_train", [](Module& self, bool mode) { self.train(mode); }, py::arg("module"), py::arg("mode"));

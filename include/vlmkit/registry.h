@@ -18,6 +18,19 @@
 
 namespace vlmkit {
 
+namespace detail {
+/// config["type"] as a string, or `fallback` when the config or its type is
+/// absent; `path` names the config object in errors.
+inline std::string slot_type(const json& config, const std::string& path, const std::string& fallback) {
+  if (!config.is_object()) return fallback;
+  auto it = config.find("type");
+  if (it == config.end() || it->is_null()) return fallback;
+  const std::string at = path.empty() ? "type" : path + ".type";
+  TORCH_CHECK_TYPE(it->is_string(), "config key '", at, "': expected a string, got ", json_kind(*it));
+  return it->get<std::string>();
+}
+}  // namespace detail
+
 /// One implementation of a slot whose factory takes (config, path, args...).
 template <class Module, class... Args>
 struct SlotRow {
@@ -69,6 +82,14 @@ class SlotRegistry {
                       "'; expected one of ", detail::join_names(names()));
   }
 
+  /// Builds the implementation config["type"] names (`fallback` when the
+  /// config or its type is absent) from `config`.
+  std::shared_ptr<Module> make(const json& config, const std::string& path, const std::string& fallback,
+                               Args... args) const {
+    const auto name = detail::slot_type(config, path, fallback);
+    return at(name, path.empty() ? "type" : path + ".type").make(config, path, args...);
+  }
+
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& row : rows_) out.push_back(row.name);
@@ -113,18 +134,6 @@ json slot_config(const Impl& module) {
   return out;
 }
 
-namespace detail {
-/// config["type"] as a string, or `fallback` when the config or its type is
-/// absent; `path` names the config object in errors.
-inline std::string slot_type(const json& config, const std::string& path, const std::string& fallback) {
-  if (!config.is_object()) return fallback;
-  auto it = config.find("type");
-  if (it == config.end() || it->is_null()) return fallback;
-  const std::string at = path.empty() ? "type" : path + ".type";
-  TORCH_CHECK_TYPE(it->is_string(), "config key '", at, "': expected a string, got ", json_kind(*it));
-  return it->get<std::string>();
-}
-}  // namespace detail
 
 }  // namespace vlmkit
 

@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Iterator, Mapping
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
+from . import _C
+
 
 class _TensorView(_MappingABC):
     """Read-only live mapping over a C++ module's named parameters or buffers (or,
@@ -56,20 +58,6 @@ class _TensorView(_MappingABC):
         return self._get().keys()
 
 
-def _call(cpp: Any, method: str, *args: Any) -> Any:
-    """``cpp.<method>(*args)`` on a bound vlmkit class, else ``_C._module_<...>(cpp, *args)``
-    for the plain torch::nn::Module objects (ModuleList and other children)."""
-    from . import _C
-    if hasattr(type(cpp), "_tree_repr"):
-        return getattr(cpp, method)(*args)
-    return getattr(_C, _FREE[method])(cpp, *args)
-
-
-_FREE = {"named_parameters": "_module_parameters", "named_buffers": "_module_buffers",
-         "named_children": "_module_children", "_module_name": "_module_name",
-         "_module_address": "_module_address", "train": "_module_train", "_tree_repr": "_module_repr"}
-
-
 class _ChildView(_TensorView):
     """Read-only live mapping of a C++ module's children to their CppModule wrappers
     (one wrapper per child object, kept while the child is the same C++ module)."""
@@ -81,11 +69,11 @@ class _ChildView(_TensorView):
 
     def _children(self) -> Dict[str, "CppModule"]:
         out = OrderedDict()
-        for name, child in _call(self._cpp, "named_children").items():
-            address = _call(child, "_module_address")
+        for name, child in _C._module_children(self._cpp).items():
+            address = _C._module_address(child)
             cached = self._wrappers.get(name)
             if cached is None or cached[0] != address:
-                cached = (address, wrapper_class(_call(child, "_module_name")).from_cpp(child))
+                cached = (address, wrapper_class(_C._module_name(child)).from_cpp(child))
                 self._wrappers[name] = cached
             out[name] = cached[1]
         return out
@@ -109,8 +97,8 @@ class CppModule(torch.nn.Module):
         object.__setattr__(self, "_wrapping", True)
         super().__init__()
         del self.__dict__["_wrapping"]
-        object.__setattr__(self, "_parameters", _TensorView(lambda: _call(cpp, "named_parameters", False)))
-        object.__setattr__(self, "_buffers", _TensorView(lambda: _call(cpp, "named_buffers", False)))
+        object.__setattr__(self, "_parameters", _TensorView(lambda: _C._module_parameters(cpp, False)))
+        object.__setattr__(self, "_buffers", _TensorView(lambda: _C._module_buffers(cpp, False)))
         object.__setattr__(self, "_modules", _ChildView(cpp))
 
     @classmethod
@@ -136,18 +124,14 @@ class CppModule(torch.nn.Module):
 
     @property
     def training(self) -> bool:  # type: ignore[override]
-        from . import _C
         cpp = self.__dict__.get("cpp_module")
-        if cpp is None:
-            return True
-        return cpp.training if hasattr(type(cpp), "_tree_repr") else _C._module_training(cpp)
+        return _C._module_training(cpp) if cpp is not None else True
 
     @training.setter
     def training(self, mode: bool) -> None:
-        from . import _C
         if self.__dict__.get("_wrapping"):  # nn.Module.__init__'s default: keep the C++ module's mode
             return
-        _call(self.cpp_module, "train", bool(mode))
+        _C._module_train(self.cpp_module, bool(mode))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "CppModule":
         # The tensors belong to C++: convert them in place (as torch.nn.cpp did).
@@ -211,7 +195,7 @@ class CppModule(torch.nn.Module):
     # -- presentation ---------------------------------------------------------------
     def __repr__(self) -> str:
         cpp = self.__dict__.get("cpp_module")
-        return _call(cpp, "_tree_repr") if cpp is not None else f"<{type(self).__name__} (not constructed)>"
+        return _C._module_repr(cpp) if cpp is not None else f"<{type(self).__name__} (not constructed)>"
 
     @property
     def config(self) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
-// JSON configs, the name registry and the explicit instantiations of the
-// runtime-composed architectures (compiled once here, `extern` elsewhere).
+// JSON configs (the reader, make_* through the slot registries, build_model)
+// and the explicit instantiations of the runtime-composed architectures
+// (compiled once here, `extern` elsewhere).
 #include <torch/torch.h>
 
 #include "vlmkit/fusion/two_leg_fusion.h"
@@ -84,27 +85,27 @@ void ConfigReader::read(const json& v, const std::string& at, std::string& out) 
   out = v.get<std::string>();
 }
 
-void ConfigReader::read(const json& v, const std::string& at, std::vector<int64_t>& out) {
-  TORCH_CHECK_TYPE(v.is_array(), "config key '", at, "': expected a list of integers, got ",
-                   detail::json_kind(v));
-  std::vector<int64_t> values;
+namespace {
+/// A JSON list whose every item passes `is` (TypeError naming `what` otherwise).
+template <class T>
+std::vector<T> read_list(const json& v, const std::string& at, bool (json::*is)() const noexcept, const char* what) {
+  TORCH_CHECK_TYPE(v.is_array(), "config key '", at, "': expected a list of ", what, ", got ", detail::json_kind(v));
+  std::vector<T> values;
   for (const auto& item : v) {
-    TORCH_CHECK_TYPE(item.is_number_integer(), "config key '", at,
-                     "': expected a list of integers, found ", detail::json_kind(item));
-    values.push_back(item.get<int64_t>());
+    TORCH_CHECK_TYPE((item.*is)(), "config key '", at, "': expected a list of ", what, ", found ",
+                     detail::json_kind(item));
+    values.push_back(item.get<T>());
   }
-  out = std::move(values);
+  return values;
+}
+}  // namespace
+
+void ConfigReader::read(const json& v, const std::string& at, std::vector<int64_t>& out) {
+  out = read_list<int64_t>(v, at, &json::is_number_integer, "integers");
 }
 
 void ConfigReader::read(const json& v, const std::string& at, std::vector<std::string>& out) {
-  TORCH_CHECK_TYPE(v.is_array(), "config key '", at, "': expected a list of strings, got ", detail::json_kind(v));
-  std::vector<std::string> values;
-  for (const auto& item : v) {
-    TORCH_CHECK_TYPE(item.is_string(), "config key '", at, "': expected a list of strings, found ",
-                     detail::json_kind(item));
-    values.push_back(item.get<std::string>());
-  }
-  out = std::move(values);
+  out = read_list<std::string>(v, at, &json::is_string, "strings");
 }
 
 void ConfigReader::read(const json& v, const std::string& at, std::map<std::string, double>& out) {
@@ -158,19 +159,16 @@ void check_architecture(const json& config, Architecture expected) {
 }  // namespace
 
 std::shared_ptr<ImageEncoderModule> make_image_encoder(const json& config, const std::string& path) {
-  const auto name = detail::slot_type(config, path, "vit");
-  return image_encoder_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path);
+  return image_encoder_registry().make(config, path, "vit");
 }
 
 std::shared_ptr<TextEncoderModule> make_text_encoder(const json& config, const std::string& path) {
-  const auto name = detail::slot_type(config, path, "transformer");
-  return text_encoder_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path);
+  return text_encoder_registry().make(config, path, "transformer");
 }
 
 std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim, int64_t text_dim,
                                           const std::string& path) {
-  const auto name = detail::slot_type(config, path, "concat_mlp");
-  return fusion_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path, image_dim, text_dim);
+  return fusion_registry().make(config, path, "concat_mlp", image_dim, text_dim);
 }
 
 std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config) {

@@ -17,8 +17,7 @@ ProjectorRegistry& projector_registry() {
 
 std::shared_ptr<ProjectorModule> make_projector(const json& config, int64_t in_dim, int64_t out_dim,
                                                 const std::string& path) {
-  const auto name = detail::slot_type(config, path, "mlp");
-  return projector_registry().at(name, path.empty() ? "type" : path + ".type").make(config, path, in_dim, out_dim);
+  return projector_registry().make(config, path, "mlp", in_dim, out_dim);
 }
 
 void ProjectorModule::pretty_print(std::ostream& stream) const {
