@@ -12,7 +12,7 @@ PACKAGES=(
   python3-dev python3-venv python3-pip python3-setuptools python3-wheel
   python3-pytest python3-nbclient python3-nbformat python3-ipykernel
   python3-matplotlib python3-tqdm python3-numpy python3-pil python3-torchvision
-  python3-onnx
+  python3-onnx python3-sklearn
 )
 
 missing=()

@@ -114,8 +114,11 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
     if args.architecture == "two_tower":
         from .train_two_tower import TwoTowerRun, train
 
-        run = TwoTowerRun(steps=args.steps or 1000, batch_size=args.batch_size or 20, lr=args.lr or 2e-3,
-                          seed=args.seed)
+        if args.data not in ("synthetic", "shapes", "digits"):
+            raise CliError("--data for two_tower: 'shapes' (the toy pairing; the default) or 'digits' (real "
+                           "handwritten digits from Debian's python3-sklearn)")
+        run = TwoTowerRun(steps=args.steps or TwoTowerRun.steps, batch_size=args.batch_size, lr=args.lr or TwoTowerRun.lr,
+                          seed=args.seed, data="digits" if args.data == "digits" else "shapes")
         output = args.output or "runs/two_tower"
         metrics = train(run, out_dir=output)
         _print_metrics(metrics)
@@ -142,6 +145,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
                  pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
+                 pretrain_objective=args.pretrain_objective,
                  freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -409,7 +413,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")
     p.add_argument("--depth", type=int, default=0, help="decoder layers")
     p.add_argument("--data", default="synthetic",
-                   help="synthetic (default) or a tasks .jsonl file (docs/finetune.md)")
+                   help="synthetic (default) or a tasks .jsonl file (docs/finetune.md); two_tower: shapes (the toy "
+                        "pairing, default) or digits (real handwritten digits)")
     p.add_argument("--from", dest="init_from", default="",
                    help="fine-tune this checkpoint's model (a run folder or checkpoint directory)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA: train rank-R adapters only (needs --from)")
@@ -427,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=-1,
                    help="stage 1: image-encoder steps on the scene tags before the VLM stage "
                         "(default: the run's, see docs/training.md; 0: off)")
+    p.add_argument("--pretrain-objective", choices=["tags", "dense"], default="tags",
+                   help="stage 1's targets: tags (default: the scene tags) or dense (the tags, and per image token "
+                        "the class and box of the object under it; docs/training.md)")
     p.add_argument("--freeze", default=None,
                    help="comma-separated components the VLM stage does not train (default: the run's; '' for none)")
     p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,

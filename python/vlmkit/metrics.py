@@ -174,3 +174,36 @@ def segmentation_scores(predicted: Sequence[Tuple[str, torch.Tensor]],
             union = union | (m != 0)
         out.append(mask_iou(union, mask))
     return out
+
+
+class CollapseMonitor:
+    """Watches a contrastive run for collapse: the loss within ``tolerance`` (a
+    fraction) of its chance value ln(batch) and the batch's embeddings of different
+    inputs one vector (mean pairwise cosine above ``spread``), both for ``patience``
+    consecutive steps after step ``after_step`` (the warmup). ``update`` returns the
+    one-line report the first time that holds, else None."""
+
+    def __init__(self, after_step: int = 0, patience: int = 20, tolerance: float = 0.02, spread: float = 0.99):
+        if patience < 1 or not 0 < tolerance < 1 or not -1 < spread < 1:
+            raise ValueError(f"CollapseMonitor: need patience >= 1, 0 < tolerance < 1 and -1 < spread < 1, "
+                             f"got {patience}, {tolerance}, {spread}")
+        self.after_step, self.patience, self.tolerance, self.spread = after_step, patience, tolerance, spread
+        self.run = 0
+        self.reported = False
+
+    def update(self, step: int, loss: float, embeddings: torch.Tensor, batch: int) -> Optional[str]:
+        if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+            raise ValueError(f"CollapseMonitor.update: expected embeddings [B >= 2, D], got {tuple(embeddings.shape)}")
+        chance = math.log(batch)
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        n = unit.shape[0]
+        cosine = ((unit @ unit.t()).sum() - n).item() / (n * (n - 1))
+        flat = abs(loss - chance) <= self.tolerance * chance and cosine > self.spread
+        self.run = self.run + 1 if flat and step > self.after_step else 0
+        if self.run < self.patience or self.reported:
+            return None
+        self.reported = True
+        return (f"collapse at step {step}: the loss has been at its chance value ln({batch}) = {chance:.3f} for "
+                f"{self.patience} steps and the embeddings of different inputs are one vector (mean cosine "
+                f"{cosine:.4f}); the run is not learning: lower the learning rate or lengthen the warmup "
+                f"(docs/training.md, \"Two-Tower\")")

@@ -1,7 +1,8 @@
-"""A small image/text pairing rendered with torch ops: one coloured shape on a
-noisy background, captioned "a red circle". Deterministic from a seed. Used by
-the Two-Tower demo and tests; the multitask synthetic dataset of the data
-pipeline is the full-featured one."""
+"""Small image/text pairings for the Two-Tower recipe and tests: one coloured shape
+on a noisy background rendered with torch ops, captioned "a red circle"
+(deterministic from a seed), and the real handwritten digits that ship with
+Debian's python3-sklearn. The multitask synthetic dataset of the data pipeline is
+the full-featured one."""
 from __future__ import annotations
 
 import math
@@ -74,3 +75,31 @@ def shape_pairs(n: int, image_size: int = 32, seed: int = 0,
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
     images = torch.stack([render(int(l), image_size, generator) for l in labels])
     return images, labels
+
+
+# Real images that ship with a Debian package: the UCI handwritten digits
+# (1,797 scans, 8x8 pixels, 17 grey levels) in Debian's python3-sklearn.
+DIGITS_PATH = "/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz"
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_caption(label: int) -> str:
+    return f"a handwritten {DIGIT_NAMES[label]}"
+
+
+def digits(image_size: int = 32, path: str = DIGITS_PATH) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The real handwritten digits: images [1797, 3, S, S] in [0, 1] (the 8x8 scans,
+    bilinearly resized, grey in all three channels) and labels [1797] in 0..9."""
+    import gzip
+    import os
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"digits: no file at '{path}'; it ships with Debian's python3-sklearn "
+                                "(apt-get install python3-sklearn; `make setup` installs it)")
+    with gzip.open(path, "rt") as f:
+        rows = [[float(v) for v in line.split(",")] for line in f if line.strip()]
+    table = torch.tensor(rows)
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise ValueError(f"digits: expected rows of 64 pixels and a label in '{path}', got shape {tuple(table.shape)}")
+    images = (table[:, :64] / 16).reshape(-1, 1, 8, 8)
+    images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    return images.clamp(0, 1).repeat(1, 3, 1, 1), table[:, 64].long()

@@ -73,6 +73,10 @@ class VlmRun:
     # taught it.
     pretrain_steps: int = 400
     pretrain_lr: float = 2e-3
+    # "tags": the scene tags; "dense": the tags and, per encoder token, the class and
+    # box digits of the object under it (dense_targets; worse in every task so far:
+    # docs/training.md, "Fixes").
+    pretrain_objective: str = "tags"
     # Components the VLM stage does not train.
     freeze: Tuple[str, ...] = ("image_encoder",)
     weight_decay: float = 0.05
@@ -300,21 +304,61 @@ def scene_tags(sample: Dict) -> List[str]:
     return sorted(tags)
 
 
+def dense_targets(sample: Dict, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell targets of a scene on a grid x grid split of the image (the image
+    encoder's token grid): the class of the object covering most of the cell (0:
+    background, else 1 + colour * len(shapes) + shape, at least a fifth of the cell
+    covered) and the hundreds and tens digits of that object's four box coordinates
+    on the 0..999 grid the detection answers use ([grid * grid, 8]; -1 on background)."""
+    colours, shapes = data.SyntheticDataset.colours, data.SyntheticDataset.shapes
+    masks = sample["masks"]
+    cells = grid * grid
+    classes = torch.zeros(cells, dtype=torch.long)
+    digits = torch.full((cells, 8), -1, dtype=torch.long)
+    if masks.shape[0] == 0:
+        return classes, digits
+    coverage = torch.nn.functional.adaptive_avg_pool2d(masks.float(), grid).reshape(masks.shape[0], cells)
+    share, owner = coverage.max(0)
+    boxes = torch.tensor(sample["detection"]["Bounding_box"], dtype=torch.long)
+    labels = torch.tensor([1 + colours.index(o["label"].split()[0]) * len(shapes) + shapes.index(o["label"].split()[1])
+                           for o in sample["objects"]])
+    covered = share >= 0.2
+    classes[covered] = labels[owner[covered]]
+    box = boxes[owner[covered]]
+    digits[covered] = torch.cat([box // 100, (box // 10) % 10], 1)
+    return classes, digits
+
+
 def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps: int, lr: float = 2e-3,
-                           batch: int = 64, verbose: bool = True, precision: str = "fp32") -> Dict[str, float]:
-    """Stage 1: trains the model's image encoder (a standalone copy, then loaded back)
-    to predict every scene tag (multi-label, max-pooled tokens, linear head), like a
-    VLM that starts from a pretrained vision tower. Returns the held-out tag micro-F1."""
+                           batch: int = 64, verbose: bool = True, precision: str = "fp32",
+                           objective: str = "tags") -> Dict[str, float]:
+    """Stage 1: trains the model's image encoder (a standalone copy, then loaded back),
+    like a VLM that starts from a pretrained vision tower, on two objectives: every
+    scene tag (multi-label, max-pooled tokens, linear head) and, when its tokens form
+    a square grid, what each token's cell shows (dense_targets: the covering object's
+    class and its box digits, linear heads per token), so that the tokens the decoder
+    reads say what is where (objective "dense"; "tags", the default: the tags only). Returns the
+    held-out tag micro-F1 and per-token accuracies."""
     from . import ConvStage, ViT
+    if objective not in ("dense", "tags"):
+        raise ValueError(f"pretrain objective must be 'dense' or 'tags', got {objective!r}")
     config = {k: v for k, v in model.config["image_encoder"].items() if k != "type"}
     size = config["image_size"]
     encoder = ViT(**config) if model.config["image_encoder"].get("type", "vit") == "vit" else ConvStage(**config)
+    with torch.no_grad():
+        token_count = encoder(torch.zeros(1, 3, size, size)).tokens.shape[1]
+    grid = math.isqrt(token_count)
+    dense = objective == "dense" and grid * grid == token_count
     dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
-    images, tags = [], []
+    images, tags, classes, digits = [], [], [], []
     for i in range(scenes):
         sample = dataset[i]
         images.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
         tags.append(scene_tags(sample))
+        if dense:
+            c, d = dense_targets(sample, grid)
+            classes.append(c)
+            digits.append(d)
     vocab = {t: i for i, t in enumerate(sorted({t for ts in tags for t in ts}))}
     x = torch.stack(images)
     y = torch.zeros(len(x), len(vocab))
@@ -322,30 +366,58 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
         y[i, [vocab[t] for t in ts]] = 1
     held = max(1, len(x) // 10)
     train_x, train_y, test_x, test_y = x[held:], y[held:], x[:held], y[:held]
-    head = torch.nn.Linear(model.config["image_encoder"]["d_model"], len(vocab))
-    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    width = model.config["image_encoder"]["d_model"]
+    head = torch.nn.Linear(width, len(vocab))
+    parameters = list(encoder.parameters()) + list(head.parameters())
+    if dense:
+        num_classes = 1 + len(data.SyntheticDataset.colours) * len(data.SyntheticDataset.shapes)
+        cls_y, digit_y = torch.stack(classes), torch.stack(digits)
+        class_head = torch.nn.Linear(width, num_classes)
+        digit_head = torch.nn.Linear(width, 8 * 10)
+        parameters += list(class_head.parameters()) + list(digit_head.parameters())
+
+    def losses(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.max(1).values).float(),
+                                                                    train_y[index])
+        if dense:
+            f = torch.nn.functional
+            loss = loss + f.cross_entropy(class_head(tokens).float().flatten(0, 1), cls_y[held:][index].flatten())
+            loss = loss + f.cross_entropy(digit_head(tokens).float().reshape(-1, 10),
+                                          digit_y[held:][index].flatten(), ignore_index=-1)
+        return loss
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(steps):
         index = torch.randint(0, len(train_x), (batch,), generator=generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = head(encoder(train_x[index]).tokens.max(1).values)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), train_y[index])
+            loss = losses(encoder(train_x[index]).tokens, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if verbose and (step + 1) % 100 == 0:
             print(f"stage 1 (image encoder) step {step + 1}/{steps}  loss {loss.item():.4f}  "
                   f"{(step + 1) * batch / (time.perf_counter() - start):.0f} images/s", flush=True)
+    out: Dict[str, float] = {}
     with torch.no_grad():
-        predicted = head(encoder(test_x).tokens.max(1).values) > 0
+        tokens = encoder(test_x).tokens
+        predicted = head(tokens.max(1).values) > 0
+        if dense:
+            truth_cls = cls_y[:held]
+            pred_cls = class_head(tokens).argmax(-1)
+            foreground = truth_cls > 0
+            out["pretrain/token_class_accuracy"] = (pred_cls[foreground] == truth_cls[foreground]).float().mean().item()
+            truth_digits = digit_y[:held][foreground]
+            pred_digits = digit_head(tokens).reshape(*tokens.shape[:2], 8, 10).argmax(-1)[foreground]
+            out["pretrain/token_digit_accuracy"] = (pred_digits == truth_digits).float().mean().item()
     truth = test_y.bool()
     true_positive = (predicted & truth).sum().item()
     f1 = 2 * true_positive / max(1, predicted.sum().item() + truth.sum().item())
     state = model.state_dict()
     state.update({f"image_encoder.{k}": v for k, v in encoder.state_dict().items()})
     model.load_state_dict(state)
-    return {"pretrain/tag_f1": f1, "pretrain/seconds": time.perf_counter() - start}
+    return {"pretrain/tag_f1": f1, **out, "pretrain/seconds": time.perf_counter() - start}
 
 
 def _pyplot_and_log(log_path: str):
@@ -500,9 +572,12 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     if not resumed and run.pretrain_steps > 0 and not run.init_from:
         # Every rank pretrains identically (same seed), so the weights agree.
         stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
-                                        verbose=verbose and rank == 0, precision=precision)
+                                        verbose=verbose and rank == 0, precision=precision,
+                                        objective=run.pretrain_objective)
         if verbose and rank == 0:
-            print(f"stage 1: held-out tag F1 {stage1['pretrain/tag_f1']:.3f} "
+            dense = (f", token class {stage1['pretrain/token_class_accuracy']:.3f}, box digits "
+                     f"{stage1['pretrain/token_digit_accuracy']:.3f}" if "pretrain/token_class_accuracy" in stage1 else "")
+            print(f"stage 1: held-out tag F1 {stage1['pretrain/tag_f1']:.3f}{dense} "
                   f"in {stage1['pretrain/seconds']:.0f} s", flush=True)
     baselines = majority_answers(run.train_scenes, run.seed, size) if rank == 0 else None
     # Progress: every eval_every steps the validation scenes, per task, into metrics.jsonl

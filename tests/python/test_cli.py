@@ -39,4 +39,45 @@ def test_vlm_training_runs_and_reports_every_metric(tmp_path):
 def test_cli_two_tower(tmp_path, capsys):
     assert cli.main(["train", "--architecture", "two_tower", "--steps", "5", "--output", str(tmp_path)]) == 0
     assert "zero_shot_accuracy" in capsys.readouterr().out
+    assert cli.main(["train", "--architecture", "two_tower", "--data", "digits", "--steps", "5",
+                     "--output", str(tmp_path / "digits")]) == 0
+    assert json.load(open(tmp_path / "digits" / "metrics.json"))["run"]["data"] == "digits"
+    assert cli.main(["train", "--architecture", "two_tower", "--data", "photos.jsonl"]) == 2
     assert cli.main(["train", "--architecture", "two_leg"]) == 2
+
+
+def test_dense_pretraining_targets_match_the_masks():
+    from vlmkit.train_vlm import dense_targets
+    dataset = data.SyntheticDataset(20, seed=3)
+    colours, shapes = data.SyntheticDataset.colours, data.SyntheticDataset.shapes
+    checked = 0
+    for i in range(20):
+        sample = dataset[i]
+        classes, digits = dense_targets(sample, 8)
+        masks = sample["masks"].float()
+        for cell in range(64):
+            r, c = divmod(cell, 8)
+            share = masks[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8].mean((1, 2))
+            best = int(share.argmax())
+            if share[best] >= 0.2:
+                colour, shape = sample["objects"][best]["label"].split()
+                assert classes[cell] == 1 + colours.index(colour) * len(shapes) + shapes.index(shape)
+                box = sample["detection"]["Bounding_box"][best]
+                assert digits[cell].tolist() == [v // 100 for v in box] + [v // 10 % 10 for v in box]
+                checked += 1
+            else:
+                assert classes[cell] == 0 and digits[cell].tolist() == [-1] * 8
+    assert checked > 50
+
+
+def test_pretrain_objectives():
+    from vlmkit.models import EncoderDecoder
+    from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
+    import pytest
+    model = EncoderDecoder(SMALL_VLM)
+    dense = pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense")
+    assert 0 <= dense["pretrain/token_class_accuracy"] <= 1 and 0 <= dense["pretrain/token_digit_accuracy"] <= 1
+    tags = pretrain_image_encoder(model, 40, 0, 3, verbose=False)
+    assert "pretrain/token_class_accuracy" not in tags and 0 <= tags["pretrain/tag_f1"] <= 1
+    with pytest.raises(ValueError, match="objective"):
+        pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="boxes")
