@@ -111,6 +111,19 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
     info = thread_info()
     if rank == 0:
         print(f"threads: torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}")
+    if args.architecture == "two_leg":
+        from .train_two_leg import TwoLegRun, train as train_two_leg
+
+        if args.data not in ("synthetic", "shapes", "digits"):
+            raise CliError("--data for two_leg: 'shapes' (the toy pairing; the default) or 'digits' (real "
+                           "handwritten digits from Debian's python3-sklearn)")
+        run = TwoLegRun(steps=args.steps or TwoLegRun.steps, batch_size=args.batch_size or TwoLegRun.batch_size,
+                        lr=args.lr or TwoLegRun.lr, seed=args.seed, data="digits" if args.data == "digits" else "shapes")
+        output = args.output or "runs/two_leg"
+        metrics = train_two_leg(run, out_dir=output)
+        _print_metrics(metrics)
+        print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, metrics: {output}/metrics.json)")
+        return 0
     if args.architecture == "two_tower":
         from .train_two_tower import TwoTowerRun, train
 
@@ -126,7 +139,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         return 0
     if args.architecture != "encoder_decoder":
         raise CliError(f"architecture {args.architecture!r} has no training recipe in `vlmkit train` yet; "
-                       "available: 'encoder_decoder', 'two_tower' (any model trains with vlmkit.Trainer "
+                       "available: 'encoder_decoder', 'two_tower', 'two_leg' (any model trains with vlmkit.Trainer "
                        "and a loss function from Python or C++)")
     from .train_vlm import VlmRun, train
 
@@ -404,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a small model on the built-in data")
-    p.add_argument("--architecture", default="encoder_decoder", help="encoder_decoder (default) or two_tower")
+    p.add_argument("--architecture", default="encoder_decoder", help="encoder_decoder (default), two_tower or two_leg")
     from . import PROJECTORS
     p.add_argument("--projector", default="", choices=("",) + PROJECTORS, metavar="NAME",
                    help=f"one of {', '.join(PROJECTORS)} (default: the recipe's)")

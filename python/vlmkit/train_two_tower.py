@@ -51,6 +51,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - 0.5) / 0.25
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps times a cosine decay over ``steps``."""
+    warmup = max(1, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def save_run(out_dir: str, model: torch.nn.Module, run, metrics: Dict[str, float]) -> None:
+    """out_dir/{config.json, model.pt, metrics.json} of a finished run."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(model.config, f, indent=2)
+    torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"run": asdict(run), "metrics": metrics}, f, indent=2)
+
+
 def pairs(run: TwoTowerRun, size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:
     """(train images, train labels, held-out images, held-out labels, class captions)
     of run.data; every run of run.batch_size training samples holds distinct classes
@@ -141,9 +158,7 @@ def train(run: TwoTowerRun = TwoTowerRun(), config: Optional[dict] = None,
     images, labels, eval_images, eval_labels, captions = pairs(run, size)
     caption_ids, caption_mask = text.encode_batch(captions, 32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    warmup = max(1, run.warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / run.steps)))
+    schedule = warmup_cosine(optimizer, run.warmup, run.steps)
     before = evaluate(model, eval_images, eval_labels, captions)
     monitor = CollapseMonitor(after_step=run.warmup)
     collapsed_at: Optional[int] = None
@@ -176,10 +191,5 @@ def train(run: TwoTowerRun = TwoTowerRun(), config: Optional[dict] = None,
     if collapsed_at is not None:
         metrics["collapsed_at_step"] = collapsed_at
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(model.config, f, indent=2)
-        torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump({"run": asdict(run), "metrics": metrics}, f, indent=2)
+        save_run(out_dir, model, run, metrics)
     return metrics

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import data, lora, text
+from . import data, lora
 from .metrics import average_precision, bleu4, box_iou, char_error_rate, mask_iou, segmentation_scores
 from .models import EncoderDecoder
 

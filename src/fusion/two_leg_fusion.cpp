@@ -42,7 +42,7 @@ void ConcatMlpFusionImpl::reset() {
   fc1 = register_module("fc1", Linear(options.image_dim() + options.text_dim(), hidden));
   fc2 = register_module("fc2", Linear(hidden, options.dim()));
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
-  detail::init_transformer_weights(*this);
+  detail::init_fan_in_weights(*this);
 }
 
 void ConcatMlpFusionImpl::pretty_print(std::ostream& stream) const {
@@ -70,7 +70,7 @@ void AttentionFusionImpl::reset() {
   score_hidden = register_module("score_hidden", Linear(options.dim(), hidden));
   score_out = register_module(
       "score_out", Linear(torch::nn::LinearOptions(hidden, 1).bias(false)));
-  detail::init_transformer_weights(*this);
+  detail::init_fan_in_weights(*this);
 }
 
 void AttentionFusionImpl::pretty_print(std::ostream& stream) const {
@@ -97,7 +97,7 @@ void GatedFusionImpl::reset() {
   image_proj = register_module("image_proj", Linear(options.image_dim(), options.dim()));
   text_proj = register_module("text_proj", Linear(options.text_dim(), options.dim()));
   gate = register_module("gate", Linear(options.image_dim() + options.text_dim(), options.dim()));
-  detail::init_transformer_weights(*this);
+  detail::init_fan_in_weights(*this);
 }
 
 void GatedFusionImpl::pretty_print(std::ostream& stream) const {

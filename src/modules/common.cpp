@@ -3,6 +3,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <map>
 
 #include <numeric>
@@ -116,6 +117,16 @@ void init_transformer_weights(torch::nn::Module& module) {
     } else if (auto* norm = dynamic_cast<torch::nn::LayerNormImpl*>(&m)) {
       torch::nn::init::ones_(norm->weight);
       torch::nn::init::zeros_(norm->bias);
+    }
+  });
+}
+
+void init_fan_in_weights(torch::nn::Module& module) {
+  torch::NoGradGuard no_grad;
+  module.apply([](torch::nn::Module& m) {
+    if (auto* linear = dynamic_cast<torch::nn::LinearImpl*>(&m)) {
+      torch::nn::init::normal_(linear->weight, 0.0, 1.0 / std::sqrt(double(linear->weight.size(1))));
+      if (linear->bias.defined()) torch::nn::init::zeros_(linear->bias);
     }
   });
 }

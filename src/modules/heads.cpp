@@ -35,7 +35,7 @@ void ClassificationHeadImpl::reset() {
   }
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
   out = register_module("out", Linear(in, options.num_classes()));
-  detail::init_transformer_weights(*this);
+  detail::init_fan_in_weights(*this);
 }
 
 void ClassificationHeadImpl::pretty_print(std::ostream& stream) const {

@@ -43,7 +43,10 @@ def test_cli_two_tower(tmp_path, capsys):
                      "--output", str(tmp_path / "digits")]) == 0
     assert json.load(open(tmp_path / "digits" / "metrics.json"))["run"]["data"] == "digits"
     assert cli.main(["train", "--architecture", "two_tower", "--data", "photos.jsonl"]) == 2
-    assert cli.main(["train", "--architecture", "two_leg"]) == 2
+    assert cli.main(["train", "--architecture", "two_leg", "--data", "digits", "--steps", "5",
+                     "--output", str(tmp_path / "two_leg")]) == 0
+    assert "is_it_even/accuracy" in json.load(open(tmp_path / "two_leg" / "metrics.json"))["metrics"]
+    assert cli.main(["train", "--architecture", "encoder_text_decoder"]) == 2
 
 
 def test_dense_pretraining_targets_match_the_masks():

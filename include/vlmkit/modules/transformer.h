@@ -48,9 +48,17 @@ class TransformerBlockImpl : public torch::nn::Cloneable<TransformerBlockImpl> {
 TORCH_MODULE(TransformerBlock);
 
 namespace detail {
-/// ViT/BERT-style initialisation used by every vlmkit block: Linear and
+/// ViT/BERT-style initialisation of the encoders, decoder and their blocks: Linear and
 /// Embedding weights ~ N(0, 0.02), biases 0, LayerNorm weight 1 and bias 0.
 void init_transformer_weights(torch::nn::Module& module);
+
+/// Fan-in initialisation for the narrow, non-residual layers after the encoders
+/// (Two-Leg fusion blocks and heads): Linear weights ~ N(0, 1 / in_features),
+/// biases 0, so a signal keeps its scale through them. With N(0, 0.02) three
+/// such layers shrink it (and the gradients back) many times over, and the image encoder of a
+/// Two-Leg model collapses to one output for every image (docs/training.md,
+/// "Two-Leg").
+void init_fan_in_weights(torch::nn::Module& module);
 
 /// Activation checkpointing (Chen et al. 2016): runs `block(x, context)` without
 /// keeping its activations and recomputes them during backward (with the RNG
