@@ -111,29 +111,19 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
     info = thread_info()
     if rank == 0:
         print(f"threads: torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}")
-    if args.architecture == "two_leg":
-        from .train_two_leg import TwoLegRun, train as train_two_leg
-
+    if args.architecture in ("two_tower", "two_leg"):
+        # The small recipes on the toy shapes or the real digits (docs/training.md).
+        if args.architecture == "two_tower":
+            from .train_two_tower import TwoTowerRun as Run, train as train_small
+        else:
+            from .train_two_leg import TwoLegRun as Run, train as train_small
         if args.data not in ("synthetic", "shapes", "digits"):
-            raise CliError("--data for two_leg: 'shapes' (the toy pairing; the default) or 'digits' (real "
-                           "handwritten digits from Debian's python3-sklearn)")
-        run = TwoLegRun(steps=args.steps or TwoLegRun.steps, batch_size=args.batch_size or TwoLegRun.batch_size,
-                        lr=args.lr or TwoLegRun.lr, seed=args.seed, data="digits" if args.data == "digits" else "shapes")
-        output = args.output or "runs/two_leg"
-        metrics = train_two_leg(run, out_dir=output)
-        _print_metrics(metrics)
-        print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, metrics: {output}/metrics.json)")
-        return 0
-    if args.architecture == "two_tower":
-        from .train_two_tower import TwoTowerRun, train
-
-        if args.data not in ("synthetic", "shapes", "digits"):
-            raise CliError("--data for two_tower: 'shapes' (the toy pairing; the default) or 'digits' (real "
-                           "handwritten digits from Debian's python3-sklearn)")
-        run = TwoTowerRun(steps=args.steps or TwoTowerRun.steps, batch_size=args.batch_size, lr=args.lr or TwoTowerRun.lr,
-                          seed=args.seed, data="digits" if args.data == "digits" else "shapes")
-        output = args.output or "runs/two_tower"
-        metrics = train(run, out_dir=output)
+            raise CliError(f"--data for {args.architecture}: 'shapes' (the toy pairing; the default) or 'digits' "
+                           "(real handwritten digits from Debian's python3-sklearn)")
+        run = Run(steps=args.steps or Run.steps, batch_size=args.batch_size or Run.batch_size, lr=args.lr or Run.lr,
+                  seed=args.seed, data="digits" if args.data == "digits" else "shapes")
+        output = args.output or f"runs/{args.architecture}"
+        metrics = train_small(run, out_dir=output)
         _print_metrics(metrics)
         print(f"\ncheckpoint: {output}/model.pt (config: {output}/config.json, metrics: {output}/metrics.json)")
         return 0
@@ -426,8 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")
     p.add_argument("--depth", type=int, default=0, help="decoder layers")
     p.add_argument("--data", default="synthetic",
-                   help="synthetic (default) or a tasks .jsonl file (docs/finetune.md); two_tower: shapes (the toy "
-                        "pairing, default) or digits (real handwritten digits)")
+                   help="synthetic (default) or a tasks .jsonl file (docs/finetune.md); two_tower and two_leg: shapes "
+                        "(the toy pairing, default) or digits (real handwritten digits)")
     p.add_argument("--from", dest="init_from", default="",
                    help="fine-tune this checkpoint's model (a run folder or checkpoint directory)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA: train rank-R adapters only (needs --from)")

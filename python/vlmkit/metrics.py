@@ -195,11 +195,14 @@ class CollapseMonitor:
         if embeddings.ndim != 2 or embeddings.shape[0] < 2:
             raise ValueError(f"CollapseMonitor.update: expected embeddings [B >= 2, D], got {tuple(embeddings.shape)}")
         chance = math.log(batch)
-        unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-        n = unit.shape[0]
-        cosine = ((unit @ unit.t()).sum() - n).item() / (n * (n - 1))
-        flat = abs(loss - chance) <= self.tolerance * chance and cosine > self.spread
-        self.run = self.run + 1 if flat and step > self.after_step else 0
+        flat = step > self.after_step and abs(loss - chance) <= self.tolerance * chance
+        cosine = float("nan")
+        if flat:  # the embeddings' spread only matters (and is only computed) at the chance loss
+            unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+            n = unit.shape[0]
+            cosine = ((unit @ unit.t()).sum() - n).item() / (n * (n - 1))
+            flat = cosine > self.spread
+        self.run = self.run + 1 if flat else 0
         if self.run < self.patience or self.reported:
             return None
         self.reported = True

@@ -8,7 +8,7 @@ above four?"). Only the question says which answer is wanted, and only the image
 says what it is: neither leg alone does better than the majority answer."""
 from __future__ import annotations
 
-import json
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -20,9 +20,6 @@ from . import text, toy
 from .models import TwoLeg
 from .train_two_tower import SMALL_CONFIG as TWO_TOWER_CONFIG, TwoTowerRun, normalize, pairs, save_run, warmup_cosine
 
-# Per dataset: the questions, the answer list and answer(question, class) -> answer index.
-
-
 def _shape_answer(question: int, label: int) -> str:
     colour, shape = toy.caption(label).split()[-2:]
     return (colour, shape, "yes" if shape == "circle" else "no")[question]
@@ -32,11 +29,13 @@ def _digit_answer(question: int, label: int) -> str:
     return (toy.DIGIT_NAMES[label], "yes" if label % 2 == 0 else "no", "yes" if label > 4 else "no")[question]
 
 
-TASKS: Dict[str, Tuple[List[str], List[str], Callable[[int, int], str]]] = {
+# Per data set: the questions, the answer list, answer(question, class) -> the answer,
+# and the number of classes.
+TASKS: Dict[str, Tuple[List[str], List[str], Callable[[int, int], str], int]] = {
     "shapes": (["Which colour?", "Which shape?", "Is it a circle?"],
-               list(toy.COLORS) + list(toy.SHAPES) + ["yes", "no"], _shape_answer),
+               list(toy.COLORS) + list(toy.SHAPES) + ["yes", "no"], _shape_answer, toy.NUM_CLASSES),
     "digits": (["Which digit?", "Is it even?", "Is it above four?"],
-               list(toy.DIGIT_NAMES) + ["yes", "no"], _digit_answer),
+               list(toy.DIGIT_NAMES) + ["yes", "no"], _digit_answer, len(toy.DIGIT_NAMES)),
 }
 
 SMALL_CONFIG = {
@@ -60,18 +59,18 @@ def questions(labels: torch.Tensor, data: str, generator: Optional[torch.Generat
               cycle: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(question index, answer index) per image: questions drawn uniformly (or, with
     cycle, in turn), answered from the image's class."""
-    asked, answers, answer = TASKS[data]
+    asked, answers, answer, classes = TASKS[data]
+    table = torch.tensor([[answers.index(answer(k, c)) for c in range(classes)] for k in range(len(asked))])
     q = (torch.arange(len(labels)) % len(asked) if cycle
          else torch.randint(0, len(asked), (len(labels),), generator=generator))
-    a = torch.tensor([answers.index(answer(int(qi), int(l))) for qi, l in zip(q, labels)], dtype=torch.long)
-    return q, a
+    return q, table[q, labels]
 
 
 @torch.no_grad()
 def evaluate(model: TwoLeg, images: torch.Tensor, labels: torch.Tensor, data: str) -> Dict[str, float]:
     """Accuracy per question on held-out images (every question asked of a third of
     them) and its image-blind baseline (that question's majority answer)."""
-    asked, _, _ = TASKS[data]
+    asked = TASKS[data][0]
     was_training = model.training
     model.eval()
     ids, mask = text.encode_batch(asked, 32)
@@ -98,8 +97,8 @@ def train(run: TwoLegRun = TwoLegRun(), config: Optional[dict] = None,
     if run.data not in TASKS:
         raise ValueError(f"TwoLegRun.data must be one of {tuple(TASKS)}, got {run.data!r}")
     torch.manual_seed(run.seed)
-    asked, answers, _ = TASKS[run.data]
-    config = json.loads(json.dumps(config or SMALL_CONFIG))
+    asked, answers, _, classes = TASKS[run.data]
+    config = copy.deepcopy(config or SMALL_CONFIG)
     config.setdefault("head", {})
     if config["head"].get("num_classes", len(answers)) != len(answers):
         raise ValueError(f"two_leg recipe: the head answers {len(answers)} classes for {run.data!r}, "
@@ -108,7 +107,6 @@ def train(run: TwoLegRun = TwoLegRun(), config: Optional[dict] = None,
     model = TwoLeg(config)
     size = model.config["image_encoder"]["image_size"]
     # The images of `steps` batches (a batch need not hold distinct classes here).
-    classes = toy.NUM_CLASSES if run.data == "shapes" else len(toy.DIGIT_NAMES)
     per_batch = min(run.batch_size, classes)
     source = TwoTowerRun(steps=math.ceil(run.steps * run.batch_size / per_batch), batch_size=per_batch,
                          seed=run.seed, eval_images=run.eval_images, data=run.data)

@@ -74,8 +74,8 @@ class VlmRun:
     pretrain_steps: int = 400
     pretrain_lr: float = 2e-3
     # "tags": the scene tags; "dense": the tags and, per encoder token, the class and
-    # box digits of the object under it (dense_targets; worse in every task so far:
-    # docs/training.md, "Fixes").
+    # box digits of the object under it (dense_targets; measured in docs/training.md,
+    # "Fixes").
     pretrain_objective: str = "tags"
     # Components the VLM stage does not train.
     freeze: Tuple[str, ...] = ("image_encoder",)
@@ -333,12 +333,12 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
                            batch: int = 64, verbose: bool = True, precision: str = "fp32",
                            objective: str = "tags") -> Dict[str, float]:
     """Stage 1: trains the model's image encoder (a standalone copy, then loaded back),
-    like a VLM that starts from a pretrained vision tower, on two objectives: every
-    scene tag (multi-label, max-pooled tokens, linear head) and, when its tokens form
-    a square grid, what each token's cell shows (dense_targets: the covering object's
+    like a VLM that starts from a pretrained vision tower. Objective "tags" (the
+    default): every scene tag (multi-label, max-pooled tokens, linear head). "dense":
+    the tags and what each token's cell shows (dense_targets: the covering object's
     class and its box digits, linear heads per token), so that the tokens the decoder
-    reads say what is where (objective "dense"; "tags", the default: the tags only). Returns the
-    held-out tag micro-F1 and per-token accuracies."""
+    reads say what is where; it needs the tokens on a square grid. Returns the
+    held-out tag micro-F1 (and, for "dense", the per-token accuracies)."""
     from . import ConvStage, ViT
     if objective not in ("dense", "tags"):
         raise ValueError(f"pretrain objective must be 'dense' or 'tags', got {objective!r}")
@@ -348,7 +348,10 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     with torch.no_grad():
         token_count = encoder(torch.zeros(1, 3, size, size)).tokens.shape[1]
     grid = math.isqrt(token_count)
-    dense = objective == "dense" and grid * grid == token_count
+    dense = objective == "dense"
+    if dense and grid * grid != token_count:
+        raise ValueError(f"pretrain objective 'dense' needs the image encoder's tokens on a square grid, "
+                         f"got {token_count} tokens")
     dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
     images, tags, classes, digits = [], [], [], []
     for i in range(scenes):
@@ -372,6 +375,7 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     if dense:
         num_classes = 1 + len(data.SyntheticDataset.colours) * len(data.SyntheticDataset.shapes)
         cls_y, digit_y = torch.stack(classes), torch.stack(digits)
+        train_cls, train_digits = cls_y[held:], digit_y[held:]
         class_head = torch.nn.Linear(width, num_classes)
         digit_head = torch.nn.Linear(width, 8 * 10)
         parameters += list(class_head.parameters()) + list(digit_head.parameters())
@@ -381,9 +385,9 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
                                                                     train_y[index])
         if dense:
             f = torch.nn.functional
-            loss = loss + f.cross_entropy(class_head(tokens).float().flatten(0, 1), cls_y[held:][index].flatten())
+            loss = loss + f.cross_entropy(class_head(tokens).float().flatten(0, 1), train_cls[index].flatten())
             loss = loss + f.cross_entropy(digit_head(tokens).float().reshape(-1, 10),
-                                          digit_y[held:][index].flatten(), ignore_index=-1)
+                                          train_digits[index].flatten(), ignore_index=-1)
         return loss
 
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)

@@ -1,6 +1,8 @@
 """`vlmkit train` end to end on tiny budgets (the full run is `make train`)."""
 import json
 
+import torch
+
 from vlmkit import cli
 from vlmkit.train_vlm import VlmRun, evaluate, scene_tasks, train
 from vlmkit import data
@@ -77,10 +79,13 @@ def test_pretrain_objectives():
     from vlmkit.models import EncoderDecoder
     from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
     import pytest
+    torch.manual_seed(0)
     model = EncoderDecoder(SMALL_VLM)
-    dense = pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense")
-    assert 0 <= dense["pretrain/token_class_accuracy"] <= 1 and 0 <= dense["pretrain/token_digit_accuracy"] <= 1
+    # The dense heads learn what lies under each token: from 0 on the object cells
+    # (at first every cell reads as background) to far above the 1/24 of a guess.
+    dense = pretrain_image_encoder(model, 300, 0, 40, verbose=False, objective="dense")
+    assert dense["pretrain/token_class_accuracy"] > 0.15, dense
     tags = pretrain_image_encoder(model, 40, 0, 3, verbose=False)
-    assert "pretrain/token_class_accuracy" not in tags and 0 <= tags["pretrain/tag_f1"] <= 1
+    assert "pretrain/token_class_accuracy" not in tags and "pretrain/tag_f1" in tags
     with pytest.raises(ValueError, match="objective"):
         pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="boxes")
