@@ -1,5 +1,6 @@
 // The vlmkit._C extension: version, threads, and the bound modules.
 #include "common.h"
+#include "vlmkit/kernels/attention.h"
 #include "vlmkit/runtime.h"
 
 namespace py = pybind11;
@@ -26,6 +27,25 @@ PYBIND11_MODULE(_C, m) {
         [info_to_dict]() { return info_to_dict(vlmkit::apply_default_threads()); },
         "Apply vlmkit's thread policy: 1 torch thread, OpenBLAS on every core "
         "(VLMKIT_TORCH_THREADS / VLMKIT_BLAS_THREADS override).");
+
+  m.def("set_attention_kernel", &vlmkit::set_attention_kernel, py::arg("kernel"),
+        "Which attention MultiheadAttention runs on CPU: \"auto\" (the fused kernel where forward + backward "
+        "measured faster: float32, >= 96 queries and keys, a mask that blocks at least half of the tiles, "
+        "as packed rows do; whatever the grad mode), \"fused\" (whenever the inputs qualify) or \"aten\" "
+        "(matmul, softmax, matmul).");
+  m.def("attention_kernel", &vlmkit::attention_kernel, "The attention_kernel setting in force.");
+  m.def(
+      "fused_attention",
+      [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& bias,
+         c10::optional<double> scale) {
+        const torch::Tensor b = bias ? *bias : torch::Tensor();
+        const auto why = vlmkit::kernels::fused_attention_unsupported(q, k, v, b);
+        if (!why.empty()) throw py::value_error("fused_attention: unsupported inputs (" + why + ")");
+        return vlmkit::kernels::fused_attention(q, k, v, b, scale ? *scale : 1.0 / std::sqrt(double(q.size(3))));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias") = py::none(), py::arg("scale") = py::none(),
+      "softmax(q k^T * scale + bias) v by vlmkit's fused CPU kernel (differentiable in q, k, v). q [B, H, T, Dh], "
+      "k and v [B, H, S, Dh], bias [B | 1, 1, T, S] (entries <= -1e30 block); scale defaults to 1/sqrt(Dh).");
 
   vlmkit::bindings::ensure_module_base(m);
   vlmkit::bindings::bind_module_functions(m);

@@ -6,6 +6,7 @@
 #include <torch/version.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -49,6 +50,12 @@ const char* torch_version() {
       TORCH_VERSION_PATCH);
 #undef VLMKIT_STR
 #undef VLMKIT_STR2
+}
+
+int compute_threads() {
+  static const auto get = blas_symbol<GetThreads>("openblas_get_num_threads");
+  const int blas = get ? get() : 1;
+  return std::max(at::get_num_threads(), blas);
 }
 
 void set_num_threads(int torch_threads, int blas_threads) {

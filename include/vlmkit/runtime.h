@@ -31,5 +31,8 @@ void set_num_threads(int torch_threads, int blas_threads = 0);
 /// Returns what is in force afterwards.
 ThreadInfo apply_default_threads();
 ThreadInfo thread_info();
+/// Threads a vlmkit CPU kernel runs on: the larger of torch's intra-op
+/// threads and BLAS's (under the fp32 policy torch has one and BLAS the cores).
+int compute_threads();
 
 }  // namespace vlmkit

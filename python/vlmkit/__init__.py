@@ -28,6 +28,9 @@ torch_version: str = _C.torch_version
 set_num_threads = _C.set_num_threads
 thread_info = _C.thread_info
 apply_default_threads = _C.apply_default_threads
+set_attention_kernel = _C.set_attention_kernel
+attention_kernel = _C.attention_kernel
+fused_attention = _C.fused_attention
 
 
 EncoderOutput = _C.EncoderOutput
@@ -105,6 +108,7 @@ __all__ = [
     "ConvStage", "CppModule", "EncoderOutput",
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
-    "apply_default_threads", "build_model", "classification_loss", "clip_loss", "default_config",
+    "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
+    "fused_attention", "set_attention_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
 ] + sorted(_PROJECTORS) + sorted(_FUSIONS)

@@ -10,6 +10,7 @@
 #include "vlmkit/config.h"
 #include "vlmkit/detail/autocast.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/kernels/attention.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/heads.h"
 #include "vlmkit/modules/text_encoder.h"
@@ -135,6 +136,13 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
 
   const double dropout_p = is_training() ? options.dropout() : 0.0;
   torch::Tensor out;
+  // CPU: the fused kernel (kernels/attention.h) where attention_kernel() picks
+  // it and the inputs qualify; its output is already laid out [B, T, H, Dh].
+  if (dropout_p == 0 && q.device().is_cpu() && kernels::use_fused_attention(q, s, additive) &&
+      kernels::fused_attention_unsupported(q, k, v, additive).empty()) {
+    out = kernels::fused_attention(q, k, v, additive, 1.0 / std::sqrt(double(dh)));
+    return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
+  }
 #if TORCH_VERSION_MAJOR >= 2
   // An undefined tensor is not "no mask" for SDPA: pass an empty optional.
   out = at::scaled_dot_product_attention(q, k, v,

@@ -1,4 +1,5 @@
 #include "helpers.h"
+#include "vlmkit/kernels/attention.h"
 #include "vlmkit/modules/attention.h"
 #include "vlmkit/modules/transformer.h"
 
@@ -111,4 +112,88 @@ TEST_CASE("attention: grouped-query and QK-norm with a KV cache equal full causa
   }
   REQUIRE_THROWS_WITH(MultiheadAttention(MultiheadAttentionOptions(32, 4).num_kv_heads(3)),
                       Catch::Contains("must divide num_heads"));
+}
+
+namespace {
+struct KernelScope {  // restores the attention_kernel setting
+  std::string before = vlmkit::attention_kernel();
+  ~KernelScope() { vlmkit::set_attention_kernel(before); }
+};
+}  // namespace
+
+TEST_CASE("fused attention: MultiheadAttention gives ATen's outputs and gradients", "[attention][fused]") {
+  KernelScope scope;
+  torch::manual_seed(0);
+  for (const bool gqa : {false, true}) {
+    MultiheadAttention attn(MultiheadAttentionOptions(64, 4).num_kv_heads(gqa ? 2 : 0).rotary(true));
+    auto x = torch::randn({3, 130, 64});
+    auto padding = torch::zeros({3, 130}, torch::kBool);
+    padding.slice(1, 100) = true;  // the last 30 keys are padding
+    std::vector<torch::Tensor> outs, grads;
+    for (const char* kernel : {"aten", "fused"}) {
+      vlmkit::set_attention_kernel(kernel);
+      attn->zero_grad();
+      auto xi = x.clone().requires_grad_();
+      auto out = attn->forward(xi, {}, padding, {}, /*causal=*/true);
+      out.pow(2).sum().backward();
+      outs.push_back(out.detach());
+      grads.push_back(xi.grad());
+      grads.push_back(attn->q_proj->weight.grad().clone());
+      grads.push_back(attn->k_proj->weight.grad().clone());
+    }
+    INFO("grouped-query " << gqa);
+    REQUIRE(close(outs[0], outs[1], 1e-5));
+    for (size_t i = 0; i < 3; ++i) {
+      const double scale = std::max(1.0, grads[i].abs().max().item<double>());
+      REQUIRE(close(grads[i], grads[i + 3], 1e-5 * scale));
+    }
+  }
+}
+
+TEST_CASE("fused attention: float64 outputs and gradients equal the formula's", "[attention][fused]") {
+  torch::manual_seed(0);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto q = torch::randn({2, 3, 40, 8}, opts).requires_grad_();
+  auto k = torch::randn({2, 3, 90, 8}, opts).requires_grad_();
+  auto v = torch::randn({2, 3, 90, 8}, opts).requires_grad_();
+  auto allowed = torch::rand({2, 1, 40, 90}, opts) > 0.6;
+  allowed.select(2, 5).fill_(false);  // a row that sees nothing: uniform weights
+  auto bias = torch::zeros({2, 1, 40, 90}, opts).masked_fill(allowed.logical_not(), vlmkit::detail::mask_fill_value(torch::kDouble));
+  auto out = kernels::fused_attention(q, k, v, bias, 0.3);
+  auto ref = torch::softmax(torch::matmul(q * 0.3, k.transpose(-2, -1)) + bias, -1).matmul(v);
+  REQUIRE(close(out, ref, 1e-12));
+  auto g = torch::randn_like(out);
+  const std::vector<torch::Tensor> inputs{q, k, v};
+  auto got = torch::autograd::grad({out}, inputs, {g});
+  auto want = torch::autograd::grad({ref}, inputs, {g});
+  for (size_t i = 0; i < 3; ++i) REQUIRE(close(got[i], want[i], 1e-11));
+  CHECK_THROWS_WITH(kernels::fused_attention(q, k, v, bias.slice(2, 0, 10), 0.3),
+                    Catch::Contains("[B | 1, 1, T, S]"));
+  CHECK_THROWS_AS(vlmkit::set_attention_kernel("flash"), c10::ValueError);
+}
+
+TEST_CASE("fused attention: the auto rule takes float32 rows whose mask blocks most tiles", "[attention][fused]") {
+  KernelScope scope;
+  vlmkit::set_attention_kernel("auto");
+  const int64_t t = 256;
+  const float blocked = vlmkit::detail::mask_fill_value(torch::kFloat);
+  // Packed rows: eight examples of 32 positions, causal inside each (3/4 of the
+  // 64-key tiles blocked); causal alone blocks 3/8.
+  auto seg = torch::arange(t).div(32, "floor");
+  auto allowed = seg.unsqueeze(1).eq(seg.unsqueeze(0)).logical_and(torch::ones({t, t}, torch::kBool).tril());
+  auto packed = torch::zeros({2, 1, t, t}).masked_fill(allowed.logical_not(), blocked);
+  auto causal = torch::zeros({1, 1, t, t}).masked_fill(torch::ones({t, t}, torch::kBool).triu(1), blocked);
+  CHECK(kernels::blocked_tile_fraction(packed) > 0.5);
+  CHECK(kernels::blocked_tile_fraction(causal) < 0.5);
+  CHECK(kernels::blocked_tile_fraction(torch::Tensor()) == 0.0);
+  auto q = torch::randn({2, 4, t, 32});
+  CHECK(kernels::use_fused_attention(q, t, packed));
+  CHECK_FALSE(kernels::use_fused_attention(q, t, causal));
+  CHECK_FALSE(kernels::use_fused_attention(q, t, torch::Tensor()));
+  CHECK_FALSE(kernels::use_fused_attention(q.to(torch::kBFloat16), t, packed.to(torch::kBFloat16)));
+  CHECK_FALSE(kernels::use_fused_attention(q.slice(2, 0, 64), 64, packed.slice(2, 0, 64).slice(3, 0, 64)));
+  vlmkit::set_attention_kernel("fused");
+  CHECK(kernels::use_fused_attention(q, t, causal));
+  vlmkit::set_attention_kernel("aten");
+  CHECK_FALSE(kernels::use_fused_attention(q, t, packed));
 }
