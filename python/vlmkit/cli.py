@@ -138,6 +138,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                        "line); convert LLaVA/COCO files with vlmkit.data.read_records")
     if args.lora_rank < 0:
         raise CliError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.encoder_lr < 0:
+        raise CliError(f"--encoder-lr must be >= 0, got {args.encoder_lr}")
     if args.lora_rank and not args.init_from:
         raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
     if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth
@@ -150,6 +152,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
                  pretrain_objective=args.pretrain_objective,
                  freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
+                 encoder_lr=args.encoder_lr, warmup=args.warmup if args.warmup >= 0 else VlmRun.warmup,
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
@@ -440,6 +443,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "the class and box of the object under it; docs/training.md)")
     p.add_argument("--freeze", default=None,
                    help="comma-separated components the VLM stage does not train (default: the run's; '' for none)")
+    p.add_argument("--encoder-lr", type=float, default=0.0,
+                   help="learning rate of the image encoder in the VLM stage when --freeze leaves it trainable "
+                        "(default 0: the run's --lr)")
+    p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
     p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
                    help="mean over all label tokens, or per example then over examples (default: the model's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

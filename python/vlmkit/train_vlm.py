@@ -79,6 +79,9 @@ class VlmRun:
     pretrain_objective: str = "tags"
     # Components the VLM stage does not train.
     freeze: Tuple[str, ...] = ("image_encoder",)
+    # Learning rate of the image encoder in the VLM stage when it is not frozen
+    # (0: the run's lr).
+    encoder_lr: float = 0.0
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
@@ -559,7 +562,8 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     trainer = Trainer(model, steps=steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
                       log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
-                      freeze=[] if adapted else list(run.freeze), precision=precision)
+                      freeze=[] if adapted else list(run.freeze), precision=precision,
+                      group_lr={"image_encoder": run.encoder_lr} if run.encoder_lr > 0 else {})
     params = sum(p.numel() for p in model.parameters())
     if verbose and rank == 0 and adapted:
         trainable = sum(p.numel() for p in lora.trainable_parameters(model))

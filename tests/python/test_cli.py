@@ -89,3 +89,23 @@ def test_pretrain_objectives():
     assert "pretrain/token_class_accuracy" not in tags and "pretrain/tag_f1" in tags
     with pytest.raises(ValueError, match="objective"):
         pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="boxes")
+
+
+def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
+    """--encoder-lr trains an unfrozen image encoder at its own rate: at 1e-9 it
+    stays where it was while the decoder moves at the run's rate."""
+    from vlmkit import checkpoint
+    from vlmkit.models import EncoderDecoder
+    from vlmkit.train_vlm import SMALL_VLM
+
+    train(VlmRun(train_scenes=20, steps=3, batch_size=8, eval_scenes=1, val_scenes=0, pretrain_steps=0,
+                 freeze=(), encoder_lr=1e-9, warmup=1, lr=1e-2),
+          out_dir=str(tmp_path / "run"), verbose=False)
+    torch.manual_seed(0)  # train() seeds the same initial weights
+    start = EncoderDecoder(SMALL_VLM).state_dict()
+    trained = checkpoint.load_model(str(tmp_path / "run")).state_dict()
+    moved = {k: (trained[k] - start[k]).abs().max().item() for k in start}
+    assert max(v for k, v in moved.items() if k.startswith("image_encoder.")) < 1e-6
+    assert max(v for k, v in moved.items() if k.startswith("decoder.")) > 1e-3
+    assert cli.main(["train", "--encoder-lr", "-1", "--output", str(tmp_path / "bad")]) == 2
+    assert "--encoder-lr must be >= 0" in capsys.readouterr().err

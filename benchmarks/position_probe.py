@@ -1,0 +1,103 @@
+"""Is an object's place readable from the tokens the decoder sees?
+
+    .venv/bin/python benchmarks/position_probe.py [--checkpoint DIR] [--pretrain-steps 400]
+        [--pos-embedding learned|sincos2d] [--json out.json]
+
+Spatial questions, captions (objects named left to right), extraction (its
+description is the caption) and boxes all need the decoder to know where each
+object is. With a checkpoint: probes its image encoder and projector. Without:
+builds the default small VLM (optionally with another position table), runs
+stage 1 of `vlmkit train` (the encoder on the scenes' tags) and probes that.
+
+Probes (single-object scenes, 800 to fit, 400 held out; logistic regression as in
+benchmarks/probes.py): the object's column (which quarter of the image its centre
+is in, chance 0.25) and its shape (chance 0.25), from the max-pooled and the
+mean-pooled tokens of the encoder and of the projector (at random initialisation
+when no checkpoint is given: the VLM stage trains it). Max pooling keeps only what
+each token's content says, not which token said it: a column read from max-pooled
+tokens is a place written into the token's content, which is what a decoder
+reading the object's token through attention gets.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import vlmkit
+from vlmkit import checkpoint, data
+from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probes import encoder_of, logistic_probe  # noqa: E402
+
+
+def single_object_columns(n, seed, size):
+    dataset = data.SyntheticDataset(n, image_size=size, seed=seed, min_shapes=1, max_shapes=1, word_probability=0.0)
+    images, columns, shapes = [], [], []
+    names = data.SyntheticDataset.shapes
+    for i in range(n):
+        sample = dataset[i]
+        images.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
+        x1, _, x2, _ = sample["objects"][0]["box"]
+        columns.append(min(3, int(2 * (x1 + x2) / size)))
+        shapes.append(names.index(sample["objects"][0]["label"].split()[1]))
+    return torch.stack(images), torch.tensor(columns), torch.tensor(shapes)
+
+
+@torch.no_grad()
+def token_features(model, images):
+    encoder = encoder_of(model)
+    enc = torch.cat([encoder(images[i:i + 64]).tokens for i in range(0, len(images), 64)])
+    proj = torch.cat([model.cpp_module.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
+    return {"encoder": enc, "projected": proj}
+
+
+def probe(model, size, seed=0):
+    train_x, train_col, train_shape = single_object_columns(800, seed + 30_000, size)
+    test_x, test_col, test_shape = single_object_columns(400, seed + 40_000, size)
+    tr, te = token_features(model, train_x), token_features(model, test_x)
+    out = {}
+    for where in ("encoder", "projected"):
+        for pool in ("max", "mean"):
+            f = (lambda t: t.max(1).values) if pool == "max" else (lambda t: t.mean(1))
+            out[f"column/{where}/{pool}"] = logistic_probe(f(tr[where]), train_col, f(te[where]), test_col, 4)
+            out[f"shape/{where}/{pool}"] = logistic_probe(f(tr[where]), train_shape, f(te[where]), test_shape, 4)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--pos-embedding", choices=("learned", "sincos2d"), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    vlmkit.apply_default_threads()
+    torch.manual_seed(args.seed)
+    result = {}
+    if args.checkpoint:
+        model = checkpoint.load_model(args.checkpoint)
+        result["source"] = args.checkpoint
+    else:
+        config = json.loads(json.dumps(SMALL_VLM))
+        if args.pos_embedding:
+            config["image_encoder"]["pos_embedding"] = args.pos_embedding
+        model = vlmkit.build_model(config)
+        start = time.perf_counter()
+        if args.pretrain_steps > 0:
+            result.update(pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, verbose=False))
+        result["source"] = f"stage 1, {args.pretrain_steps} steps, positions {config['image_encoder'].get('pos_embedding', 'learned')}"
+        result["stage1_seconds"] = time.perf_counter() - start
+    model.eval()
+    result.update(probe(model, model.config["image_encoder"]["image_size"], args.seed))
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
