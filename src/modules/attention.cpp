@@ -96,13 +96,13 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
       q = detail::apply_rotary(q, pos, options.rope_theta());
       k = detail::apply_rotary(k, pos, options.rope_theta());
     }
-    if (cache) {
-      if (!cross && !cache->empty()) {
-        k = torch::cat({cache->key, k}, 2);
-        v = torch::cat({cache->value, v}, 2);
-      }
+    if (cache && cross) {  // the context's keys and values, kept for later steps
       cache->key = k;
       cache->value = v;
+    } else if (cache) {
+      cache->append(k, v);
+      k = cache->key;
+      v = cache->value;
     }
   }
   const int64_t s = k.size(2);

@@ -215,15 +215,52 @@ torch::Tensor check_token_ids(const torch::Tensor& ids, const torch::Tensor& pad
   return padding_mask;
 }
 
-torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta) {
-  const int64_t dh = x.size(-1), half = dh / 2;
+namespace {
+// cos and sin of the rotary angles [B, 1, T, Dh/2] for one positions tensor.
+// Every layer's q and k rotate by the same positions (the decoder passes one
+// tensor to all its layers), so the table of the last call is kept and reused
+// while the same positions tensor, unmodified, comes back with the same
+// width, theta and dtype. The kept tensor holds a reference, so its address
+// cannot be taken by another tensor while it is the key.
+struct RotaryTable {
+  torch::Tensor positions;  // the key (a reference: its impl stays alive)
+  uint32_t version = 0;
+  int64_t dh = 0;
+  double theta = 0;
+  at::ScalarType dtype = at::kFloat;
+  torch::Tensor cos, sin;
+};
+
+const RotaryTable& rotary_table(const torch::Tensor& positions, int64_t dh, double theta, at::ScalarType dtype,
+                                const torch::Device& device) {
+  thread_local RotaryTable table;
+  const bool hit = table.positions.defined() &&
+                   table.positions.unsafeGetTensorImpl() == positions.unsafeGetTensorImpl() &&
+                   table.version == positions._version() && table.dh == dh && table.theta == theta &&
+                   table.dtype == dtype && table.cos.device() == device && !positions.requires_grad();
+  if (hit) return table;
+  const int64_t half = dh / 2;
   auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, half, torch::TensorOptions()
                                                                         .dtype(torch::kDouble)
-                                                                        .device(x.device())) *
+                                                                        .device(device)) *
                                               (2.0 / double(dh)));
   auto angles = positions.to(torch::kDouble).unsqueeze(-1) * inv_freq;  // [B, T, Dh/2]
-  auto cos = angles.cos().to(x.scalar_type()).unsqueeze(1);             // [B, 1, T, Dh/2]
-  auto sin = angles.sin().to(x.scalar_type()).unsqueeze(1);
+  table.cos = angles.cos().to(dtype).unsqueeze(1);                      // [B, 1, T, Dh/2]
+  table.sin = angles.sin().to(dtype).unsqueeze(1);
+  table.positions = positions;
+  table.version = positions._version();
+  table.dh = dh;
+  table.theta = theta;
+  table.dtype = dtype;
+  return table;
+}
+}  // namespace
+
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta) {
+  const int64_t dh = x.size(-1), half = dh / 2;
+  const auto& table = rotary_table(positions, dh, theta, x.scalar_type(), x.device());
+  const auto& cos = table.cos;
+  const auto& sin = table.sin;
   auto x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
   return torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }

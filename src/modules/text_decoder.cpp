@@ -22,11 +22,8 @@ using detail::shape_str;
 
 void DecoderCache::select(const torch::Tensor& index) {
   for (auto& layer : layers) {
-    for (KVCache* c : {&layer.self, &layer.cross}) {
-      if (c->empty()) continue;
-      c->key = c->key.index_select(0, index);
-      c->value = c->value.index_select(0, index);
-    }
+    layer.self.select(index);
+    layer.cross.select(index);
   }
   if (padding_mask.defined()) padding_mask = padding_mask.index_select(0, index);
 }

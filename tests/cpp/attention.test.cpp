@@ -197,3 +197,43 @@ TEST_CASE("fused attention: the auto rule takes float32 rows whose mask blocks m
   vlmkit::set_attention_kernel("aten");
   CHECK_FALSE(kernels::use_fused_attention(q, t, packed));
 }
+
+TEST_CASE("KV cache: appends into doubling storage equal concatenation, beams select rows", "[attention][cache]") {
+  torch::manual_seed(0);
+  KVCache cache;
+  std::vector<torch::Tensor> keys, values;
+  for (int64_t t : {5, 1, 1, 14, 1}) {  // past the first capacity (16) and its doubling
+    keys.push_back(torch::randn({3, 2, t, 8}));
+    values.push_back(torch::randn({3, 2, t, 8}));
+    cache.append(keys.back(), values.back());
+    REQUIRE(torch::equal(cache.key, torch::cat(keys, 2)));
+    REQUIRE(torch::equal(cache.value, torch::cat(values, 2)));
+  }
+  REQUIRE(cache.length() == 22);
+  auto index = torch::tensor({2, 2, 0}, torch::kLong);
+  cache.select(index);
+  REQUIRE(torch::equal(cache.key, torch::cat(keys, 2).index_select(0, index)));
+  cache.append(keys[0], values[0]);  // after a select the storage keeps growing
+  REQUIRE(torch::equal(cache.key, torch::cat({torch::cat(keys, 2).index_select(0, index), keys[0]}, 2)));
+  // Under autograd the cache concatenates, so earlier steps' graphs stay valid.
+  KVCache graph;
+  auto k1 = torch::randn({1, 1, 2, 4}, torch::requires_grad()), k2 = torch::randn({1, 1, 1, 4}, torch::requires_grad());
+  graph.append(k1, k1 * 2);
+  auto first = graph.key.sum();
+  graph.append(k2, k2 * 2);
+  (first + graph.key.pow(2).sum()).backward();
+  REQUIRE(k1.grad().defined());
+  REQUIRE(torch::allclose(k2.grad(), 2 * k2));
+}
+
+TEST_CASE("rotary: the table kept for a positions tensor follows in-place changes", "[attention]") {
+  auto x = torch::randn({1, 2, 3, 8});
+  auto pos = torch::tensor({{0, 1, 2}}, torch::kLong);
+  auto before = vlmkit::detail::apply_rotary(x, pos, 10000.0);
+  REQUIRE(torch::equal(vlmkit::detail::apply_rotary(x, pos, 10000.0), before));
+  pos.add_(5);  // same tensor, new values
+  auto fresh = vlmkit::detail::apply_rotary(x, pos.clone(), 10000.0);
+  REQUIRE(torch::equal(vlmkit::detail::apply_rotary(x, pos, 10000.0), fresh));
+  REQUIRE_FALSE(torch::allclose(fresh, before));
+  REQUIRE_FALSE(torch::allclose(vlmkit::detail::apply_rotary(x, pos, 500.0), fresh));  // another theta
+}

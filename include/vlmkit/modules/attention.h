@@ -3,6 +3,9 @@
 /// self- or cross-attention, with padding masks, causal masks and a KV cache.
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <algorithm>
 
 #include "vlmkit/modules/linear.h"
 #include "vlmkit/modules/norm.h"
@@ -15,14 +18,57 @@ namespace vlmkit {
 /// Self-attention appends to it on every call; cross-attention fills it on the
 /// first call and reuses it afterwards (image keys/values computed once).
 struct KVCache {
-  torch::Tensor key;
+  torch::Tensor key;    // the first length() positions of the storage below
   torch::Tensor value;
   int64_t length() const { return key.defined() ? key.size(2) : 0; }
   bool empty() const { return !key.defined(); }
-  void clear() {
-    key = torch::Tensor();
-    value = torch::Tensor();
+  void clear() { *this = KVCache(); }
+  /// Self-attention: appends [B, Hkv, T, Dh] keys and values. The storage
+  /// grows by doubling, so a decoding step copies its own positions only (a
+  /// concatenation would copy the whole cache every step).
+  void append(const torch::Tensor& k, const torch::Tensor& v) {
+    const int64_t len = length(), need = len + k.size(2);
+    if (torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad() || (len > 0 && key.requires_grad()))) {
+      // Under autograd the storage cannot be written in place (earlier steps'
+      // graphs hold views of it): concatenate.
+      key = len > 0 ? torch::cat({key, k}, 2) : k;
+      value = len > 0 ? torch::cat({value, v}, 2) : v;
+      key_storage_ = value_storage_ = torch::Tensor();
+      return;
+    }
+    if (!key_storage_.defined() || key_storage_.size(2) < need || key_storage_.size(0) != k.size(0)) {
+      const int64_t capacity = std::max<int64_t>({need, 2 * len, 16});
+      auto grown_k = torch::empty({k.size(0), k.size(1), capacity, k.size(3)}, k.options());
+      auto grown_v = torch::empty({v.size(0), v.size(1), capacity, v.size(3)}, v.options());
+      if (len > 0) {
+        grown_k.slice(2, 0, len).copy_(key);
+        grown_v.slice(2, 0, len).copy_(value);
+      }
+      key_storage_ = grown_k;
+      value_storage_ = grown_v;
+    }
+    key_storage_.slice(2, len, need).copy_(k);
+    value_storage_.slice(2, len, need).copy_(v);
+    key = key_storage_.slice(2, 0, need);
+    value = value_storage_.slice(2, 0, need);
   }
+  /// Rows take the keys and values of rows `index` (beam search).
+  void select(const torch::Tensor& index) {
+    if (empty()) return;
+    const int64_t len = length();
+    if (key_storage_.defined()) {
+      key_storage_ = key_storage_.index_select(0, index);
+      value_storage_ = value_storage_.index_select(0, index);
+      key = key_storage_.slice(2, 0, len);
+      value = value_storage_.slice(2, 0, len);
+    } else {
+      key = key.index_select(0, index);
+      value = value.index_select(0, index);
+    }
+  }
+
+ private:
+  torch::Tensor key_storage_, value_storage_;  // [B, Hkv, capacity, Dh]; undefined for cross-attention
 };
 
 /// Boolean masks use PyTorch's nn.MultiheadAttention convention: true marks a
