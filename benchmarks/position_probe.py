@@ -30,7 +30,7 @@ from vlmkit import checkpoint, data
 from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probes import encoder_of, logistic_probe  # noqa: E402
+from probes import features, logistic_probe  # noqa: E402
 
 
 def single_object_columns(n, seed, size):
@@ -46,18 +46,10 @@ def single_object_columns(n, seed, size):
     return torch.stack(images), torch.tensor(columns), torch.tensor(shapes)
 
 
-@torch.no_grad()
-def token_features(model, images):
-    encoder = encoder_of(model)
-    enc = torch.cat([encoder(images[i:i + 64]).tokens for i in range(0, len(images), 64)])
-    proj = torch.cat([model.cpp_module.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
-    return {"encoder": enc, "projected": proj}
-
-
 def probe(model, size, seed=0):
     train_x, train_col, train_shape = single_object_columns(800, seed + 30_000, size)
     test_x, test_col, test_shape = single_object_columns(400, seed + 40_000, size)
-    tr, te = token_features(model, train_x), token_features(model, test_x)
+    tr, te = features(model, train_x), features(model, test_x)
     out = {}
     for where in ("encoder", "projected"):
         for pool in ("max", "mean"):
