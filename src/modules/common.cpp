@@ -221,46 +221,40 @@ namespace {
 // tensor to all its layers), so the table of the last call is kept and reused
 // while the same positions tensor, unmodified, comes back with the same
 // width, theta and dtype. The kept tensor holds a reference, so its address
-// cannot be taken by another tensor while it is the key.
+// cannot be taken by another tensor while it is the key. CPU only: a CUDA
+// tensor in a thread_local would be freed after CUDA has shut down at exit.
 struct RotaryTable {
   torch::Tensor positions;  // the key (a reference: its impl stays alive)
-  uint32_t version = 0;
+  int64_t version = 0;
   int64_t dh = 0;
   double theta = 0;
   at::ScalarType dtype = at::kFloat;
   torch::Tensor cos, sin;
 };
 
-const RotaryTable& rotary_table(const torch::Tensor& positions, int64_t dh, double theta, at::ScalarType dtype,
-                                const torch::Device& device) {
-  thread_local RotaryTable table;
-  const bool hit = table.positions.defined() &&
-                   table.positions.unsafeGetTensorImpl() == positions.unsafeGetTensorImpl() &&
-                   table.version == positions._version() && table.dh == dh && table.theta == theta &&
-                   table.dtype == dtype && table.cos.device() == device && !positions.requires_grad();
-  if (hit) return table;
+std::pair<torch::Tensor, torch::Tensor> rotary_cos_sin(const torch::Tensor& positions, int64_t dh, double theta,
+                                                       at::ScalarType dtype, const torch::Device& device) {
+  thread_local RotaryTable kept;
+  const bool keep = device.is_cpu();
+  if (keep && kept.positions.defined() && kept.positions.unsafeGetTensorImpl() == positions.unsafeGetTensorImpl() &&
+      kept.version == positions._version() && kept.dh == dh && kept.theta == theta && kept.dtype == dtype)
+    return {kept.cos, kept.sin};
   const int64_t half = dh / 2;
   auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, half, torch::TensorOptions()
                                                                         .dtype(torch::kDouble)
                                                                         .device(device)) *
                                               (2.0 / double(dh)));
   auto angles = positions.to(torch::kDouble).unsqueeze(-1) * inv_freq;  // [B, T, Dh/2]
-  table.cos = angles.cos().to(dtype).unsqueeze(1);                      // [B, 1, T, Dh/2]
-  table.sin = angles.sin().to(dtype).unsqueeze(1);
-  table.positions = positions;
-  table.version = positions._version();
-  table.dh = dh;
-  table.theta = theta;
-  table.dtype = dtype;
-  return table;
+  auto cos = angles.cos().to(dtype).unsqueeze(1);                       // [B, 1, T, Dh/2]
+  auto sin = angles.sin().to(dtype).unsqueeze(1);
+  if (keep) kept = {positions, positions._version(), dh, theta, dtype, cos, sin};
+  return {cos, sin};
 }
 }  // namespace
 
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta) {
   const int64_t dh = x.size(-1), half = dh / 2;
-  const auto& table = rotary_table(positions, dh, theta, x.scalar_type(), x.device());
-  const auto& cos = table.cos;
-  const auto& sin = table.sin;
+  const auto [cos, sin] = rotary_cos_sin(positions, dh, theta, x.scalar_type(), x.device());
   auto x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
   return torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
