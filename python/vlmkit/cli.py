@@ -140,6 +140,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.encoder_lr < 0:
         raise CliError(f"--encoder-lr must be >= 0, got {args.encoder_lr}")
+    if args.warmup < -1:
+        raise CliError(f"--warmup must be >= 0, got {args.warmup}")
     if args.lora_rank and not args.init_from:
         raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
     if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth

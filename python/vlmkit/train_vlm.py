@@ -516,6 +516,9 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if run.encoder_lr < 0 or (run.encoder_lr > 0 and "image_encoder" in run.freeze):
+        raise ValueError(f"encoder_lr {run.encoder_lr}: must be >= 0, and it applies only when the image encoder "
+                         f"trains (freeze is {list(run.freeze)}; pass freeze without 'image_encoder')")
     if run.batch_size % world:
         raise ValueError(f"batch size {run.batch_size} does not split over {world} processes")
     torch.manual_seed(run.seed)

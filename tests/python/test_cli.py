@@ -1,6 +1,7 @@
 """`vlmkit train` end to end on tiny budgets (the full run is `make train`)."""
 import json
 
+import pytest
 import torch
 
 from vlmkit import cli
@@ -109,3 +110,7 @@ def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
     assert max(v for k, v in moved.items() if k.startswith("decoder.")) > 1e-3
     assert cli.main(["train", "--encoder-lr", "-1", "--output", str(tmp_path / "bad")]) == 2
     assert "--encoder-lr must be >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--warmup", "-5", "--output", str(tmp_path / "bad")]) == 2
+    # A rate for a frozen encoder would do nothing: refused by name.
+    with pytest.raises(ValueError, match="applies only when the image encoder trains"):
+        train(VlmRun(train_scenes=20, steps=1, encoder_lr=1e-4), out_dir=str(tmp_path / "frozen"), verbose=False)
