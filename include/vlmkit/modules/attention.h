@@ -25,7 +25,8 @@ struct KVCache {
   void clear() { *this = KVCache(); }
   /// Self-attention: appends [B, Hkv, T, Dh] keys and values. The storage
   /// grows by doubling, so a decoding step copies its own positions only (a
-  /// concatenation would copy the whole cache every step).
+  /// concatenation would copy the whole cache every step). Copies of a cache
+  /// share that storage: to branch a generation, select() rows (it copies).
   void append(const torch::Tensor& k, const torch::Tensor& v) {
     const int64_t len = length(), need = len + k.size(2);
     if (torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad() || (len > 0 && key.requires_grad()))) {
