@@ -215,14 +215,15 @@ TEST_CASE("KV cache: appends into doubling storage equal concatenation, beams se
   REQUIRE(torch::equal(cache.key, torch::cat(keys, 2).index_select(0, index)));
   cache.append(keys[0], values[0]);  // after a select the storage keeps growing
   REQUIRE(torch::equal(cache.key, torch::cat({torch::cat(keys, 2).index_select(0, index), keys[0]}, 2)));
-  // Under autograd the cache concatenates, so earlier steps' graphs stay valid.
+  // Under autograd the cache concatenates, so earlier steps' graphs stay valid:
+  // pow saves the first step's keys, which an in-place append would overwrite.
   KVCache graph;
   auto k1 = torch::randn({1, 1, 2, 4}, torch::requires_grad()), k2 = torch::randn({1, 1, 1, 4}, torch::requires_grad());
   graph.append(k1, k1 * 2);
-  auto first = graph.key.sum();
+  auto first = graph.key.pow(2).sum();
   graph.append(k2, k2 * 2);
   (first + graph.key.pow(2).sum()).backward();
-  REQUIRE(k1.grad().defined());
+  REQUIRE(torch::allclose(k1.grad(), 4 * k1));
   REQUIRE(torch::allclose(k2.grad(), 2 * k2));
 }
 
