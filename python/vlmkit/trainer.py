@@ -139,8 +139,8 @@ class FusedAdamW:
     """AdamW (decoupled weight decay) whose step updates each float32 CPU parameter
     and its two moments in one fused C++ pass, the GIL released: the Trainer's
     optimizer, for your own loop. The same arithmetic as ``torch.optim.AdamW``
-    (``foreach=False``) up to float rounding; other dtypes and devices take the
-    plain per-op path. One parameter group; ``lr`` may be set between steps (a
+    (``foreach=False``) up to float rounding; other dtypes and devices (CUDA) take
+    AdamW's sequence through torch's multi-tensor (foreach) kernels. One parameter group; ``lr`` may be set between steps (a
     schedule). ``zero_grad(set_to_none=True)`` as torch's."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,

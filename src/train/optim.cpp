@@ -65,6 +65,13 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
     TORCH_CHECK_VALUE(!o.amsgrad(), "FusedAdamW: amsgrad is not supported; use torch::optim::AdamW");
     const double beta1 = std::get<0>(o.betas()), beta2 = std::get<1>(o.betas());
+    const double decay = 1 - o.lr() * o.weight_decay();
+    // Parameters the fused CPU pass does not take (CUDA, other dtypes): their
+    // update runs as AdamW's sequence over all of them at once (torch's
+    // multi-tensor "foreach" kernels: a handful of launches per step on CUDA
+    // instead of six per parameter), as torch.optim.AdamW's default does.
+    std::vector<torch::Tensor> rest_p, rest_g, rest_m, rest_v;
+    std::vector<at::Scalar> rest_step, rest_root;
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       const auto& grad = p.grad();
@@ -82,18 +89,20 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
       s.step(s.step() + 1);
       const double bias1 = 1 - std::pow(beta1, double(s.step())), bias2 = 1 - std::pow(beta2, double(s.step()));
-      const double step_size = o.lr() / bias1, decay = 1 - o.lr() * o.weight_decay();
+      const double step_size = o.lr() / bias1;
       auto& m = s.exp_avg();
       auto& v = s.exp_avg_sq();
       const bool fusable = p.device().is_cpu() && p.scalar_type() == torch::kFloat &&
                            grad.scalar_type() == torch::kFloat && p.is_contiguous() && grad.is_contiguous() &&
                            m.is_contiguous() && v.is_contiguous() && m.scalar_type() == torch::kFloat &&
                            v.scalar_type() == torch::kFloat;
-      if (!fusable) {  // AdamW's own sequence
-        if (o.weight_decay() != 0) p.mul_(decay);
-        m.mul_(beta1).add_(grad, 1 - beta1);
-        v.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-        p.addcdiv_(m, (v.sqrt() / std::sqrt(bias2)).add_(o.eps()), -step_size);
+      if (!fusable) {
+        rest_p.push_back(p);
+        rest_g.push_back(grad);
+        rest_m.push_back(m);
+        rest_v.push_back(v);
+        rest_step.emplace_back(-step_size);
+        rest_root.emplace_back(std::sqrt(bias2));
         continue;
       }
       const AdamWScalars k{float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(std::sqrt(bias2)),
@@ -106,6 +115,16 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
         adamw_update(pp + begin, gp + begin, mp + begin, vp + begin, end - begin, k);
       });
     }
+    if (rest_p.empty()) continue;
+    if (o.weight_decay() != 0) at::_foreach_mul_(rest_p, decay);
+    at::_foreach_mul_(rest_m, beta1);
+    at::_foreach_add_(rest_m, rest_g, 1 - beta1);
+    at::_foreach_mul_(rest_v, beta2);
+    at::_foreach_addcmul_(rest_v, rest_g, rest_g, 1 - beta2);
+    auto denom = at::_foreach_sqrt(rest_v);
+    at::_foreach_div_(denom, rest_root);
+    at::_foreach_add_(denom, o.eps());
+    at::_foreach_addcdiv_(rest_p, rest_m, denom, rest_step);
   }
   return loss;
 }

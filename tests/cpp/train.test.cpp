@@ -429,7 +429,12 @@ TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]")
   for (auto shape : {std::vector<int64_t>{37, 129}, {5}, {3, 4, 5}}) {
     initial.push_back(torch::randn(shape));
   }
-  initial.push_back(torch::randn({8}, torch::kDouble));  // the unfused path
+  // The multi-tensor (foreach) path, taken on CUDA and for other dtypes; the
+  // last parameter skips every other step, so its step count (and so its bias
+  // corrections) differs from the others' within one foreach batch.
+  initial.push_back(torch::randn({8}, torch::kDouble));
+  initial.push_back(torch::randn({6, 3}, torch::kDouble));
+  initial.push_back(torch::randn({4}, torch::kDouble));
   for (const auto& t : initial) {
     a.push_back(t.clone().requires_grad_(true));
     b.push_back(t.clone().requires_grad_(true));
@@ -440,8 +445,9 @@ TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]")
   for (int step = 0; step < 6; ++step) {
     for (size_t i = 0; i < a.size(); ++i) {
       auto g = torch::randn(a[i].sizes(), a[i].options().requires_grad(false));
-      a[i].mutable_grad() = g.clone();
-      b[i].mutable_grad() = g.clone();
+      const bool skip = i + 1 == a.size() && step % 2 == 1;
+      a[i].mutable_grad() = skip ? torch::Tensor() : g.clone();
+      b[i].mutable_grad() = skip ? torch::Tensor() : g.clone();
     }
     reference.step();
     fused.step();

@@ -113,6 +113,27 @@ def test_suite_measures_a_tiny_pair():
     assert len(tokens[0]) == 5
 
 
+def test_suite_device_choice_and_cpu_paths():
+    # A device the suite cannot run on is refused by name, before any work.
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(SystemExit, match="expected cpu, cuda or cuda:N"):
+            suite.set_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA device"):
+            suite.set_device("cuda")
+    assert suite.DEVICE.type == "cpu"
+    suite.set_device("cpu")
+    tiny = copy.deepcopy(SMALL_VLM)
+    tiny["image_encoder"].update(image_size=32, d_model=32, depth=1, num_heads=2)
+    tiny["decoder"].update(d_model=32, depth=1, num_heads=2)
+    r = suite.train_bf16(tiny, 2, 1)
+    assert r["ratio"] == pytest.approx(r["train_s"]["peer"] / r["train_s"]["vlmkit"])
+    prof = suite.profile_step(tiny, 2, top=5)
+    assert len(prof) == 5 and all(p["share"] > 0 for p in prof) and sum(p["share"] for p in prof) <= 1 + 1e-9
+    cost = suite.checkpointing_cost(tiny, 2, 1)
+    assert cost["time_ratio"] == pytest.approx(cost["train_s"]["checkpointed"] / cost["train_s"]["plain"])
+
+
 def test_peer_cache_equals_no_cache():
     torch.manual_seed(0)
     tiny = copy.deepcopy(SMALL_VLM)

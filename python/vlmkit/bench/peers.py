@@ -41,7 +41,7 @@ def _init(module: nn.Module) -> None:
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """x [B, H, T, Dh], positions [T] -> rotated (half-split convention)."""
     dh = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+    freqs = theta ** (-torch.arange(0, dh, 2, dtype=torch.float32, device=x.device) / dh)
     angles = positions.float()[:, None] * freqs[None]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
             if causal and mask is None:
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool).triu(k.shape[2] - t + 1)
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).triu(k.shape[2] - t + 1)
             if mask is not None:
                 scores = scores.masked_fill(mask, float("-inf"))
             out = scores.softmax(-1) @ v
@@ -337,7 +337,7 @@ class Decoder(nn.Module):
         self.norm = make_norm(d, c.get("norm", "layernorm"), c.get("norm_eps", 1e-5))
 
     def forward(self, x, mask=None, causal=True, context=None, caches=None, start=0, last_only=False):
-        positions = torch.arange(start, start + x.shape[1])
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, causal=causal, context=context,
                       cache=None if caches is None else caches[i], positions=positions)
@@ -349,8 +349,8 @@ class Decoder(nn.Module):
 def prefix_lm_mask(t: int, prefix: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T], True where attention is cut: the future, except keys inside
     each row's prefix (positions < prefix[b] attend both ways)."""
-    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
-    return (causal[None] & (torch.arange(t)[None, None, :] >= prefix[:, None, None]))[:, None]
+    causal = torch.ones(t, t, dtype=torch.bool, device=prefix.device).triu(1)
+    return (causal[None] & (torch.arange(t, device=prefix.device)[None, None, :] >= prefix[:, None, None]))[:, None]
 
 
 class EncoderDecoder(nn.Module):
@@ -373,7 +373,7 @@ class EncoderDecoder(nn.Module):
         memory = self.projector(tokens, grid)
         embeds = self.decoder.token_embed(ids)
         if not self.concat:  # the prompt is the prefix (prefix-LM decides its length from the labels)
-            return embeds, memory, torch.zeros(len(ids), dtype=torch.long)
+            return embeds, memory, torch.zeros(len(ids), dtype=torch.long, device=ids.device)
         # Each row's <image> placeholder is replaced by the image tokens.
         pos = ids.eq(self.image_token).float().argmax(1)
         rows = [torch.cat([embeds[b, :p], memory[b], embeds[b, p + 1:]]) for b, p in enumerate(pos.tolist())]
@@ -384,7 +384,7 @@ class EncoderDecoder(nn.Module):
         if labels is not None and self.concat:
             m = x.shape[1] - ids.shape[1]
             pos = ids.eq(self.image_token).float().argmax(1)
-            full = torch.full(x.shape[:2], -100, dtype=torch.long)
+            full = torch.full(x.shape[:2], -100, dtype=torch.long, device=labels.device)
             for b, p in enumerate(pos.tolist()):
                 full[b, :p] = labels[b, :p]
                 full[b, p + m + 1:] = labels[b, p + 1:]
@@ -419,7 +419,7 @@ class EncoderDecoder(nn.Module):
         """Greedy decoding of equal-length prompts, with or without a KV cache."""
         x, context, _ = self.fuse(images, ids)
         out = [[] for _ in range(len(ids))]
-        prompt = torch.full((len(ids),), x.shape[1], dtype=torch.long)
+        prompt = torch.full((len(ids),), x.shape[1], dtype=torch.long, device=ids.device)
         if use_cache:
             caches = [{} for _ in self.decoder.blocks]
             # Prefix-LM: the whole prompt attends both ways; generated tokens causally.
@@ -464,9 +464,9 @@ class TwoTower(nn.Module):
         logits = self.logit_scale.exp().clamp(max=self.max_scale) * i @ t.t()
         if self.siglip:  # sigmoid loss over every pair (Zhai et al. 2023), +1 on the diagonal
             logits = logits + self.logit_bias
-            signs = 2 * torch.eye(len(i), dtype=logits.dtype) - 1
+            signs = 2 * torch.eye(len(i), dtype=logits.dtype, device=logits.device) - 1
             return logits, -F.logsigmoid(signs * logits).sum() / len(i)
-        target = torch.arange(len(i))
+        target = torch.arange(len(i), device=logits.device)
         return logits, (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
@@ -488,13 +488,13 @@ class TwoLeg(nn.Module):
         return logits, None if labels is None else F.cross_entropy(logits, labels)
 
 
-def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
+def sincos_2d(rows: int, cols: int, dim: int, device=None) -> torch.Tensor:
     """vlmkit's fixed 2D positions [rows * cols, dim]: sin/cos of the row, then of the column."""
     quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
     # Row-major (row, col) of every cell, written with expand so an ONNX trace keeps the grid dynamic.
-    ys = torch.arange(rows, dtype=torch.float64)[:, None].expand(rows, cols).reshape(-1)
-    xs = torch.arange(cols, dtype=torch.float64)[None, :].expand(rows, cols).reshape(-1)
+    ys = torch.arange(rows, dtype=torch.float64, device=device)[:, None].expand(rows, cols).reshape(-1)
+    xs = torch.arange(cols, dtype=torch.float64, device=device)[None, :].expand(rows, cols).reshape(-1)
     # Angles in float64 as vlmkit does; sin and cos in float32 (ONNX Runtime has no float64 Sin/Cos).
     oy, ox = torch.outer(ys, omega).float(), torch.outer(xs, omega).float()
     return torch.cat([oy.sin(), oy.cos(), ox.sin(), ox.cos()], 1)
@@ -533,7 +533,7 @@ class EncoderTextDecoder(nn.Module):
         img = self.image_to_text(tokens) if hasattr(self, "image_to_text") else tokens
         d = img.shape[-1]
         if grid[0] * grid[1] == img.shape[1] and d % 4 == 0:
-            img = img + sincos_2d(grid[0], grid[1], d)
+            img = img + sincos_2d(grid[0], grid[1], d, img.device)
         img = img + self.modality_embed[0]
         te = self.text_encoder
         txt = te.token_embed(context_ids) + te.pos_embed[:, : context_ids.shape[1]] + self.modality_embed[1]
@@ -564,8 +564,8 @@ class EncoderTextDecoder(nn.Module):
         else:
             x, context, context_mask = embeds, memory, mask
         t = x.shape[1]
-        attn = None if self.prefix_lm else torch.ones(t, t, dtype=torch.bool).triu(1)
-        positions = torch.arange(t)
+        attn = None if self.prefix_lm else torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        positions = torch.arange(t, device=x.device)
         for block in self.decoder.blocks:
             x = x + block.self_attn(block.norm1(x), mask=attn, positions=positions)
             if block.cross:

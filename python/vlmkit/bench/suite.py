@@ -18,6 +18,14 @@ Writes results.json, results.md and PNG plots under --out. What it measures:
 * peak memory (RSS) of a training run, each implementation in its own process;
 * scaling with image resolution, text length and batch size (PNG plots);
 * the image loader against PIL + torchvision (vlmkit.bench.loader).
+
+``--device cuda`` runs the same comparisons on the GPU: both sides' models, batches
+and optimizers there (the peer's torch.optim.AdamW takes torch's default foreach
+path; vlmkit's FusedAdamW its foreach path), torch.cuda.synchronize() before every
+timer reads, bf16 under torch.autocast("cuda"), and peak memory from
+torch.cuda.max_memory_allocated in a fresh process per implementation. The loader
+and the real-batch rows are CPU-only (the Loader is the CPU pipeline) and are left
+out there, as are the CPU targets.
 """
 from __future__ import annotations
 
@@ -42,6 +50,28 @@ from . import peers
 
 # ------------------------------------------------------------------ helpers
 
+#: Where models, batches and optimizers live (``--device``); timers synchronise it.
+DEVICE = torch.device("cpu")
+
+
+def set_device(device: str) -> None:
+    global DEVICE
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
+    DEVICE = dev
+
+
+def sync() -> None:
+    """Wait for the device's queued kernels, so that a timer reads finished work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
 
 def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
     """Median seconds per call of each function, run A B A B ... after warm-up."""
@@ -51,21 +81,33 @@ def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def gemm_sizes(quick: bool) -> Tuple[int, ...]:
+    if DEVICE.type == "cuda":
+        return (2048, 8192) if quick else (1024, 2048, 4096, 8192)
+    return (512, 1024) if quick else (256, 512, 1024, 2048)
+
+
 def gemm_peak(quick: bool) -> Dict[str, float]:
+    """fp32 torch.mm (on CUDA with torch's default, TF32 off for matmul)."""
     best, per_size = 0.0, {}
-    for n in ((512, 1024) if quick else (256, 512, 1024, 2048)):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        reps = max(3, int(2e9 / (2 * n ** 3)))
+    work = 2e12 if DEVICE.type == "cuda" else 2e9
+    for n in gemm_sizes(quick):
+        a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+        reps = max(3, int(work / (2 * n ** 3)))
         torch.mm(a, b)
+        sync()
         start = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b)
+        sync()
         gflops = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
         per_size[str(n)] = gflops
         best = max(best, gflops)
@@ -73,18 +115,23 @@ def gemm_peak(quick: bool) -> Dict[str, float]:
 
 
 def gemm_peak_bf16(quick: bool) -> Dict[str, float]:
-    """bf16 torch.mm (oneDNN on CPU) with torch's threads on every core, as bf16 training runs."""
+    """bf16 torch.mm (oneDNN on CPU, cuBLAS on CUDA) with torch's threads on every
+    core, as bf16 training runs."""
     before = vlmkit.thread_info()
     vlmkit.set_num_threads(os.cpu_count() or 1, 1)
+    work = 8e12 if DEVICE.type == "cuda" else 4e9
     try:
         best, per_size = 0.0, {}
-        for n in ((512, 1024) if quick else (256, 512, 1024, 2048)):
-            a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-            reps = max(3, int(4e9 / (2 * n ** 3)))
+        for n in gemm_sizes(quick):
+            a = torch.randn(n, n, device=DEVICE).bfloat16()
+            b = torch.randn(n, n, device=DEVICE).bfloat16()
+            reps = max(3, int(work / (2 * n ** 3)))
             torch.mm(a, b)
+            sync()
             start = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b)
+            sync()
             per_size[str(n)] = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
             best = max(best, per_size[str(n)])
     finally:
@@ -103,7 +150,7 @@ def train_bf16(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Di
 
     def autocast(fn):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 loss = fn()
             return loss.float()
         return run
@@ -186,6 +233,12 @@ def real_batches(quick: bool, repeats: int) -> Dict:
 
 
 def batch_for(config: Dict, batch: int, text_len: int = 32, seed: int = 0):
+    """A random batch for ``config`` on DEVICE: images, token ids, labels (or None)."""
+    out = _batch_on_cpu(config, batch, text_len, seed)
+    return tuple(None if t is None else t.to(DEVICE) for t in out)
+
+
+def _batch_on_cpu(config: Dict, batch: int, text_len: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     size = config["image_encoder"]["image_size"]
     images = torch.randn(batch, 3, size, size, generator=g)
@@ -221,7 +274,7 @@ def training_step(model, loss_fn, optimizer):
 def flops_per_forward(peer, config, images, ids, labels) -> float:
     """FLOPs of one forward pass, counted by torch.profiler on the peer."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:  # counts from shapes, any device
         with torch.no_grad():
             peer(images, ids, labels)
     return float(sum(e.flops for e in prof.key_averages() if e.flops))
@@ -234,7 +287,7 @@ def pair(config: Dict) -> Tuple[torch.nn.Module, torch.nn.Module, Dict]:
     torch.manual_seed(0)
     peer = peers.build_peer(full)
     assert peers.parameter_count(peer) == sum(p.numel() for p in model.parameters()), "peer differs in size"
-    return model, peer, full
+    return model.to(DEVICE), peer.to(DEVICE), full
 
 
 def train_and_forward(config: Dict, batch: int, repeats: int, text_len: int = 32) -> Dict:
@@ -292,6 +345,21 @@ def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2 ** 20
 config, impl, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+suite.set_device(sys.argv[5])
+if suite.DEVICE.type == "cuda":  # the allocator's own peak: weights, AdamW state, activations
+    model, peer, full = suite.pair(config)
+    net = model if impl == "vlmkit" else peer
+    del model, peer
+    images, ids, labels = suite.batch_for(full, batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = suite.vlmkit_loss(net, full, images, ids, labels) if impl == "vlmkit" else net(images, ids, labels)[1]
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    print(json.dumps({"peak_rss_mb": torch.cuda.max_memory_allocated() / 2 ** 20, "baseline_rss_mb": 0.0}))
+    sys.exit(0)
 base, peak, done = rss_mb(), [0.0], []
 def sample():
     while not done:
@@ -315,20 +383,28 @@ print(json.dumps({"peak_rss_mb": max(peak[0], rss_mb()), "baseline_rss_mb": base
 
 
 def profile_step(config: Dict, batch: int, top: int = 10) -> List[Dict]:
-    """Where a vlmkit training step spends its time (torch.profiler, self CPU time by op)."""
+    """Where a vlmkit training step spends its time (torch.profiler, self time by op:
+    CPU time on the CPU, kernel time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
     model, _, full = pair(config)
     images, ids, labels = batch_for(full, batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = vlmkit.FusedAdamW(model.parameters(), lr=1e-4)
     step = training_step(model, lambda: vlmkit_loss(model, full, images, ids, labels), opt)
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = DEVICE.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"op": e.key, "share": e.self_cpu_time_total / total, "ms_per_step": e.self_cpu_time_total / 3e3}
-            for e in events[:top]]
+        sync()
+
+    def self_us(e) -> float:
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1
+    return [{"op": e.key, "share": self_us(e) / total, "ms_per_step": self_us(e) / 3e3} for e in events[:top]]
 
 
 def with_checkpointing(config: Dict) -> Dict:
@@ -341,13 +417,14 @@ def with_checkpointing(config: Dict) -> Dict:
 
 
 def peak_memory(config: Dict, batch: int) -> Dict:
-    """Peak RSS of 3 training steps, each implementation in its own process:
-    vlmkit, the peer, and vlmkit with activation checkpointing."""
+    """Peak RSS (on CUDA: peak allocated device memory) of 3 training steps, each
+    implementation in its own process: vlmkit, the peer, and vlmkit with
+    activation checkpointing."""
     out = {}
     runs = (("vlmkit", config, "vlmkit"), ("peer", config, "peer"),
             ("vlmkit_checkpointed", with_checkpointing(config), "vlmkit"))
     for name, cfg, impl in runs:
-        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(cfg), impl, str(batch), "3"],
+        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(cfg), impl, str(batch), "3", str(DEVICE)],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe ({name}) failed: {done.stderr[-2000:]}")
@@ -364,6 +441,7 @@ def checkpointing_cost(config: Dict, batch: int, repeats: int) -> Dict:
     plain = vlmkit.build_model(config)
     ckpt = vlmkit.build_model(with_checkpointing(plain.config))
     ckpt.load_state_dict(plain.state_dict())
+    plain, ckpt = plain.to(DEVICE), ckpt.to(DEVICE)
     full = plain.config
     images, ids, labels = batch_for(full, batch)
     steps = {name: training_step(m, (lambda m=m: vlmkit_loss(m, full, images, ids, labels)),
@@ -435,9 +513,10 @@ def loader(quick: bool) -> Dict:
 
 def markdown(results: Dict) -> str:
     m = results["machine"]
-    lines = [f"# vlmkit benchmark ({'quick' if results['quick'] else 'full'})", "",
+    on = f" on {m['device']}" if m.get("device", "cpu") != "cpu" else ""
+    lines = [f"# vlmkit benchmark ({'quick' if results['quick'] else 'full'}){on}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['threads']}); "
-             f"fp32 GEMM peak {results['gemm']['gflops']:.1f} GFLOP/s. Ratios are vlmkit / PyTorch peer "
+             f"fp32 GEMM peak{on} {results['gemm']['gflops']:.1f} GFLOP/s. Ratios are vlmkit / PyTorch peer "
              "throughput (> 1: vlmkit faster), medians of interleaved runs.", "",
              "## Training step (forward + backward + AdamW) and forward", "",
              "| model | batch | params (M) | train samples/s vlmkit | peer | ratio | forward ratio | "
@@ -460,8 +539,8 @@ def markdown(results: Dict) -> str:
     if bf16:
         g16 = results.get("gemm_bf16", {}).get("gflops", 0.0)
         lines += ["", "## Training in bf16 (small VLM of make train; autocast on both sides, torch threads on every core)",
-                  "", f"bf16 GEMM peak {g16:.1f} GFLOP/s (torch.mm, oneDNN) beside the fp32 peak "
-                  f"{results['gemm']['gflops']:.1f} GFLOP/s (OpenBLAS).", "",
+                  "", f"bf16 GEMM peak {g16:.1f} GFLOP/s (torch.mm{'' if on else ', oneDNN'}) beside the fp32 peak "
+                  f"{results['gemm']['gflops']:.1f} GFLOP/s{'' if on else ' (OpenBLAS)'}.", "",
                   "| batch | vlmkit bf16 samples/s | peer bf16 (torch.autocast) | ratio | vlmkit fp32 | bf16 / fp32 |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for b, r in bf16.items():
@@ -482,7 +561,8 @@ def markdown(results: Dict) -> str:
                   f"| peer, padded | {sps['peer']:.1f} | {100 * pad['padded']:.0f}% | |"]
     mem = results.get("memory")
     if mem:
-        lines += ["", "## Peak memory of training (RSS above the imports, batch 32)", "",
+        what = "peak allocated device memory" if on else "RSS above the imports"
+        lines += ["", f"## Peak memory of training ({what}, batch 32)", "",
                   f"vlmkit {mem['vlmkit']:.0f} MB, peer {mem['peer']:.0f} MB (vlmkit / peer {mem['ratio']:.2f})."]
         if "vlmkit_checkpointed" in mem:
             cost = results.get("checkpointing", {}).get("time_ratio")
@@ -492,7 +572,8 @@ def markdown(results: Dict) -> str:
     prof = results.get("profile")
     if prof:
         lines += ["", "## Where a training step goes (small VLM of make train, batch 32, torch.profiler)", "",
-                  "Self CPU time by ATen op; the peer runs the same ops, which is why the ratios sit near 1.", "",
+                  ("Self kernel time by op." if on else
+                   "Self CPU time by ATen op; the peer runs the same ops, which is why the ratios sit near 1."), "",
                   "| op | share | ms per step |", "|---|---:|---:|"]
         lines += [f"| {p['op']} | {100 * p['share']:.1f}% | {p['ms_per_step']:.2f} |" for p in prof]
     ld = results.get("loader")
@@ -526,7 +607,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--repeats", type=int, default=0)
     parser.add_argument("--skip-loader", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both sides run")
     args = parser.parse_args(argv)
+    set_device(args.device)
+    cuda = DEVICE.type == "cuda"
     quick = args.quick
     repeats = args.repeats or (5 if quick else 9)
     os.makedirs(args.out, exist_ok=True)
@@ -535,6 +619,7 @@ def main(argv=None) -> int:
                platform.processor())
     results = {"quick": quick, "repeats": repeats,
                "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                           "device": torch.cuda.get_device_name(DEVICE) if cuda else "cpu",
                            "threads": f"torch {info['torch_threads']}, {info['blas']} {info['blas_threads']}"}}
     start = time.time()
     results["gemm"] = gemm_peak(quick)
@@ -568,10 +653,11 @@ def main(argv=None) -> int:
               f"torch.autocast {r['train_samples_per_s']['peer']:.1f}, ratio {r['ratio']:.2f}, "
               f"x{r['speedup_over_fp32']:.2f} vlmkit fp32", flush=True)
 
-    results["real_batches"] = rb = real_batches(quick, max(2, repeats // 2))
-    print(f"real batches ({rb['precision']}): packed {rb['samples_per_s']['packed']:.1f} samples/s, padded "
-          f"{rb['samples_per_s']['padded']:.1f}, grouped {rb['samples_per_s']['grouped']:.1f}, peer padded "
-          f"{rb['samples_per_s']['peer']:.1f}", flush=True)
+    if not cuda:  # the Loader is the CPU pipeline
+        results["real_batches"] = rb = real_batches(quick, max(2, repeats // 2))
+        print(f"real batches ({rb['precision']}): packed {rb['samples_per_s']['packed']:.1f} samples/s, padded "
+              f"{rb['samples_per_s']['padded']:.1f}, grouped {rb['samples_per_s']['grouped']:.1f}, peer padded "
+              f"{rb['samples_per_s']['peer']:.1f}", flush=True)
 
     results["generation"] = {}
     for b in (1, 8):
@@ -581,14 +667,14 @@ def main(argv=None) -> int:
 
     results["memory"] = peak_memory(SMALL_VLM, 32)
     results["checkpointing"] = checkpointing_cost(SMALL_VLM, 32, repeats)
-    print(f"peak RSS: vlmkit {results['memory']['vlmkit']:.0f} MB, peer {results['memory']['peer']:.0f} MB, "
+    print(f"peak {'device memory' if cuda else 'RSS'}: vlmkit {results['memory']['vlmkit']:.0f} MB, peer {results['memory']['peer']:.0f} MB, "
           f"vlmkit with activation checkpointing {results['memory']['vlmkit_checkpointed']:.0f} MB "
           f"(step time x{results['checkpointing']['time_ratio']:.2f})", flush=True)
 
     results["profile"] = profile_step(SMALL_VLM, 32)
     results["scaling"] = scaling(SMALL_VLM, quick, max(3, repeats // 2))
     results["plots"] = plot_scaling(results["scaling"], args.out)
-    if not args.skip_loader:
+    if not args.skip_loader and not cuda:
         results["loader"] = loader(quick)
 
     small = results["training"]["encoder_decoder (small VLM of make train)"]
@@ -603,11 +689,12 @@ def main(argv=None) -> int:
         "peak training memory, vlmkit / peer": {"value": results["memory"]["ratio"], "need": "<= 1.0"},
         "training step in bf16, batch 32, vlmkit / peer under torch.autocast": {
             "value": results["bf16"]["32"]["ratio"], "need": ">= 1.3"},
-        "training throughput on real batches (samples/s, default data, packed)": {
-            "value": results["real_batches"]["samples_per_s"]["packed"], "need": ">= 100"},
         "peak training memory saved by activation checkpointing": {
             "value": results["memory"]["checkpointing_saving"], "need": ">= 0.40"},
     }
+    if "real_batches" in results:  # a target of these 2 cores
+        results["targets"]["training throughput on real batches (samples/s, default data, packed)"] = {
+            "value": results["real_batches"]["samples_per_s"]["packed"], "need": ">= 100"}
     ld = results.get("loader", {})
     if "ratio" in ld:
         results["targets"]["loader images/s, vlmkit / PIL + torchvision (both draft-decoding)"] = {
