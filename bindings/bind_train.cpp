@@ -33,6 +33,78 @@ std::function<R(Args...)> with_gil(py::object fn, F convert) {
   };
 }
 
+/// Batches from Python: `epochs(epoch)` returns an iterable of dicts of tensors
+/// for that epoch (dict_to_batch). Resuming mid-epoch skips the batches of the
+/// epoch that completed steps consumed, so an exact resume needs an epoch whose
+/// order depends on the epoch number alone.
+class IterableBatchSource : public BatchSource {
+ public:
+  IterableBatchSource(py::object epochs, int64_t num_batches)
+      : epochs_(std::move(epochs)), num_batches_(num_batches) {
+    TORCH_CHECK_TYPE(PyCallable_Check(epochs_.ptr()), "IterableBatchSource: expected a callable epoch -> iterable");
+  }
+  ~IterableBatchSource() override {
+    py::gil_scoped_acquire gil;
+    iterator_ = py::object();
+    epochs_ = py::object();
+  }
+  void start_epoch(int64_t epoch, int64_t first_batch) override {
+    py::gil_scoped_acquire gil;
+    iterator_ = py::iter(epochs_(epoch));
+    for (int64_t i = 0; i < first_batch; ++i) {
+      if (!next_item()) break;
+    }
+  }
+  std::optional<Batch> next() override {
+    py::gil_scoped_acquire gil;
+    auto item = next_item();
+    if (!item) return std::nullopt;
+    return dict_to_batch(*item);
+  }
+  int64_t num_batches() const override { return num_batches_; }
+
+ private:
+  std::optional<py::object> next_item() {
+    TORCH_CHECK_VALUE(iterator_, "IterableBatchSource: next() before start_epoch()");
+    PyObject* item = PyIter_Next(iterator_.ptr());
+    if (item == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return std::nullopt;
+    }
+    return py::reinterpret_steal<py::object>(item);
+  }
+  py::object epochs_, iterator_;
+  int64_t num_batches_;
+};
+
+/// A torch::nn::Module holding the given tensors under their dotted names
+/// (child modules for the dots), sharing their storage: the Trainer's view of
+/// a Python nn.Module's parameters and buffers.
+std::shared_ptr<torch::nn::Module> tensor_module(const std::vector<std::pair<std::string, torch::Tensor>>& parameters,
+                                                 const std::vector<std::pair<std::string, torch::Tensor>>& buffers) {
+  auto root = std::make_shared<torch::nn::Module>("PythonModule");
+  auto place = [&](const std::string& dotted, const torch::Tensor& t, bool parameter) {
+    TORCH_CHECK_VALUE(!dotted.empty() && dotted.front() != '.' && dotted.back() != '.' &&
+                          dotted.find("..") == std::string::npos,
+                      "Trainer: bad tensor name '", dotted, "'");
+    torch::nn::Module* at = root.get();
+    size_t start = 0;
+    for (size_t dot = dotted.find('.'); dot != std::string::npos; dot = dotted.find('.', start)) {
+      const auto part = dotted.substr(start, dot - start);
+      auto children = at->named_children();
+      if (!children.contains(part)) at->register_module(part, std::make_shared<torch::nn::Module>(part));
+      at = at->named_children()[part].get();
+      start = dot + 1;
+    }
+    const auto leaf = dotted.substr(start);
+    if (parameter) at->register_parameter(leaf, t, t.requires_grad());
+    else at->register_buffer(leaf, t);
+  };
+  for (const auto& [name, t] : parameters) place(name, t, true);
+  for (const auto& [name, t] : buffers) place(name, t, false);
+  return root;
+}
+
 }  // namespace
 
 void bind_train(py::module_& m) {
@@ -46,6 +118,11 @@ void bind_train(py::module_& m) {
   });
 
   py::class_<BatchSource>(m, "BatchSource", "Anything the Trainer can draw batches from (vlmkit.data.Loader).");
+  py::class_<IterableBatchSource, BatchSource>(
+      m, "IterableBatchSource", "Batches from Python: epochs(epoch) -> an iterable of dicts of tensors.")
+      .def(py::init<py::object, int64_t>(), py::arg("epochs"), py::arg("num_batches") = -1);
+  m.def("tensor_module", &tensor_module, py::arg("parameters"), py::arg("buffers"),
+        "A torch::nn::Module sharing the given named tensors (the Trainer's view of a Python module).");
 
   py::class_<FusedAdamW>(m, "FusedAdamW", "torch::optim::AdamW with one fused pass per parameter (vlmkit.FusedAdamW).")
       .def(py::init([](const std::vector<torch::Tensor>& params, double lr, double beta1, double beta2, double eps,

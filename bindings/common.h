@@ -37,16 +37,46 @@ inline py::object to_python(const json& value) {
 
 /// A training batch as the dict the Python Loader yields.
 inline py::dict batch_to_dict(const Batch& b) {
-  py::dict d;
-  d["images"] = b.images;
-  if (b.image_sizes.defined()) d["image_sizes"] = b.image_sizes;
-  if (b.images_per_sample.defined()) d["images_per_sample"] = b.images_per_sample;
-  d["input_ids"] = b.input_ids;
-  d["labels"] = b.labels;
-  d["padding_mask"] = b.padding_mask;
-  if (b.segment_ids.defined()) d["segment_ids"] = b.segment_ids;
-  d["indices"] = b.indices;
+  py::dict d;  // the defined fields (a Loader's batch defines all but the optional ones)
+  auto put = [&](const char* key, const torch::Tensor& t) {
+    if (t.defined()) d[key] = t;
+  };
+  put("images", b.images);
+  put("image_sizes", b.image_sizes);
+  put("images_per_sample", b.images_per_sample);
+  put("input_ids", b.input_ids);
+  put("labels", b.labels);
+  put("padding_mask", b.padding_mask);
+  put("segment_ids", b.segment_ids);
+  put("indices", b.indices);
+  for (const auto& [name, t] : b.extra) d[py::str(name)] = t;
   return d;
+}
+
+/// A batch from a dict of tensors: the Batch fields by name (images,
+/// input_ids, labels, padding_mask, ...), every other key into `extra`.
+inline Batch dict_to_batch(const py::handle& item) {
+  TORCH_CHECK_TYPE(py::isinstance<py::dict>(item), "Trainer: expected each batch to be a dict of tensors, got ",
+                   std::string(py::str(py::type::of(item).attr("__name__"))));
+  Batch b;
+  std::map<std::string, torch::Tensor*> fields = {
+      {"images", &b.images},       {"image_sizes", &b.image_sizes}, {"images_per_sample", &b.images_per_sample},
+      {"input_ids", &b.input_ids}, {"labels", &b.labels},           {"padding_mask", &b.padding_mask},
+      {"segment_ids", &b.segment_ids}, {"indices", &b.indices}};
+  for (const auto& [key, value] : item.cast<py::dict>()) {
+    TORCH_CHECK_TYPE(py::isinstance<py::str>(key), "Trainer: batch keys must be strings");
+    const auto name = key.cast<std::string>();
+    if (value.is_none()) continue;
+    TORCH_CHECK_TYPE(THPVariable_Check(value.ptr()), "Trainer: batch['", name, "'] must be a tensor, got ",
+                     std::string(py::str(py::type::of(value).attr("__name__"))));
+    auto t = value.cast<torch::Tensor>();
+    auto it = fields.find(name);
+    if (it != fields.end()) *it->second = t;
+    else b.extra[name] = t;
+  }
+  TORCH_CHECK_VALUE(b.images.defined() || b.input_ids.defined() || !b.extra.empty(),
+                    "Trainer: a batch dict holds no tensor");
+  return b;
 }
 
 /// torch's printer of the module tree (our pretty_print overrides).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -18,7 +17,8 @@ import torch
 
 from . import text, toy
 from .models import TwoLeg
-from .train_two_tower import SMALL_CONFIG as TWO_TOWER_CONFIG, TwoTowerRun, normalize, pairs, save_run, warmup_cosine
+from .train_two_tower import SMALL_CONFIG as TWO_TOWER_CONFIG, TwoTowerRun, normalize, pairs, save_run
+from .trainer import Trainer
 
 def _shape_answer(question: int, label: int) -> str:
     colour, shape = toy.caption(label).split()[-2:]
@@ -113,27 +113,20 @@ def train(run: TwoLegRun = TwoLegRun(), config: Optional[dict] = None,
     images, labels, eval_images, eval_labels, _ = pairs(source, size)
     question_ids, question_mask = text.encode_batch(asked, 32)
     asked_q, target = questions(labels, run.data, torch.Generator().manual_seed(run.seed + 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    schedule = warmup_cosine(optimizer, run.warmup, run.steps)
+    batches = [{"images": normalize(images[sl]), "input_ids": question_ids[asked_q[sl]],
+                "padding_mask": question_mask[asked_q[sl]], "labels": target[sl]}
+               for sl in (slice(i * run.batch_size, (i + 1) * run.batch_size) for i in range(run.steps))]
     before = evaluate(model, eval_images, eval_labels, run.data)
-    start = time.perf_counter()
-    model.train()
-    for step in range(run.steps):
-        sl = slice(step * run.batch_size, (step + 1) * run.batch_size)
-        q = asked_q[sl]
-        out = model(normalize(images[sl]), question_ids[q], question_mask[q], labels=target[sl])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if verbose and ((step + 1) % run.log_every == 0 or step == 0):
-            rate = (step + 1) * run.batch_size / (time.perf_counter() - start)
-            print(f"step {step + 1:5d}/{run.steps}  loss {out.loss.item():.4f}  {rate:7.1f} samples/s", flush=True)
-    seconds = time.perf_counter() - start
+
+    def loss(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["images"], batch["input_ids"], batch["padding_mask"], labels=batch["labels"]).loss
+
+    trainer = Trainer(model, loss=loss, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay,
+                      warmup_steps=max(1, run.warmup), clip_norm=1.0, log_every=run.log_every if verbose else 0)
+    result = trainer.fit(batches, on_log=None if verbose else (lambda record: None))
     after = evaluate(model, eval_images, eval_labels, run.data)
-    metrics = {"train_seconds": seconds, "samples_per_second": run.steps * run.batch_size / seconds,
-               "final_loss": out.loss.item(), **{f"before/{k}": v for k, v in before.items()}, **after}
+    metrics = {"train_seconds": result["train_seconds"], "samples_per_second": result["samples_per_second"],
+               "final_loss": result["loss"], **{f"before/{k}": v for k, v in before.items()}, **after}
     if out_dir:
         save_run(out_dir, model, run, metrics)
     return metrics

@@ -5,9 +5,7 @@ captioned "a handwritten seven"), with a watch for contrastive collapse."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, asdict
 from typing import Dict, List, Optional, Tuple
 
@@ -16,6 +14,7 @@ import torch
 from .metrics import CollapseMonitor, retrieval_recall
 from . import text, toy
 from .models import TwoTower
+from .trainer import Trainer
 
 SMALL_CONFIG = {
     "architecture": "two_tower",
@@ -49,13 +48,6 @@ class TwoTowerRun:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - 0.5) / 0.25
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup`` steps times a cosine decay over ``steps``."""
-    warmup = max(1, warmup)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
 def save_run(out_dir: str, model: torch.nn.Module, run, metrics: Dict[str, float]) -> None:
@@ -157,39 +149,34 @@ def train(run: TwoTowerRun = TwoTowerRun(), config: Optional[dict] = None,
     size = model.config["image_encoder"]["image_size"]
     images, labels, eval_images, eval_labels, captions = pairs(run, size)
     caption_ids, caption_mask = text.encode_batch(captions, 32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    schedule = warmup_cosine(optimizer, run.warmup, run.steps)
+    # One epoch of run.steps batches, in the order pairs() drew them (each batch
+    # holds distinct classes); input_ids and padding_mask are each image's caption.
+    batches = [{"images": normalize(images[sl]), "input_ids": caption_ids[labels[sl]],
+                "padding_mask": caption_mask[labels[sl]]}
+               for sl in (slice(i * run.batch_size, (i + 1) * run.batch_size) for i in range(run.steps))]
     before = evaluate(model, eval_images, eval_labels, captions)
     monitor = CollapseMonitor(after_step=run.warmup)
-    collapsed_at: Optional[int] = None
-    start = time.perf_counter()
-    model.train()
-    for step in range(run.steps):
-        sl = slice(step * run.batch_size, (step + 1) * run.batch_size)
-        batch_labels = labels[sl]
-        out = model(normalize(images[sl]), caption_ids[batch_labels], caption_mask[batch_labels])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        message = monitor.update(step + 1, out.loss.item(), out.text_embeds.detach(), len(batch_labels))
-        if message and collapsed_at is None:
-            collapsed_at = step + 1
+    collapsed_at: List[int] = []
+    calls = [0]
+
+    def loss(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(batch["images"], batch["input_ids"], batch["padding_mask"])
+        calls[0] += 1
+        message = monitor.update(calls[0], out.loss.item(), out.text_embeds.detach(), len(batch["images"]))
+        if message and not collapsed_at:
+            collapsed_at.append(calls[0])
             print(message, flush=True)
-        if verbose and ((step + 1) % run.log_every == 0 or step == 0):
-            elapsed = time.perf_counter() - start
-            rate = (step + 1) * run.batch_size / elapsed
-            eta = (run.steps - step - 1) * run.batch_size / rate
-            print(f"step {step + 1:5d}/{run.steps}  loss {out.loss.item():.4f}  "
-                  f"{rate:7.1f} samples/s  eta {eta:5.1f}s", flush=True)
-    seconds = time.perf_counter() - start
+        return out.loss
+
+    trainer = Trainer(model, loss=loss, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay,
+                      warmup_steps=max(1, run.warmup), clip_norm=1.0, log_every=run.log_every if verbose else 0)
+    result = trainer.fit(batches, on_log=None if verbose else (lambda record: None))
     after = evaluate(model, eval_images, eval_labels, captions)
-    metrics = {"train_seconds": seconds, "samples_per_second": run.steps * run.batch_size / seconds,
-               "final_loss": out.loss.item(),
+    metrics = {"train_seconds": result["train_seconds"], "samples_per_second": result["samples_per_second"],
+               "final_loss": result["loss"],
                **{f"before/{k}": v for k, v in before.items()}, **after}
-    if collapsed_at is not None:
-        metrics["collapsed_at_step"] = collapsed_at
+    if collapsed_at:
+        metrics["collapsed_at_step"] = collapsed_at[0]
     if out_dir:
         save_run(out_dir, model, run, metrics)
     return metrics

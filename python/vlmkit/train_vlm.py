@@ -1,5 +1,6 @@
-"""Training the small encoder-decoder VLM on the synthetic multitask data with a
-plain torch.optim loop — what `vlmkit train` runs by default. Every scene of the
+"""Training the small encoder-decoder VLM on the synthetic multitask data — what
+`vlmkit train` runs by default: stage 1 trains the image encoder on the scenes'
+tags, then the VLM stage trains projector and decoder, both through vlmkit.Trainer. Every scene of the
 synthetic dataset yields captioning, VQA (colour, shape, count, spatial), OCR,
 detection (JSON with 0..999 boxes), segmentation of one named object (JSON with a
 0..999 polygon) and JSON-extraction examples."""
@@ -17,6 +18,7 @@ import torch
 from . import data, lora
 from .metrics import average_precision, bleu4, box_iou, char_error_rate, mask_iou, segmentation_scores
 from .models import EncoderDecoder
+from .trainer import Trainer
 
 SMALL_VLM = {
     "architecture": "encoder_decoder",
@@ -374,14 +376,12 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     train_x, train_y, test_x, test_y = x[held:], y[held:], x[:held], y[:held]
     width = model.config["image_encoder"]["d_model"]
     head = torch.nn.Linear(width, len(vocab))
-    parameters = list(encoder.parameters()) + list(head.parameters())
     if dense:
         num_classes = 1 + len(data.SyntheticDataset.colours) * len(data.SyntheticDataset.shapes)
         cls_y, digit_y = torch.stack(classes), torch.stack(digits)
         train_cls, train_digits = cls_y[held:], digit_y[held:]
         class_head = torch.nn.Linear(width, num_classes)
         digit_head = torch.nn.Linear(width, 8 * 10)
-        parameters += list(class_head.parameters()) + list(digit_head.parameters())
 
     def losses(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.max(1).values).float(),
@@ -393,19 +393,28 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
                                           train_digits[index].flatten(), ignore_index=-1)
         return loss
 
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
-    generator = torch.Generator().manual_seed(seed)
+    parts = torch.nn.ModuleDict({"encoder": encoder, "head": head})
+    if dense:
+        parts.update({"class_head": class_head, "digit_head": digit_head})
+
+    def batches(epoch: int):
+        """The steps' random draws of training scenes (one epoch of `steps` batches)."""
+        generator = torch.Generator().manual_seed(seed + epoch)
+        for _ in range(steps):
+            index = torch.randint(0, len(train_x), (batch,), generator=generator)
+            yield {"images": train_x[index], "index": index}
+
+    def log(record: Dict) -> None:
+        if verbose and "eval" not in record and record["step"] % 100 == 0:
+            print(f"stage 1 (image encoder) step {record['step']}/{steps}  loss {record['loss']:.4f}  "
+                  f"{record['samples_per_second']:.0f} images/s", flush=True)
+
+    # AdamW at a constant lr, no clipping: the Trainer with warmup and decay off.
     start = time.perf_counter()
-    for step in range(steps):
-        index = torch.randint(0, len(train_x), (batch,), generator=generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = losses(encoder(train_x[index]).tokens, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if verbose and (step + 1) % 100 == 0:
-            print(f"stage 1 (image encoder) step {step + 1}/{steps}  loss {loss.item():.4f}  "
-                  f"{(step + 1) * batch / (time.perf_counter() - start):.0f} images/s", flush=True)
+    trainer = Trainer(parts, loss=lambda b: losses(encoder(b["images"]).tokens, b["index"]), steps=steps, lr=lr,
+                      weight_decay=0.05, warmup_steps=0, min_lr_ratio=1.0, clip_norm=0.0, log_every=100,
+                      precision=precision)
+    trainer.fit(batches, on_log=log)
     out: Dict[str, float] = {}
     with torch.no_grad():
         tokens = encoder(test_x).tokens
@@ -512,7 +521,6 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     (``vlmkit train --nproc N``) every rank trains on its slice of each global batch
     and rank 0 writes files and evaluates."""
     import torch.distributed as dist
-    from .trainer import Trainer
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

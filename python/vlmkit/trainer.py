@@ -3,8 +3,12 @@
 The loop runs in C++ without the GIL (the Loader's workers decode in C++ too);
 Python is called only for logging, evaluation and, in data-parallel runs, the
 gradient all-reduce through ``torch.distributed``. Checkpoints are the format of
-``vlmkit.checkpoint``. Users who prefer their own loop use ``torch.optim`` with
-any vlmkit model directly (see docs/training.md).
+``vlmkit.checkpoint``.
+
+The same loop trains any ``torch.nn.Module`` on batches from Python: give a
+``loss(batch)`` function and, to ``fit``, a re-iterable of dicts of tensors (a
+list, a ``torch.utils.data.DataLoader``) or a function ``epoch -> iterable``.
+vlmkit's own recipes (Two-Tower, Two-Leg, the image encoder's stage 1) run on it.
 """
 from __future__ import annotations
 
@@ -35,7 +39,11 @@ class Trainer:
     """Trains a vlmkit model with AdamW.
 
     Args:
-        model: a vlmkit model (encoder_decoder has a built-in loss; others need ``loss``).
+        model: a vlmkit model (the generative architectures have a built-in loss;
+            others need ``loss``), or any ``torch.nn.Module`` with ``loss``: the
+            Trainer then trains its parameters in place (names as ``named_parameters``,
+            for ``freeze`` and ``group_lr``), and its checkpoints hold them and its
+            buffers (``config.json`` is null).
         steps, lr, weight_decay, warmup_steps, min_lr_ratio, clip_norm, accumulation:
             the optimisation (AdamW, linear warmup then cosine to ``lr * min_lr_ratio``,
             global-norm clipping, batches per step).
@@ -62,8 +70,15 @@ class Trainer:
         if unknown:
             raise TypeError(f"Trainer: unexpected option(s) {', '.join(map(repr, unknown))}; the options are "
                             f"{', '.join(k for k in _OPTIONS if k != 'rank')} (rank comes from torch.distributed)")
-        if not hasattr(model, "cpp_module"):
-            raise TypeError(f"Trainer: expected a vlmkit model, got {type(model).__name__}")
+        if hasattr(model, "cpp_module"):
+            module = model.cpp_module
+        elif isinstance(model, torch.nn.Module):
+            if loss is None:
+                raise TypeError(f"Trainer: a plain torch.nn.Module ({type(model).__name__}) has no built-in loss; "
+                                "give loss=f(batch) -> scalar tensor")
+            module = _C.tensor_module(list(model.named_parameters()), list(model.named_buffers()))
+        else:
+            raise TypeError(f"Trainer: expected a vlmkit model or a torch.nn.Module, got {type(model).__name__}")
         import torch.distributed as dist
         active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.distributed = active if distributed is None else bool(distributed)
@@ -82,7 +97,7 @@ class Trainer:
         if "output_dir" in options:
             options["output_dir"] = os.fspath(options["output_dir"])
         options["rank"] = self.rank
-        self._trainer = _C.Trainer(model.cpp_module, options, loss)
+        self._trainer = _C.Trainer(module, options, loss)
 
     @property
     def state(self) -> Dict[str, Any]:
@@ -110,17 +125,29 @@ class Trainer:
     def save_checkpoint(self) -> str:
         return self._trainer.save_checkpoint()
 
-    def fit(self, loader, evaluate: Optional[Callable[[int], Mapping[str, float]]] = None,
+    def fit(self, data, evaluate: Optional[Callable[[int], Mapping[str, float]]] = None,
             on_log: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-        """Trains until ``steps`` on a ``vlmkit.data.Loader``; ``evaluate(step)`` returns
-        metrics (every ``eval_every`` steps and at the end); ``on_log(record)`` replaces the
-        progress line. Ctrl-C stops between steps (``save_checkpoint()`` then keeps the
-        state). Returns the last loss, rates and evaluation."""
-        source = getattr(loader, "_loader", loader)
-        if not isinstance(source, _C.BatchSource):
-            raise TypeError(f"Trainer.fit: expected a vlmkit.data.Loader, got {type(loader).__name__}")
+        """Trains until ``steps``. ``data``: a ``vlmkit.data.Loader``; or batches from
+        Python, each a dict of tensors (``images``, ``input_ids``, ``labels``,
+        ``padding_mask``, ... by the Loader's names, any other key passed through to
+        ``loss``): a re-iterable (list, DataLoader; iterated again each epoch) or a
+        function ``epoch -> iterable``. Exact resume needs the same batches for the
+        same epoch. ``evaluate(step)`` returns metrics (every ``eval_every`` steps and at
+        the end); ``on_log(record)`` replaces the progress line. Ctrl-C stops between
+        steps (``save_checkpoint()`` then keeps the state). Returns the last loss, rates
+        and evaluation."""
+        source = _batch_source(data)
         if on_log is None:
             on_log = self._print if self.rank == 0 else (lambda record: None)
+        self.model.train()
+        if evaluate is not None:
+            user_evaluate = evaluate
+
+            def evaluate(step: int):
+                try:
+                    return user_evaluate(step)
+                finally:
+                    self.model.train()  # the C++ side sets its own modules only
         return self._trainer.fit(source, on_log, evaluate, _all_reduce_mean if self.distributed else None)
 
     @staticmethod
@@ -133,6 +160,22 @@ class Trainer:
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
         print(f"step {record['step']:6d}/{record['steps']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
               f"{record['samples_per_second']:6.1f} samples/s  eta {eta_text}", flush=True)
+
+
+def _batch_source(data) -> "_C.BatchSource":
+    """The C++ source of Trainer.fit's ``data`` (see there); anything else is refused."""
+    source = getattr(data, "_loader", data)
+    if isinstance(source, _C.BatchSource):
+        return source
+    if isinstance(data, (str, bytes, Mapping)) or not (callable(data) or hasattr(data, "__iter__")):
+        raise TypeError(f"Trainer.fit: expected a vlmkit.data.Loader, a re-iterable of batch dicts or a function "
+                        f"epoch -> iterable, got {type(data).__name__}")
+    if callable(data):
+        return _C.IterableBatchSource(data, -1)
+    if iter(data) is data:  # an iterator is spent after one epoch
+        raise TypeError(f"Trainer.fit: {type(data).__name__} is a one-pass iterator; give a re-iterable (a list, a "
+                        "DataLoader) or a function epoch -> iterable of batches")
+    return _C.IterableBatchSource(lambda epoch: data, len(data) if hasattr(data, "__len__") else -1)
 
 
 class FusedAdamW:

@@ -294,13 +294,7 @@ json Trainer::fit(BatchSource& data) {
                                  "records than one batch with drop_last)");
       }
       ++position;
-      if (batch->images.defined() && batch->images.device() != device) {
-        batch->images = batch->images.to(device);
-        batch->input_ids = batch->input_ids.to(device);
-        batch->labels = batch->labels.to(device);
-        batch->padding_mask = batch->padding_mask.to(device);
-        if (batch->segment_ids.defined()) batch->segment_ids = batch->segment_ids.to(device);
-      }
+      batch->to(device);
       torch::Tensor loss;
       {
         std::optional<detail::Autocast> autocast;
@@ -312,10 +306,7 @@ json Trainer::fit(BatchSource& data) {
       TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1, "Trainer: the loss function must return a scalar");
       (o.accumulation() > 1 ? loss / double(o.accumulation()) : loss).backward();
       loss_sum += loss.item<double>();
-      // Examples, not rows: a packed row holds several.
-      samples += batch->indices.defined()     ? batch->indices.numel()
-                 : batch->input_ids.defined() ? batch->input_ids.size(0)
-                                              : 0;
+      samples += batch->num_examples();  // examples, not rows: a packed row holds several
     }
     const double loss_value = loss_sum / double(o.accumulation());
     if (grad_hook_) {

@@ -464,3 +464,34 @@ TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]")
   vlmkit::FusedAdamW refused(std::vector<torch::Tensor>{b[0]}, amsgrad);
   CHECK_THROWS_AS(refused.step(), c10::ValueError);
 }
+
+TEST_CASE("trainer: any module, batches of images and extra targets, a loss of your own", "[trainer]") {
+  // A regression net (no vlmkit architecture): images and an extra "target" per
+  // batch; examples are counted from the images when there are no token ids.
+  struct Regression : vlmkit::BatchSource {
+    void start_epoch(int64_t, int64_t first) override { next_ = first; }
+    std::optional<vlmkit::Batch> next() override {
+      if (next_ >= 4) return std::nullopt;
+      auto gen = torch::make_generator<at::CPUGeneratorImpl>(100 + next_++);
+      vlmkit::Batch b;
+      b.images = torch::randn({6, 3}, gen);
+      b.extra["target"] = b.images.sum(1, true);
+      return b;
+    }
+    int64_t num_batches() const override { return 4; }
+    int64_t next_ = 0;
+  } data;
+  auto net = std::make_shared<torch::nn::Module>("Net");
+  auto linear = net->register_module("linear", torch::nn::Linear(3, 1));
+  data.start_epoch(0, 0);
+  const auto first = *data.next();
+  const double initial = torch::mse_loss(linear->forward(first.images), first.extra.at("target")).item<double>();
+  vlmkit::Trainer trainer(net, vlmkit::TrainerOptions().steps(60).lr(1e-1).warmup_steps(1).log_every(0),
+                          [&](torch::nn::Module&, const vlmkit::Batch& b) {
+                            return torch::mse_loss(linear->forward(b.images), b.extra.at("target"));
+                          });
+  const auto summary = trainer.fit(data);
+  CHECK(summary["samples"].get<int64_t>() == 60 * 6);
+  CHECK(summary["loss"].get<double>() < initial / 10);
+  CHECK(vlmkit::Batch{}.num_examples() == 0);
+}

@@ -79,7 +79,7 @@ def test_trainer_options_are_checked(manifest):
         vlmkit.Trainer(model, freeze=["vision_tower"])
     with pytest.raises(ValueError, match="unknown config key .Trainer.stepz"):
         vlmkit._C.Trainer(model.cpp_module, {"stepz": 3}, None)
-    with pytest.raises(TypeError, match="expected a vlmkit model"):
+    with pytest.raises(TypeError, match="has no built-in loss"):
         vlmkit.Trainer(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="group_lr"):
         vlmkit._C.Trainer(model.cpp_module, {"group_lr": [1]}, None)
@@ -98,7 +98,7 @@ def test_trainer_options_are_checked(manifest):
     assert trainer.options == {**defaults, "freeze": ["image_encoder", "decoder"], "steps": 2,
                                "beta1": 0.8, "beta2": 0.95}
     assert trainer.trainable and all(n.startswith("projector.") for n in trainer.trainable)
-    with pytest.raises(TypeError, match="Loader"):
+    with pytest.raises(TypeError, match="expected each batch to be a dict of tensors, got int"):
         trainer.fit([1, 2, 3])
 
 
@@ -412,6 +412,100 @@ def test_trainer_with_a_python_loss_function(manifest):
     bad = vlmkit.Trainer(model, steps=1, log_every=0, loss=lambda batch: torch.zeros(2))
     with pytest.raises(ValueError, match="must return a scalar"):
         bad.fit(loader)
+
+
+def _regression(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    w = torch.randn(4, 1)
+
+    def epoch(e):  # the same batches for the same epoch: what an exact resume needs
+        g = torch.Generator().manual_seed(100 + e)
+        for _ in range(5):
+            x = torch.randn(8, 4, generator=g)
+            yield {"images": x, "target": x @ w}
+    return net, epoch
+
+
+def test_trainer_trains_any_module_on_python_batches(tmp_path):
+    """The one loop: a plain torch.nn.Module, batches as dicts from Python (extra keys
+    reach the loss), its parameters and buffers trained and checkpointed in place."""
+    net, epoch = _regression()
+    seen, records = [], []
+
+    def loss(b):
+        seen.append(sorted(b))
+        return torch.nn.functional.mse_loss(net(b["images"]), b["target"])
+    trainer = vlmkit.Trainer(net, loss=loss, steps=40, lr=5e-2, warmup_steps=2, log_every=1,
+                             output_dir=str(tmp_path), freeze=["3.bias"])
+    last_bias = net[3].bias.detach().clone()
+    summary = trainer.fit(epoch, on_log=records.append)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert seen[0] == ["images", "target"] and summary["samples"] == 40 * 8
+    assert losses[-1] < losses[0] / 3  # it learns the linear map
+    assert net.training and net[1].running_mean.abs().sum() > 0  # buffers updated in the module itself
+    assert "3.bias" not in trainer.trainable and torch.equal(net[3].bias, last_bias)
+    checkpoint = vlmkit._C.Checkpoint(summary["checkpoint"])
+    weights, _ = checkpoint.read_tensors("model.safetensors")
+    assert {"0.weight", "1.running_mean", "3.bias"} <= set(weights)
+    assert torch.equal(weights["0.weight"], net[0].weight.detach())
+    assert checkpoint.read_json("config.json") is None
+
+
+def test_trainer_on_python_batches_resumes_exactly(tmp_path):
+    def trained(stop_at=None, resume=False):
+        net, epoch = _regression()
+        trainer = vlmkit.Trainer(net, loss=lambda b: torch.nn.functional.mse_loss(net(b["images"]), b["target"]),
+                                 steps=13, lr=1e-2, warmup_steps=2, log_every=1, output_dir=str(tmp_path),
+                                 checkpoint_every=4)
+        if resume:
+            assert trainer.resume()
+        records = []
+
+        def on_log(r):
+            records.append(r)
+            if stop_at is not None and r.get("step") == stop_at:
+                raise KeyboardInterrupt
+        try:
+            trainer.fit(epoch, on_log=on_log)
+        except KeyboardInterrupt:
+            pass
+        return net, [r["loss"] for r in records if "loss" in r]
+
+    full_net, full = trained()
+    import shutil
+    shutil.rmtree(tmp_path)
+    trained(stop_at=9)  # checkpoints at steps 4 and 8 (8: in the second epoch of 5 batches)
+    net, rest = trained(resume=True)
+    assert rest == full[8:]  # bit-identical after the resume
+    for a, b in zip(net.state_dict().values(), full_net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_refuses_what_it_cannot_train_on():
+    net, epoch = _regression()
+    with pytest.raises(TypeError, match="no built-in loss"):
+        vlmkit.Trainer(net, steps=1)
+    with pytest.raises(TypeError, match="vlmkit model or a torch.nn.Module"):
+        vlmkit.Trainer(object(), steps=1, loss=lambda b: b)
+    trainer = vlmkit.Trainer(net, steps=2, log_every=0,
+                             loss=lambda b: torch.nn.functional.mse_loss(net(b["images"]), b["target"]))
+    with pytest.raises(TypeError, match="one-pass iterator"):
+        trainer.fit(iter(list(epoch(0))))
+    with pytest.raises(TypeError, match="re-iterable of batch dicts"):
+        trainer.fit(42)
+    with pytest.raises(TypeError, match="expected each batch to be a dict"):
+        trainer.fit([(torch.zeros(8, 4), torch.zeros(8, 1))])
+    with pytest.raises(TypeError, match=r"batch\['target'\] must be a tensor"):
+        trainer.fit([{"images": torch.zeros(8, 4), "target": [0.0] * 8}])
+    with pytest.raises(ValueError, match="no batch for a whole epoch"):
+        trainer.fit([])
+    # An exception inside the user's data comes out as itself.
+    def broken(epoch):
+        yield {"images": torch.zeros(8, 4), "target": torch.zeros(8, 1)}
+        raise RuntimeError("disk gone")
+    with pytest.raises(RuntimeError, match="disk gone"):
+        trainer.fit(broken)
 
 
 def test_trainer_bf16_autocast_trains_like_fp32_and_restores_autocast(manifest):

@@ -4,7 +4,9 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <string>
 
 namespace vlmkit {
 
@@ -22,6 +24,26 @@ struct Batch {
   /// images_per_sample then counts the images of each row.
   torch::Tensor segment_ids;
   torch::Tensor indices;       // [N] record indices of the batch's examples, in row order
+  /// Other named tensors of a batch from a source of your own (the targets of
+  /// a custom loss); moved to the model's device with the fields above.
+  std::map<std::string, torch::Tensor> extra;
+
+  /// Examples in the batch: indices, else rows of input_ids, else images.
+  int64_t num_examples() const {
+    if (indices.defined()) return indices.numel();
+    if (input_ids.defined()) return input_ids.size(0);
+    return images.defined() && images.dim() > 0 ? images.size(0) : 0;
+  }
+  /// The model's inputs and targets moved to `device` (those already there
+  /// untouched); the bookkeeping (image_sizes, images_per_sample, indices)
+  /// stays on the CPU, where the models read it.
+  void to(const torch::Device& device) {
+    auto move = [&](torch::Tensor& t) {
+      if (t.defined() && t.device() != device) t = t.to(device);
+    };
+    for (auto* t : {&images, &input_ids, &labels, &padding_mask, &segment_ids}) move(*t);
+    for (auto& [name, t] : extra) move(t);
+  }
 };
 
 class BatchSource {
