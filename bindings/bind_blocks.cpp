@@ -137,16 +137,42 @@ void bind_blocks(py::module_& m) {
       .def("config_json", [](FusionModule& self) { return self.config().dump(); });
   bind_slot_registry(m, fusion_registry(), "make_fusion", "fusion_types", "image_dim", "text_dim");
 
-  {
-    auto cls = bind_block<ClassificationHeadImpl>(m, "ClassificationHead");
-    add_options<ClassificationHeadImpl>(cls);
-    cls.def(py::init([](int64_t in_dim, int64_t num_classes, const py::kwargs& kwargs) {
-              return std::make_shared<ClassificationHeadImpl>(options_from_kwargs(
-                  ClassificationHeadOptions(in_dim, num_classes), kwargs, "ClassificationHead"));
-            }),
-            py::arg("in_dim"), py::arg("num_classes"))
-        .def("forward", &ClassificationHeadImpl::forward, py::arg("x"), Release());
-  }
+  // The Two-Leg head slot: one class for every head (the registry's rows).
+  add_slot_caster<HeadModule>();
+  bind_block<HeadModule>(m, "Head")
+      .def("forward", &HeadModule::forward, py::arg("x"), Release())
+      .def("loss", &HeadModule::loss, py::arg("logits"), py::arg("labels"), py::arg("label_smoothing") = 0.0)
+      .def("input_dim", &HeadModule::input_dim)
+      .def_property_readonly("options",
+                             [](HeadModule& self) {
+                               auto j = self.config();
+                               j.erase("type");
+                               return to_python(j);
+                             })
+      .def("config_json", [](HeadModule& self) { return self.config().dump(); });
+  m.def(
+      "make_head",
+      [](const std::string& type, int64_t in_dim, const std::string& options_json) {
+        const auto& row = head_registry().at(type);
+        auto options = parse_json(options_json, "head options");
+        TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
+                          ": expected keyword options, not a type");
+        return row.make(options, row.python_class, in_dim);
+      },
+      py::arg("type"), py::arg("in_dim"), py::arg("options_json") = "{}",
+      "Builds the registered head `type` (see head_types) from its keyword options.");
+  bind_slot_types(m, head_registry(), "head_types");
+  m.def("contrastive_loss_types", [] {
+    py::list out;
+    for (const auto& row : contrastive_loss_table().rows()) {
+      py::dict d;
+      d["name"] = row.name;
+      d["doc"] = row.doc;
+      d["learned_bias"] = row.learned_bias;
+      out.append(d);
+    }
+    return out;
+  }, "The registered Two-Tower losses (config \"loss\"): name, doc, learned_bias, sorted by name.");
 
   bind_block<ClipLossImpl>(m, "ClipLoss")
       .def(py::init<>())

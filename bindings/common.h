@@ -138,12 +138,14 @@ void bind_slot_types(py::module_& m, Registry& registry, const char* types_name)
           d["python_class"] = row.python_class;
           d["doc"] = row.doc;
           d["defaults"] = to_python(row.defaults);
+          d["fields"] = row.fields;
           out.append(d);
         }
         return out;
       },
       ("The registered " + std::string(registry.what()) +
-       "s: name, python_class, doc and their option defaults, sorted by name.").c_str());
+       "s: name, python_class, doc, their option defaults and the fields in declaration order, sorted by "
+       "name.").c_str());
 }
 
 /// `make_name(type, <a>, <b>, options_json)` and `types_name()` for a slot

@@ -120,6 +120,23 @@ json options_to_json(const Options& options) {
   return out;
 }
 
+/// The options' field names in their visit order (a JSON object sorts them).
+namespace detail {
+struct FieldNames {
+  std::vector<std::string> out;
+  template <class T>
+  void operator()(const char* name, T&) { out.emplace_back(name); }
+};
+}  // namespace detail
+
+template <class Options>
+std::vector<std::string> option_names(const Options& options) {
+  detail::FieldNames names;
+  Options copy = options;
+  visit_fields(copy, names);
+  return names.out;
+}
+
 /// Parses JSON text; malformed text raises ValueError with the parser's
 /// position.
 json parse_json(const std::string& text, const std::string& what = "config");

@@ -42,25 +42,26 @@ struct SlotRow {
   std::string doc;
   /// The option fields the config reads, with their defaults.
   json defaults = json::object();
+  /// The same fields' names in their declaration order (constructor order in Python).
+  std::vector<std::string> fields;
   /// Builds it from a config object (null: all defaults); `path` names the
   /// config object in error messages.
   std::function<std::shared_ptr<Module>(const json& config, const std::string& path, Args...)> make;
 };
 
-/// The table of one slot. Rows are kept sorted by name.
-template <class Module, class... Args>
-class SlotRegistry {
+/// A table of rows by name (`Row` has a `std::string name`), kept sorted by
+/// name: the lookup, the refusal of unknown names and the name list that every
+/// slot table shares.
+template <class Row>
+class NamedTable {
  public:
-  using Row = SlotRow<Module, Args...>;
-
-  /// `what` names the slot in error messages ("projector").
-  explicit SlotRegistry(const char* what) : what_(what) {}
+  /// `what` names the table's rows in error messages ("projector").
+  explicit NamedTable(const char* what) : what_(what) {}
 
   /// Adds a row; a name may be registered once. Returns true (for static
-  /// registration: `static const bool registered = registry.add(...)`).
+  /// registration: `static const bool registered = table.add(...)`).
   bool add(Row row) {
-    TORCH_CHECK_VALUE(!row.name.empty() && static_cast<bool>(row.make), "a ", what_,
-                      " row needs a name and a factory");
+    TORCH_CHECK_VALUE(!row.name.empty(), "a ", what_, " row needs a name");
     TORCH_CHECK_VALUE(find(row.name) == nullptr, what_, " '", row.name, "' is registered twice");
     auto at = std::lower_bound(rows_.begin(), rows_.end(), row.name,
                                [](const Row& r, const std::string& name) { return r.name < name; });
@@ -82,14 +83,6 @@ class SlotRegistry {
                       "'; expected one of ", detail::join_names(names()));
   }
 
-  /// Builds the implementation config["type"] names (`fallback` when the
-  /// config or its type is absent) from `config`.
-  std::shared_ptr<Module> make(const json& config, const std::string& path, const std::string& fallback,
-                               Args... args) const {
-    const auto name = detail::slot_type(config, path, fallback);
-    return at(name, path.empty() ? "type" : path + ".type").make(config, path, args...);
-  }
-
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& row : rows_) out.push_back(row.name);
@@ -102,6 +95,27 @@ class SlotRegistry {
  private:
   const char* what_;
   std::vector<Row> rows_;
+};
+
+/// The table of one module slot: rows that build an implementation.
+template <class Module, class... Args>
+class SlotRegistry : public NamedTable<SlotRow<Module, Args...>> {
+ public:
+  using Row = SlotRow<Module, Args...>;
+  using NamedTable<Row>::NamedTable;
+
+  bool add(Row row) {
+    TORCH_CHECK_VALUE(static_cast<bool>(row.make), "a ", this->what(), " row needs a factory");
+    return NamedTable<Row>::add(std::move(row));
+  }
+
+  /// Builds the implementation config["type"] names (`fallback` when the
+  /// config or its type is absent) from `config`.
+  std::shared_ptr<Module> make(const json& config, const std::string& path, const std::string& fallback,
+                               Args... args) const {
+    const auto name = detail::slot_type(config, path, fallback);
+    return this->at(name, path.empty() ? "type" : path + ".type").make(config, path, args...);
+  }
 };
 
 /// The row of an implementation class `Impl` of slot `Module` with:
@@ -117,6 +131,7 @@ SlotRow<Module, Args...> slot_row(std::string python_class, std::string doc, Arg
   row.python_class = std::move(python_class);
   row.doc = std::move(doc);
   row.defaults = options_to_json(Options(default_args...));
+  row.fields = option_names(Options(default_args...));
   row.make = [](const json& config, const std::string& path, Args... args) -> std::shared_ptr<Module> {
     Options options(args...);
     read_options(config, path, options);

@@ -63,7 +63,17 @@ _FUSIONS = slot_classes(fusion_types(), _C.make_fusion, ("image_dim", "text_dim"
 globals().update(_FUSIONS)
 #: The registered Two-Leg fusions' config names, sorted.
 FUSIONS = tuple(row["name"] for row in fusion_types())
-ClassificationHead = wrap_block(_C.ClassificationHead, "ClassificationHead")
+# One class per registered Two-Leg head (vlmkit.ClassificationHead(in_dim, num_classes, ...)),
+# from the C++ registry: head_types() lists them.
+head_types = _C.head_types
+Head = _C.Head
+_HEADS = slot_classes(head_types(), _C.make_head, ("in_dim",))
+globals().update(_HEADS)
+#: The registered Two-Leg heads' config names (its "head" "type"), sorted.
+HEADS = tuple(row["name"] for row in head_types())
+#: The registered Two-Tower losses (its config's "loss"), with whether each learns a logit bias.
+contrastive_loss_types = _C.contrastive_loss_types
+CONTRASTIVE_LOSSES = tuple(row["name"] for row in contrastive_loss_types())
 ClipLoss = wrap_block(_C.ClipLoss, "ClipLoss")
 SigLipLoss = wrap_block(_C.SigLipLoss, "SigLipLoss")
 ClassificationLoss = wrap_block(_C.ClassificationLoss, "ClassificationLoss")
@@ -104,11 +114,12 @@ save_model = checkpoint.save_model
 
 __all__ = [
     "ARCHITECTURES", "DECODER_FUSIONS", "FUSIONS", "IMAGE_ENCODERS", "TEXT_ENCODERS", "image_encoder_types", "text_encoder_types", "Fusion", "PROJECTORS", "FusedAdamW", "Trainer", "checkpoint", "export", "lora", "load_model", "save_model", "ByteTokenizer", "DecoderOutput", "EncoderDecoder", "EncoderTextDecoder",
-    "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "ClassificationHead", "ClassificationLoss", "ClipLoss",
+    "JsonSchemaMatcher", "Projector", "TextDecoder", "box_to_text", "parse_boxes", "parse_polygons", "text", "ClassificationLoss", "ClipLoss", "CONTRASTIVE_LOSSES", "contrastive_loss_types",
+    "HEADS", "Head", "head_types",
     "ConvStage", "CppModule", "EncoderOutput",
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
     "fused_attention", "set_attention_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
-] + sorted(_PROJECTORS) + sorted(_FUSIONS)
+] + sorted(_PROJECTORS) + sorted(_FUSIONS) + sorted(_HEADS)

@@ -248,12 +248,17 @@ def wrap_block(cpp_class: type, name: str, doc: str | None = None) -> type:
                                      "__doc__": doc or cpp_class.__doc__})
 
 
-def _slot_init(make: Callable[..., Any], name: str, positional: tuple) -> Callable[..., None]:
+def _slot_init(make: Callable[..., Any], name: str, positional: tuple, fields: tuple) -> Callable[..., None]:
     def __init__(self: CppModule, *args: Any, **options: Any) -> None:
-        if len(args) != len(positional):
-            raise TypeError(f"{type(self).__name__}() takes {len(positional)} positional arguments "
-                            f"({', '.join(positional)}), got {len(args)}")
-        self._wrap(make(name, *args, json.dumps(options)))
+        # The widths, then the row's option fields in their order (keywords too).
+        if not len(positional) <= len(args) <= len(positional) + len(fields):
+            raise TypeError(f"{type(self).__name__}() takes {len(positional)} to {len(positional) + len(fields)} "
+                            f"positional arguments ({', '.join(positional + fields)}), got {len(args)}")
+        for field, value in zip(fields, args[len(positional):]):
+            if field in options:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {field!r}")
+            options[field] = value
+        self._wrap(make(name, *args[:len(positional)], json.dumps(options)))
     return __init__
 
 
@@ -262,10 +267,10 @@ def slot_classes(rows: list, make: Callable[..., Any], positional: tuple) -> Dic
     named and documented from the row: ``Cls(*positional, **options)`` calls ``make``."""
     out: Dict[str, type] = {}
     for row in rows:
-        fields = ", ".join(f"{key}={value!r}" for key, value in row["defaults"].items())
+        fields = ", ".join(f"{key}={row['defaults'][key]!r}" for key in row["fields"])
         signature = f"{row['python_class']}({', '.join(positional)}{', ' + fields if fields else ''})"
         out[row["python_class"]] = type(row["python_class"], (CppModule,), {
-            "__init__": _slot_init(make, row["name"], positional), "__module__": "vlmkit",
+            "__init__": _slot_init(make, row["name"], positional, tuple(row["fields"])), "__module__": "vlmkit",
             "type_name": row["name"],
             "__doc__": f"{row['doc']}.\n\n{signature}; config type '{row['name']}'."})
     return out

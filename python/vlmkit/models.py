@@ -11,7 +11,8 @@ import torch
 from . import _C, text
 from ._module import CppModule
 
-ARCHITECTURES = ("two_tower", "two_leg", "encoder_text_decoder", "encoder_decoder")
+#: The registered architectures' config names, sorted (from the C++ table).
+ARCHITECTURES = tuple(row["name"] for row in _C.architecture_types())
 DEFAULT_ARCHITECTURE = "two_tower"
 
 
@@ -170,8 +171,19 @@ class EncoderTextDecoder(_Generative, CppModule):
         return self._texts(tokens, return_ids)
 
 
-_CLASSES = {"two_tower": TwoTower, "two_leg": TwoLeg, "encoder_decoder": EncoderDecoder,
-            "encoder_text_decoder": EncoderTextDecoder}
+def _architecture_classes() -> Dict[str, type]:
+    """Each registered architecture's Python class, by config name."""
+    out = {}
+    for row in _C.architecture_types():
+        cls = globals().get(row["python_class"])
+        if not (isinstance(cls, type) and issubclass(cls, CppModule)):
+            raise ImportError(f"architecture {row['name']!r} is registered in C++ with Python class "
+                              f"{row['python_class']!r}, which vlmkit.models does not define")
+        out[row["name"]] = cls
+    return out
+
+
+_CLASSES = _architecture_classes()
 
 
 def build_model(config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> torch.nn.Module:

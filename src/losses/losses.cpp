@@ -28,6 +28,18 @@ void check_square_logits(const torch::Tensor& logits, const char* who) {
 }
 }  // namespace
 
+ContrastiveLossTable& contrastive_loss_table() {
+  static ContrastiveLossTable table("contrastive loss");
+  return table;
+}
+
+VLMKIT_REGISTER(contrastive_loss_table(),
+                ContrastiveLossRow{"clip", "CLIP's symmetric InfoNCE over rows and columns (Radford et al. 2021)",
+                                   false, clip_loss})
+VLMKIT_REGISTER(contrastive_loss_table(),
+                ContrastiveLossRow{"siglip", "SigLIP's pairwise sigmoid loss with a learned bias (Zhai et al. 2023)",
+                                   true, siglip_loss})
+
 torch::Tensor clip_loss(const torch::Tensor& logits_per_image) {
   check_square_logits(logits_per_image, "clip_loss");
   auto labels = torch::arange(logits_per_image.size(0),

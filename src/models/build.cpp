@@ -15,8 +15,7 @@ template class TwoTowerImpl<ImageEncoderModule, TextEncoderModule>;
 template class EncoderDecoderImpl<ImageEncoderModule, ProjectorModule, DecoderFusionModule, TextDecoderImpl>;
 template class EncoderTextDecoderImpl<ImageEncoderModule, TextEncoderImpl, ProjectorModule,
                                       DecoderFusionModule, TextDecoderImpl>;
-template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule,
-                          ClassificationHeadImpl>;
+template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule, HeadModule>;
 
 // ---------------------------------------------------------------- JSON helpers
 namespace detail {
@@ -149,12 +148,32 @@ E type_of(const json& config, const std::string& path, E fallback) {
   return enum_from_json<E>(*it, path + ".type");
 }
 
-void check_architecture(const json& config, Architecture expected) {
-  if (!config.is_object() || !config.contains("architecture")) return;
+/// config["architecture"] ("two_tower" when absent), checked against the table.
+std::string architecture_of(const json& config) {
+  if (!config.is_object() || !config.contains("architecture")) return "two_tower";
   const auto& a = config["architecture"];
-  const auto got = enum_from_json<Architecture>(a, "architecture");
-  TORCH_CHECK_VALUE(got == expected, "config says architecture '", to_name(got),
-                    "' but a '", to_name(expected), "' model is being built");
+  TORCH_CHECK_TYPE(a.is_string(), "config key 'architecture': expected a string (one of ",
+                   detail::join_names(architecture_table().names()), "), got ", detail::json_kind(a));
+  return architecture_table().at(a.get<std::string>(), "architecture").name;
+}
+
+void check_architecture(const json& config, const std::string& expected) {
+  if (!config.is_object() || !config.contains("architecture")) return;
+  const auto got = architecture_of(config);
+  TORCH_CHECK_VALUE(got == expected, "config says architecture '", got, "' but a '", expected,
+                    "' model is being built");
+}
+
+/// The row of architecture `Impl` built by `make`.
+template <class Impl>
+ArchitectureRow architecture_row(const char* name, const char* python_class, const char* doc,
+                                 std::shared_ptr<Impl> (*make)(const json&)) {
+  return {name, python_class, doc,
+          [make](const json& config) -> std::shared_ptr<torch::nn::Module> { return make(config); },
+          [](const torch::nn::Module& model) -> json {
+            const auto* m = dynamic_cast<const Impl*>(&model);
+            return m ? m->config() : json();
+          }};
 }
 }  // namespace
 
@@ -172,7 +191,7 @@ std::shared_ptr<FusionModule> make_fusion(const json& config, int64_t image_dim,
 }
 
 std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config) {
-  check_architecture(config, Architecture::two_tower);
+  check_architecture(config, "two_tower");
   TwoTowerOptions options;
   read_options(config, "", options, {"architecture", "image_encoder", "text_encoder"});
   auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
@@ -181,18 +200,13 @@ std::shared_ptr<TwoTowerImpl<>> make_two_tower(const json& config) {
 }
 
 std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config) {
-  check_architecture(config, Architecture::two_leg);
+  check_architecture(config, "two_leg");
   TwoLegOptions options;
   read_options(config, "", options, {"architecture", "image_encoder", "text_encoder", "fusion", "head"});
   auto image = make_image_encoder(sub_object(config, "image_encoder", ""));
   auto text = make_text_encoder(sub_object(config, "text_encoder", ""));
   auto fusion = make_fusion(sub_object(config, "fusion", ""), image->output_dim(), text->output_dim());
-  const auto& head_config = sub_object(config, "head", "");
-  options.head(type_of(head_config, "head", HeadType::classification));
-  ClassificationHeadOptions head_options(fusion->output_dim(),
-                                         options.head() == HeadType::matching ? 1 : 16);
-  read_options(head_config, "head", head_options);
-  auto head = std::make_shared<ClassificationHeadImpl>(head_options);
+  auto head = head_registry().make(sub_object(config, "head", ""), "head", "classification", fusion->output_dim());
   return std::make_shared<TwoLegImpl<>>(image, text, fusion, head, options);
 }
 
@@ -218,7 +232,7 @@ std::shared_ptr<TextDecoderImpl> make_decoder(const json& config, const DecoderF
 
 
 std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config) {
-  check_architecture(config, Architecture::encoder_decoder);
+  check_architecture(config, "encoder_decoder");
   GenerativeOptions options;
   read_options(config, "", options, {"architecture", "image_encoder", "projector", "fusion", "decoder"});
   const auto fusion = fusion_type(config.is_object() && config.contains("fusion") ? config["fusion"] : json());
@@ -232,7 +246,7 @@ std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config) {
 }
 
 std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& config) {
-  check_architecture(config, Architecture::encoder_text_decoder);
+  check_architecture(config, "encoder_text_decoder");
   GenerativeOptions options;
   read_options(config, "", options,
                {"architecture", "image_encoder", "text_encoder", "projector", "fusion", "decoder"});
@@ -252,26 +266,36 @@ std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& 
 std::shared_ptr<torch::nn::Module> build_model(const json& config) {
   TORCH_CHECK_TYPE(config.is_object() || config.is_null(),
                    "build_model: expected a config object, got ", detail::json_kind(config));
-  Architecture architecture = Architecture::two_tower;
-  if (config.is_object() && config.contains("architecture")) {
-    const auto& a = config["architecture"];
-    architecture = enum_from_json<Architecture>(a, "architecture");
-  }
-  switch (architecture) {
-    case Architecture::two_tower: return make_two_tower(config);
-    case Architecture::two_leg: return make_two_leg(config);
-    case Architecture::encoder_text_decoder: return make_encoder_text_decoder(config);
-    case Architecture::encoder_decoder: return make_encoder_decoder(config);
-  }
-  TORCH_CHECK_VALUE(false, "unreachable architecture");
+  return architecture_table().at(architecture_of(config)).make(config);
 }
 
 json model_config(const torch::nn::Module& model) {
-  if (auto* m = dynamic_cast<const TwoTowerImpl<>*>(&model)) return m->config();
-  if (auto* m = dynamic_cast<const TwoLegImpl<>*>(&model)) return m->config();
-  if (auto* m = dynamic_cast<const EncoderDecoderImpl<>*>(&model)) return m->config();
-  if (auto* m = dynamic_cast<const EncoderTextDecoderImpl<>*>(&model)) return m->config();
+  for (const auto& row : architecture_table().rows()) {
+    auto config = row.config_of(model);
+    if (!config.is_null()) return config;
+  }
   TORCH_CHECK_VALUE(false, "model_config: ", model.name(), " is not a vlmkit architecture");
 }
+
+ArchitectureTable& architecture_table() {
+  static ArchitectureTable table("architecture");
+  return table;
+}
+
+VLMKIT_REGISTER(architecture_table(),
+                architecture_row("two_tower", "TwoTower",
+                                 "image and text towers under one contrastive objective (CLIP / SigLIP)",
+                                 make_two_tower))
+VLMKIT_REGISTER(architecture_table(),
+                architecture_row("two_leg", "TwoLeg", "both encoders, a fusion block and a task head",
+                                 make_two_leg))
+VLMKIT_REGISTER(architecture_table(),
+                architecture_row("encoder_text_decoder", "EncoderTextDecoder",
+                                 "a conv stage and a text encoder encoded together, projected into a text decoder",
+                                 make_encoder_text_decoder))
+VLMKIT_REGISTER(architecture_table(),
+                architecture_row("encoder_decoder", "EncoderDecoder",
+                                 "image encoder, projector and a next-token text decoder (LLaVA / Flamingo)",
+                                 make_encoder_decoder))
 
 }  // namespace vlmkit

@@ -19,8 +19,17 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+HeadRegistry& head_registry() {
+  static HeadRegistry registry("head");
+  return registry;
+}
+
 ClassificationHeadImpl::ClassificationHeadImpl(ClassificationHeadOptions options_)
-    : options(std::move(options_)) {
+    : ClassificationHeadImpl(std::move(options_), "vlmkit::ClassificationHead", kName) {}
+
+ClassificationHeadImpl::ClassificationHeadImpl(ClassificationHeadOptions options_, const char* module_name,
+                                               const char* type)
+    : HeadModule(module_name), options(std::move(options_)), type_(type) {
   reset();
 }
 
@@ -41,7 +50,7 @@ void ClassificationHeadImpl::reset() {
 void ClassificationHeadImpl::pretty_print(std::ostream& stream) const {
   json fields = options_to_json(options);
   fields["in_dim"] = options.in_dim();
-  detail::print_options(stream, "vlmkit::ClassificationHead", fields);
+  detail::print_options(stream, name().c_str(), fields);
 }
 
 torch::Tensor ClassificationHeadImpl::forward(const torch::Tensor& x) {
@@ -52,4 +61,33 @@ torch::Tensor ClassificationHeadImpl::forward(const torch::Tensor& x) {
   if (hidden) h = dropout->forward(torch::gelu(hidden->forward(h)));
   return out->forward(h);
 }
+
+torch::Tensor ClassificationHeadImpl::loss(const torch::Tensor& logits, const torch::Tensor& labels,
+                                           double label_smoothing) {
+  return classification_loss(logits, labels, label_smoothing);
+}
+
+json ClassificationHeadImpl::config() const {
+  json out = options_to_json(options);
+  out["type"] = type_;
+  return out;
+}
+
+MatchingHeadImpl::MatchingHeadImpl(MatchingHeadOptions options_)
+    : ClassificationHeadImpl(options_, "vlmkit::MatchingHead", kName) {
+  TORCH_CHECK_VALUE(options.num_classes() == 1, "MatchingHead: a matching head has exactly 1 output, got num_classes=",
+                    options.num_classes());
+}
+
+torch::Tensor MatchingHeadImpl::forward(const torch::Tensor& x) {
+  return ClassificationHeadImpl::forward(x).squeeze(-1);
+}
+
+torch::Tensor MatchingHeadImpl::loss(const torch::Tensor& logits, const torch::Tensor& labels, double) {
+  return matching_loss(logits, labels);
+}
+
+VLMKIT_REGISTER_HEAD(ClassificationHeadImpl, "ClassificationHead",
+                     "classification over an answer list: Linear (or MLP) and cross-entropy")
+VLMKIT_REGISTER_HEAD(MatchingHeadImpl, "MatchingHead", "binary image-text matching: one logit and BCE")
 }  // namespace vlmkit

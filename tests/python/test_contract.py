@@ -149,6 +149,51 @@ def test_blocks_are_modules_with_options_and_repr():
     assert torch.allclose(vlmkit.ClipLoss()(logits), vlmkit.clip_loss(logits))
 
 
+def test_heads_losses_and_architectures_come_from_the_cpp_tables():
+    """The Two-Leg head, the Two-Tower loss and the architecture are C++ tables too:
+    Python reads their names, builds one class per head row, and the configs look
+    the names up (an unknown one refused listing the registered ones)."""
+    assert set(vlmkit.ARCHITECTURES) == {row["name"] for row in vlmkit._C.architecture_types()} == \
+        {"two_tower", "two_leg", "encoder_text_decoder", "encoder_decoder"}
+    for name in vlmkit.ARCHITECTURES:
+        assert vlmkit.build_model({"architecture": name}).config["architecture"] == name
+    assert vlmkit.CONTRASTIVE_LOSSES == ("clip", "siglip")
+    learned = {row["name"]: row["learned_bias"] for row in vlmkit.contrastive_loss_types()}
+    for loss, bias in learned.items():
+        model = vlmkit.build_model({"architecture": "two_tower", "loss": loss})
+        assert ("logit_bias" in dict(model.named_parameters())) == bias
+    with pytest.raises(ValueError, match="config key 'loss': unknown contrastive loss 'triplet'; expected one of "
+                                         "'clip', 'siglip'"):
+        vlmkit.build_model({"architecture": "two_tower", "loss": "triplet"})
+    assert vlmkit.HEADS == ("classification", "matching")
+    fused = torch.randn(3, 32)
+    for row in vlmkit.head_types():
+        cls = getattr(vlmkit, row["python_class"])
+        assert row["python_class"] in vlmkit.__all__ and row["fields"][0] == "num_classes"
+        head = cls(32, hidden_dim=8)
+        child = vlmkit.build_model({"architecture": "two_leg", "head": {"type": row["name"]}}).head
+        assert type(child) is cls and isinstance(child.cpp_module, vlmkit.Head)
+        assert head.config == {**row["defaults"], "hidden_dim": 8, "type": row["name"]}
+    head = vlmkit.ClassificationHead(32, 7)  # the fields also positionally, in declaration order
+    logits = head(fused)
+    labels = torch.tensor([0, 6, 3])
+    assert logits.shape == (3, 7) and torch.allclose(head.loss(logits, labels), vlmkit.classification_loss(logits, labels))
+    matching = vlmkit.MatchingHead(32)
+    scores = matching(fused)
+    assert scores.shape == (3,)
+    assert torch.allclose(matching.loss(scores, torch.tensor([1.0, 0.0, 1.0])),
+                          vlmkit.matching_loss(scores, torch.tensor([1.0, 0.0, 1.0])))
+    with pytest.raises(ValueError, match="a matching head has exactly 1 output"):
+        vlmkit.MatchingHead(32, 3)
+    with pytest.raises(TypeError, match="multiple values for argument 'num_classes'"):
+        vlmkit.ClassificationHead(32, 7, num_classes=5)
+    with pytest.raises(TypeError, match="takes 1 to 4 positional arguments"):
+        vlmkit.ClassificationHead(32, 7, 0, 0.0, 1)
+    with pytest.raises(ValueError, match="config key 'head.type': unknown head 'ranking'; expected one of "
+                                         "'classification', 'matching'"):
+        vlmkit.build_model({"architecture": "two_leg", "head": {"type": "ranking"}})
+
+
 def test_gradcheck_float64_attention():
     attn = vlmkit.MultiheadAttention(8, 2).double()
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,11 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
+#include <string>
+
+#include "vlmkit/registry.h"
+
 namespace vlmkit {
 
 /// CLIP's symmetric InfoNCE: mean of the cross-entropies over rows and over
@@ -21,6 +26,21 @@ torch::Tensor classification_loss(const torch::Tensor& logits, const torch::Tens
 
 /// Binary image-text matching: BCE-with-logits; logits [B], labels [B] in {0, 1}.
 torch::Tensor matching_loss(const torch::Tensor& logits, const torch::Tensor& labels);
+
+/// The Two-Tower objective slot (its config's "loss"): a contrastive loss over
+/// the [B, B] image-text logits, matching pairs on the diagonal. Rows register
+/// from src/losses/losses.cpp (VLMKIT_REGISTER(contrastive_loss_table(), ...)).
+struct ContrastiveLossRow {
+  std::string name;
+  /// One line: what it is and where it comes from.
+  std::string doc;
+  /// The model learns an additive logit bias (SigLIP's; its config's
+  /// logit_bias_init), added to the logits for the loss and at inference.
+  bool learned_bias = false;
+  std::function<torch::Tensor(const torch::Tensor& logits_per_image)> loss;
+};
+using ContrastiveLossTable = NamedTable<ContrastiveLossRow>;
+ContrastiveLossTable& contrastive_loss_table();
 
 class ClipLossImpl : public torch::nn::Cloneable<ClipLossImpl> {
  public:

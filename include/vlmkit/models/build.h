@@ -29,6 +29,22 @@ std::shared_ptr<TwoLegImpl<>> make_two_leg(const json& config);
 std::shared_ptr<EncoderDecoderImpl<>> make_encoder_decoder(const json& config);
 std::shared_ptr<EncoderTextDecoderImpl<>> make_encoder_text_decoder(const json& config);
 
+/// The architecture slot (a config's "architecture"): each row builds a model
+/// from its whole config and reads a built model's config back. Rows register
+/// in src/models/build.cpp, beside their make_* functions.
+struct ArchitectureRow {
+  std::string name;
+  /// The class vlmkit exposes in Python (vlmkit.<python_class>).
+  std::string python_class;
+  /// One line: what it is.
+  std::string doc;
+  std::function<std::shared_ptr<torch::nn::Module>(const json& config)> make;
+  /// The complete config of `model` when it is this architecture, else null.
+  std::function<json(const torch::nn::Module& model)> config_of;
+};
+using ArchitectureTable = NamedTable<ArchitectureRow>;
+ArchitectureTable& architecture_table();
+
 /// Builds any architecture; config["architecture"] defaults to "two_tower".
 std::shared_ptr<torch::nn::Module> build_model(const json& config);
 

@@ -21,9 +21,10 @@ struct TwoLegOutput {
 };
 
 /// Template slots: ImageEncoder, TextEncoder, Fusion (contracts in
-/// modules/encoder.h) and Head (forward [B, D] -> [B, C]).
+/// modules/encoder.h) and Head (modules/heads.h: forward [B, D] -> logits, and
+/// its loss).
 template <class ImageEncoder = ImageEncoderModule, class TextEncoder = TextEncoderModule,
-          class Fusion = FusionModule, class Head = ClassificationHeadImpl>
+          class Fusion = FusionModule, class Head = HeadModule>
 class TwoLegImpl : public torch::nn::Module {
  public:
   TwoLegImpl(std::shared_ptr<ImageEncoder> image_encoder_,
@@ -32,12 +33,9 @@ class TwoLegImpl : public torch::nn::Module {
       : torch::nn::Module("vlmkit::TwoLeg"), options(std::move(options_)) {
     TORCH_CHECK_VALUE(image_encoder_ && text_encoder_ && fusion_ && head_,
                       "TwoLeg: image_encoder, text_encoder, fusion and head are all required");
-    TORCH_CHECK_VALUE(head_->options.in_dim() == fusion_->output_dim(),
+    TORCH_CHECK_VALUE(head_->input_dim() == fusion_->output_dim(),
                       "TwoLeg: head input width must equal the fusion output width: expected ",
-                      fusion_->output_dim(), ", got ", head_->options.in_dim());
-    TORCH_CHECK_VALUE(options.head() != HeadType::matching || head_->options.num_classes() == 1,
-                      "TwoLeg: a matching head has exactly 1 output, got num_classes=",
-                      head_->options.num_classes());
+                      fusion_->output_dim(), ", got ", head_->input_dim());
     TORCH_CHECK_VALUE(options.label_smoothing() >= 0.0 && options.label_smoothing() < 1.0,
                       "TwoLeg: label_smoothing must be in [0, 1), got ", options.label_smoothing());
     image_encoder = register_module("image_encoder", std::move(image_encoder_));
@@ -62,12 +60,7 @@ class TwoLegImpl : public torch::nn::Module {
     auto text = text_encoder->forward(token_ids, padding_mask);
     out.fused = fusion->forward(image, text);
     out.logits = head->forward(out.fused);
-    if (options.head() == HeadType::matching) out.logits = out.logits.squeeze(-1);
-    if (labels.defined()) {
-      out.loss = options.head() == HeadType::matching
-                     ? matching_loss(out.logits, labels)
-                     : classification_loss(out.logits, labels, options.label_smoothing());
-    }
+    if (labels.defined()) out.loss = head->loss(out.logits, labels, options.label_smoothing());
     return out;
   }
 
@@ -77,9 +70,7 @@ class TwoLegImpl : public torch::nn::Module {
     out["image_encoder"] = image_encoder->config();
     out["text_encoder"] = text_encoder->config();
     out["fusion"] = fusion->config();
-    json head_config = options_to_json(head->options);
-    head_config["type"] = to_name(options.head());
-    out["head"] = head_config;
+    out["head"] = head->config();
     return out;
   }
 
@@ -90,8 +81,7 @@ class TwoLegImpl : public torch::nn::Module {
   std::shared_ptr<Head> head;
 };
 
-extern template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule,
-                                 ClassificationHeadImpl>;
+extern template class TwoLegImpl<ImageEncoderModule, TextEncoderModule, FusionModule, HeadModule>;
 
 /// Holder for the by-name (runtime-composed) Two-Leg.
 TORCH_MODULE_IMPL(TwoLeg, TwoLegImpl<>);

@@ -55,9 +55,11 @@ class TwoTowerImpl : public torch::nn::Module {
                              std::pow(double(image_encoder->output_dim()), -0.5));
     torch::nn::init::normal_(text_projection->weight, 0.0,
                              std::pow(double(text_encoder->output_dim()), -0.5));
+    const auto& objective = contrastive_loss_table().at(options.loss(), "loss");
+    loss_fn_ = objective.loss;
     logit_scale_log =
         register_parameter("logit_scale", torch::full({}, options.logit_scale_init()));
-    if (options.loss() == ContrastiveLoss::siglip)
+    if (objective.learned_bias)
       logit_bias = register_parameter("logit_bias", torch::full({}, options.logit_bias_init()));
   }
 
@@ -103,8 +105,7 @@ class TwoTowerImpl : public torch::nn::Module {
     out.text_embeds = encode_text(token_ids, padding_mask);
     out.logits_per_image = similarity(out.image_embeds, out.text_embeds);
     out.logits_per_text = out.logits_per_image.t();
-    out.loss = options.loss() == ContrastiveLoss::clip ? clip_loss(out.logits_per_image)
-                                                       : siglip_loss(out.logits_per_image);
+    out.loss = loss_fn_(out.logits_per_image);
     return out;
   }
 
@@ -129,7 +130,10 @@ class TwoTowerImpl : public torch::nn::Module {
   std::shared_ptr<TextEncoder> text_encoder;
   Linear image_projection{nullptr}, text_projection{nullptr};
   torch::Tensor logit_scale_log;  // registered as "logit_scale" (CLIP's name)
-  torch::Tensor logit_bias;       // SigLIP only
+  torch::Tensor logit_bias;       // a loss with a learned bias only (SigLIP)
+
+ private:
+  std::function<torch::Tensor(const torch::Tensor&)> loss_fn_;  // the objective's row
 };
 
 extern template class TwoTowerImpl<ImageEncoderModule, TextEncoderModule>;

@@ -5,27 +5,18 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "vlmkit/detail/enum_names.h"
 
 namespace vlmkit {
 
-enum class Architecture { two_tower, two_leg, encoder_text_decoder, encoder_decoder };
-VLMKIT_ENUM_NAMES(Architecture, "architecture", {Architecture::two_tower, "two_tower"},
-                  {Architecture::two_leg, "two_leg"},
-                  {Architecture::encoder_text_decoder, "encoder_text_decoder"},
-                  {Architecture::encoder_decoder, "encoder_decoder"});
-
-/// Contrastive objectives: CLIP's symmetric InfoNCE (Radford et al. 2021) or
-/// SigLIP's pairwise sigmoid loss (Zhai et al. 2023).
-enum class ContrastiveLoss { clip, siglip };
-VLMKIT_ENUM_NAMES(ContrastiveLoss, "contrastive loss", {ContrastiveLoss::clip, "clip"},
-                  {ContrastiveLoss::siglip, "siglip"});
-
 struct TwoTowerOptions {
   /// Width of the shared embedding space.
   TORCH_ARG(int64_t, embed_dim) = 128;
-  TORCH_ARG(ContrastiveLoss, loss) = ContrastiveLoss::clip;
+  /// The contrastive objective, a row of contrastive_loss_table() (losses/losses.h):
+  /// "clip" (CLIP's InfoNCE) or "siglip" (SigLIP's sigmoid loss, learned bias).
+  TORCH_ARG(std::string, loss) = "clip";
   /// Initial log logit scale: CLIP uses log(1/0.07); SigLIP uses log(10).
   TORCH_ARG(double, logit_scale_init) = std::log(1.0 / 0.07);
   /// CLIP clamps the logit scale (not its log) to at most 100.
@@ -42,12 +33,6 @@ void visit_fields(TwoTowerOptions& o, V& v) {
   v("max_logit_scale", o.max_logit_scale());
   v("logit_bias_init", o.logit_bias_init());
 }
-
-/// Task heads for the Two-Leg model: `classification` over an answer
-/// vocabulary (cross-entropy) or binary image-text `matching` (one logit, BCE).
-enum class HeadType { classification, matching };
-VLMKIT_ENUM_NAMES(HeadType, "head type", {HeadType::classification, "classification"},
-                  {HeadType::matching, "matching"});
 
 struct ClassificationHeadOptions {
   ClassificationHeadOptions(int64_t in_dim = 256, int64_t num_classes = 16)
@@ -67,8 +52,17 @@ void visit_fields(ClassificationHeadOptions& o, V& v) {
   v("dropout", o.dropout());
 }
 
+/// The matching head's: one output.
+struct MatchingHeadOptions : ClassificationHeadOptions {
+  explicit MatchingHeadOptions(int64_t in_dim = 256) : ClassificationHeadOptions(in_dim, 1) {}
+};
+
+template <class V>
+void visit_fields(MatchingHeadOptions& o, V& v) {
+  visit_fields(static_cast<ClassificationHeadOptions&>(o), v);
+}
+
 struct TwoLegOptions {
-  TORCH_ARG(HeadType, head) = HeadType::classification;
   /// Label smoothing of the classification loss.
   TORCH_ARG(double, label_smoothing) = 0.0;
 };
