@@ -124,55 +124,20 @@ void bind_blocks(py::module_& m) {
   }
 
   // The Two-Leg fusion slot: one class for every fusion (the registry's rows).
-  add_slot_caster<FusionModule>();
-  bind_block<FusionModule>(m, "Fusion")
+  bind_slot_base<FusionModule>(m, "Fusion")
       .def("forward", &FusionModule::forward, py::arg("image"), py::arg("text"), Release())
-      .def("output_dim", &FusionModule::output_dim)
-      .def_property_readonly("options",
-                             [](FusionModule& self) {
-                               auto j = self.config();
-                               j.erase("type");
-                               return to_python(j);
-                             })
-      .def("config_json", [](FusionModule& self) { return self.config().dump(); });
+      .def("output_dim", &FusionModule::output_dim);
   bind_slot_registry(m, fusion_registry(), "make_fusion", "fusion_types", "image_dim", "text_dim");
 
   // The Two-Leg head slot: one class for every head (the registry's rows).
-  add_slot_caster<HeadModule>();
-  bind_block<HeadModule>(m, "Head")
+  bind_slot_base<HeadModule>(m, "Head")
       .def("forward", &HeadModule::forward, py::arg("x"), Release())
       .def("loss", &HeadModule::loss, py::arg("logits"), py::arg("labels"), py::arg("label_smoothing") = 0.0)
-      .def("input_dim", &HeadModule::input_dim)
-      .def_property_readonly("options",
-                             [](HeadModule& self) {
-                               auto j = self.config();
-                               j.erase("type");
-                               return to_python(j);
-                             })
-      .def("config_json", [](HeadModule& self) { return self.config().dump(); });
-  m.def(
-      "make_head",
-      [](const std::string& type, int64_t in_dim, const std::string& options_json) {
-        const auto& row = head_registry().at(type);
-        auto options = parse_json(options_json, "head options");
-        TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
-                          ": expected keyword options, not a type");
-        return row.make(options, row.python_class, in_dim);
-      },
-      py::arg("type"), py::arg("in_dim"), py::arg("options_json") = "{}",
-      "Builds the registered head `type` (see head_types) from its keyword options.");
-  bind_slot_types(m, head_registry(), "head_types");
-  m.def("contrastive_loss_types", [] {
-    py::list out;
-    for (const auto& row : contrastive_loss_table().rows()) {
-      py::dict d;
-      d["name"] = row.name;
-      d["doc"] = row.doc;
-      d["learned_bias"] = row.learned_bias;
-      out.append(d);
-    }
-    return out;
-  }, "The registered Two-Tower losses (config \"loss\"): name, doc, learned_bias, sorted by name.");
+      .def("input_dim", &HeadModule::input_dim);
+  bind_slot_registry(m, head_registry(), "make_head", "head_types", "in_dim");
+  bind_table(m, contrastive_loss_table(), "contrastive_loss_types",
+             "The registered Two-Tower losses (config \"loss\"): name, doc, learned_bias, sorted by name.",
+             [](const ContrastiveLossRow& row, py::dict& d) { d["learned_bias"] = row.learned_bias; });
 
   bind_block<ClipLossImpl>(m, "ClipLoss")
       .def(py::init<>())

@@ -81,20 +81,9 @@ void bind_models(py::module_& m) {
         return model_config(*build_model(config)).dump();
       },
       py::arg("architecture"), "The complete default config of an architecture, as JSON text.");
-  m.def(
-      "architecture_types",
-      [] {
-        py::list out;
-        for (const auto& row : architecture_table().rows()) {
-          py::dict d;
-          d["name"] = row.name;
-          d["python_class"] = row.python_class;
-          d["doc"] = row.doc;
-          out.append(d);
-        }
-        return out;
-      },
-      "The registered architectures (config \"architecture\"): name, python_class and doc, sorted by name.");
+  bind_table(m, architecture_table(), "architecture_types",
+             "The registered architectures (config \"architecture\"): name, python_class and doc, sorted by name.",
+             [](const ArchitectureRow& row, py::dict& d) { d["python_class"] = row.python_class; });
 }
 
 }  // namespace vlmkit::bindings

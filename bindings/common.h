@@ -148,25 +148,50 @@ void bind_slot_types(py::module_& m, Registry& registry, const char* types_name)
        "name.").c_str());
 }
 
-/// `make_name(type, <a>, <b>, options_json)` and `types_name()` for a slot
-/// registry whose rows take two widths (`a`, `b`: their Python names).
-template <class Registry>
-void bind_slot_registry(py::module_& m, Registry& registry, const char* make_name, const char* types_name,
-                        const char* a, const char* b) {
+/// `make_name(type, <widths>..., options_json)` and `types_name()` for a slot
+/// registry whose rows take the widths `Args` (`names`: their Python names).
+template <class Module, class... Args, class... Names>
+void bind_slot_registry(py::module_& m, SlotRegistry<Module, Args...>& registry, const char* make_name,
+                        const char* types_name, Names... names) {
+  static_assert(sizeof...(Args) == sizeof...(Names), "one Python name per width");
   m.def(
       make_name,
-      [&registry](const std::string& type, int64_t first, int64_t second, const std::string& options_json) {
+      [&registry](const std::string& type, Args... widths, const std::string& options_json) {
         const auto& row = registry.at(type);
         auto options = parse_json(options_json, std::string(registry.what()) + " options");
         TORCH_CHECK_VALUE(options.is_object() && !options.contains("type"), row.python_class,
                           ": expected keyword options, not a type");
-        return row.make(options, row.python_class, first, second);
+        return row.make(options, row.python_class, widths...);
       },
-      py::arg("type"), py::arg(a), py::arg(b), py::arg("options_json") = "{}",
+      py::arg("type"), py::arg(names)..., py::arg("options_json") = "{}",
       ("Builds the registered " + std::string(registry.what()) + " `type` (see " + types_name +
        ") from its keyword options.").c_str());
   bind_slot_types(m, registry, types_name);
 }
+
+/// `name()`: the rows of a table, each as the dict `describe(row)` fills.
+template <class Table, class Describe>
+void bind_table(py::module_& m, const Table& table, const char* name, const char* doc, Describe describe) {
+  m.def(
+      name,
+      [&table, describe] {
+        py::list out;
+        for (const auto& row : table.rows()) {
+          py::dict d;
+          d["name"] = row.name;
+          d["doc"] = row.doc;
+          describe(row, d);
+          out.append(d);
+        }
+        return out;
+      },
+      doc);
+}
+
+/// The base class of a module slot, with the `options` (its config less the
+/// type) and `config_json` every slot class has.
+template <class Base>
+ModuleClass<Base> bind_slot_base(py::module_& m, const char* name);
 
 template <class Items>
 py::dict to_dict(const Items& items);
@@ -202,6 +227,20 @@ ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
       .def("train", [](Impl& self, bool mode) { self.train(mode); }, py::arg("mode") = true)
       .def_property_readonly("training", [](Impl& self) { return self.is_training(); })
       .def("_tree_repr", [](Impl& self) { return module_repr(self); });
+  return cls;
+}
+
+template <class Base>
+ModuleClass<Base> bind_slot_base(py::module_& m, const char* name) {
+  add_slot_caster<Base>();
+  auto cls = bind_block<Base>(m, name);
+  cls.def_property_readonly("options",
+                            [](Base& self) {
+                              auto j = self.config();
+                              j.erase("type");
+                              return to_python(j);
+                            })
+      .def("config_json", [](Base& self) { return self.config().dump(); });
   return cls;
 }
 

@@ -111,7 +111,7 @@ class VlmRun:
 
 
 # The VLM stage's steps per precision (docs/training.md, "Mixed precision" and
-# "Sequence packing"): bf16 buys 3x fp32's steps, packing 1.45x more, within the
+# "Sequence packing" measure what each buys): more steps in bf16, within the
 # 15-minute budget of the 2-core reference machine.
 STEPS = {"fp32": 1300, "bf16": 3900}
 

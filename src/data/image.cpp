@@ -162,8 +162,8 @@ void jpeg_silent(j_common_ptr, int) {}  // warnings (e.g. extraneous bytes) are 
 enum class JpegResult { ok, unsupported, too_large, error };
 
 /// Decodes baseline/progressive YCbCr or grayscale JPEG straight to RGB with
-/// libjpeg, scaled by 1/denom (DCT scaling). About 2x faster than
-/// cv::imdecode for the same pixels (no BGR round trip, no extra copies).
+/// libjpeg, scaled by 1/denom (DCT scaling). Faster than cv::imdecode for
+/// the same pixels (no BGR round trip, no extra copies; docs/benchmarks.md).
 /// Other colour spaces (CMYK, YCCK) report `unsupported`; errors fill
 /// `message`. No C++ object with a destructor lives across setjmp.
 JpegResult decode_jpeg_direct(const std::string& bytes, int denom, int64_t max_pixels, cv::Mat* out,

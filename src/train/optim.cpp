@@ -38,8 +38,8 @@ struct AdamWScalars {
 };
 /// One AdamW update of n floats (the moments, the decay and the step) in one
 /// pass; restrict-qualified and branch-free so that it vectorises. The update
-/// is memory-bound: AVX-512 and AVX2 clones of it ran no faster (4.1-4.3 ms
-/// per step of the 1.6 M-parameter VLM either way).
+/// is memory-bound: AVX-512 and AVX2 clones of it ran no faster
+/// (docs/benchmarks.md).
 void adamw_update(float* __restrict p, const float* __restrict grad, float* __restrict m, float* __restrict v,
                   int64_t n, const AdamWScalars k) {
   for (int64_t i = 0; i < n; ++i) {

@@ -22,9 +22,10 @@ namespace vlmkit {
 ///           for forward + backward (benchmarks/attention.py): float32
 ///           inputs, >= 96 queries and keys, and a mask that blocks at least
 ///           half of the kernel's tiles (packed rows: several examples per
-///           row). In bfloat16, ATen's oneDNN GEMMs are 2-5x faster than the
-///           kernel, and in float32 plain causal or unmasked attention is
-///           within 15% either way, so those keep ATen. The rule ignores grad
+///           row). In bfloat16 ATen's oneDNN GEMMs are faster than the
+///           kernel, and in float32 plain causal or unmasked attention gains
+///           nothing, so those keep ATen (docs/benchmarks.md, "Fused
+///           attention", has the measurements). The rule ignores grad
 ///           mode, so a no-grad forward (eval, or an activation-checkpointed
 ///           block's first pass) computes exactly what the training forward does;
 ///   "fused" the fused kernel whenever the inputs qualify;

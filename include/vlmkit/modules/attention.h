@@ -117,8 +117,8 @@ double mask_fill_value(torch::ScalarType dtype);
 /// [B, T, S] (bool: true = blocked; floating: added) and causal (query t at
 /// absolute position past + t sees keys <= past + t), combined; undefined when
 /// there is nothing to mask. Shapes are the caller's to check. The bool masks
-/// are filled at their own size (H times smaller than the scores): filling the
-/// scores through a broadcast bool mask costs 4x the add, in backward too.
+/// are filled at their own size (H times smaller than the scores), cheaper
+/// than filling the scores through a broadcast bool mask, in backward too.
 torch::Tensor attention_bias(const torch::Tensor& key_padding_mask, const torch::Tensor& attn_mask, bool causal,
                              int64_t t, int64_t s, int64_t past, torch::ScalarType dtype, torch::Device device);
 /// Rotary embedding (rotate-half form) of x [B, H, T, Dh] at positions [B, T].

@@ -346,26 +346,14 @@ def rss_mb():
         return int(f.read().split()[1]) * 4096 / 2 ** 20
 config, impl, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 suite.set_device(sys.argv[5])
-if suite.DEVICE.type == "cuda":  # the allocator's own peak: weights, AdamW state, activations
-    model, peer, full = suite.pair(config)
-    net = model if impl == "vlmkit" else peer
-    del model, peer
-    images, ids, labels = suite.batch_for(full, batch)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = suite.vlmkit_loss(net, full, images, ids, labels) if impl == "vlmkit" else net(images, ids, labels)[1]
-        loss.backward()
-        opt.step()
-    torch.cuda.synchronize()
-    print(json.dumps({"peak_rss_mb": torch.cuda.max_memory_allocated() / 2 ** 20, "baseline_rss_mb": 0.0}))
-    sys.exit(0)
+cuda = suite.DEVICE.type == "cuda"  # then the allocator's own peak: weights, AdamW state, activations
 base, peak, done = rss_mb(), [0.0], []
 def sample():
     while not done:
         peak[0] = max(peak[0], rss_mb())
         time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
+if not cuda:
+    threading.Thread(target=sample, daemon=True).start()
 model, peer, full = suite.pair(config)
 net = model if impl == "vlmkit" else peer
 del model, peer
@@ -377,8 +365,12 @@ for _ in range(steps):
     loss.backward()
     opt.step()
 done.append(1)
-time.sleep(0.01)
-print(json.dumps({"peak_rss_mb": max(peak[0], rss_mb()), "baseline_rss_mb": base}))
+if cuda:
+    torch.cuda.synchronize()
+    print(json.dumps({"peak_rss_mb": torch.cuda.max_memory_allocated() / 2 ** 20, "baseline_rss_mb": 0.0}))
+else:
+    time.sleep(0.01)
+    print(json.dumps({"peak_rss_mb": max(peak[0], rss_mb()), "baseline_rss_mb": base}))
 """
 
 
