@@ -69,7 +69,7 @@ class MatchingHeadImpl final : public ClassificationHeadImpl {
   using Options = MatchingHeadOptions;
   static constexpr const char* kName = "matching";
 
-  explicit MatchingHeadImpl(MatchingHeadOptions options_ = {});
+  explicit MatchingHeadImpl(MatchingHeadOptions options_ = MatchingHeadOptions());
   torch::Tensor forward(const torch::Tensor& x) override;
   torch::Tensor loss(const torch::Tensor& logits, const torch::Tensor& labels, double label_smoothing) override;
 };
