@@ -39,8 +39,12 @@ class Trainer:
     """Trains a vlmkit model with AdamW.
 
     Args:
-        model: a vlmkit model (the generative architectures have a built-in loss;
-            others need ``loss``), or any ``torch.nn.Module`` with ``loss``: the
+        model: a vlmkit model, or any ``torch.nn.Module`` with ``loss``. Without
+            ``loss`` a vlmkit model trains on its own: the generative architectures
+            on the Loader's batches, Two-Tower on ``images``, ``input_ids`` (and
+            ``padding_mask``), Two-Leg on those and ``labels``; a CLIP Two-Tower run
+            whose loss sits at its chance value ln(batch) with one text embedding for
+            every caption is reported as collapsed in one line. A plain module: the
             Trainer then trains its parameters in place (names as ``named_parameters``,
             for ``freeze`` and ``group_lr``), and its checkpoints hold them and its
             buffers (``config.json`` is null).
@@ -72,6 +76,9 @@ class Trainer:
                             f"{', '.join(k for k in _OPTIONS if k != 'rank')} (rank comes from torch.distributed)")
         if hasattr(model, "cpp_module"):
             module = model.cpp_module
+            if loss is None:
+                loss = _own_loss(model, options.get("warmup_steps", _OPTIONS["warmup_steps"]),
+                                 options.get("accumulation", _OPTIONS["accumulation"]))
         elif isinstance(model, torch.nn.Module):
             if loss is None:
                 raise TypeError(f"Trainer: a plain torch.nn.Module ({type(model).__name__}) has no built-in loss; "
@@ -160,6 +167,31 @@ class Trainer:
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
         print(f"step {record['step']:6d}/{record['steps']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
               f"{record['samples_per_second']:6.1f} samples/s  eta {eta_text}", flush=True)
+
+
+def _own_loss(model: torch.nn.Module, warmup: int, accumulation: int):
+    """The loss of a Two-Tower or Two-Leg model from a batch dict (None: the C++
+    Trainer's own generative loss). A CLIP Two-Tower run is watched for collapse."""
+    from .metrics import CollapseMonitor
+    from .models import TwoLeg, TwoTower
+    if isinstance(model, TwoLeg):
+        return lambda b: model(b["images"], b["input_ids"], b.get("padding_mask"), labels=b["labels"]).loss
+    if not isinstance(model, TwoTower):
+        return None
+    # ln(batch) is the chance value of CLIP's InfoNCE; SigLIP's loss has no such fixed point.
+    monitor = CollapseMonitor(after_step=warmup) if model.config["loss"] == "clip" else None
+    calls = [0]
+
+    def loss(b: Dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(b["images"], b["input_ids"], b.get("padding_mask"))
+        calls[0] += 1
+        if monitor is not None and len(b["images"]) > 1:
+            message = monitor.update(calls[0] // max(1, accumulation), out.loss.item(), out.text_embeds.detach(),
+                                     len(b["images"]))
+            if message:
+                print(message, flush=True)
+        return out.loss
+    return loss
 
 
 def _batch_source(data) -> "_C.BatchSource":

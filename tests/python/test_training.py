@@ -1,5 +1,6 @@
 """The C++ Trainer from Python, checkpoints across languages, crash safety, DDP, predict."""
 import json
+import math
 import os
 import random
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+
 import torch
 
 import vlmkit
@@ -480,6 +482,32 @@ def test_trainer_on_python_batches_resumes_exactly(tmp_path):
     assert rest == full[8:]  # bit-identical after the resume
     for a, b in zip(net.state_dict().values(), full_net.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_two_tower_and_two_leg_train_on_their_own_loss_and_a_collapse_is_reported(capsys):
+    """Without loss=, the Trainer runs a Two-Tower or Two-Leg model's own loss from the
+    batch names; a CLIP run stuck at ln(batch) with one text embedding says so once."""
+    from vlmkit.train_two_tower import SMALL_CONFIG
+    torch.manual_seed(0)
+    model = vlmkit.build_model(SMALL_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = vlmkit.text.encode_batch(["a red circle", "a blue square", "a green star", "a grey cross"], 32)
+    batches = [{"images": torch.randn(4, 3, 32, 32, generator=g), "input_ids": ids, "padding_mask": mask}
+               for _ in range(4)]
+    summary = vlmkit.Trainer(model, steps=8, lr=1e-3, warmup_steps=1, log_every=0).fit(batches)
+    assert summary["samples"] == 8 * 4 and math.isfinite(summary["loss"])
+    # The same image and caption in every row: every logit equal, the loss exactly ln(4),
+    # whatever the weights do; reported once, after the warmup and 20 steps of patience.
+    same = [{"images": torch.zeros(4, 3, 32, 32), "input_ids": ids[:1].expand(4, -1).contiguous(),
+             "padding_mask": mask[:1].expand(4, -1).contiguous()}]
+    capsys.readouterr()
+    vlmkit.Trainer(model, steps=30, lr=1e-3, warmup_steps=2, log_every=0).fit(same)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("collapse at step")]
+    assert len(lines) == 1 and "ln(4)" in lines[0]
+    leg = vlmkit.build_model({"architecture": "two_leg", "head": {"num_classes": 3},
+                              "image_encoder": SMALL_CONFIG["image_encoder"], "text_encoder": SMALL_CONFIG["text_encoder"]})
+    labelled = [dict(b, labels=torch.tensor([0, 1, 2, 1])) for b in batches]
+    assert vlmkit.Trainer(leg, steps=4, log_every=0).fit(labelled)["samples"] == 16
 
 
 def test_trainer_refuses_what_it_cannot_train_on():
