@@ -36,7 +36,7 @@ def _all_reduce_mean(grads: Sequence[torch.Tensor]) -> None:
 
 
 class Trainer:
-    """Trains a vlmkit model with AdamW.
+    """Trains a vlmkit model, or any torch.nn.Module given a loss, with AdamW.
 
     Args:
         model: a vlmkit model, or any ``torch.nn.Module`` with ``loss``. Without
@@ -45,7 +45,7 @@ class Trainer:
             ``padding_mask``), Two-Leg on those and ``labels``; a CLIP Two-Tower run
             whose loss sits at its chance value ln(batch) with one text embedding for
             every caption is reported as collapsed in one line. A plain module: the
-            Trainer then trains its parameters in place (names as ``named_parameters``,
+            Trainer trains its parameters in place (names as ``named_parameters``,
             for ``freeze`` and ``group_lr``), and its checkpoints hold them and its
             buffers (``config.json`` is null).
         steps, lr, weight_decay, warmup_steps, min_lr_ratio, clip_norm, accumulation:
