@@ -91,9 +91,8 @@ std::shared_ptr<torch::nn::Module> tensor_module(const std::vector<std::pair<std
     size_t start = 0;
     for (size_t dot = dotted.find('.'); dot != std::string::npos; dot = dotted.find('.', start)) {
       const auto part = dotted.substr(start, dot - start);
-      auto children = at->named_children();
-      if (!children.contains(part)) at->register_module(part, std::make_shared<torch::nn::Module>(part));
-      at = at->named_children()[part].get();
+      const auto* child = at->named_children().find(part);
+      at = child ? child->get() : at->register_module(part, std::make_shared<torch::nn::Module>(part)).get();
       start = dot + 1;
     }
     const auto leaf = dotted.substr(start);

@@ -5,6 +5,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <array>
 #include <functional>
 #include <optional>
 #include <sstream>
@@ -35,20 +37,26 @@ inline py::object to_python(const json& value) {
   return py::module_::import("json").attr("loads")(value.dump());
 }
 
+/// The Batch fields by their Python names (the Loader's dict keys).
+inline const std::array<std::pair<const char*, torch::Tensor Batch::*>, 8>& batch_fields() {
+  static const std::array<std::pair<const char*, torch::Tensor Batch::*>, 8> fields{{
+      {"images", &Batch::images},
+      {"image_sizes", &Batch::image_sizes},
+      {"images_per_sample", &Batch::images_per_sample},
+      {"input_ids", &Batch::input_ids},
+      {"labels", &Batch::labels},
+      {"padding_mask", &Batch::padding_mask},
+      {"segment_ids", &Batch::segment_ids},
+      {"indices", &Batch::indices},
+  }};
+  return fields;
+}
+
 /// A training batch as the dict the Python Loader yields.
 inline py::dict batch_to_dict(const Batch& b) {
   py::dict d;  // the defined fields (a Loader's batch defines all but the optional ones)
-  auto put = [&](const char* key, const torch::Tensor& t) {
-    if (t.defined()) d[key] = t;
-  };
-  put("images", b.images);
-  put("image_sizes", b.image_sizes);
-  put("images_per_sample", b.images_per_sample);
-  put("input_ids", b.input_ids);
-  put("labels", b.labels);
-  put("padding_mask", b.padding_mask);
-  put("segment_ids", b.segment_ids);
-  put("indices", b.indices);
+  for (const auto& [key, field] : batch_fields())
+    if ((b.*field).defined()) d[key] = b.*field;
   for (const auto& [name, t] : b.extra) d[py::str(name)] = t;
   return d;
 }
@@ -59,10 +67,6 @@ inline Batch dict_to_batch(const py::handle& item) {
   TORCH_CHECK_TYPE(py::isinstance<py::dict>(item), "Trainer: expected each batch to be a dict of tensors, got ",
                    std::string(py::str(py::type::of(item).attr("__name__"))));
   Batch b;
-  std::map<std::string, torch::Tensor*> fields = {
-      {"images", &b.images},       {"image_sizes", &b.image_sizes}, {"images_per_sample", &b.images_per_sample},
-      {"input_ids", &b.input_ids}, {"labels", &b.labels},           {"padding_mask", &b.padding_mask},
-      {"segment_ids", &b.segment_ids}, {"indices", &b.indices}};
   for (const auto& [key, value] : item.cast<py::dict>()) {
     TORCH_CHECK_TYPE(py::isinstance<py::str>(key), "Trainer: batch keys must be strings");
     const auto name = key.cast<std::string>();
@@ -70,8 +74,9 @@ inline Batch dict_to_batch(const py::handle& item) {
     TORCH_CHECK_TYPE(THPVariable_Check(value.ptr()), "Trainer: batch['", name, "'] must be a tensor, got ",
                      std::string(py::str(py::type::of(value).attr("__name__"))));
     auto t = value.cast<torch::Tensor>();
-    auto it = fields.find(name);
-    if (it != fields.end()) *it->second = t;
+    const auto& fields = batch_fields();
+    auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return name == f.first; });
+    if (it != fields.end()) b.*(it->second) = t;
     else b.extra[name] = t;
   }
   TORCH_CHECK_VALUE(b.images.defined() || b.input_ids.defined() || !b.extra.empty(),
@@ -188,11 +193,6 @@ void bind_table(py::module_& m, const Table& table, const char* name, const char
       doc);
 }
 
-/// The base class of a module slot, with the `options` (its config less the
-/// type) and `config_json` every slot class has.
-template <class Base>
-ModuleClass<Base> bind_slot_base(py::module_& m, const char* name);
-
 template <class Items>
 py::dict to_dict(const Items& items);
 
@@ -230,6 +230,8 @@ ModuleClass<Impl> bind_block(py::module_& m, const char* name) {
   return cls;
 }
 
+/// The base class of a module slot, with the `options` (its config less the
+/// type) and `config_json` every slot class has.
 template <class Base>
 ModuleClass<Base> bind_slot_base(py::module_& m, const char* name) {
   add_slot_caster<Base>();

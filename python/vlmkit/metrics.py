@@ -181,7 +181,8 @@ class CollapseMonitor:
     fraction) of its chance value ln(batch) and the batch's embeddings of different
     inputs one vector (mean pairwise cosine above ``spread``), both for ``patience``
     consecutive steps after step ``after_step`` (the warmup). ``update`` returns the
-    one-line report the first time that holds, else None."""
+    one-line report the first time that holds (``reported_at`` then holds its step),
+    else None."""
 
     def __init__(self, after_step: int = 0, patience: int = 20, tolerance: float = 0.02, spread: float = 0.99):
         if patience < 1 or not 0 < tolerance < 1 or not -1 < spread < 1:
@@ -189,7 +190,7 @@ class CollapseMonitor:
                              f"got {patience}, {tolerance}, {spread}")
         self.after_step, self.patience, self.tolerance, self.spread = after_step, patience, tolerance, spread
         self.run = 0
-        self.reported = False
+        self.reported_at: Optional[int] = None
 
     def update(self, step: int, loss: float, embeddings: torch.Tensor, batch: int) -> Optional[str]:
         if embeddings.ndim != 2 or embeddings.shape[0] < 2:
@@ -203,9 +204,9 @@ class CollapseMonitor:
             cosine = ((unit @ unit.t()).sum() - n).item() / (n * (n - 1))
             flat = cosine > self.spread
         self.run = self.run + 1 if flat else 0
-        if self.run < self.patience or self.reported:
+        if self.run < self.patience or self.reported_at is not None:
             return None
-        self.reported = True
+        self.reported_at = step
         return (f"collapse at step {step}: the loss has been at its chance value ln({batch}) = {chance:.3f} for "
                 f"{self.patience} steps and the embeddings of different inputs are one vector (mean cosine "
                 f"{cosine:.4f}); the run is not learning: lower the learning rate or lengthen the warmup "

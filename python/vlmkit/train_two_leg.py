@@ -117,12 +117,8 @@ def train(run: TwoLegRun = TwoLegRun(), config: Optional[dict] = None,
                 "padding_mask": question_mask[asked_q[sl]], "labels": target[sl]}
                for sl in (slice(i * run.batch_size, (i + 1) * run.batch_size) for i in range(run.steps))]
     before = evaluate(model, eval_images, eval_labels, run.data)
-
-    def loss(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["images"], batch["input_ids"], batch["padding_mask"], labels=batch["labels"]).loss
-
-    trainer = Trainer(model, loss=loss, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay,
-                      warmup_steps=max(1, run.warmup), clip_norm=1.0, log_every=run.log_every if verbose else 0)
+    trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
+                      clip_norm=1.0, log_every=run.log_every if verbose else 0)
     result = trainer.fit(batches, on_log=None if verbose else (lambda record: None))
     after = evaluate(model, eval_images, eval_labels, run.data)
     metrics = {"train_seconds": result["train_seconds"], "samples_per_second": result["samples_per_second"],

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .metrics import CollapseMonitor, retrieval_recall
+from .metrics import retrieval_recall
 from . import text, toy
 from .models import TwoTower
 from .trainer import Trainer
@@ -155,28 +155,17 @@ def train(run: TwoTowerRun = TwoTowerRun(), config: Optional[dict] = None,
                 "padding_mask": caption_mask[labels[sl]]}
                for sl in (slice(i * run.batch_size, (i + 1) * run.batch_size) for i in range(run.steps))]
     before = evaluate(model, eval_images, eval_labels, captions)
-    monitor = CollapseMonitor(after_step=run.warmup)
-    collapsed_at: List[int] = []
-    calls = [0]
-
-    def loss(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(batch["images"], batch["input_ids"], batch["padding_mask"])
-        calls[0] += 1
-        message = monitor.update(calls[0], out.loss.item(), out.text_embeds.detach(), len(batch["images"]))
-        if message and not collapsed_at:
-            collapsed_at.append(calls[0])
-            print(message, flush=True)
-        return out.loss
-
-    trainer = Trainer(model, loss=loss, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay,
-                      warmup_steps=max(1, run.warmup), clip_norm=1.0, log_every=run.log_every if verbose else 0)
+    # The model's own loss, watched for collapse by the Trainer (one line when it happens).
+    trainer = Trainer(model, steps=run.steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
+                      clip_norm=1.0, log_every=run.log_every if verbose else 0)
     result = trainer.fit(batches, on_log=None if verbose else (lambda record: None))
     after = evaluate(model, eval_images, eval_labels, captions)
     metrics = {"train_seconds": result["train_seconds"], "samples_per_second": result["samples_per_second"],
                "final_loss": result["loss"],
                **{f"before/{k}": v for k, v in before.items()}, **after}
-    if collapsed_at:
-        metrics["collapsed_at_step"] = collapsed_at[0]
+    monitor = trainer.collapse_monitor
+    if monitor is not None and monitor.reported_at is not None:
+        metrics["collapsed_at_step"] = monitor.reported_at
     if out_dir:
         save_run(out_dir, model, run, metrics)
     return metrics

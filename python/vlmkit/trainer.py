@@ -74,11 +74,13 @@ class Trainer:
         if unknown:
             raise TypeError(f"Trainer: unexpected option(s) {', '.join(map(repr, unknown))}; the options are "
                             f"{', '.join(k for k in _OPTIONS if k != 'rank')} (rank comes from torch.distributed)")
+        #: The CollapseMonitor watching a CLIP Two-Tower model's own loss (else None).
+        self.collapse_monitor = None
         if hasattr(model, "cpp_module"):
             module = model.cpp_module
             if loss is None:
-                loss = _own_loss(model, options.get("warmup_steps", _OPTIONS["warmup_steps"]),
-                                 options.get("accumulation", _OPTIONS["accumulation"]))
+                loss, self.collapse_monitor = _own_loss(model, options.get("warmup_steps", _OPTIONS["warmup_steps"]),
+                                                        options.get("accumulation", _OPTIONS["accumulation"]))
         elif isinstance(model, torch.nn.Module):
             if loss is None:
                 raise TypeError(f"Trainer: a plain torch.nn.Module ({type(model).__name__}) has no built-in loss; "
@@ -170,14 +172,15 @@ class Trainer:
 
 
 def _own_loss(model: torch.nn.Module, warmup: int, accumulation: int):
-    """The loss of a Two-Tower or Two-Leg model from a batch dict (None: the C++
-    Trainer's own generative loss). A CLIP Two-Tower run is watched for collapse."""
+    """(loss, monitor): the loss of a Two-Tower or Two-Leg model from a batch dict
+    (None: the C++ Trainer's own generative loss), and the CollapseMonitor that
+    watches a CLIP Two-Tower run (reporting in one line), else None."""
     from .metrics import CollapseMonitor
     from .models import TwoLeg, TwoTower
     if isinstance(model, TwoLeg):
-        return lambda b: model(b["images"], b["input_ids"], b.get("padding_mask"), labels=b["labels"]).loss
+        return lambda b: model(b["images"], b["input_ids"], b.get("padding_mask"), labels=b["labels"]).loss, None
     if not isinstance(model, TwoTower):
-        return None
+        return None, None
     # ln(batch) is the chance value of CLIP's InfoNCE; SigLIP's loss has no such fixed point.
     monitor = CollapseMonitor(after_step=warmup) if model.config["loss"] == "clip" else None
     calls = [0]
@@ -191,7 +194,7 @@ def _own_loss(model: torch.nn.Module, warmup: int, accumulation: int):
             if message:
                 print(message, flush=True)
         return out.loss
-    return loss
+    return loss, monitor
 
 
 def _batch_source(data) -> "_C.BatchSource":

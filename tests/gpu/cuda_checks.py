@@ -81,13 +81,15 @@ def main():
     fused = vlmkit.FusedAdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     reference = torch.optim.AdamW(twin.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05, foreach=False)
     args = batch("encoder_decoder", dev)
+    initial = [p.detach().clone() for p in model.parameters()]
     for _ in range(4):
         for m, opt in ((model, fused), (twin, reference)):
             opt.zero_grad()
             m(*args).loss.backward()
             opt.step()
     worst = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
-    moved = any(p.is_cuda for p in model.parameters())
+    moved = all(p.is_cuda for p in model.parameters()) and any(
+        not torch.equal(a, p) for a, p in zip(initial, model.parameters()))
     check("FusedAdamW on cuda steps like torch.optim.AdamW", worst < 1e-5 and moved, f"max |diff| {worst:.2e}")
     # Timings: default encoder-decoder training step and generation on the GPU.
     torch.manual_seed(0)

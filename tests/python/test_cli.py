@@ -111,6 +111,7 @@ def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
     assert cli.main(["train", "--encoder-lr", "-1", "--output", str(tmp_path / "bad")]) == 2
     assert "--encoder-lr must be >= 0" in capsys.readouterr().err
     assert cli.main(["train", "--warmup", "-5", "--output", str(tmp_path / "bad")]) == 2
+    assert "--warmup must be >= 0" in capsys.readouterr().err
     # A rate for a frozen encoder would do nothing: refused by name.
     with pytest.raises(ValueError, match="applies only when the image encoder trains"):
         train(VlmRun(train_scenes=20, steps=1, encoder_lr=1e-4), out_dir=str(tmp_path / "frozen"), verbose=False)

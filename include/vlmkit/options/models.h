@@ -7,8 +7,6 @@
 #include <cstdint>
 #include <string>
 
-#include "vlmkit/detail/enum_names.h"
-
 namespace vlmkit {
 
 struct TwoTowerOptions {
