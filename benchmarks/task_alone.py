@@ -50,10 +50,10 @@ def tasks_of(sample, index, task):
     return [t for t in found if t["kind"] == task]
 
 
-def position_fit(model, size, seed):
+def position_fit(model, size, seed, scenes=1500):
     """R^2 and mean absolute error (pixels) of an object's horizontal centre, fitted
     by least squares from the mean of the encoder tokens under its mask, held out."""
-    dataset = data.SyntheticDataset(1500, image_size=size, seed=seed)
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
     feats, centres = [], []
     with torch.no_grad():
         for i in range(len(dataset)):
