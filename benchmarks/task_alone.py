@@ -1,7 +1,7 @@
 """Can the VLM stage of `vlmkit train` learn one task on its own?
 
     .venv/bin/python benchmarks/task_alone.py --task spatial [--steps 600] [--scenes 3000]
-        [--set decoder.depth=8] [--json out.json]
+        [--pretrain-steps N] [--set decoder.depth=8] [--json out.json]
 
 The default run trains every task at once; when a task stays at its image-blind
 baseline there, this asks whether the same model and recipe learn it with nothing
@@ -30,8 +30,8 @@ import torch
 
 import vlmkit
 from vlmkit import Trainer, data
-from vlmkit.train_vlm import (SMALL_VLM, VALIDATION_SEED_OFFSET, image_tokens_per_placeholder, pretrain_image_encoder,
-                              scene_tasks, write_task_manifest)
+from vlmkit.train_vlm import (SMALL_VLM, VALIDATION_SEED_OFFSET, VlmRun, image_tokens_per_placeholder,
+                              pretrain_image_encoder, scene_tasks, write_task_manifest)
 
 SHORT_TASKS = ("colour", "shape", "count", "spatial", "ocr", "column")
 
@@ -99,6 +99,8 @@ def main():
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--scenes", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-steps", type=int, default=VlmRun.pretrain_steps,
+                        help="stage 1's steps (default: vlmkit train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="results/task_alone", help="folder for the scenes and the run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -131,9 +133,10 @@ def main():
             for t in tasks_of(dataset[i], args.seed * 100_000 + i, args.task):
                 out.write(json.dumps({"image": image, **t}) + "\n")
     model = vlmkit.build_model(config)
-    result = {"task": args.task, "steps": args.steps, "scenes": args.scenes, "lr": args.lr, "set": args.set}
+    result = {"task": args.task, "steps": args.steps, "scenes": args.scenes, "lr": args.lr, "set": args.set,
+              "pretrain_steps": args.pretrain_steps}
     result["position_fit_random_init"] = position_fit(model, size, args.seed + 50_000)
-    stage1 = pretrain_image_encoder(model, 3000, args.seed, 400, precision="bf16", verbose=False)
+    stage1 = pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, precision="bf16", verbose=False)
     result["stage1_tag_f1"] = round(stage1["pretrain/tag_f1"], 3)
     result["position_fit_stage1"] = position_fit(model, size, args.seed + 50_000)
     loader = data.Loader(manifest, batch_size=32, num_workers=2, image_size=size, seed=args.seed, drop_last=True,
