@@ -30,7 +30,7 @@ from vlmkit import checkpoint, data
 from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probes import features, logistic_probe  # noqa: E402
+from probes import features, logistic_probe, publish  # noqa: E402
 
 
 def single_object_columns(n, seed, size):
@@ -85,10 +85,7 @@ def main():
         result["stage1_seconds"] = time.perf_counter() - start
     model.eval()
     result.update(probe(model, model.config["image_encoder"]["image_size"], args.seed))
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,14 @@ def task_shares(manifest_dir, size, batch_size=32, batches=40):
     return out
 
 
+def publish(result, path=None):
+    """Prints a probe's result as JSON, and writes it to `path` when given."""
+    print(json.dumps(result, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/vlm")
@@ -189,10 +197,7 @@ def main():
                                 if d.startswith("synthetic-")), None)
     if folder:
         report["tasks"] = task_shares(folder, size)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    publish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 
 import torch
@@ -33,21 +34,44 @@ from vlmkit import Trainer, data
 from vlmkit.train_vlm import (SMALL_VLM, VALIDATION_SEED_OFFSET, VlmRun, image_tokens_per_placeholder,
                               pretrain_image_encoder, scene_tasks, write_task_manifest)
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probes import publish  # noqa: E402
+
 SHORT_TASKS = ("colour", "shape", "count", "spatial", "ocr", "column")
 
 
-def column_task(sample, index):
-    """The diagnostic look-up: one object of the scene (chosen by its index), its column."""
-    obj = random.Random(index).choice(sample["objects"])
+def column_task(objects, size, index):
+    """The diagnostic look-up: one of a scene's objects (each with "label" and "box",
+    as in a sample and in manifest.jsonl), chosen by the scene's index, and its column."""
+    obj = random.Random(index).choice(objects)
     x1, _, x2, _ = obj["box"]
-    size = sample["image"].shape[1]
     return {"kind": "column", "question": f"Which column is the {obj['label']} in?",
             "answer": str(min(3, int(2 * (x1 + x2) / size)))}
 
 
 def tasks_of(sample, index, task):
-    found = [column_task(sample, index)] if task == "column" else scene_tasks(sample)
+    """The examples of kind `task` of one rendered scene."""
+    size = sample["image"].shape[1]
+    found = [column_task(sample["objects"], size, index)] if task == "column" else scene_tasks(sample)
     return [t for t in found if t["kind"] == task]
+
+
+def write_task_examples(folder, task, seed, size):
+    """folder/tasks-<task>.jsonl from the rendered scenes' manifests (not rendered again)."""
+    out_path = os.path.join(folder, f"tasks-{task}.jsonl")
+    with open(out_path, "w") as out:
+        if task == "column":
+            with open(os.path.join(folder, "manifest.jsonl")) as f:
+                for i, line in enumerate(f):
+                    entry = json.loads(line)
+                    example = column_task(entry["objects"], size, seed * 100_000 + i)
+                    out.write(json.dumps({"image": entry["image"], **example}) + "\n")
+        else:
+            with open(os.path.join(folder, "tasks.jsonl")) as f:
+                for line in f:
+                    if json.loads(line)["kind"] == task:
+                        out.write(line)
+    return out_path
 
 
 def position_fit(model, size, seed, scenes=1500):
@@ -125,13 +149,7 @@ def main():
     size = config["image_encoder"]["image_size"]
     folder = os.path.join(args.work, f"synthetic-{args.scenes}-{size}-seed{args.seed}")
     write_task_manifest(folder, args.scenes, args.seed, size)
-    manifest = os.path.join(folder, f"tasks-{args.task}.jsonl")
-    dataset = data.SyntheticDataset(args.scenes, image_size=size, seed=args.seed)
-    with open(os.path.join(folder, "manifest.jsonl")) as f, open(manifest, "w") as out:
-        for i, line in enumerate(f):
-            image = json.loads(line)["image"]
-            for t in tasks_of(dataset[i], args.seed * 100_000 + i, args.task):
-                out.write(json.dumps({"image": image, **t}) + "\n")
+    manifest = write_task_examples(folder, args.task, args.seed, size)
     model = vlmkit.build_model(config)
     result = {"task": args.task, "steps": args.steps, "scenes": args.scenes, "lr": args.lr, "set": args.set,
               "pretrain_steps": args.pretrain_steps}
@@ -153,10 +171,7 @@ def main():
     accuracy, count = score(model, args.task, 200, args.seed + VALIDATION_SEED_OFFSET, size)
     result["validation_exact_match"] = round(accuracy, 3)
     result["validation_questions"] = count
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    publish(result, args.json)
 
 
 if __name__ == "__main__":

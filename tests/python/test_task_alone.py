@@ -1,5 +1,6 @@
 """benchmarks/task_alone.py, behind docs/training.md's "One task alone": its
 diagnostic task and its place fit must measure what they say."""
+import json
 import pathlib
 import sys
 import types
@@ -43,3 +44,17 @@ def test_position_fit_reads_a_place_the_tokens_hold_and_not_one_they_do_not():
     assert placed["r2"] > 0.9 and placed["mean_abs_error_px"] < 3
     blind = task_alone.position_fit(types.SimpleNamespace(image_encoder=_Encoder(False)), 64, 1, scenes=200)
     assert blind["r2"] < 0.2  # held out: a fit scored on its own data would read higher
+
+
+def test_training_examples_from_the_manifests_match_the_rendered_scenes(tmp_path):
+    # The training file is written from manifest.jsonl / tasks.jsonl without rendering
+    # again: it must hold what the rendered scenes give (the validation side's path).
+    from vlmkit.train_vlm import write_task_manifest
+    write_task_manifest(str(tmp_path), 30, 2, 64)
+    dataset = data.SyntheticDataset(30, image_size=64, seed=2)
+    for task in ("column", "shape", "spatial"):
+        with open(task_alone.write_task_examples(str(tmp_path), task, 2, 64)) as f:
+            written = [json.loads(line) for line in f]
+        expected = [t for i in range(30) for t in task_alone.tasks_of(dataset[i], 2 * 100_000 + i, task)]
+        assert [{k: e[k] for k in ("kind", "question", "answer")} for e in written] == expected
+        assert len(written) > 0
