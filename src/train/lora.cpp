@@ -18,7 +18,13 @@ namespace vlmkit {
 
 // ------------------------------------------------------------------ the layer
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
-  auto out = torch::nn::functional::linear(input, weight, bias);
+  // at::linear, not torch::nn::functional::linear: LibTorch 1.13's C++ functional
+  // is matmul then `out += bias`, outside the op autocast wraps, so under bf16
+  // autocast it adds a float32 bias to a bfloat16 product in place (ATen's slow
+  // type-promoting path: 20-30 ms for a [32, 64, 512] output on two cores, a third of a
+  // training step; docs/benchmarks.md, "bf16: the bias add"). at::linear is cast as
+  // one op (bias included) and fuses the bias into addmm for 2-D and 3-D inputs.
+  auto out = at::linear(input, weight, bias);
   if (!has_lora() || merged_) return out;
   auto x = dropout_ > 0 && is_training() ? torch::dropout(input, dropout_, true) : input;
   return out + lora_B->forward(lora_A->forward(x)) * lora_scaling();

@@ -423,6 +423,24 @@ TEST_CASE("trainer: bf16 autocast trains, restores the autocast state, refuses u
                       Catch::Contains("precision must be 'fp32' or 'bf16'"));
 }
 
+TEST_CASE("Linear under bf16 autocast is one cast op, bias included (as torch's linear in Python)", "[lora][bf16]") {
+  torch::manual_seed(0);
+  vlmkit::Linear layer(torch::nn::LinearOptions(16, 24));
+  for (auto shape : {std::vector<int64_t>{7, 16}, {2, 5, 16}}) {
+    auto x = torch::randn(shape);
+    torch::Tensor got;
+    {
+      vlmkit::detail::Autocast guard(torch::kCPU, torch::kBFloat16);
+      got = layer->forward(x);
+    }
+    // What autocast's linear computes: every argument cast to bfloat16, one op.
+    auto want = at::linear(x.to(torch::kBFloat16), layer->weight.to(torch::kBFloat16),
+                           layer->bias.to(torch::kBFloat16));
+    REQUIRE(got.scalar_type() == torch::kBFloat16);
+    REQUIRE(torch::equal(got, want));
+  }
+}
+
 TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]") {
   torch::manual_seed(0);
   std::vector<torch::Tensor> a, b, initial;
