@@ -298,7 +298,7 @@ void bind_data(py::module_& m) {
   auto read = [policy](const std::string& format, const std::string& path, const std::string& image_root,
                        const std::string& bad_samples, ReadReport* report) {
     const auto p = policy(bad_samples);
-    if (format == "jsonl") return read_jsonl_manifest(path, p, report);
+    if (format == "jsonl") return read_jsonl_manifest(path, p, report, image_root);
     if (format == "llava") return read_llava_json(path, image_root, p, report);
     if (format == "coco_captions") return read_coco_captions(path, image_root, p, report);
     if (format == "coco_instances") return read_coco_instances(path, image_root, p, report);

@@ -148,6 +148,17 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                            or args.activation_checkpointing):
         raise CliError("--from uses the checkpoint's model; drop --projector/--fusion/--image-size/--d-model/--depth/"
                        "--activation-checkpointing")
+    task_weights = None
+    if args.task_weights is not None:
+        task_weights = {}
+        for item in (t for t in args.task_weights.split(",") if t):
+            kind, sep, value = item.partition("=")
+            try:
+                task_weights[kind.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not kind.strip():
+                raise CliError(f"--task-weights: expected KIND=WEIGHT[,KIND=WEIGHT...], got {item!r}")
     run = VlmRun(steps=args.steps or VlmRun.steps, batch_size=args.batch_size or VlmRun.batch_size,
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
@@ -158,7 +169,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
-                 precision=precision, pack_to=args.pack_to)
+                 precision=precision, pack_to=args.pack_to,
+                 **({} if task_weights is None else {"task_weights": task_weights}))
     output = args.output or ("runs/lora" if args.lora_rank else "runs/vlm")
     metrics = train(run, config=None if args.init_from else _model_config(args), out_dir=output,
                     resume=not args.no_resume, verbose=True)
@@ -459,6 +471,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pack-to", type=int, default=-1,
                    help="sequence packing: each batch's examples share rows of at most this many decoder positions "
                         "(default -1: the decoder's max_len; 0: one example per row)")
+    p.add_argument("--task-weights", default=None,
+                   help="sampling weight per task kind in the VLM stage, e.g. detection=0.5,colour=2 (kinds not named "
+                        "weigh 1; default: the run's; '' for all 1)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -110,6 +110,11 @@ class VlmRun:
     # positions (the same examples, loss and gradients; fewer padded positions:
     # docs/training.md, "Sequence packing"). -1: the decoder's max_len; 0: one example per row.
     pack_to: int = -1
+    # Sampling weight of each task kind in the VLM stage: every example of a kind of
+    # weight w is in an epoch floor(w) times, plus once more with probability
+    # w - floor(w) (drawn once, from the run's seed); kinds not named weigh 1.
+    # Measured in docs/training.md ("Task weights").
+    task_weights: Dict[str, float] = field(default_factory=dict)
 
 
 # The VLM stage's steps per precision (docs/training.md, "Mixed precision" and
@@ -165,6 +170,43 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int) ->
                 out.write(json.dumps({"image": entry["image"], **task}) + "\n")
     os.replace(manifest + ".partial", manifest)
     return manifest
+
+
+def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folder: str, write: bool = True) -> str:
+    """A tasks JSONL in ``folder`` in which each example of kind k appears
+    floor(w_k) times plus once more with probability frac(w_k) (one draw per example
+    from ``seed``; kinds not in ``weights`` once). The manifest itself when every
+    weight is 1. With ``write`` False only the path (another rank writes it)."""
+    import random
+    for kind, w in weights.items():
+        if not isinstance(kind, str) or not isinstance(w, (int, float)) or not (0 <= w <= 100) or w != w:
+            raise ValueError(f"task weight of {kind!r} must be a number in [0, 100], got {w!r}")
+    if all(w == 1 for w in weights.values()):
+        return manifest
+    tag = "-".join(f"{k}{weights[k]:g}" for k in sorted(weights) if weights[k] != 1)
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, f"tasks-w{tag}-seed{seed}.jsonl")
+    if not write:
+        return out
+    rng = random.Random(seed)
+    written, seen = 0, set()
+    with open(manifest) as f, open(out + ".partial", "w") as dst:
+        for line in f:
+            kind = json.loads(line).get("kind", "")
+            seen.add(kind)
+            w = weights.get(kind, 1.0)
+            copies = int(w) + (rng.random() < w - int(w))
+            dst.write(line * copies)
+            written += copies
+    unknown = sorted(set(weights) - seen)
+    if unknown:
+        os.remove(out + ".partial")
+        raise ValueError(f"task weights name kinds the data does not have: {unknown}; its kinds are {sorted(seen)}")
+    if written == 0:
+        os.remove(out + ".partial")
+        raise ValueError(f"task weights {weights} leave no training examples")
+    os.replace(out + ".partial", out)
+    return out
 
 
 def majority_answers(scenes: int, seed: int, image_size: int) -> Dict[str, str]:
@@ -561,10 +603,19 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         if distributed:
             dist.barrier()
         manifest = os.path.join(data_dir, "tasks.jsonl")
+    # Images are named relative to the examples file they come from.
+    image_root = os.path.dirname(os.path.abspath(manifest))
+    if run.task_weights:
+        if rank == 0:
+            weighted_manifest(manifest, run.task_weights, run.seed, out_dir)
+        if distributed:
+            dist.barrier()
+        manifest = weighted_manifest(manifest, run.task_weights, run.seed, out_dir, write=False)
     if run.pack_to < -1:
         raise ValueError(f"pack_to must be -1 (the decoder's max_len), 0 (off) or a budget, got {run.pack_to}")
     pack_to = model.config["decoder"]["max_len"] if run.pack_to == -1 else run.pack_to
-    loader = data.Loader(manifest, batch_size=run.batch_size // world, num_workers=run.workers, image_size=size,
+    loader = data.Loader(manifest, image_root=image_root, batch_size=run.batch_size // world, num_workers=run.workers,
+                         image_size=size,
                          seed=run.seed, drop_last=True, color_jitter=0.1, rank=rank, world_size=world,
                          pack_to=pack_to, pack_image_tokens=image_tokens_per_placeholder(model, size))
     adapted: List[str] = []

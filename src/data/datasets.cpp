@@ -193,10 +193,13 @@ std::string segmentation_answer_of(const std::vector<std::string>& labels, const
   return segmentation_answer(labels, simple, width, height);
 }
 
-std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy, ReadReport* report) {
+std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy, ReadReport* report,
+                                        const std::string& image_root) {
   std::ifstream in(path);
   if (!in) throw FileNotFoundError("manifest not found or not readable: '" + path + "'");
-  const fs::path root = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
+  const fs::path root = !image_root.empty()                  ? fs::path(image_root)
+                        : fs::path(path).parent_path().empty() ? fs::path(".")
+                                                               : fs::path(path).parent_path();
   Problems problems{policy, report, path};
   std::vector<Record> out;
   std::string line;

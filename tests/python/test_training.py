@@ -598,3 +598,28 @@ def test_fused_adamw_steps_like_torch_adamw():
         vlmkit.FusedAdamW(model.parameters(), betas=(1.0, 0.9))
     with pytest.raises(ValueError, match="at least one parameter"):
         vlmkit.FusedAdamW([])
+
+
+def test_task_weights_repeat_and_thin_examples_by_kind(manifest, tmp_path):
+    from vlmkit.train_vlm import weighted_manifest
+    lines = [json.loads(l) for l in open(manifest)]
+    kinds = {k: sum(e["kind"] == k for e in lines) for k in {e["kind"] for e in lines}}
+    assert weighted_manifest(manifest, {"caption": 1}, 0, str(tmp_path)) == manifest  # nothing to reweigh
+    out = weighted_manifest(manifest, {"colour": 2, "detection": 0, "segment": 0.5}, 0, str(tmp_path))
+    got = [json.loads(l) for l in open(out)]
+    count = {k: sum(e["kind"] == k for e in got) for k in kinds}
+    assert count["colour"] == 2 * kinds["colour"] and count["detection"] == 0
+    assert count["caption"] == kinds["caption"] and 0 <= count["segment"] <= kinds["segment"]
+    # The same draws from the same seed; the examples are the manifest's own.
+    assert open(weighted_manifest(manifest, {"colour": 2, "detection": 0, "segment": 0.5}, 0, str(tmp_path))).read() \
+        == open(out).read()
+    assert all(e in lines for e in got)
+    # Images stay where the manifest names them: the Loader reads the weighted file with its root.
+    loader = data.Loader(out, image_root=os.path.dirname(manifest), batch_size=2, image_size=32)
+    assert next(iter(loader))["images"].shape[0] == 2
+    with pytest.raises(ValueError, match="kinds the data does not have: \\['colour2'\\]"):
+        weighted_manifest(manifest, {"colour2": 2}, 0, str(tmp_path))
+    with pytest.raises(ValueError, match="must be a number in \\[0, 100\\]"):
+        weighted_manifest(manifest, {"colour": -1}, 0, str(tmp_path))
+    with pytest.raises(ValueError, match="leave no training examples"):
+        weighted_manifest(manifest, {k: 0 for k in kinds}, 0, str(tmp_path))

@@ -73,10 +73,11 @@ struct ReadReport {
 /// style), or "question"/"answer", or "text"/"caption"; optional "boxes"
 /// ([[x1, y1, x2, y2]] pixels) with "labels", optional "polygons" ([[x1, y1,
 /// x2, y2, x3, y3, ...]] pixels, one per object; the boxes default to their
-/// bounding rectangles). Blank lines are ignored. Image paths that escape the
-/// manifest's folder are malformed.
+/// bounding rectangles). Blank lines are ignored. Relative image paths are
+/// resolved against image_root (empty: the manifest's folder); paths that
+/// escape it are malformed.
 std::vector<Record> read_jsonl_manifest(const std::string& path, BadSamplePolicy policy = BadSamplePolicy::raise,
-                                        ReadReport* report = nullptr);
+                                        ReadReport* report = nullptr, const std::string& image_root = "");
 /// LLaVA conversation JSON: [{"image": ..., "conversations": [{"from": "human"|"gpt", "value": ...}]}].
 std::vector<Record> read_llava_json(const std::string& path, const std::string& image_root,
                                     BadSamplePolicy policy = BadSamplePolicy::raise, ReadReport* report = nullptr);
