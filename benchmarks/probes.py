@@ -15,6 +15,10 @@
 4. Padding: the share of text positions in the Loader's batches that hold no token.
 5. With --capacity: the same image encoder trained on shape alone, for comparison
    with what the VLM made of it.
+6. Which wrong answers: each colour and shape question of the validation scenes
+   answered by greedy decoding, the misses split into "another object's" (the
+   colour or shape of an object the question does not name: a look-up of the
+   wrong object) and "absent" (none in the scene), and accuracy by object count.
 """
 import argparse
 import collections
@@ -167,6 +171,36 @@ def task_shares(manifest_dir, size, batch_size=32, batches=40):
     return out
 
 
+def question_errors(model, size, scenes=200):
+    """Item 6 on the validation scenes (offset VALIDATION_SEED_OFFSET): per kind,
+    {"right", "another_object", "absent"} counts and accuracy by objects per scene."""
+    from vlmkit.train_vlm import VALIDATION_SEED_OFFSET
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=VALIDATION_SEED_OFFSET)
+    rows = []
+    for i in range(scenes):
+        sample = dataset[i]
+        pixels, _ = data.preprocess(sample["image"], size, "square", normalize="clip")
+        rows += [(pixels, t, sample) for t in scene_tasks(sample) if t["kind"] in ("colour", "shape")]
+    out = {k: {"right": 0, "another_object": 0, "absent": 0, "by_objects": {}} for k in ("colour", "shape")}
+    with torch.no_grad():
+        for start in range(0, len(rows), 32):
+            part = rows[start:start + 32]
+            answers = model.generate(torch.stack([p for p, _, _ in part]),
+                                     [data.chat_prompt("<image>" + t["question"]) for _, t, _ in part], 12)
+            for answer, (_, task, sample) in zip(answers, part):
+                kind = out[task["kind"]]
+                word = 0 if task["kind"] == "colour" else 1
+                present = {o["label"].split()[word] for o in sample["objects"]}
+                right = answer == task["answer"]
+                kind["right" if right else "another_object" if answer in present else "absent"] += 1
+                seen = kind["by_objects"].setdefault(str(len(sample["objects"])), [0, 0])
+                seen[0] += right
+                seen[1] += 1
+    for kind in out.values():
+        kind["by_objects"] = {n: round(r / t, 3) for n, (r, t) in sorted(kind["by_objects"].items())}
+    return out
+
+
 def publish(result, path=None):
     """Prints a probe's result as JSON, and writes it to `path` when given."""
     print(json.dumps(result, indent=1))
@@ -190,7 +224,7 @@ def main():
     size = trained.config["image_encoder"]["image_size"]
     random_init = vlmkit.build_model(trained.config)
     report = {"probe_trained": probe_shapes(trained, size, 0), "probe_random_init": probe_shapes(random_init, size, 0),
-              "saliency_trained": saliency(trained, size, 0)}
+              "saliency_trained": saliency(trained, size, 0), "question_errors": question_errors(trained, size)}
     if args.capacity:
         report["encoder_alone_on_shape"] = encoder_alone(trained.config)
     folder = args.data or next((os.path.join(args.checkpoint, d) for d in sorted(os.listdir(args.checkpoint))

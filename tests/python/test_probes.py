@@ -48,3 +48,32 @@ def test_task_shares_see_no_padding_when_every_example_has_the_same_length(tmp_p
         for answer in ("red", "tea", "dog", "sun"):
             f.write(json.dumps({"image": "a.png", "kind": "ocr", "question": "Q?", "answer": answer}) + "\n")
     assert probes.task_shares(str(tmp_path), 32, batch_size=2, batches=2)["padded_text_positions"] == 0.0
+
+
+def test_question_errors_split_misses_into_another_objects_and_absent():
+    from vlmkit import data
+    from vlmkit.train_vlm import VALIDATION_SEED_OFFSET, scene_tasks
+    scenes = 12
+    dataset = data.SyntheticDataset(scenes, image_size=32, seed=VALIDATION_SEED_OFFSET)
+    asked = [(t, dataset[i]) for i in range(scenes) for t in scene_tasks(dataset[i]) if t["kind"] in ("colour", "shape")]
+
+    class Scripted:
+        """Answers from a list, in the order the probe asks."""
+        def __init__(self, answers):
+            self.answers = list(answers)
+
+        def generate(self, images, prompts, budget):
+            out, self.answers = self.answers[:len(prompts)], self.answers[len(prompts):]
+            return out
+
+    right = probes.question_errors(Scripted(t["answer"] for t, _ in asked), 32, scenes)
+    assert right["colour"]["right"] + right["shape"]["right"] == len(asked)
+    assert set(right["colour"]["by_objects"].values()) == {1.0}
+    # The first object's attribute: right when the question names it, else another object's.
+    first = [s["objects"][0]["label"].split()[0 if t["kind"] == "colour" else 1] for t, s in asked]
+    mixed = probes.question_errors(Scripted(first), 32, scenes)
+    wrong = sum(a != t["answer"] for a, (t, _) in zip(first, asked))
+    assert wrong > 0 and mixed["colour"]["another_object"] + mixed["shape"]["another_object"] == wrong
+    assert mixed["colour"]["absent"] == mixed["shape"]["absent"] == 0
+    absent = probes.question_errors(Scripted(["nothing"] * len(asked)), 32, scenes)
+    assert absent["colour"]["absent"] + absent["shape"]["absent"] == len(asked)
