@@ -1,6 +1,7 @@
 // The vlmkit._C extension: version, threads, and the bound modules.
 #include "common.h"
 #include "vlmkit/kernels/attention.h"
+#include "vlmkit/kernels/decode.h"
 #include "vlmkit/runtime.h"
 
 namespace py = pybind11;
@@ -34,6 +35,11 @@ PYBIND11_MODULE(_C, m) {
         "as packed rows do; whatever the grad mode), \"fused\" (whenever the inputs qualify) or \"aten\" "
         "(matmul, softmax, matmul).");
   m.def("attention_kernel", &vlmkit::attention_kernel, "The attention_kernel setting in force.");
+  m.def("set_decode_kernel", &vlmkit::set_decode_kernel, py::arg("kernel"),
+        "Which implementation generation's cached steps run on CPU: \"auto\" (the fused decoding step "
+        "where the decoder qualifies: float32 weights, no autocast, no unmerged LoRA adapter) or \"aten\" "
+        "(the decoder's forward per step).");
+  m.def("decode_kernel", &vlmkit::decode_kernel, "The decode_kernel setting in force.");
   m.def(
       "fused_attention",
       [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& bias,

@@ -30,6 +30,8 @@ thread_info = _C.thread_info
 apply_default_threads = _C.apply_default_threads
 set_attention_kernel = _C.set_attention_kernel
 attention_kernel = _C.attention_kernel
+set_decode_kernel = _C.set_decode_kernel
+decode_kernel = _C.decode_kernel
 fused_attention = _C.fused_attention
 
 
@@ -120,6 +122,6 @@ __all__ = [
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
-    "fused_attention", "set_attention_kernel",
+    "fused_attention", "set_attention_kernel", "set_decode_kernel", "decode_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
 ] + sorted(_PROJECTORS) + sorted(_FUSIONS) + sorted(_HEADS)

@@ -13,6 +13,7 @@
 #include "vlmkit/config.h"
 #include "vlmkit/generate/boxes.h"
 #include "vlmkit/generate/json_schema.h"
+#include "vlmkit/kernels/decode.h"
 #include "vlmkit/models/generative.h"
 #include "../internal.h"
 
@@ -61,8 +62,11 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 /// whole sequence so far; `select` reorders the rows after a beam step.
 class DecoderRunner {
  public:
-  DecoderRunner(TextDecoderImpl& decoder, const DecoderInputs& prompt, AttentionPolicy policy, bool use_cache)
-      : decoder_(decoder), prompt_(prompt), policy_(policy), use_cache_(use_cache), cache_(decoder.make_cache()),
+  /// capacity: the most positions a row will hold (prompt and new tokens).
+  DecoderRunner(TextDecoderImpl& decoder, const DecoderInputs& prompt, AttentionPolicy policy, bool use_cache,
+                int64_t capacity)
+      : decoder_(decoder), prompt_(prompt), policy_(policy), use_cache_(use_cache), capacity_(capacity),
+        cache_(decoder.make_cache()),
         seq_(prompt.embeds), seq_mask_(prompt.padding_mask), seq_pos_(prompt.positions),
         last_pos_(prompt.positions.select(1, prompt.positions.size(1) - 1)) {}
 
@@ -73,8 +77,20 @@ class DecoderRunner {
     if (use_cache_) {
       if (policy_ == AttentionPolicy::prefix_lm)  // the whole prompt is prefix
         attn = torch::zeros({n, len, len}, torch::TensorOptions().dtype(torch::kBool).device(prompt_.embeds.device()));
-      return last_logits(decoder_.forward(prompt_.embeds, prompt_.padding_mask, prompt_.positions, attn,
-                                          prompt_.context, prompt_.context_mask, &cache_));
+      auto logits = last_logits(decoder_.forward(prompt_.embeds, prompt_.padding_mask, prompt_.positions, attn,
+                                                 prompt_.context, prompt_.context_mask, &cache_));
+      // Later steps: the fused kernel where the decoder qualifies, from this cache.
+      if (capacity_ > len && detail::fused_decode_unsupported(decoder_, prompt_.embeds).empty()) {
+        std::vector<std::pair<torch::Tensor, torch::Tensor>> self_kv, cross_kv;
+        for (const auto& layer : cache_.layers) {
+          self_kv.emplace_back(layer.self.key, layer.self.value);
+          cross_kv.emplace_back(layer.cross.key, layer.cross.value);
+        }
+        fused_ = std::make_unique<kernels::FusedDecoder>(detail::decode_weights(decoder_), self_kv, cache_.padding_mask,
+                                                          cross_kv, prompt_.context_mask, capacity_);
+        cache_ = decoder_.make_cache();  // the kernel holds its own copy
+      }
+      return logits;
     }
     return full_forward();
   }
@@ -84,6 +100,7 @@ class DecoderRunner {
     const int64_t n = ids.size(0);
     const auto device = prompt_.embeds.device();
     last_pos_ = last_pos_ + 1;
+    if (fused_) return fused_->step(ids, pad, last_pos_);
     // Generated ids are in range by construction: skip embed()'s range check
     // (two device syncs per step).
     auto embeds = decoder_.token_embed->forward(ids.view({n, 1}).to(device));
@@ -99,7 +116,9 @@ class DecoderRunner {
 
   /// Rows take the state of rows `index` [N] (beam search).
   void select(const torch::Tensor& index) {
-    if (use_cache_) {
+    if (fused_) {
+      fused_->select(index);
+    } else if (use_cache_) {
       cache_.select(index);
     } else {
       seq_ = seq_.index_select(0, index);
@@ -122,7 +141,9 @@ class DecoderRunner {
   const DecoderInputs& prompt_;
   AttentionPolicy policy_;
   bool use_cache_;
+  int64_t capacity_;
   DecoderCache cache_;
+  std::unique_ptr<kernels::FusedDecoder> fused_;  // set by prefill() where the decoder qualifies
   torch::Tensor seq_, seq_mask_, seq_pos_, last_pos_;  // seq_*: the no-cache path's whole sequence
 };
 
@@ -234,6 +255,99 @@ GenerationOutput best_hypotheses(const Hypotheses& h, const torch::Tensor& beam_
 }
 }  // namespace
 
+namespace detail {
+std::string fused_decode_unsupported(TextDecoderImpl& decoder, const torch::Tensor& embeds) {
+  if (decode_kernel() != "auto") return "decode_kernel is \"aten\"";
+  if (!embeds.device().is_cpu()) return "not on the CPU";
+  if (at::autocast::is_cpu_enabled()) return "autocast";
+  if (decoder.is_training() && decoder.options.dropout() > 0) return "dropout while training";
+  for (const auto& p : decoder.parameters())
+    if (!p.device().is_cpu() || p.scalar_type() != torch::kFloat) return "weights that are not float32 on the CPU";
+  for (const auto& m : decoder.modules(/*include_self=*/false))
+    if (const auto* l = m->as<LinearImpl>(); l && l->has_lora() && !l->merged()) return "an unmerged LoRA adapter";
+  return "";
+}
+
+kernels::DecodeWeights decode_weights(TextDecoderImpl& decoder) {
+  const auto held = [](auto& holder) { return holder.is_empty() ? nullptr : holder.get(); };
+  kernels::DecodeWeights w;
+  const auto keep = [&w](const torch::Tensor& t) -> const float* {
+    if (!t.defined()) return nullptr;
+    w.storage.push_back(t.detach().contiguous());
+    return w.storage.back().data_ptr<float>();
+  };
+  const auto linear = [&keep](LinearImpl* l) {
+    kernels::DecodeLinear out;
+    if (!l) return out;
+    out.weight = keep(l->weight);
+    out.bias = keep(l->bias);
+    out.out = l->weight.size(0);
+    out.in = l->weight.size(1);
+    return out;
+  };
+  const auto norm = [&keep](NormImpl* n) {
+    kernels::DecodeNorm out;
+    if (!n) return out;
+    out.weight = keep(n->weight);
+    out.bias = n->type == NormType::layernorm ? keep(n->bias) : nullptr;
+    out.eps = float(n->eps);
+    out.dim = n->dim;
+    return out;
+  };
+  const auto attention = [&](MultiheadAttentionImpl* a) {
+    kernels::DecodeAttention out;
+    if (!a) return out;
+    out.q = linear(held(a->q_proj));
+    out.k = linear(held(a->k_proj));
+    out.v = linear(held(a->v_proj));
+    out.o = linear(held(a->out_proj));
+    out.kv_heads = a->kv_heads();
+    out.qk_norm = !a->q_norm.is_empty();
+    out.q_norm = norm(held(a->q_norm));
+    out.k_norm = norm(held(a->k_norm));
+    return out;
+  };
+  const auto& o = decoder.options;
+  w.d_model = o.d_model();
+  w.num_heads = o.num_heads();
+  w.kv_heads = o.num_kv_heads() > 0 ? o.num_kv_heads() : o.num_heads();
+  w.head_dim = o.d_model() / o.num_heads();
+  w.vocab = o.vocab_size();
+  w.max_len = o.max_len();
+  w.rotary = o.pos_embedding() == DecoderPosition::rotary;
+  w.rope_theta = o.rope_theta();
+  w.token_embed = keep(decoder.token_embed->weight);
+  w.pos_embed = decoder.pos_embed.defined() ? keep(decoder.pos_embed[0]) : nullptr;
+  w.lm_head = decoder.lm_head ? keep(decoder.lm_head->weight) : nullptr;
+  w.final_norm = norm(held(decoder.norm));
+  for (const auto& block : *decoder.blocks) {
+    auto* b = block->as<TransformerBlockImpl>();
+    kernels::DecodeLayer l;
+    l.norm1 = norm(held(b->norm1));
+    l.norm2 = norm(held(b->norm2));
+    l.self = attention(held(b->self_attn));
+    l.has_cross = b->options.cross_attention();
+    if (l.has_cross) {
+      l.norm_cross = norm(held(b->norm_cross));
+      l.cross = attention(held(b->cross_attn));
+      l.cross_gate = b->cross_gate.defined() ? std::tanh(b->cross_gate.item<float>()) : 1.0f;
+    }
+    l.swiglu = b->options.mlp() == MlpType::swiglu;
+    if (l.swiglu) {
+      l.gate = linear(held(b->gate_proj));
+      l.up = linear(held(b->up_proj));
+      l.down = linear(held(b->down_proj));
+    } else {
+      l.fc1 = linear(held(b->fc1));
+      l.fc2 = linear(held(b->fc2));
+    }
+    w.layers.push_back(std::move(l));
+  }
+  return w;
+}
+
+}  // namespace detail
+
 GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs prompt,
                                       AttentionPolicy policy, const GenerationOptions& o,
                                       const ConstraintFactory& constraint, const TokenCallback& callback) {
@@ -267,7 +381,7 @@ GenerationOutput generate_from_inputs(TextDecoderImpl& decoder, DecoderInputs pr
   c10::optional<at::Generator> generator;
   if (o.do_sample() && o.seed() >= 0) generator = at::make_generator<at::CPUGeneratorImpl>(uint64_t(o.seed()));
 
-  DecoderRunner runner(decoder, prompt, policy, o.use_cache());
+  DecoderRunner runner(decoder, prompt, policy, o.use_cache(), prompt_len + budget);
   auto logits = runner.prefill();  // [N, V]
   auto beam_scores = torch::zeros({n}, torch::TensorOptions().dtype(torch::kDouble));
   if (k > 1)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "vlmkit/runtime.h"
+#include "vec_math.h"
 
 namespace vlmkit {
 namespace {
@@ -41,31 +42,6 @@ constexpr int64_t kRows = 16;  // query rows per tile of the skip map
 // exactly 0 in float32 for any score a finite model produces.
 constexpr double kBlocked = -1e30;
 
-// exp for float32, written so that GCC and Clang vectorise loops over it
-// (branch-free: round-to-nearest by the 1.5 * 2^23 trick, range reduction to
-// [-ln2/2, ln2/2] and Cephes' degree-6 expf polynomial; relative error below
-// 2e-7). 0 below -87.3 (where expf is denormal or 0); -inf gives 0. The file
-// is compiled with -fno-trapping-math, without which GCC keeps the selects
-// as branches and the loops scalar.
-inline float exp_f32(float x) {
-  const float lo = -87.33654475f, hi = 88.0f, magic = 12582912.0f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const float t = xc * 1.44269504088896341f + magic;
-  const int32_t n = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, magic);
-  const float fn = t - magic;
-  float r = xc - fn * 0.693359375f;
-  r = r + fn * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float y = p * __builtin_bit_cast(float, (n + 127) << 23);
-  return x < lo ? 0.f : y;
-}
 inline float exp_acc(float x) { return exp_f32(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 

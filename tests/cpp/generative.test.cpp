@@ -1,5 +1,6 @@
 #include "helpers.h"
 #include "vlmkit/data/tokenizer.h"
+#include "vlmkit/generate/generate.h"
 #include "vlmkit/generate/boxes.h"
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/build.h"
@@ -35,6 +36,57 @@ TEST_CASE("decoder: cached decoding equals full causal decoding", "[decoder][cac
     REQUIRE(close(torch::cat(parts, 1), full, 1e-5));
     CHECK_THROWS_AS(decoder->forward(x), c10::ValueError);  // cross-attention needs a context
   }
+}
+
+TEST_CASE("decoder: the fused decoding step equals the decoder's cached forward", "[decoder][cache][kernel]") {
+  torch::manual_seed(0);
+  torch::NoGradGuard no_grad;
+  std::vector<TextDecoderOptions> cases{
+      TextDecoderOptions().d_model(32).depth(2).num_heads(4),
+      TextDecoderOptions().d_model(32).depth(2).num_heads(4).pos_embedding(DecoderPosition::learned)
+          .tie_embeddings(false),
+      TextDecoderOptions().d_model(32).depth(2).num_heads(4).norm(NormType::rmsnorm).mlp(MlpType::swiglu)
+          .num_kv_heads(2).qk_norm(true),
+      TextDecoderOptions().d_model(32).depth(2).num_heads(4).cross_attention_every(1).context_dim(16)
+          .gated_cross_attention(true)};
+  for (auto& options : cases) {
+    TextDecoder decoder(options);
+    decoder->eval();
+    for (auto& p : decoder->named_parameters())  // a gate of 0 would hide the cross-attention
+      if (p.key().find("cross_gate") != std::string::npos) p.value().fill_(0.7);
+    const bool cross = options.cross_attention_every() > 0;
+    auto ctx = cross ? torch::randn({2, 5, 16}) : torch::Tensor();
+    auto ctx_mask = cross ? torch::tensor({0, 0, 0, 1, 1}, torch::kBool).repeat({2, 1}) : torch::Tensor();
+    // Row 1's first two prompt positions are padding (left-aligned prompts).
+    auto prompt = torch::randn({2, 6, 32});
+    auto pad = torch::zeros({2, 6}, torch::kBool);
+    pad[1].slice(0, 0, 2).fill_(true);
+    auto pos = torch::arange(6).repeat({2, 1});
+    pos[1] = (pos[1] - 2).clamp_min(0);
+    DecoderCache cache = decoder->make_cache();
+    decoder->forward(prompt, pad, pos, torch::zeros({2, 6, 6}, torch::kBool), ctx, ctx_mask, &cache);
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> self_kv, cross_kv;
+    for (const auto& layer : cache.layers) {
+      self_kv.emplace_back(layer.self.key, layer.self.value);
+      cross_kv.emplace_back(layer.cross.key, layer.cross.value);
+    }
+    kernels::FusedDecoder fused(vlmkit::detail::decode_weights(*decoder), self_kv, cache.padding_mask, cross_kv, ctx_mask, 10);
+    auto next = pos.select(1, 5);
+    for (int64_t t = 0; t < 4; ++t) {
+      next = next + 1;
+      auto ids = torch::randint(0, options.vocab_size(), {2}, torch::kLong);
+      auto step_pad = torch::tensor({false, t == 2}, torch::kBool);  // row 1 feeds padding once
+      auto want = decoder->logits(decoder->forward(decoder->token_embed->forward(ids.view({2, 1})),
+                                                   step_pad.view({2, 1}), next.view({2, 1}), {}, ctx, ctx_mask,
+                                                   &cache)).select(1, 0);
+      auto got = fused.step(ids, step_pad, next);
+      REQUIRE(close(got, want, 1e-4));
+    }
+    CHECK(fused.length() == 10);
+    CHECK_THROWS_AS(fused.step(torch::zeros({2}, torch::kLong), torch::zeros({2}, torch::kBool), next + 1),
+                    c10::ValueError);  // the cache is full
+  }
+  CHECK_THROWS_AS(set_decode_kernel("fast"), c10::ValueError);
 }
 
 TEST_CASE("encoder-decoder: templates compose concrete slot types", "[model][template]") {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "vlmkit/fusion/decoder_fusion.h"
+#include "vlmkit/kernels/decode.h"
 #include "vlmkit/modules/text_decoder.h"
 
 namespace vlmkit {
@@ -84,6 +85,14 @@ torch::Tensor packed_attention_mask(AttentionPolicy policy, const torch::Tensor&
 torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
                               double label_smoothing = 0.0, LossReduction reduction = LossReduction::token,
                               const torch::Tensor& segment_ids = {});
+
+namespace detail {
+/// Why generation's cached steps cannot run on the fused decoding step
+/// (kernels/decode.h) for this decoder and prompt now, or "" when they can.
+std::string fused_decode_unsupported(TextDecoderImpl& decoder, const torch::Tensor& embeds);
+/// The decoder's weights as the fused decoding step reads them.
+kernels::DecodeWeights decode_weights(TextDecoderImpl& decoder);
+}  // namespace detail
 
 /// Right-padded [B, T] ids and padding mask from token lists.
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,

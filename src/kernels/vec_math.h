@@ -1,0 +1,50 @@
+#pragma once
+// Vectorisable float32 math for the hand-written CPU kernels (src/kernels/):
+// branch-free, so GCC and Clang vectorise loops over them. Include only from
+// files compiled with -fno-trapping-math (CMakeLists.txt's kernel flags),
+// without which GCC keeps the selects as branches and the loops scalar.
+#include <cstdint>
+
+namespace vlmkit {
+namespace kernels {
+
+// exp for float32, written so that GCC and Clang vectorise loops over it
+// (branch-free: round-to-nearest by the 1.5 * 2^23 trick, range reduction to
+// [-ln2/2, ln2/2] and Cephes' degree-6 expf polynomial; relative error below
+// 2e-7). 0 below -87.3 (where expf is denormal or 0); -inf gives 0.
+inline float exp_f32(float x) {
+  const float lo = -87.33654475f, hi = 88.0f, magic = 12582912.0f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float t = xc * 1.44269504088896341f + magic;
+  const int32_t n = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, magic);
+  const float fn = t - magic;
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float y = p * __builtin_bit_cast(float, (n + 127) << 23);
+  return x < lo ? 0.f : y;
+}
+
+// erf for float32 (Abramowitz & Stegun 7.1.26, the formula of ATen's
+// vectorised erf; absolute error below 1.5e-7).
+inline float erf_f32(float x) {
+  const float ax = x < 0.f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * exp_f32(-ax * ax);
+  return x < 0.f ? -y : y;
+}
+
+}  // namespace kernels
+}  // namespace vlmkit
