@@ -291,7 +291,6 @@ kernels::DecodeWeights decode_weights(TextDecoderImpl& decoder) {
     out.weight = keep(n->weight);
     out.bias = n->type == NormType::layernorm ? keep(n->bias) : nullptr;
     out.eps = float(n->eps);
-    out.dim = n->dim;
     return out;
   };
   const auto attention = [&](MultiheadAttentionImpl* a) {

@@ -271,8 +271,9 @@ FusedDecoder::FusedDecoder(DecodeWeights weights, const std::vector<std::pair<at
     TORCH_CHECK_VALUE(k.defined() && k.dim() == 4 && k.size(0) == rows_ && k.size(1) == w_.kv_heads &&
                           k.size(2) == length_ && k.size(3) == w_.head_dim && v.sizes() == k.sizes(),
                       "FusedDecoder: layer ", l, "'s cache does not match the decoder");
-    key_.push_back(at::zeros({rows_, w_.kv_heads, capacity_, w_.head_dim}, f32));
-    value_.push_back(at::zeros({rows_, w_.kv_heads, capacity_, w_.head_dim}, f32));
+    // Positions past the cached length are written before any step reads them.
+    key_.push_back(at::empty({rows_, w_.kv_heads, capacity_, w_.head_dim}, f32));
+    value_.push_back(at::empty({rows_, w_.kv_heads, capacity_, w_.head_dim}, f32));
     key_.back().narrow(2, 0, length_).copy_(k);
     value_.back().narrow(2, 0, length_).copy_(v);
     const auto& [ck, cv] = cross_kv[l];
@@ -291,6 +292,8 @@ FusedDecoder::FusedDecoder(DecodeWeights weights, const std::vector<std::pair<at
       cross_value_.emplace_back();
     }
   }
+  for (const auto& l : w_.layers) wide_ = std::max(wide_, l.swiglu ? l.gate.out : l.fc1.out);
+  wide_ = std::max(wide_, w_.d_model);
   padding_.assign(size_t(rows_ * capacity_), 0);
   auto kp = key_padding.contiguous();
   const bool* kpp = kp.data_ptr<bool>();
@@ -320,9 +323,7 @@ at::Tensor FusedDecoder::step(const at::Tensor& ids, const at::Tensor& pad, cons
                       posp[n], " exceeds the context length max_len=", w_.max_len);
     padding_[size_t(n * capacity_ + length_)] = pd.data_ptr<bool>()[n];
   }
-  int64_t hidden = 0;
-  for (const auto& l : w_.layers) hidden = std::max(hidden, l.swiglu ? l.gate.out : l.fc1.out);
-  const int64_t d = w_.d_model, wide = std::max(d, hidden), hd = w_.num_heads * w_.head_dim;
+  const int64_t d = w_.d_model, wide = wide_, hd = w_.num_heads * w_.head_dim;
   // One scratch buffer for every intermediate (per call: a few KB at batch 1).
   const int64_t sizes[] = {rows_ * d, rows_ * wide, rows_ * hd, rows_ * 2 * w_.kv_heads * w_.head_dim,
                            rows_ * hd, rows_ * wide, std::max(capacity_, context_len_)};

@@ -37,7 +37,6 @@ struct DecodeNorm {
   const float* weight = nullptr;
   const float* bias = nullptr;
   float eps = 1e-5f;
-  int64_t dim = 0;
 };
 
 /// y = x W^T + b, W [out, in] row-major; bias may be null.
@@ -103,6 +102,7 @@ class FusedDecoder {
  private:
   DecodeWeights w_;
   int64_t rows_ = 0, length_ = 0, capacity_ = 0, context_len_ = 0;
+  int64_t wide_ = 0;  // max(d_model, the widest MLP hidden layer): the stride of the wide scratch rows
   std::vector<at::Tensor> key_, value_;              // per layer [N, Hkv, capacity, Dh]
   std::vector<at::Tensor> cross_key_, cross_value_;  // per layer [N, Hkv, M, Dh] (cross layers)
   std::vector<unsigned char> padding_;               // [N, capacity], 1 = padding
