@@ -38,8 +38,9 @@ def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
         config["projector"] = {"type": args.projector}
     if args.fusion:
         config["fusion"] = args.fusion
-        if args.fusion == "cross_attention":
-            config.pop("attention", None)
+        if args.fusion == "concat":  # image tokens in the sequence, read with a prefix-LM mask
+            config["attention"] = "prefix_lm"
+            config["decoder"]["cross_attention_every"] = 0
     if args.image_size:
         config["image_encoder"]["image_size"] = args.image_size
     if args.d_model:
@@ -428,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import PROJECTORS
     p.add_argument("--projector", default="", choices=("",) + PROJECTORS, metavar="NAME",
                    help=f"one of {', '.join(PROJECTORS)} (default: the recipe's)")
-    p.add_argument("--fusion", default="", help="concat (default) or cross_attention")
+    p.add_argument("--fusion", default="", help="cross_attention (default) or concat")
     p.add_argument("--image-size", type=int, default=0)
     p.add_argument("--d-model", type=int, default=0, help="width of image encoder and decoder")
     p.add_argument("--depth", type=int, default=0, help="decoder layers")

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 namespace vlmkit {
@@ -231,11 +232,23 @@ bool JsonSchemaMatcher::feed_raw(char c) {
       case Kind::string: {
         const int64_t min_len = get_int(*f.schema, "minLength", 0);
         const int64_t max_len = get_int(*f.schema, "maxLength", kDefaultMaxStringLength);
+        // Stage 0: before the opening quote; 1: inside; 2: after a backslash. An
+        // escape (\" \\ \/ \b \f \n \r \t) is one character of the value, as JSON
+        // Schema's lengths count it; \u escapes are not written (values are ASCII).
         if (f.stage == 0) {
           consumed = c == '"';
           if (consumed) f.stage = 1;
+        } else if (f.stage == 2) {
+          consumed = std::strchr("\"\\/bfnrt", c) != nullptr && c != '\0';
+          if (consumed) {
+            f.stage = 1;
+            ++f.length;
+          }
         } else if (c == '"') {
           consumed = done = f.length >= min_len;
+        } else if (c == '\\' && f.length < max_len) {
+          consumed = true;
+          f.stage = 2;
         } else if (string_char_ok(c) && f.length < max_len) {
           consumed = true;
           ++f.length;
@@ -355,8 +368,12 @@ int64_t JsonSchemaMatcher::min_completion() const {
     switch (f.kind) {
       case Kind::literal: total += int64_t(f.text.size() - f.pos); break;
       case Kind::string:
-        total += f.stage == 0 ? 2 + get_int(*f.schema, "minLength", 0)
-                              : std::max<int64_t>(0, get_int(*f.schema, "minLength", 0) - f.length) + 1;
+        if (f.stage == 0) {
+          total += 2 + get_int(*f.schema, "minLength", 0);
+        } else {  // the escaped character still to come counts towards minLength
+          const int64_t pending = f.stage == 2 ? 1 : 0;
+          total += pending + std::max<int64_t>(0, get_int(*f.schema, "minLength", 0) - f.length - pending) + 1;
+        }
         break;
       case Kind::integer:
       case Kind::number: total += can_end(f) ? 0 : 1; break;
@@ -431,7 +448,7 @@ int64_t JsonSchemaMatcher::max_length(const ordered_json& schema) {
   if (type == "string") {
     TORCH_CHECK_VALUE(get_int(schema, "minLength", 0) <= get_int(schema, "maxLength", kDefaultMaxStringLength),
                       "JSON schema: minLength exceeds maxLength");
-    return 2 + get_int(schema, "maxLength", kDefaultMaxStringLength);
+    return 2 + 2 * get_int(schema, "maxLength", kDefaultMaxStringLength);  // every character may be escaped
   }
   if (type == "integer") return 13;
   if (type == "number") return 20;

@@ -164,6 +164,29 @@ TEST_CASE("json schema: matcher follows the schema", "[json]") {
   CHECK_THROWS_AS(JsonSchemaMatcher(ordered_json::parse(R"({"type":"tuple"})")), c10::ValueError);
 }
 
+TEST_CASE("json schema: strings take JSON escapes, each one character long", "[json]") {
+  auto schema = ordered_json::parse(R"({"type":"string","maxLength":5})");
+  JsonSchemaMatcher quoted(schema);
+  REQUIRE(quoted.feed(R"("a \"b\"")"));  // a "b" : 5 characters
+  REQUIRE(quoted.can_finish());
+  REQUIRE(ordered_json::parse(R"("a \"b\"")").get<std::string>().size() == 5);
+  JsonSchemaMatcher every(ordered_json::parse(R"({"type":"string","maxLength":8})"));
+  REQUIRE(every.feed(R"("\\\/\b\f\n\r\t\"")"));
+  REQUIRE(every.can_finish());
+  JsonSchemaMatcher over(schema);
+  REQUIRE(over.feed(R"("abcde)"));
+  REQUIRE_FALSE(over.feed('\\'));  // a sixth character, escaped or not
+  JsonSchemaMatcher bad(schema);
+  REQUIRE(bad.feed(R"("a\)"));
+  REQUIRE_FALSE(bad.feed('x'));   // not an escape JSON has
+  REQUIRE_FALSE(bad.feed('u'));   // no unicode escapes: values are printable ASCII
+  REQUIRE_FALSE(bad.can_finish());
+  REQUIRE(bad.feed("n\""));  // the state a refused character left is the one before it
+  REQUIRE(bad.can_finish());
+  // The longest value grows with the escapes it may hold.
+  REQUIRE(JsonSchemaMatcher::max_length(schema) == 2 + 2 * 5);
+}
+
 TEST_CASE("boxes: normalised text round trip", "[boxes]") {
   Box box{10, 20, 110, 220};
   auto text = box_to_text(box, 640, 480);

@@ -139,3 +139,22 @@ def test_json_closes_in_time_when_the_context_is_short():
                                        decoder={"d_model": 32, "depth": 1, "num_heads": 4, "max_len": 40}))
     with pytest.raises(ValueError, match="needs at least .* new tokens"):
         tight.generate(images[:1], ["Detect the objects in this picture"], 8, schema=EXTRACTION_SCHEMA)
+
+
+def test_default_run_schemas_accept_its_training_answers():
+    """The matcher writes properties in the schema's order, so a schema that lists them
+    in another order than the training answers forces the model off what it learnt
+    (extraction read 0.32 field accuracy constrained against ~0.9 unconstrained before
+    the default schemas were put in the data's order). Every JSON answer of the
+    synthetic data must be a string the default run's schema accepts, as written."""
+    from vlmkit.train_vlm import TASK_SCHEMAS, scene_tasks
+    dataset = vlmkit.data.SyntheticDataset(60, image_size=64, seed=3)
+    seen = set()
+    for i in range(len(dataset)):
+        for task in scene_tasks(dataset[i]):
+            if task["kind"] not in TASK_SCHEMAS:
+                continue
+            matcher = vlmkit.JsonSchemaMatcher(json.dumps(TASK_SCHEMAS[task["kind"]]))
+            assert matcher.feed(task["answer"]) and matcher.can_finish(), (task["kind"], task["answer"])
+            seen.add(task["kind"])
+    assert seen == set(TASK_SCHEMAS)

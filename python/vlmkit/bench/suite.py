@@ -583,6 +583,10 @@ def markdown(results: Dict) -> str:
                   f"{ld['ratio_exact']:.2f}x | {ld['exact_mean_abs_diff_255']:.2f} / {ld['exact_p99_abs_diff_255']:.2f} / "
                   f"{ld['exact_max_abs_diff_255']:.2f} |",
                   f"| PIL full decode + torchvision DataLoader (2 workers) | {ld['peer_images_per_s']:.0f} | 1.00x | |"]
+        if "decode_bound_ratio" in ld:
+            lines += ["", f"PIL's draft decode alone (libjpeg-turbo, as vlmkit's): {ld['pil_decode_ms']:.3f} ms per "
+                      f"image on one core, so a loader whose every step after the decode were free would reach "
+                      f"at most {ld['decode_bound_ratio']:.2f}x the peer."]
     if results.get("plots"):
         lines += ["", "## Scaling", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in results["plots"]]
     targets = results.get("targets", {})
