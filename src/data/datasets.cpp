@@ -6,6 +6,10 @@
 #include <numeric>
 #include <random>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "vlmkit/data/loader.h"
 #include "vlmkit/data/masks.h"
 #include "vlmkit/fusion/decoder_fusion.h"
@@ -686,6 +690,32 @@ std::vector<std::vector<size_t>> Loader::pack_rows(const std::vector<Prepared>& 
   return rows;
 }
 
+namespace {
+/// A float32 CPU tensor of `sizes`, uninitialised. A batch of 32 images at 224 px
+/// is 19 MB, fresh memory each batch, and touching it page by page was the
+/// loader's largest cost after decoding (perf: ~20% of a worker's time in page
+/// faults). Above a few MB the memory comes from mmap advised for transparent huge
+/// pages, one fault per 2 MiB instead of per 4 KiB; elsewhere torch::empty.
+torch::Tensor empty_images(at::IntArrayRef sizes) {
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(sizeof(float));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t kHuge = int64_t(2) << 20;
+  if (bytes >= 2 * kHuge) {
+    const size_t length = size_t((bytes + kHuge - 1) / kHuge * kHuge + kHuge);  // room to align
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      auto aligned = (reinterpret_cast<uintptr_t>(base) + uintptr_t(kHuge) - 1) & ~(uintptr_t(kHuge) - 1);
+      madvise(reinterpret_cast<void*>(aligned), length - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+      return torch::from_blob(reinterpret_cast<void*>(aligned), sizes,
+                              [base, length](void*) { munmap(base, length); }, torch::kFloat);
+    }
+  }
+#endif
+  (void)bytes;
+  return torch::empty(sizes, torch::kFloat);
+}
+}  // namespace
+
 Batch Loader::collate(const std::vector<int64_t>& indices, std::vector<Prepared>& items) const {
   Batch batch;
   const auto rows = pack_rows(items);
@@ -713,7 +743,8 @@ Batch Loader::collate(const std::vector<int64_t>& indices, std::vector<Prepared>
     height = (height + factor - 1) / factor * factor;
     width = (width + factor - 1) / factor * factor;
   }
-  batch.images = dynamic ? torch::zeros({count, 3, height, width}) : torch::empty({count, 3, height, width});
+  batch.images = empty_images({count, 3, height, width});
+  if (dynamic) batch.images.zero_();
   batch.image_sizes = torch::empty({count, 2}, torch::kLong);
   batch.images_per_sample = torch::zeros({b}, torch::kLong);
   batch.input_ids = torch::full({b, t}, tokenizer_.special().pad, torch::kLong);
