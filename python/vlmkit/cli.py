@@ -40,7 +40,6 @@ def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
         config["fusion"] = args.fusion
         if args.fusion == "concat":  # image tokens in the sequence, read with a prefix-LM mask
             config["attention"] = "prefix_lm"
-            config["decoder"]["cross_attention_every"] = 0
     if args.image_size:
         config["image_encoder"]["image_size"] = args.image_size
     if args.d_model:

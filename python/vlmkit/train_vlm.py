@@ -32,7 +32,8 @@ SMALL_VLM = {
     # "Cross-attention fusion").
     "fusion": "cross_attention",
     "attention": "causal",
-    "decoder": {"d_model": 128, "depth": 4, "num_heads": 4, "max_len": 256, "cross_attention_every": 1},
+    # (cross_attention_every is the fusion's default, 1: every layer.)
+    "decoder": {"d_model": 128, "depth": 4, "num_heads": 4, "max_len": 256},
     # Each example weighs the same: with the token mean, the two JSON tasks' ~100-token
     # answers carry most of the gradient (docs/training.md, "Causes").
     "loss_reduction": "sample",

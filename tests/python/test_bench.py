@@ -32,9 +32,7 @@ def configs():
         c["fusion"] = fusion
         c["image_encoder"].update(norm="rmsnorm", mlp="swiglu")
         c["decoder"].update(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, qk_norm=True, rope_theta=1e6,
-                            cross_attention_every=2 if fusion == "cross_attention" else 0)
-        if fusion == "concat":
-            c["attention"] = "prefix_lm"
+                            **({"cross_attention_every": 2} if fusion == "cross_attention" else {}))
         out.append(c)
     return out
 

@@ -58,8 +58,8 @@ def _generative_configs():
         llama = copy.deepcopy(SMALL_VLM)
         llama["fusion"] = fusion
         llama["decoder"].update(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, qk_norm=True, rope_theta=5e5,
-                                cross_attention_every=1 if fusion == "cross_attention" else 0)
-        if fusion == "concat":
+                                **({"cross_attention_every": 1} if fusion == "cross_attention" else {}))
+        if fusion == "concat":  # keeps the prefix-LM export covered (SMALL_VLM's mask is causal)
             llama["attention"] = "prefix_lm"
         out.append((f"llama_style-{fusion}", llama))
     for projector in vlmkit.PROJECTORS:

@@ -85,7 +85,7 @@ def run_peer(paths, size, workers, draft=False):
     return n / (time.perf_counter() - start)
 
 
-def decode_ms(paths, draft=True, repeats=3):
+def decode_ms(paths, size, draft=True, repeats=3):
     """PIL's JPEG decode alone (Image.draft to the target size, then load; one
     process, files in memory), best of `repeats`, in ms per image: the part of
     either pipeline that the same libjpeg-turbo does on both sides."""
@@ -99,7 +99,7 @@ def decode_ms(paths, draft=True, repeats=3):
         for blob in blobs:
             with Image.open(io.BytesIO(blob)) as im:
                 if draft:
-                    im.draft("RGB", (224, 224))
+                    im.draft("RGB", (size, size))
                 im.load()
         best = min(best, (time.perf_counter() - start) / len(blobs) * 1e3)
     return best
@@ -122,7 +122,7 @@ def main():
             peer_draft.append(run_peer(paths, args.size, args.workers, draft=True))
             exact.append(run_vlmkit(folder, args.size, args.workers, jpeg_draft=False))
             peer.append(run_peer(paths, args.size, args.workers))
-        decode = decode_ms(paths)
+        decode = decode_ms(paths, args.size)
         a, e = statistics.median(ours), statistics.median(exact)
         b, bd = statistics.median(peer), statistics.median(peer_draft)
         # Each mode's pixels against PIL + torchvision on the same files, in 1/255
