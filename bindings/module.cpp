@@ -2,6 +2,7 @@
 #include "common.h"
 #include "vlmkit/kernels/attention.h"
 #include "vlmkit/kernels/decode.h"
+#include "vlmkit/kernels/mlp.h"
 #include "vlmkit/runtime.h"
 
 namespace py = pybind11;
@@ -40,6 +41,21 @@ PYBIND11_MODULE(_C, m) {
         "where the decoder qualifies: float32 weights, no autocast, no unmerged LoRA adapter) or \"aten\" "
         "(the decoder's forward per step).");
   m.def("decode_kernel", &vlmkit::decode_kernel, "The decode_kernel setting in force.");
+  m.def("set_mlp_kernel", &vlmkit::set_mlp_kernel, py::arg("kernel"),
+        "Which GELU MLP TransformerBlock runs on CPU: \"auto\" (the fused kernel wherever the block qualifies: "
+        "no dropout while training, no unmerged LoRA adapter on fc1 or fc2; it keeps fc1's output but not "
+        "gelu's for the backward) or \"aten\" (Linear, gelu, Linear).");
+  m.def("mlp_kernel", &vlmkit::mlp_kernel, "The mlp_kernel setting in force.");
+  m.def(
+      "fused_gelu_mlp",
+      [](const torch::Tensor& x, const torch::Tensor& w1, const c10::optional<torch::Tensor>& b1,
+         const torch::Tensor& w2, const c10::optional<torch::Tensor>& b2) {
+        return vlmkit::kernels::fused_gelu_mlp(x, w1, b1 ? *b1 : torch::Tensor(), w2, b2 ? *b2 : torch::Tensor());
+      },
+      py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+      "gelu(x w1^T + b1) w2^T + b2 by vlmkit's fused CPU kernel (differentiable in every input; the "
+      "backward recomputes gelu from the saved x w1^T + b1). x [..., in], w1 [hidden, in], w2 [out, hidden]; "
+      "b1 and b2 may be None.");
   m.def(
       "fused_attention",
       [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& bias,

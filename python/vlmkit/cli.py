@@ -443,7 +443,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lora-targets", default=",".join(_LORA_TARGETS),
                    help="comma-separated Linear layers to adapt (names or dotted suffixes, * wildcards)")
     p.add_argument("--steps", type=int, default=0,
-                   help="optimizer steps (0: the default: 3900 in bf16, 1300 in fp32, 1000 for two_tower)")
+                   help="optimizer steps (0: the default: 3000 in bf16, 1000 in fp32, 1000 for two_tower)")
     p.add_argument("--batch-size", type=int, default=0, help="global batch size")
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--scenes", type=int, default=3000, help="synthetic training scenes (encoder_decoder)")

@@ -366,13 +366,7 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const Operands<T, float>&
   backward_unit<D_>(a, u);
 }
 #undef VLMKIT_AVX512
-int isa() {  // 2: AVX-512, 1: AVX2 + FMA, 0: baseline
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-                               ? 2
-                               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-  return level;
-}
+int isa() { return cpu_isa(); }  // 2: AVX-512, 1: AVX2 + FMA, 0: baseline
 #endif
 
 template <int D_, typename T, typename A>

@@ -12,7 +12,7 @@ namespace kernels {
 // (branch-free: round-to-nearest by the 1.5 * 2^23 trick, range reduction to
 // [-ln2/2, ln2/2] and Cephes' degree-6 expf polynomial; relative error below
 // 2e-7). 0 below -87.3 (where expf is denormal or 0); -inf gives 0.
-inline float exp_f32(float x) {
+inline __attribute__((always_inline)) float exp_f32(float x) {
   const float lo = -87.33654475f, hi = 88.0f, magic = 12582912.0f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -34,7 +34,7 @@ inline float exp_f32(float x) {
 
 // erf for float32 (Abramowitz & Stegun 7.1.26, the formula of ATen's
 // vectorised erf; absolute error below 1.5e-7).
-inline float erf_f32(float x) {
+inline __attribute__((always_inline)) float erf_f32(float x) {
   const float ax = x < 0.f ? -x : x;
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   float p = 1.061405429f;
@@ -45,6 +45,19 @@ inline float erf_f32(float x) {
   const float y = 1.0f - p * t * exp_f32(-ax * ax);
   return x < 0.f ? -y : y;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The widest vector ISA of this CPU the kernels have clones for: 2 AVX-512
+// (F, BW, VL, DQ), 1 AVX2 + FMA, 0 the baseline.
+inline int cpu_isa() {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+                               ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                             : 0;
+  return level;
+}
+#endif
 
 }  // namespace kernels
 }  // namespace vlmkit

@@ -10,6 +10,7 @@
 #include "vlmkit/config.h"
 #include "vlmkit/detail/autocast.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/kernels/mlp.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/heads.h"
 #include "vlmkit/modules/text_encoder.h"
@@ -19,6 +20,19 @@
 namespace F = torch::nn::functional;
 
 namespace vlmkit {
+namespace {
+// The fused GELU MLP (kernels/mlp.h) computes fc2(gelu(fc1(n))) with neither
+// dropout between them nor a LoRA adapter's extra path.
+bool use_fused_mlp(const TransformerBlockImpl& block, const torch::Tensor& n) {
+  if (!n.device().is_cpu() || mlp_kernel() != "auto") return false;
+  if (block.is_training() && block.options.dropout() > 0) return false;
+  for (const auto* fc : {&block.fc1, &block.fc2})
+    if ((*fc)->has_lora() && !(*fc)->merged()) return false;
+  const auto s = n.scalar_type();
+  return s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16;
+}
+}  // namespace
+
 TransformerBlockImpl::TransformerBlockImpl(TransformerBlockOptions options_)
     : options(std::move(options_)) {
   reset();
@@ -90,6 +104,10 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x,
     h = h + dropout->forward(c);
   }
   const auto n = norm2->forward(h);
+  if (options.mlp() == MlpType::gelu && use_fused_mlp(*this, n)) {
+    auto m = kernels::fused_gelu_mlp(n, fc1->weight, fc1->bias, fc2->weight, fc2->bias);
+    return h + dropout->forward(m);
+  }
   auto m = options.mlp() == MlpType::swiglu
                ? down_proj->forward(dropout->forward(torch::silu(gate_proj->forward(n)) * up_proj->forward(n)))
                : fc2->forward(dropout->forward(torch::gelu(fc1->forward(n))));

@@ -1,5 +1,6 @@
 #include "helpers.h"
 #include "vlmkit/kernels/attention.h"
+#include "vlmkit/kernels/mlp.h"
 #include "vlmkit/modules/attention.h"
 #include "vlmkit/modules/transformer.h"
 
@@ -237,4 +238,29 @@ TEST_CASE("rotary: the table kept for a positions tensor follows in-place change
   REQUIRE(torch::equal(vlmkit::detail::apply_rotary(x, pos, 10000.0), fresh));
   REQUIRE_FALSE(torch::allclose(fresh, before));
   REQUIRE_FALSE(torch::allclose(vlmkit::detail::apply_rotary(x, pos, 500.0), fresh));  // another theta
+}
+
+TEST_CASE("fused GELU MLP: the block's loss and gradients equal ATen's", "[mlp][kernels]") {
+  torch::manual_seed(0);
+  TransformerBlock block(TransformerBlockOptions(32, 4));
+  block->to(torch::kDouble);
+  auto x = torch::randn({3, 7, 32}, torch::kDouble);
+  auto run = [&](const std::string& kernel) {
+    set_mlp_kernel(kernel);
+    block->zero_grad();
+    auto xi = x.clone().requires_grad_();
+    auto y = block->forward(xi, {}, {}, /*causal=*/true);
+    (y * torch::linspace(-1, 1, y.numel(), torch::kDouble).view(y.sizes())).sum().backward();
+    std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
+    for (const auto& p : block->parameters()) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  const auto reference = run("aten");
+  const auto fused = run("auto");
+  set_mlp_kernel("auto");
+  REQUIRE(reference.size() == fused.size());
+  for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(fused[i], reference[i], 1e-9, 1e-11));
+  CHECK_THROWS_AS(set_mlp_kernel("fast"), c10::ValueError);
+  CHECK_THROWS_AS(kernels::fused_gelu_mlp(torch::randn({2, 5}), torch::randn({8, 4}), {}, torch::randn({4, 8}), {}),
+                  c10::ValueError);
 }

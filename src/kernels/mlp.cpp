@@ -1,0 +1,320 @@
+// Fused GELU MLP (kernels/mlp.h).
+#include "vlmkit/kernels/mlp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/BFloat16.h>
+#include <torch/autograd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+#include "vec_math.h"
+
+namespace vlmkit {
+namespace {
+std::atomic<int> g_mlp_kernel{0};  // 0 auto, 2 aten
+}  // namespace
+
+void set_mlp_kernel(const std::string& kernel) {
+  if (kernel == "auto") g_mlp_kernel = 0;
+  else if (kernel == "aten") g_mlp_kernel = 2;
+  else
+    TORCH_CHECK_VALUE(false, "set_mlp_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
+}
+
+std::string mlp_kernel() { return g_mlp_kernel.load() == 0 ? "auto" : "aten"; }
+
+namespace kernels {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements below which one thread does the work
+
+// Phi(x) and phi(x) (the standard normal CDF and density) from one exp:
+// erf by Abramowitz & Stegun 7.1.26 as in vec_math.h, with the tail written
+// as 0.5 * poly * e directly, so Phi keeps its relative precision for x << 0.
+inline __attribute__((always_inline)) void normal_parts(float x, float& cdf, float& pdf) {
+  const float z = x * 0.70710678118654752f;
+  const float az = z < 0.f ? -z : z;
+  const float e = exp_f32(-z * z);
+  const float t = 1.0f / (1.0f + 0.3275911f * az);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float tail = 0.5f * p * t * e;  // Phi(-|x|)
+  cdf = z < 0.f ? tail : 1.0f - tail;
+  pdf = e * 0.39894228040143268f;
+}
+inline void normal_parts(double x, double& cdf, double& pdf) {
+  cdf = 0.5 * std::erfc(-x * 0.70710678118654752);
+  pdf = std::exp(-0.5 * x * x) * 0.39894228040143268;
+}
+
+// Loads and stores through float; bfloat16 by bit shifts (round to nearest
+// even, NaN kept), which vectorise where c10::BFloat16's conversions do not.
+inline __attribute__((always_inline)) float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline __attribute__((always_inline)) float load(const c10::BFloat16* p, int64_t i) {
+  uint16_t b;
+  std::memcpy(&b, p + i, 2);
+  return __builtin_bit_cast(float, uint32_t(b) << 16);
+}
+inline __attribute__((always_inline)) void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(double* p, int64_t i, double v) { p[i] = v; }
+inline __attribute__((always_inline)) void store(c10::BFloat16* p, int64_t i, float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t b = uint16_t(v != v ? 0x7FC0u : rounded);
+  std::memcpy(p + i, &b, 2);
+}
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void gelu_range(const T* __restrict h, T* __restrict g, int64_t begin, int64_t end) {
+  using A = typename Acc<T>::type;
+  for (int64_t i = begin; i < end; ++i) {
+    const A x = load(h, i);
+    A cdf, pdf;
+    normal_parts(x, cdf, pdf);
+    store(g, i, x * cdf);
+  }
+}
+
+// g = gelu(h), and in place grad -> grad * gelu'(h), gelu'(x) = Phi(x) + x phi(x).
+template <typename T>
+inline __attribute__((always_inline)) void gelu_backward_range(T* __restrict grad, const T* __restrict h, T* __restrict g, int64_t begin, int64_t end) {
+  using A = typename Acc<T>::type;
+  for (int64_t i = begin; i < end; ++i) {
+    const A x = load(h, i);
+    const A gy = load(grad, i);
+    A cdf, pdf;
+    normal_parts(x, cdf, pdf);
+    store(g, i, x * cdf);
+    store(grad, i, gy * (cdf + x * pdf));
+  }
+}
+
+// Vector clones of the two loops (float32 and bfloat16; float64 is the
+// gradcheck path), picked at run time as the attention kernel's are.
+template <typename T>
+using GeluFn = void (*)(const T*, T*, int64_t, int64_t);
+template <typename T>
+using GeluBackwardFn = void (*)(T*, const T*, T*, int64_t, int64_t);
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VLMKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define VLMKIT_AVX2 __attribute__((target("avx2,fma")))
+template <typename T>
+VLMKIT_AVX512 void gelu_avx512(const T* h, T* g, int64_t b, int64_t e) {
+  gelu_range(h, g, b, e);
+}
+template <typename T>
+VLMKIT_AVX2 void gelu_avx2(const T* h, T* g, int64_t b, int64_t e) {
+  gelu_range(h, g, b, e);
+}
+template <typename T>
+VLMKIT_AVX512 void gelu_backward_avx512(T* grad, const T* h, T* g, int64_t b, int64_t e) {
+  gelu_backward_range(grad, h, g, b, e);
+}
+template <typename T>
+VLMKIT_AVX2 void gelu_backward_avx2(T* grad, const T* h, T* g, int64_t b, int64_t e) {
+  gelu_backward_range(grad, h, g, b, e);
+}
+#undef VLMKIT_AVX512
+#undef VLMKIT_AVX2
+#define VLMKIT_ISA_CLONES 1
+#endif
+
+template <typename T>
+GeluFn<T> pick_gelu() {
+#ifdef VLMKIT_ISA_CLONES
+  if constexpr (!std::is_same<T, double>::value) {
+    if (cpu_isa() == 2) return &gelu_avx512<T>;
+    if (cpu_isa() == 1) return &gelu_avx2<T>;
+  }
+#endif
+  return &gelu_range<T>;
+}
+
+template <typename T>
+GeluBackwardFn<T> pick_gelu_backward() {
+#ifdef VLMKIT_ISA_CLONES
+  if constexpr (!std::is_same<T, double>::value) {
+    if (cpu_isa() == 2) return &gelu_backward_avx512<T>;
+    if (cpu_isa() == 1) return &gelu_backward_avx2<T>;
+  }
+#endif
+  return &gelu_backward_range<T>;
+}
+
+// On torch's intra-op threads (at::parallel_for), not an OpenMP team of the
+// kernel's own: under the fp32 thread policy torch has one thread and BLAS the
+// cores, and a second team spinning between regions takes the cores from
+// BLAS's threads (measured: the fp32 training step 18% slower at batch 32,
+// 2.5x at batch 1).
+template <typename Fn>
+void for_chunks(int64_t n, const Fn& fn) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { fn(begin, end); });
+}
+
+void check_elementwise(const at::Tensor& t, const char* who) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), who, ": expected a CPU tensor, got one on ", t.device());
+  const auto s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16, who,
+                    ": expected float32, float64 or bfloat16, got ", s);
+}
+
+// The dtype the MLP computes in: the autocast dtype under CPU autocast (as
+// ATen's Linear would), else x's.
+at::ScalarType compute_dtype(const at::Tensor& x) {
+  if (at::autocast::is_cpu_enabled() && at::isFloatingType(x.scalar_type()) && x.scalar_type() != at::kDouble)
+    return at::autocast::get_autocast_cpu_dtype();
+  return x.scalar_type();
+}
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType s) {
+  return !t.defined() || t.scalar_type() == s ? t : t.to(s);
+}
+
+at::Tensor linear2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+}
+
+struct FusedGeluMlp : public torch::autograd::Function<FusedGeluMlp> {
+  // Undefined biases travel as tensors with no elements (apply() cannot take
+  // undefined tensors).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const at::Tensor& b1_or_empty, const at::Tensor& w2, const at::Tensor& b2_or_empty) {
+    const auto ct = compute_dtype(x);
+    const at::Tensor b1 = b1_or_empty.numel() > 0 ? b1_or_empty : at::Tensor();
+    const at::Tensor b2 = b2_or_empty.numel() > 0 ? b2_or_empty : at::Tensor();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    const auto x2 = cast(x, ct).reshape({-1, x.size(-1)});
+    const auto w1c = cast(w1, ct), w2c = cast(w2, ct);
+    auto h = linear2d(x2, w1c, cast(b1, ct));
+    auto g = gelu_forward(h);
+    auto out = linear2d(g, w2c, cast(b2, ct));
+    ctx->save_for_backward({x2, h, w1c, w2c});
+    ctx->saved_data["x_sizes"] = x.sizes();
+    ctx->saved_data["x_dtype"] = int64_t(x.scalar_type());
+    ctx->saved_data["w_dtype"] = int64_t(w1.scalar_type());
+    ctx->saved_data["b1"] = b1.defined();
+    ctx->saved_data["b2"] = b2.defined();
+    auto sizes = x.sizes().vec();
+    sizes.back() = w2.size(0);
+    return out.view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused GELU MLP: a double backward (create_graph=True) is not supported; call "
+                "vlmkit.set_mlp_kernel(\"aten\") first");
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    auto saved = ctx->get_saved_variables();
+    const auto &x2 = saved[0], &h = saved[1], &w1c = saved[2], &w2c = saved[3];
+    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
+    const auto go = cast(grads[0], h.scalar_type()).reshape({-1, w2c.size(0)});
+    // grad_g = go w2, then in one pass g = gelu(h) and grad_h (over grad_g's buffer).
+    auto grad_h = go.mm(w2c);
+    auto g = at::empty_like(h);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "fused_gelu_mlp_backward", [&] {
+      scalar_t* gd = grad_h.data_ptr<scalar_t>();
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      scalar_t* outg = g.data_ptr<scalar_t>();
+      const auto fn = pick_gelu_backward<scalar_t>();
+      for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(gd, hp, outg, b, e); });
+    });
+    at::Tensor dx, dw1, db1, dw2, db2;
+    if (ctx->needs_input_grad(0))
+      dx = cast(grad_h.mm(w1c), x_dtype).view(ctx->saved_data["x_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) dw1 = cast(grad_h.t().mm(x2), w_dtype);
+    if (ctx->needs_input_grad(2) && ctx->saved_data["b1"].toBool()) db1 = cast(grad_h.sum(0), w_dtype);
+    if (ctx->needs_input_grad(3)) dw2 = cast(go.t().mm(g), w_dtype);
+    if (ctx->needs_input_grad(4) && ctx->saved_data["b2"].toBool()) db2 = cast(go.sum(0), w_dtype);
+    return {dx, dw1, db1, dw2, db2};
+  }
+};
+
+}  // namespace
+
+at::Tensor gelu_forward(const at::Tensor& h_in) {
+  check_elementwise(h_in, "gelu_forward");
+  const auto h = h_in.contiguous();
+  auto g = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "vlmkit_gelu_forward", [&] {
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    const auto fn = pick_gelu<scalar_t>();
+    for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(hp, gp, b, e); });
+  });
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_and_backward(const at::Tensor& grad_in, const at::Tensor& h_in) {
+  check_elementwise(h_in, "gelu_and_backward");
+  TORCH_CHECK_VALUE(grad_in.sizes() == h_in.sizes(), "gelu_and_backward: expected grad of shape ", h_in.sizes(),
+                    ", got ", grad_in.sizes());
+  const auto h = h_in.contiguous();
+  auto dh = grad_in.to(h.scalar_type()).clone(at::MemoryFormat::Contiguous);
+  auto g = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "vlmkit_gelu_backward", [&] {
+    scalar_t* gd = dh.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* outg = g.data_ptr<scalar_t>();
+    const auto fn = pick_gelu_backward<scalar_t>();
+    for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(gd, hp, outg, b, e); });
+  });
+  return {g, dh};
+}
+
+at::Tensor fused_gelu_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& b2) {
+  check_elementwise(x, "fused_gelu_mlp");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && w1.dim() == 2 && w2.dim() == 2 && w1.size(1) == x.size(-1) &&
+                        w2.size(1) == w1.size(0),
+                    "fused_gelu_mlp: expected x [..., in], w1 [hidden, in], w2 [out, hidden], got x ", x.sizes(),
+                    ", w1 ", w1.sizes(), ", w2 ", w2.sizes());
+  TORCH_CHECK_VALUE((!b1.defined() || b1.sizes() == at::IntArrayRef{w1.size(0)}) &&
+                        (!b2.defined() || b2.sizes() == at::IntArrayRef{w2.size(0)}),
+                    "fused_gelu_mlp: expected biases [hidden] and [out]");
+  const bool autocast = compute_dtype(x) != x.scalar_type();
+  for (const auto* t : {&w1, &b1, &w2, &b2}) {
+    if (!t->defined()) continue;
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "fused_gelu_mlp: expected CPU weights, got one on ", t->device());
+    TORCH_CHECK_VALUE(autocast ? at::isFloatingType(t->scalar_type()) : t->scalar_type() == x.scalar_type(),
+                      "fused_gelu_mlp: expected weights of x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
+  }
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
+                     (b1.defined() && b1.requires_grad()) || (b2.defined() && b2.requires_grad()));
+  if (!grad) {  // inference: nothing to keep for a backward
+    const auto ct = compute_dtype(x);
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    auto g = gelu_forward(linear2d(cast(x, ct).reshape({-1, x.size(-1)}), cast(w1, ct), cast(b1, ct)));
+    auto sizes = x.sizes().vec();
+    sizes.back() = w2.size(0);
+    return linear2d(g, cast(w2, ct), cast(b2, ct)).view(sizes);
+  }
+  const auto empty = at::empty({0}, x.options());
+  return FusedGeluMlp::apply(x, w1, b1.defined() ? b1 : empty, w2, b2.defined() ? b2 : empty);
+}
+
+}  // namespace kernels
+}  // namespace vlmkit
