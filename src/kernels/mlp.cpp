@@ -11,7 +11,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 
 #include <ATen/Parallel.h>
@@ -43,13 +42,7 @@ inline __attribute__((always_inline)) void normal_parts(float x, float& cdf, flo
   const float z = x * 0.70710678118654752f;
   const float az = z < 0.f ? -z : z;
   const float e = exp_f32(-z * z);
-  const float t = 1.0f / (1.0f + 0.3275911f * az);
-  float p = 1.061405429f;
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  const float tail = 0.5f * p * t * e;  // Phi(-|x|)
+  const float tail = 0.5f * erfc_poly(az) * e;  // Phi(-|x|)
   cdf = z < 0.f ? tail : 1.0f - tail;
   pdf = e * 0.39894228040143268f;
 }
@@ -76,14 +69,6 @@ inline __attribute__((always_inline)) void store(c10::BFloat16* p, int64_t i, fl
   std::memcpy(p + i, &b, 2);
 }
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 template <typename T>
 inline __attribute__((always_inline)) void gelu_range(const T* __restrict h, T* __restrict g, int64_t begin, int64_t end) {
@@ -195,29 +180,53 @@ at::Tensor linear2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
+at::Tensor gelu_forward(const at::Tensor& h_in) {
+  const auto h = h_in.contiguous();
+  auto g = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "vlmkit_gelu_forward", [&] {
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    const auto fn = pick_gelu<scalar_t>();
+    for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(hp, gp, b, e); });
+  });
+  return g;
+}
+
+// The forward both paths run: in the compute dtype, autocast's own casts
+// excluded; out has x's leading shape.
+struct MlpForward {
+  at::Tensor x2, w1c, w2c, h, out;
+};
+MlpForward mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                       const at::Tensor& b2) {
+  const auto ct = compute_dtype(x);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  MlpForward f;
+  f.x2 = cast(x, ct).reshape({-1, x.size(-1)});
+  f.w1c = cast(w1, ct);
+  f.w2c = cast(w2, ct);
+  f.h = linear2d(f.x2, f.w1c, cast(b1, ct));
+  auto sizes = x.sizes().vec();
+  sizes.back() = w2.size(0);
+  f.out = linear2d(gelu_forward(f.h), f.w2c, cast(b2, ct)).view(sizes);
+  return f;
+}
+
 struct FusedGeluMlp : public torch::autograd::Function<FusedGeluMlp> {
   // Undefined biases travel as tensors with no elements (apply() cannot take
   // undefined tensors).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
                             const at::Tensor& b1_or_empty, const at::Tensor& w2, const at::Tensor& b2_or_empty) {
-    const auto ct = compute_dtype(x);
     const at::Tensor b1 = b1_or_empty.numel() > 0 ? b1_or_empty : at::Tensor();
     const at::Tensor b2 = b2_or_empty.numel() > 0 ? b2_or_empty : at::Tensor();
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
-    const auto x2 = cast(x, ct).reshape({-1, x.size(-1)});
-    const auto w1c = cast(w1, ct), w2c = cast(w2, ct);
-    auto h = linear2d(x2, w1c, cast(b1, ct));
-    auto g = gelu_forward(h);
-    auto out = linear2d(g, w2c, cast(b2, ct));
-    ctx->save_for_backward({x2, h, w1c, w2c});
+    auto f = mlp_forward(x, w1, b1, w2, b2);
+    ctx->save_for_backward({f.x2, f.h, f.w1c, f.w2c});
     ctx->saved_data["x_sizes"] = x.sizes();
     ctx->saved_data["x_dtype"] = int64_t(x.scalar_type());
     ctx->saved_data["w_dtype"] = int64_t(w1.scalar_type());
     ctx->saved_data["b1"] = b1.defined();
     ctx->saved_data["b2"] = b2.defined();
-    auto sizes = x.sizes().vec();
-    sizes.back() = w2.size(0);
-    return out.view(sizes);
+    return f.out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -254,36 +263,6 @@ struct FusedGeluMlp : public torch::autograd::Function<FusedGeluMlp> {
 
 }  // namespace
 
-at::Tensor gelu_forward(const at::Tensor& h_in) {
-  check_elementwise(h_in, "gelu_forward");
-  const auto h = h_in.contiguous();
-  auto g = at::empty_like(h);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "vlmkit_gelu_forward", [&] {
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    const auto fn = pick_gelu<scalar_t>();
-    for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(hp, gp, b, e); });
-  });
-  return g;
-}
-
-std::tuple<at::Tensor, at::Tensor> gelu_and_backward(const at::Tensor& grad_in, const at::Tensor& h_in) {
-  check_elementwise(h_in, "gelu_and_backward");
-  TORCH_CHECK_VALUE(grad_in.sizes() == h_in.sizes(), "gelu_and_backward: expected grad of shape ", h_in.sizes(),
-                    ", got ", grad_in.sizes());
-  const auto h = h_in.contiguous();
-  auto dh = grad_in.to(h.scalar_type()).clone(at::MemoryFormat::Contiguous);
-  auto g = at::empty_like(h);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "vlmkit_gelu_backward", [&] {
-    scalar_t* gd = dh.data_ptr<scalar_t>();
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    scalar_t* outg = g.data_ptr<scalar_t>();
-    const auto fn = pick_gelu_backward<scalar_t>();
-    for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(gd, hp, outg, b, e); });
-  });
-  return {g, dh};
-}
-
 at::Tensor fused_gelu_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2) {
   check_elementwise(x, "fused_gelu_mlp");
@@ -304,14 +283,7 @@ at::Tensor fused_gelu_mlp(const at::Tensor& x, const at::Tensor& w1, const at::T
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
                      (b1.defined() && b1.requires_grad()) || (b2.defined() && b2.requires_grad()));
-  if (!grad) {  // inference: nothing to keep for a backward
-    const auto ct = compute_dtype(x);
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
-    auto g = gelu_forward(linear2d(cast(x, ct).reshape({-1, x.size(-1)}), cast(w1, ct), cast(b1, ct)));
-    auto sizes = x.sizes().vec();
-    sizes.back() = w2.size(0);
-    return linear2d(g, cast(w2, ct), cast(b2, ct)).view(sizes);
-  }
+  if (!grad) return mlp_forward(x, w1, b1, w2, b2).out;  // inference: nothing to keep for a backward
   const auto empty = at::empty({0}, x.options());
   return FusedGeluMlp::apply(x, w1, b1.defined() ? b1 : empty, w2, b2.defined() ? b2 : empty);
 }

@@ -32,17 +32,33 @@ inline __attribute__((always_inline)) float exp_f32(float x) {
   return x < lo ? 0.f : y;
 }
 
-// erf for float32 (Abramowitz & Stegun 7.1.26, the formula of ATen's
-// vectorised erf; absolute error below 1.5e-7).
-inline __attribute__((always_inline)) float erf_f32(float x) {
-  const float ax = x < 0.f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+// The accumulation type of the kernels: float32 for float32 and bfloat16
+// inputs, float64 for float64 (the gradcheck path).
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Abramowitz & Stegun 7.1.26: erfc(a) ~= erfc_poly(a) * exp(-a^2) for a >= 0.
+inline __attribute__((always_inline)) float erfc_poly(float a) {
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
   float p = 1.061405429f;
   p = p * t - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * exp_f32(-ax * ax);
+  return p * t;
+}
+
+// erf for float32 (Abramowitz & Stegun 7.1.26, the formula of ATen's
+// vectorised erf; absolute error below 1.5e-7).
+inline __attribute__((always_inline)) float erf_f32(float x) {
+  const float ax = x < 0.f ? -x : x;
+  const float y = 1.0f - erfc_poly(ax) * exp_f32(-ax * ax);
   return x < 0.f ? -y : y;
 }
 

@@ -35,9 +35,5 @@ namespace kernels {
 at::Tensor fused_gelu_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2);
 
-/// The elementwise pieces, exposed for tests: gelu(h), and (gelu(h), grad * gelu'(h)).
-at::Tensor gelu_forward(const at::Tensor& h);
-std::tuple<at::Tensor, at::Tensor> gelu_and_backward(const at::Tensor& grad, const at::Tensor& h);
-
 }  // namespace kernels
 }  // namespace vlmkit
