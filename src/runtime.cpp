@@ -7,8 +7,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
+#include <exception>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #ifndef VLMKIT_VERSION
 #define VLMKIT_VERSION "0.0.0"
@@ -39,7 +45,100 @@ int cpu_count() {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
   return n > 0 ? static_cast<int>(n) : 1;
 }
+
+// The pool behind run_parallel: cpu_count() - 1 workers, started on first
+// use, never destroyed (they sleep until the process exits).
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool(std::max(0, cpu_count() - 1));
+    return *pool;
+  }
+
+  void run(int64_t units, int threads, const std::function<void(int64_t)>& fn) {
+    if (in_unit_ || getpid() != pid_ || workers_.empty()) return inline_run(units, fn);
+    std::unique_lock<std::mutex> call(call_, std::try_to_lock);
+    if (!call.owns_lock()) return inline_run(units, fn);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      fn_ = &fn;
+      units_ = units;
+      next_.store(0);
+      wanted_ = std::min<int>(threads - 1, static_cast<int>(workers_.size()));
+      joined_ = finished_ = 0;
+      closed_ = false;
+      error_ = nullptr;
+      ++generation_;
+    }
+    work_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lk(m_);
+    closed_ = true;  // workers that have not joined yet skip this call
+    done_.wait(lk, [&] { return finished_ == joined_; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+  static void inline_run(int64_t units, const std::function<void(int64_t)>& fn) {
+    for (int64_t u = 0; u < units; ++u) fn(u);
+  }
+
+ private:
+  explicit Pool(int n) : pid_(getpid()) {
+    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { loop(); }).detach();
+  }
+
+  // Takes units until none is left; the first exception stops the hand-out.
+  void drain() {
+    in_unit_ = true;
+    for (int64_t u = next_.fetch_add(1); u < units_; u = next_.fetch_add(1)) {
+      try {
+        (*fn_)(u);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(m_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(units_);
+      }
+    }
+    in_unit_ = false;
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      work_.wait(lk, [&] { return generation_ != seen && !closed_ && joined_ < wanted_; });
+      seen = generation_;
+      ++joined_;
+      lk.unlock();
+      drain();
+      lk.lock();
+      if (++finished_ == joined_) done_.notify_one();
+    }
+  }
+
+  std::mutex call_;  // one run at a time; others run inline
+  std::mutex m_;
+  std::condition_variable work_, done_;
+  std::vector<std::thread> workers_;
+  const pid_t pid_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  std::atomic<int64_t> next_{0};
+  int64_t units_ = 0;
+  int wanted_ = 0, joined_ = 0, finished_ = 0;
+  bool closed_ = true;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+  static thread_local bool in_unit_;
+};
+thread_local bool Pool::in_unit_ = false;
 }  // namespace
+
+void run_parallel(int64_t units, int threads, const std::function<void(int64_t)>& fn) {
+  if (units <= 0) return;
+  if (threads <= 1 || units == 1) return Pool::inline_run(units, fn);
+  Pool::get().run(units, threads, fn);
+}
 
 const char* version() { return VLMKIT_VERSION; }
 

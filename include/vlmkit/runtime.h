@@ -5,6 +5,8 @@
 /// cores. fp32 training spends its time in BLAS GEMMs, and both pools on every
 /// core oversubscribe them (docs/benchmarks.md, "threads", has the numbers). VLMKIT_TORCH_THREADS and VLMKIT_BLAS_THREADS
 /// override it; set_num_threads() changes it at any time.
+#include <cstdint>
+#include <functional>
 #include <string>
 
 namespace vlmkit {
@@ -34,5 +36,19 @@ ThreadInfo thread_info();
 /// Threads a vlmkit CPU kernel runs on: the larger of torch's intra-op
 /// threads and BLAS's (under the fp32 policy torch has one and BLAS the cores).
 int compute_threads();
+
+/// Runs fn(u) for every u in [0, units) on up to `threads` threads: the
+/// caller and threads - 1 workers of a small pool, units handed out one at a
+/// time (dynamic scheduling). The workers sleep on a condition variable
+/// between calls. An OpenMP team (libgomp's default wait policy) spins for a
+/// while after each region, on the core that OpenBLAS's second thread needs
+/// under the fp32 policy: a fused attention kernel on an OpenMP team made the
+/// small VLM's fp32 training step 0.90x ATen's, on this pool 1.3x
+/// (docs/benchmarks.md, "Fused attention: a pool that sleeps").
+/// Runs inline when threads <= 1 or units <= 1, when called from inside a
+/// run_parallel unit or while another thread holds the pool, and in a forked
+/// child. An exception thrown by fn is rethrown in the caller after every
+/// started unit has finished.
+void run_parallel(int64_t units, int threads, const std::function<void(int64_t)>& fn);
 
 }  // namespace vlmkit

@@ -75,9 +75,7 @@ at::Tensor skip_map(const A* bias, const Shape& g) {
   if (!bias) return skip;
   uint8_t* out = skip.data_ptr<uint8_t>();
   const int64_t units = g.bias_b * g.nq;
-  [[maybe_unused]] const int nt = threads_for(units);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t u = 0; u < units; ++u) {
+  run_parallel(units, threads_for(units), [&](int64_t u) {
     const int64_t bb = u / g.nq, qt = u % g.nq;
     std::vector<uint8_t> all(size_t(g.nk), 1);
     bool dead = false;
@@ -94,7 +92,7 @@ at::Tensor skip_map(const A* bias, const Shape& g) {
       dead |= !open;
     }
     for (int64_t kt = 0; kt < g.nk; ++kt) out[u * g.nk + kt] = uint8_t(all[size_t(kt)] && !dead);
-  }
+  });
   return skip;
 }
 
@@ -383,9 +381,7 @@ void run_units(const Operands<T, A>& a, bool backward) {
     else if (a.g.d == 64) fn = pick_unit<64, T, A>(backward);
   }
   const int64_t units = a.g.b * a.g.h;
-  [[maybe_unused]] const int nt = threads_for(units);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t u = 0; u < units; ++u) fn(a, u);
+  run_parallel(units, threads_for(units), [&](int64_t u) { fn(a, u); });
 }
 
 Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias) {
