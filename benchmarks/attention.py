@@ -77,6 +77,9 @@ CASES = [  # (name, B, H, T, Dh, mask)
     ("encoder, no mask, T 64 (ViT at 64 px)", 32, 4, 64, 32, "none"),
     ("encoder, no mask, T 196", 8, 4, 196, 32, "none"),
     ("long causal, T 512", 2, 4, 512, 64, "causal"),
+    ("decoder, causal, T 32 (the suite's step)", 32, 4, 32, 32, "causal"),
+    ("encoder, no mask, T 64, batch 1", 1, 4, 64, 32, "none"),
+    ("decoder, causal, T 32, batch 1", 1, 4, 32, 32, "causal"),
 ]
 
 
