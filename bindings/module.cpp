@@ -30,6 +30,21 @@ PYBIND11_MODULE(_C, m) {
         "Apply vlmkit's thread policy: 1 torch thread, OpenBLAS on every core "
         "(VLMKIT_TORCH_THREADS / VLMKIT_BLAS_THREADS override).");
 
+  m.def(
+      "apply_default_allocator",
+      []() {
+        const auto info = vlmkit::apply_default_allocator();
+        py::dict d;
+        d["tuned"] = info.tuned;
+        d["mmap_threshold"] = info.mmap_threshold;
+        d["trim_threshold"] = info.trim_threshold;
+        d["reason"] = info.reason;
+        return d;
+      },
+      "Apply vlmkit's heap policy once (glibc: blocks below 32 MB from the heap, no trimming, so a training "
+      "step does not page-fault its activations in afresh every step; VLMKIT_MALLOC=system skips it). "
+      "Returns what is in force.");
+
   m.def("set_attention_kernel", &vlmkit::set_attention_kernel, py::arg("kernel"),
         "Which attention MultiheadAttention runs on CPU: \"auto\" (the fused kernel where forward + backward "
         "measured faster: float32, >= 96 queries and keys, a mask that blocks at least half of the tiles, "

@@ -12,6 +12,7 @@
 int main() {
   using namespace vlmkit;
   apply_default_threads();
+  apply_default_allocator();
   torch::manual_seed(0);
   using Model = EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl, ConcatFusionImpl, TextDecoderImpl>;
   auto model = std::make_shared<Model>(

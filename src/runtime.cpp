@@ -3,6 +3,9 @@
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <torch/version.h>
 #include <unistd.h>
 
@@ -170,6 +173,32 @@ ThreadInfo apply_default_threads() {
   set_num_threads(torch_threads > 0 ? torch_threads : 1,
                   blas_threads > 0 ? blas_threads : cpu_count());
   return thread_info();
+}
+
+AllocatorInfo apply_default_allocator() {
+  static const AllocatorInfo applied = [] {
+    AllocatorInfo info;
+    const char* env = std::getenv("VLMKIT_MALLOC");
+    if (env && std::string(env) == "system") {
+      info.reason = "VLMKIT_MALLOC=system";
+      return info;
+    }
+#if defined(__GLIBC__)
+    constexpr int64_t kMmap = int64_t(32) << 20, kTrim = int64_t(1) << 30;
+    // Setting M_MMAP_THRESHOLD also turns off glibc's dynamic threshold.
+    if (mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMmap)) == 1 && mallopt(M_TRIM_THRESHOLD, static_cast<int>(kTrim)) == 1) {
+      info.tuned = true;
+      info.mmap_threshold = kMmap;
+      info.trim_threshold = kTrim;
+    } else {
+      info.reason = "mallopt refused the thresholds";
+    }
+#else
+    info.reason = "not glibc's malloc";
+#endif
+    return info;
+  }();
+  return applied;
 }
 
 ThreadInfo thread_info() {

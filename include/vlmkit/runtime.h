@@ -37,6 +37,29 @@ ThreadInfo thread_info();
 /// threads and BLAS's (under the fp32 policy torch has one and BLAS the cores).
 int compute_threads();
 
+/// The heap policy. glibc's malloc hands blocks above a dynamic threshold
+/// to mmap and returns free memory at the top of the heap to the system
+/// (trimming), so a training step that frees and re-allocates the same
+/// few-MB activations every step takes fresh page faults for them: on these
+/// 2-core machines ~9,700 faults per step of the small VLM at batch 32, a
+/// third of the step (373 ms against 215 ms without them; docs/benchmarks.md,
+/// "Page faults of a training step"). The policy keeps freed memory in the
+/// process: blocks below 32 MB come from the heap and the heap is not trimmed,
+/// so the resident size stays at its high-water mark, which a training loop
+/// reaches in its first step anyway. glibc only; VLMKIT_MALLOC=system skips it.
+struct AllocatorInfo {
+  /// Whether vlmkit's settings are in force (false: the C library's own).
+  bool tuned = false;
+  /// Blocks of at least this many bytes are mmap'd (0: not set by vlmkit).
+  int64_t mmap_threshold = 0;
+  /// Free heap top above this many bytes is returned to the system.
+  int64_t trim_threshold = 0;
+  /// Why not tuned, or "".
+  std::string reason;
+};
+/// Applies the heap policy above once per process (later calls report it).
+AllocatorInfo apply_default_allocator();
+
 /// Runs fn(u) for every u in [0, units) on up to `threads` threads: the
 /// caller and threads - 1 workers of a small pool, units handed out one at a
 /// time (dynamic scheduling). The workers sleep on a condition variable

@@ -28,6 +28,7 @@ torch_version: str = _C.torch_version
 set_num_threads = _C.set_num_threads
 thread_info = _C.thread_info
 apply_default_threads = _C.apply_default_threads
+apply_default_allocator = _C.apply_default_allocator
 set_attention_kernel = _C.set_attention_kernel
 attention_kernel = _C.attention_kernel
 set_decode_kernel = _C.set_decode_kernel
@@ -114,6 +115,12 @@ parse_polygons = _C.parse_polygons
 if _os.environ.get("VLMKIT_KEEP_THREADS", "") not in ("1", "true", "yes"):
     apply_default_threads()
 
+# Heap policy (vlmkit/runtime.h; docs/benchmarks.md, "Page faults of a training
+# step"): glibc keeps freed blocks below 32 MB and does not trim the heap, so a
+# training step stops page-faulting its activations in every step.
+# VLMKIT_MALLOC=system leaves the C library's defaults.
+apply_default_allocator()
+
 load_model = checkpoint.load_model
 save_model = checkpoint.save_model
 
@@ -124,7 +131,7 @@ __all__ = [
     "ConvStage", "CppModule", "EncoderOutput",
     "MatchingLoss", "MultiheadAttention", "SigLipLoss", "TextEncoder",
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
-    "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
+    "apply_default_allocator", "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
     "fused_attention", "set_attention_kernel", "set_decode_kernel", "decode_kernel",
     "fused_gelu_mlp", "set_mlp_kernel", "mlp_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",

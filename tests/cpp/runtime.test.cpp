@@ -1,7 +1,11 @@
 #include "helpers.h"
 #include "vlmkit/runtime.h"
 
+#include <atomic>
 #include <cstdlib>
+#include <stdexcept>
+#include <thread>
+#include <vector>
 
 TEST_CASE("runtime: OpenBLAS serves LibTorch and the thread policy applies", "[runtime]") {
   auto info = vlmkit::apply_default_threads();
@@ -14,4 +18,51 @@ TEST_CASE("runtime: OpenBLAS serves LibTorch and the thread policy applies", "[r
   vlmkit::set_num_threads(1, 1);
   REQUIRE(vlmkit::thread_info().blas_threads == 1);
   REQUIRE(std::string(vlmkit::torch_version()).find('.') != std::string::npos);
+}
+
+TEST_CASE("runtime: the heap policy applies once and reports itself", "[runtime]") {
+  const auto info = vlmkit::apply_default_allocator();
+#if defined(__GLIBC__)
+  if (!std::getenv("VLMKIT_MALLOC")) {
+    REQUIRE(info.tuned);
+    REQUIRE(info.mmap_threshold == (int64_t(32) << 20));
+    REQUIRE(info.trim_threshold > info.mmap_threshold);
+    REQUIRE(info.reason.empty());
+  }
+#endif
+  const auto again = vlmkit::apply_default_allocator();
+  REQUIRE(again.tuned == info.tuned);
+  REQUIRE(again.reason == info.reason);
+}
+
+TEST_CASE("runtime: run_parallel runs every unit once, nested and concurrent calls included", "[runtime]") {
+  for (int threads : {1, 2, 4}) {
+    for (int64_t units : {int64_t(0), int64_t(1), int64_t(7), int64_t(1000)}) {
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(units));
+      vlmkit::run_parallel(units, threads, [&](int64_t u) {
+        // a nested call runs inline on this thread
+        vlmkit::run_parallel(3, threads, [&](int64_t) {});
+        hits[static_cast<size_t>(u)]++;
+      });
+      for (auto& h : hits) REQUIRE(h.load() == 1);
+    }
+  }
+  // two threads calling at once: one gets the pool, the other runs inline
+  std::atomic<int64_t> sum{0};
+  auto work = [&] {
+    for (int r = 0; r < 50; ++r) vlmkit::run_parallel(64, 2, [&](int64_t u) { sum += u; });
+  };
+  std::thread a(work), b(work);
+  a.join();
+  b.join();
+  REQUIRE(sum.load() == 2 * 50 * (63 * 64 / 2));
+  // an exception in a unit reaches the caller, and the pool still works afterwards
+  REQUIRE_THROWS_WITH(vlmkit::run_parallel(100, 2,
+                                           [](int64_t u) {
+                                             if (u == 37) throw std::runtime_error("unit 37 failed");
+                                           }),
+                      "unit 37 failed");
+  std::atomic<int> after{0};
+  vlmkit::run_parallel(10, 2, [&](int64_t) { after++; });
+  REQUIRE(after.load() == 10);
 }
