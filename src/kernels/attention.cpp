@@ -456,22 +456,14 @@ bool use_fused_attention(const at::Tensor& q, int64_t s, const at::Tensor& bias)
   const int mode = g_kernel.load();
   if (mode != 0) return mode == 1;
   // Measured on 2 cores (benchmarks/attention.py; docs/benchmarks.md, "Fused
-  // attention: a pool that sleeps"), forward + backward against ATen:
-  //  - float32: the kernel wins wherever a mask blocks tiles (packed rows,
-  //    causal: 1.1-1.8x) and at the small VLM's shapes (T 32-64: 1.1-1.5x; the
-  //    whole fp32 training step 1.4x); unmasked attention over >= 128 keys
-  //    and queries (the ViT at 224 px) is ATen's (0.92x), so it stays there.
-  //  - bfloat16: oneDNN's bf16 GEMMs win 2.5-5x once a call has work
-  //    (B * H * T * S > 16384); below that ATen's fixed per-call cost
-  //    dominates and the kernel wins (batch 1: 1.1-1.9x).
-  // The choice must not depend on grad mode: an activation-checkpointed
-  // block runs its forward without gradients and recomputes it with them,
-  // and the two must agree bit for bit.
-  if (q.dim() != 4) return false;
-  const int64_t t = q.size(2);
-  if (q.scalar_type() == at::kFloat) return bias.defined() || t < 128 || s < 128;
-  if (q.scalar_type() == at::kBFloat16) return q.size(0) * q.size(1) * t * s <= 16384;
-  return false;
+  // attention"): forward + backward beat ATen in float32 where the mask lets
+  // the kernel skip most tiles (packed rows: 1.5x); plain causal and unmasked
+  // attention were 0.87-0.97x, and every bfloat16 case 0.2-0.4x (oneDNN's
+  // bf16 GEMMs). The choice must not depend on grad mode: an
+  // activation-checkpointed block runs its forward without gradients and
+  // recomputes it with them, and the two must agree bit for bit.
+  return q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) >= 96 && s >= 96 && bias.defined() &&
+         blocked_tile_fraction(bias) >= 0.5;
 }
 
 std::string fused_attention_unsupported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

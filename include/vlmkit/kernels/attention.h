@@ -20,15 +20,14 @@ namespace vlmkit {
 /// Which attention implementation MultiheadAttention runs on CPU:
 ///   "auto"  (default) the fused kernel where it measured faster than ATen
 ///           for forward + backward (benchmarks/attention.py): float32
-///           inputs unless unmasked with >= 128 queries and keys (the ViT
-///           at 224 px, where ATen's larger GEMMs are as fast), and bfloat16
-///           calls with little work (B * H * T * S <= 16384: batch 1), where
-///           ATen's per-call cost dominates; larger bfloat16 calls keep ATen,
-///           whose oneDNN bf16 GEMMs are 2.5-5x faster than the kernel
-///           (docs/benchmarks.md, "Fused attention: a pool that sleeps").
-///           The rule ignores grad mode, so a no-grad forward (eval, or an
-///           activation-checkpointed block's first pass) computes exactly
-///           what the training forward does;
+///           inputs, >= 96 queries and keys, and a mask that blocks at least
+///           half of the kernel's tiles (packed rows: several examples per
+///           row). In bfloat16 ATen's oneDNN GEMMs are faster than the
+///           kernel, and in float32 plain causal or unmasked attention gains
+///           nothing, so those keep ATen (docs/benchmarks.md, "Fused
+///           attention", has the measurements). The rule ignores grad
+///           mode, so a no-grad forward (eval, or an activation-checkpointed
+///           block's first pass) computes exactly what the training forward does;
 ///   "fused" the fused kernel whenever the inputs qualify;
 ///   "aten"  always the reference (matmul, softmax, matmul).
 /// Process-wide, like torch.backends flags; the results agree to rounding.
