@@ -427,6 +427,65 @@ def peak_memory(config: Dict, batch: int) -> Dict:
     return out
 
 
+ALONE_PROBE = r"""
+import json, resource, statistics, sys, time, torch
+import vlmkit
+from vlmkit.bench import suite
+config, impl, batch, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+suite.set_device(sys.argv[5])
+model, peer, full = suite.pair(config)
+images, ids, labels = suite.batch_for(full, batch)
+if impl == "vlmkit":
+    del peer
+    opt = vlmkit.FusedAdamW(model.parameters(), lr=1e-4)
+    step = suite.training_step(model, lambda: suite.vlmkit_loss(model, full, images, ids, labels), opt)
+else:
+    del model
+    opt = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    step = suite.training_step(peer, lambda: peer(images, ids, labels)[1], opt)
+times, faults = [], []
+for i in range(steps + 3):
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    step()
+    suite.sync()
+    t1, f1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    if i >= 3:
+        times.append(t1 - t0)
+        faults.append(f1 - f0)
+print(json.dumps({"step_s": statistics.median(times), "faults_per_step": statistics.mean(faults)}))
+"""
+
+
+def train_alone(config: Dict, batch: int, steps: int, rounds: int) -> Dict:
+    """The training step as a user runs it: each side alone in a fresh process, the
+    processes alternated (vlmkit, peer, peer without vlmkit's heap policy) for `rounds`
+    rounds, medians of the per-process median step times. In one process the two sides'
+    allocations shape each other's heap, and the page faults a step takes differ from
+    those of a real run: 9,800 per fp32 step of the small VLM alone under glibc's own
+    settings, none interleaved (docs/benchmarks.md, "Page faults of a training step").
+    The peer runs twice: with glibc's defaults, as plain PyTorch runs, and with vlmkit's
+    heap policy (VLMKIT_MALLOC unset), which it gets when it imports vlmkit."""
+    arms = {"vlmkit": ("vlmkit", {}), "peer": ("peer", {"VLMKIT_MALLOC": "system"}),
+            "peer_tuned_heap": ("peer", {})}
+    got = {name: {"step_s": [], "faults_per_step": []} for name in arms}
+    for _ in range(rounds):
+        for name, (impl, env) in arms.items():
+            environ = {k: v for k, v in os.environ.items() if k != "VLMKIT_MALLOC"}
+            environ.update(env)
+            done = subprocess.run([sys.executable, "-c", ALONE_PROBE, json.dumps(config), impl, str(batch), str(steps),
+                                   str(DEVICE)], capture_output=True, text=True, timeout=600, env=environ)
+            if done.returncode != 0:
+                raise RuntimeError(f"training-step probe ({name}) failed: {done.stderr[-2000:]}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            for k in got[name]:
+                got[name][k].append(r[k])
+    out = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in got.items()}
+    out["batch"], out["steps"], out["rounds"] = batch, steps, rounds
+    out["ratio"] = out["peer"]["step_s"] / out["vlmkit"]["step_s"]
+    out["ratio_same_heap"] = out["peer_tuned_heap"]["step_s"] / out["vlmkit"]["step_s"]
+    return out
+
+
 def checkpointing_cost(config: Dict, batch: int, repeats: int) -> Dict:
     """Training-step time with activation checkpointing over without (same weights)."""
     torch.manual_seed(0)
@@ -551,6 +610,17 @@ def markdown(results: Dict) -> str:
                   f"| packed (pack_to = max_len, the default) | {sps['packed']:.1f} | {100 * pad['packed']:.0f}% | "
                   f"{rb['packed_over_padded']:.2f} |",
                   f"| peer, padded | {sps['peer']:.1f} | {100 * pad['padded']:.0f}% | |"]
+    alone = results.get("alone")
+    if alone:
+        lines += ["", "## Training step alone (small VLM of make train; each side in its own process, fp32)", "",
+                  "Processes alternated, medians; the peer once with glibc's own heap settings (plain PyTorch) and "
+                  "once with vlmkit's heap policy (what it gets when it imports vlmkit).", "",
+                  "| batch | vlmkit ms/step | faults/step | peer ms/step | faults/step | ratio | "
+                  "peer, vlmkit's heap, ms/step | ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for b, r in alone.items():
+            lines.append(f"| {b} | {1e3 * r['vlmkit']['step_s']:.1f} | {r['vlmkit']['faults_per_step']:.0f} | "
+                         f"{1e3 * r['peer']['step_s']:.1f} | {r['peer']['faults_per_step']:.0f} | {r['ratio']:.2f} | "
+                         f"{1e3 * r['peer_tuned_heap']['step_s']:.1f} | {r['ratio_same_heap']:.2f} |")
     mem = results.get("memory")
     if mem:
         what = "peak allocated device memory" if on else "RSS above the imports"
@@ -667,6 +737,15 @@ def main(argv=None) -> int:
           f"vlmkit with activation checkpointing {results['memory']['vlmkit_checkpointed']:.0f} MB "
           f"(step time x{results['checkpointing']['time_ratio']:.2f})", flush=True)
 
+    if not cuda:  # page faults are a host-heap matter
+        results["alone"] = {str(b): train_alone(SMALL_VLM, b, 8 if b == 32 else 30, 2 if quick else 3)
+                            for b in (32, 1)}
+        for b, r in results["alone"].items():
+            print(f"train alone, batch {b}: vlmkit {1e3 * r['vlmkit']['step_s']:.1f} ms "
+                  f"({r['vlmkit']['faults_per_step']:.0f} faults/step), peer {1e3 * r['peer']['step_s']:.1f} ms "
+                  f"({r['peer']['faults_per_step']:.0f}), ratio {r['ratio']:.2f}; peer with vlmkit's heap policy "
+                  f"{1e3 * r['peer_tuned_heap']['step_s']:.1f} ms, ratio {r['ratio_same_heap']:.2f}", flush=True)
+
     results["profile"] = profile_step(SMALL_VLM, 32)
     results["scaling"] = scaling(SMALL_VLM, quick, max(3, repeats // 2))
     results["plots"] = plot_scaling(results["scaling"], args.out)
@@ -688,6 +767,11 @@ def main(argv=None) -> int:
         "peak training memory saved by activation checkpointing": {
             "value": results["memory"]["checkpointing_saving"], "need": ">= 0.40"},
     }
+    if "alone" in results:  # the same targets, as a user runs the step
+        results["targets"]["training step alone, batch 32, vlmkit / peer (own processes)"] = {
+            "value": results["alone"]["32"]["ratio"], "need": ">= 1.3"}
+        results["targets"]["training step alone, batch 1, vlmkit / peer (own processes)"] = {
+            "value": results["alone"]["1"]["ratio"], "need": ">= 1.5"}
     if "real_batches" in results:  # a target of these 2 cores
         results["targets"]["training throughput on real batches (samples/s, default data, packed)"] = {
             "value": results["real_batches"]["samples_per_s"]["packed"], "need": ">= 100"}
