@@ -113,6 +113,18 @@ def test_suite_measures_a_tiny_pair():
     assert len(tokens[0]) == 5
 
 
+def test_suite_times_each_side_alone():
+    tiny = copy.deepcopy(SMALL_VLM)
+    tiny["image_encoder"].update(image_size=32, d_model=32, depth=1, num_heads=2)
+    tiny["decoder"].update(d_model=32, depth=1, num_heads=2)
+    r = suite.train_alone(tiny, 2, 2, 1)
+    for arm in ("vlmkit", "peer", "peer_tuned_heap"):
+        assert r[arm]["step_s"] > 0 and r[arm]["faults_per_step"] >= 0
+    # ratio = peer time / vlmkit time (> 1: vlmkit faster), as everywhere in the suite
+    assert r["ratio"] == pytest.approx(r["peer"]["step_s"] / r["vlmkit"]["step_s"])
+    assert r["ratio_same_heap"] == pytest.approx(r["peer_tuned_heap"]["step_s"] / r["vlmkit"]["step_s"])
+
+
 def test_suite_device_choice_and_cpu_paths():
     # A device the suite cannot run on is refused by name, before any work.
     for bad in ("tpu", "cuda:x"):

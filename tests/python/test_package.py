@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,17 @@ def test_environment_overrides_threads():
                          env={"VLMKIT_TORCH_THREADS": "2", "VLMKIT_BLAS_THREADS": "1",
                               "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["2", "1"]
+
+
+def test_heap_policy_applies_at_import_and_can_be_declined():
+    code = "import vlmkit, json; print(json.dumps(vlmkit.apply_default_allocator()))"
+    env = {"PATH": "/usr/bin:/bin"}
+    tuned = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                      env=env).stdout)
+    assert tuned == {"tuned": True, "mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "reason": ""}
+    system = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       env=dict(env, VLMKIT_MALLOC="system")).stdout)
+    assert system["tuned"] is False and system["reason"] == "VLMKIT_MALLOC=system"
 
 
 def test_every_public_name_exists():
