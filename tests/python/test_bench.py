@@ -117,7 +117,10 @@ def test_suite_times_each_side_alone():
     tiny = copy.deepcopy(SMALL_VLM)
     tiny["image_encoder"].update(image_size=32, d_model=32, depth=1, num_heads=2)
     tiny["decoder"].update(d_model=32, depth=1, num_heads=2)
-    r = suite.train_alone(tiny, 2, 2, 1)
+    r = suite.train_alone(tiny, 2, 2, 1, "bf16")
+    assert r["precision"] == "bf16"
+    with pytest.raises(ValueError, match="fp32.*bf16"):
+        suite.train_alone(tiny, 2, 2, 1, "fp16")
     for arm in ("vlmkit", "peer", "peer_tuned_heap"):
         assert r[arm]["step_s"] > 0 and r[arm]["faults_per_step"] >= 0
     # ratio = peer time / vlmkit time (> 1: vlmkit faster), as everywhere in the suite
