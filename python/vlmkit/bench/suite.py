@@ -751,7 +751,7 @@ def main(argv=None) -> int:
           f"(step time x{results['checkpointing']['time_ratio']:.2f})", flush=True)
 
     if not cuda:  # page faults are a host-heap matter
-        results["alone"] = {f"{p}, batch {b}": train_alone(SMALL_VLM, b, 8 if b == 32 else 30, 2 if quick else 3, p)
+        results["alone"] = {f"{p}, batch {b}": train_alone(SMALL_VLM, b, 8 if b == 32 else 60, 3, p)
                             for p in ("fp32", "bf16") for b in (32, 1)}
         for b, r in results["alone"].items():
             print(f"train alone, {b}: vlmkit {1e3 * r['vlmkit']['step_s']:.1f} ms "
