@@ -186,7 +186,8 @@ AllocatorInfo apply_default_allocator() {
 #if defined(__GLIBC__)
     constexpr int64_t kMmap = int64_t(32) << 20, kTrim = int64_t(1) << 30;
     // Setting M_MMAP_THRESHOLD also turns off glibc's dynamic threshold.
-    if (mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMmap)) == 1 && mallopt(M_TRIM_THRESHOLD, static_cast<int>(kTrim)) == 1) {
+    if (mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMmap)) == 1 &&
+        mallopt(M_TRIM_THRESHOLD, static_cast<int>(kTrim)) == 1) {
       info.tuned = true;
       info.mmap_threshold = kMmap;
       info.trim_threshold = kTrim;

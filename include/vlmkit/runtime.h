@@ -63,11 +63,13 @@ AllocatorInfo apply_default_allocator();
 /// Runs fn(u) for every u in [0, units) on up to `threads` threads: the
 /// caller and threads - 1 workers of a small pool, units handed out one at a
 /// time (dynamic scheduling). The workers sleep on a condition variable
-/// between calls. An OpenMP team (libgomp's default wait policy) spins for a
-/// while after each region, on the core that OpenBLAS's second thread needs
-/// under the fp32 policy: a fused attention kernel on an OpenMP team made the
-/// small VLM's fp32 training step 0.90x ATen's, on this pool 1.3x
-/// (docs/benchmarks.md, "Fused attention: a pool that sleeps").
+/// between calls, where an OpenMP team (libgomp's default wait policy) spins
+/// for a while after each region on the core that OpenBLAS's second thread
+/// needs under the fp32 policy: the fused attention kernel forced on in the
+/// small VLM's fp32 training step at batch 1 took 123 ms per step on an
+/// OpenMP team against 29 ms with ATen's attention, and 20.5 against 20.0 ms
+/// on this pool (interleaved in one process; docs/benchmarks.md, "Fused
+/// attention: a pool that sleeps").
 /// Runs inline when threads <= 1 or units <= 1, when called from inside a
 /// run_parallel unit or while another thread holds the pool, and in a forked
 /// child. An exception thrown by fn is rethrown in the caller after every
