@@ -468,7 +468,7 @@ print(json.dumps({"step_s": statistics.median(times), "faults_per_step": statist
 
 def train_alone(config: Dict, batch: int, steps: int, rounds: int, precision: str = "fp32") -> Dict:
     """The training step as a user runs it: each side alone in a fresh process, the
-    processes alternated (vlmkit, peer, peer without vlmkit's heap policy) for `rounds`
+    processes alternated (vlmkit, the peer, the peer with vlmkit's heap policy) for `rounds`
     rounds, medians of the per-process median step times. In one process the two sides'
     allocations shape each other's heap, and the page faults a step takes differ from
     those of a real run: 9,800 per fp32 step of the small VLM alone under glibc's own
