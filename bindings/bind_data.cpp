@@ -411,9 +411,7 @@ void bind_data(py::module_& m) {
                sample = self.get(index);
              }
              auto entry = self.manifest_entry(sample, "");
-             // json.loads keeps the entry's key order (the answers' order, as the
-             // model is to write them); a round trip through `json` would sort them.
-             py::dict out = py::module_::import("json").attr("loads")(entry.dump());
+             py::dict out = to_python(json::parse(entry.dump()));
              out.attr("pop")("image");
              out["image"] = image_to_tensor(sample.image);
              const int64_t s = sample.image.rows;

@@ -44,19 +44,18 @@ PROMPTS = {"caption": "Describe the image.", "ocr": "What does the text say?",
 
 # Constrained decoding of the JSON tasks: the output always parses. The matcher writes
 # an object's properties in the schema's order, so each schema lists them in the order
-# of the training answers, which is the synthetic data's own (labels before boxes, the
-# description before the fields read from it; a test checks the two agree).
+# of the training answers (the synthetic data sorts keys; a test checks the two agree).
 DETECTION_SCHEMA = {"type": "object", "properties": {
-    "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
     "Bounding_box": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 4, "maxItems": 4,
-                     "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
+                     "items": {"type": "integer", "minimum": 0, "maximum": 999}}},
+    "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}}}
 # One outline of at most SyntheticDataset's vertex bound (12) per object.
 SEGMENTATION_SCHEMA = {"type": "object", "properties": {
     "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
     "Polygon": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 6, "maxItems": 24,
                 "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}
 EXTRACTION_SCHEMA = {"type": "object", "properties": {k: {"type": "string", "maxLength": 80}
-                                                      for k in ("Description", "Colour", "Shapes", "Text")}}
+                                                      for k in ("Colour", "Description", "Shapes", "Text")}}
 
 
 # Scene splits: training scenes use the run's seed; validation (progress during
