@@ -61,6 +61,18 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     loss = closure();
   }
   auto& states = state();
+  // The fused updates of every group, run afterwards as one pass over chunks of
+  // all parameters on run_parallel's threads (both cores under either thread
+  // policy; per parameter, most tensors are too small to split).
+  struct Update {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    int64_t n;
+    AdamWScalars k;
+  };
+  std::vector<Update> updates;
   for (auto& group : param_groups()) {
     auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
     TORCH_CHECK_VALUE(!o.amsgrad(), "FusedAdamW: amsgrad is not supported; use torch::optim::AdamW");
@@ -107,13 +119,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       }
       const AdamWScalars k{float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), float(std::sqrt(bias2)),
                            float(o.eps()), float(-step_size), o.weight_decay() != 0 ? float(decay) : 1.0f};
-      float* pp = p.data_ptr<float>();
-      const float* gp = grad.data_ptr<float>();
-      float* mp = m.data_ptr<float>();
-      float* vp = v.data_ptr<float>();
-      at::parallel_for(0, p.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-        adamw_update(pp + begin, gp + begin, mp + begin, vp + begin, end - begin, k);
-      });
+      updates.push_back({p.data_ptr<float>(), grad.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                         p.numel(), k});
     }
     if (rest_p.empty()) continue;
     if (o.weight_decay() != 0) at::_foreach_mul_(rest_p, decay);
@@ -126,6 +133,16 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     at::_foreach_add_(denom, o.eps());
     at::_foreach_addcdiv_(rest_p, rest_m, denom, rest_step);
   }
+  constexpr int64_t kChunk = int64_t(1) << 14;
+  std::vector<std::pair<size_t, int64_t>> chunks;  // (update, first element)
+  for (size_t i = 0; i < updates.size(); ++i)
+    for (int64_t b = 0; b < updates[i].n; b += kChunk) chunks.emplace_back(i, b);
+  const int64_t total = static_cast<int64_t>(chunks.size()) * kChunk;
+  run_parallel(static_cast<int64_t>(chunks.size()), total >= 4 * kChunk ? compute_threads() : 1, [&](int64_t c) {
+    const auto& u = updates[chunks[size_t(c)].first];
+    const int64_t b = chunks[size_t(c)].second, n = std::min(kChunk, u.n - b);
+    adamw_update(u.p + b, u.g + b, u.m + b, u.v + b, n, u.k);
+  });
   return loss;
 }
 }  // namespace vlmkit

@@ -444,7 +444,9 @@ TEST_CASE("Linear under bf16 autocast is one cast op, bias included (as torch's 
 TEST_CASE("FusedAdamW: the same steps as torch::optim::AdamW", "[train][optim]") {
   torch::manual_seed(0);
   std::vector<torch::Tensor> a, b, initial;
-  for (auto shape : {std::vector<int64_t>{37, 129}, {5}, {3, 4, 5}}) {
+  // {300, 700}: enough elements that the fused pass splits them across threads
+  // (run_parallel), beside tensors smaller than one chunk.
+  for (auto shape : {std::vector<int64_t>{37, 129}, {5}, {300, 700}, {3, 4, 5}}) {
     initial.push_back(torch::randn(shape));
   }
   // The multi-tensor (foreach) path, taken on CUDA and for other dtypes; the
