@@ -305,7 +305,10 @@ bool JsonSchemaMatcher::feed_raw(char c) {
         break;
       }
     }
-    if (retry) continue;
+    if (retry) {
+      normalize();  // an object item expands into its opening literal
+      continue;
+    }
     if (consumed) {
       if (done) {
         stack_.pop_back();

@@ -164,6 +164,30 @@ TEST_CASE("json schema: matcher follows the schema", "[json]") {
   CHECK_THROWS_AS(JsonSchemaMatcher(ordered_json::parse(R"({"type":"tuple"})")), c10::ValueError);
 }
 
+TEST_CASE("json schema: arrays of objects (records)", "[json]") {
+  // An array whose items are objects, inside an object, inside an array: the
+  // matcher used to refuse the '{' that opens an object item.
+  auto schema = ordered_json::parse(R"({"type":"object","properties":{"Objects":{"type":"array","maxItems":2,
+      "items":{"type":"object","properties":{"Object":{"type":"string","maxLength":8},
+      "Box":{"type":"array","minItems":2,"maxItems":2,"items":{"type":"integer","minimum":0,"maximum":99}}}}}}})");
+  JsonSchemaMatcher m(schema);
+  REQUIRE(m.feed(R"({"Objects":[{"Object":"a b","Box":[1,20]},{"Object":"","Box":[99,0]}]})"));
+  REQUIRE(m.can_finish());
+  JsonSchemaMatcher empty(schema);
+  REQUIRE(empty.feed(R"({"Objects":[]})"));
+  REQUIRE(empty.can_finish());
+  JsonSchemaMatcher wrong_key(schema);
+  REQUIRE_FALSE(wrong_key.feed(R"({"Objects":[{"Box")"));  // properties in schema order
+  JsonSchemaMatcher three(schema);
+  REQUIRE(three.feed(R"({"Objects":[{"Object":"","Box":[1,2]},{"Object":"","Box":[1,2]})"));
+  REQUIRE_FALSE(three.feed(','));  // maxItems 2
+  JsonSchemaMatcher open(schema);
+  REQUIRE(open.feed(R"({"Objects":[{"Object":"x")"));
+  REQUIRE_FALSE(open.can_finish());
+  // The budget the constraint steers by covers the nested records.
+  REQUIRE(JsonSchemaMatcher::max_length(schema) >= int64_t(std::string(R"({"Objects":[{"Object":"12345678","Box":[99,99]},{"Object":"12345678","Box":[99,99]}]})").size()));
+}
+
 TEST_CASE("json schema: strings take JSON escapes, each one character long", "[json]") {
   auto schema = ordered_json::parse(R"({"type":"string","maxLength":5})");
   JsonSchemaMatcher quoted(schema);
