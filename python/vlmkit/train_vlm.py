@@ -45,11 +45,10 @@ PROMPTS = {"caption": "Describe the image.", "ocr": "What does the text say?",
 # Constrained decoding of the JSON tasks: the output always parses. The matcher writes
 # an object's properties in the schema's order, so each schema lists them in the order
 # of the training answers (the synthetic data sorts keys; a test checks the two agree).
-DETECTION_SCHEMA = {"type": "object", "properties": {"Objects": {"type": "array", "maxItems": 3, "items": {
-    "type": "object", "properties": {
-        "Object": {"type": "string", "maxLength": 16},
-        "Bounding_box": {"type": "array", "minItems": 4, "maxItems": 4,
-                         "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}}}}
+DETECTION_SCHEMA = {"type": "object", "properties": {
+    "Bounding_box": {"type": "array", "maxItems": 4, "items": {"type": "array", "minItems": 4, "maxItems": 4,
+                     "items": {"type": "integer", "minimum": 0, "maximum": 999}}},
+    "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}}}
 # One outline of at most SyntheticDataset's vertex bound (12) per object.
 SEGMENTATION_SCHEMA = {"type": "object", "properties": {
     "Object": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
@@ -156,41 +155,13 @@ def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def detection_answer(sample: Dict) -> str:
-    """The detection answer, one record per object with its label before its box
-    ({"Objects":[{"Object":"red circle","Bounding_box":[x1,y1,x2,y2]},...]}, 0..999
-    grid): each box is written with its object already named, as the colour and shape
-    questions name the object they look up (docs/training.md, "Where the boxes go
-    wrong")."""
-    d = sample["detection"]
-    return compact({"Objects": [{"Object": label, "Bounding_box": box}
-                                for label, box in zip(d["Object"], d["Bounding_box"])]})
-
-
-def detection_records(text_out: str, value, size: int) -> List[Tuple[str, List[float]]]:
-    """(label, box in pixels) of each record of a detection answer, in order; the
-    boxes of text that does not parse as the answer's JSON, unlabelled."""
-    records = value.get("Objects") if isinstance(value, dict) else None
-    if not isinstance(records, list):
-        return [("", box) for box in vlmkit_boxes(text_out, size)]
-    out = []
-    for record in records:
-        if not isinstance(record, dict):
-            continue
-        boxes = vlmkit_boxes(json.dumps(record.get("Bounding_box")), size)
-        if boxes:
-            label = record.get("Object")
-            out.append((label if isinstance(label, str) else "", boxes[0]))
-    return out
-
-
 def scene_tasks(sample: Dict) -> List[Dict[str, str]]:
     """(kind, question, answer) examples of one synthetic scene."""
     tasks = [{"kind": "caption", "question": PROMPTS["caption"], "answer": sample["caption"]}]
     tasks += [{"kind": q["kind"], "question": q["question"], "answer": q["answer"]} for q in sample["questions"]]
     if sample["ocr"]:
         tasks.append({"kind": "ocr", "question": PROMPTS["ocr"], "answer": sample["ocr"]})
-    tasks.append({"kind": "detection", "question": PROMPTS["detection"], "answer": detection_answer(sample)})
+    tasks.append({"kind": "detection", "question": PROMPTS["detection"], "answer": compact(sample["detection"])})
     tasks.append({"kind": "segment", "question": sample["segment"]["question"], "answer": sample["segment"]["answer"]})
     tasks.append({"kind": "extraction", "question": PROMPTS["extraction"], "answer": compact(sample["extraction"])})
     return tasks
@@ -293,9 +264,9 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
             part = chunk[start:start + batch]
             images = torch.stack([p for p, _, _ in part])
             prompts = [data.chat_prompt("<image>" + t["question"]) for _, t, _ in part]
-            outputs = model.generate(images, prompts, JSON_BUDGET.get(kind, 160) if schema else 96, schema=schema)
+            outputs = model.generate(images, prompts, 160 if schema else 96, schema=schema)
             if schema and unconstrained:
-                for free in model.generate(images, prompts, JSON_BUDGET.get(kind, 160)):
+                for free in model.generate(images, prompts, 160):
                     try:
                         json.loads(free)
                         ok = 1.0
@@ -322,12 +293,15 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         value = None
                         results.setdefault(f"{kind}/valid_json", []).append(0.0)
                     if kind == "detection":
-                        named = detection_records(out, value, image_size)
-                        for rank, (label, box) in enumerate(named):
+                        predicted = vlmkit_boxes(out, image_size)
+                        labels = value.get("Object", []) if isinstance(value, dict) else []
+                        for rank, box in enumerate(predicted):
+                            label = labels[rank] if rank < len(labels) and isinstance(labels[rank], str) else ""
                             det_predictions.append((image_id, label, box, -rank))
                         det_truths += [(image_id, o["label"], o["box"]) for o in sample["objects"]]
                         # Each object's IoU with the best predicted box of its own label (0 if none):
-                        # a right box under a wrong label (or none) does not count.
+                        # a right box under a wrong label does not count.
+                        named = [(labels[r] if r < len(labels) else None, box) for r, box in enumerate(predicted)]
                         ious = [max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0])
                                 for o in sample["objects"]]
                         results.setdefault("detection/mean_iou", []).append(sum(ious) / len(ious))
@@ -355,9 +329,6 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
     return dict(sorted(metrics.items()))
 
 
-# New tokens for a JSON answer: the longest synthetic detection answer (three records)
-# is 193 bytes; with the 38-token prompt it stays inside the decoder's 256 positions.
-JSON_BUDGET = {"detection": 200}
 TASK_SCHEMAS = {"detection": DETECTION_SCHEMA, "segment": SEGMENTATION_SCHEMA, "extraction": EXTRACTION_SCHEMA}
 
 
