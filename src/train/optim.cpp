@@ -1,4 +1,4 @@
-// FusedAdamW: AdamW in one pass per parameter (train/optim.h).
+// FusedAdamW: AdamW in one fused pass over every parameter (train/optim.h).
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <unistd.h>
