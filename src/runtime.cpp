@@ -17,7 +17,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <vector>
 
 #ifndef VLMKIT_VERSION
 #define VLMKIT_VERSION "0.0.0"
@@ -59,7 +58,7 @@ class Pool {
   }
 
   void run(int64_t units, int threads, const std::function<void(int64_t)>& fn) {
-    if (in_unit_ || getpid() != pid_ || workers_.empty()) return inline_run(units, fn);
+    if (in_unit_ || getpid() != pid_ || workers_ == 0) return inline_run(units, fn);
     std::unique_lock<std::mutex> call(call_, std::try_to_lock);
     if (!call.owns_lock()) return inline_run(units, fn);
     {
@@ -67,7 +66,7 @@ class Pool {
       fn_ = &fn;
       units_ = units;
       next_.store(0);
-      wanted_ = std::min<int>(threads - 1, static_cast<int>(workers_.size()));
+      wanted_ = std::min(threads - 1, workers_);
       joined_ = finished_ = 0;
       closed_ = false;
       error_ = nullptr;
@@ -87,8 +86,8 @@ class Pool {
   }
 
  private:
-  explicit Pool(int n) : pid_(getpid()) {
-    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { loop(); }).detach();
+  explicit Pool(int n) : workers_(n), pid_(getpid()) {
+    for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
   }
 
   // Takes units until none is left; the first exception stops the hand-out.
@@ -123,7 +122,7 @@ class Pool {
   std::mutex call_;  // one run at a time; others run inline
   std::mutex m_;
   std::condition_variable work_, done_;
-  std::vector<std::thread> workers_;
+  const int workers_;  // detached threads, never joined
   const pid_t pid_;
   const std::function<void(int64_t)>* fn_ = nullptr;
   std::atomic<int64_t> next_{0};

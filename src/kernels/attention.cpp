@@ -45,7 +45,6 @@ constexpr double kBlocked = -1e30;
 inline float exp_acc(float x) { return exp_f32(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
-
 // Strided [B, H, L, D] view with unit stride in D.
 template <typename T>
 struct View4 {

@@ -69,7 +69,6 @@ inline __attribute__((always_inline)) void store(c10::BFloat16* p, int64_t i, fl
   std::memcpy(p + i, &b, 2);
 }
 
-
 template <typename T>
 inline __attribute__((always_inline)) void gelu_range(const T* __restrict h, T* __restrict g, int64_t begin, int64_t end) {
   using A = typename Acc<T>::type;

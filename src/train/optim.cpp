@@ -135,10 +135,13 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   }
   constexpr int64_t kChunk = int64_t(1) << 14;
   std::vector<std::pair<size_t, int64_t>> chunks;  // (update, first element)
-  for (size_t i = 0; i < updates.size(); ++i)
+  int64_t elements = 0;
+  for (size_t i = 0; i < updates.size(); ++i) {
+    elements += updates[i].n;
     for (int64_t b = 0; b < updates[i].n; b += kChunk) chunks.emplace_back(i, b);
-  const int64_t total = static_cast<int64_t>(chunks.size()) * kChunk;
-  run_parallel(static_cast<int64_t>(chunks.size()), total >= 4 * kChunk ? compute_threads() : 1, [&](int64_t c) {
+  }
+  // Below a few chunks of work, waking a second thread costs more than it saves.
+  run_parallel(static_cast<int64_t>(chunks.size()), elements >= 4 * kChunk ? compute_threads() : 1, [&](int64_t c) {
     const auto& u = updates[chunks[size_t(c)].first];
     const int64_t b = chunks[size_t(c)].second, n = std::min(kChunk, u.n - b);
     adamw_update(u.p + b, u.g + b, u.m + b, u.v + b, n, u.k);

@@ -2,6 +2,9 @@
 #include "vlmkit/runtime.h"
 
 #include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
 #include <cstdlib>
 #include <stdexcept>
 #include <thread>
@@ -60,6 +63,19 @@ TEST_CASE("runtime: run_parallel runs every unit once, nested and concurrent cal
       });
       for (auto& h : hits) REQUIRE(h.load() == 1);
     }
+  }
+  // The pool takes part: with units that take a while, a second thread runs
+  // some of them (cores permitting), so the work is not all done inline.
+  if (std::thread::hardware_concurrency() >= 2) {
+    std::mutex seen_mutex;
+    std::set<std::thread::id> seen;
+    vlmkit::run_parallel(16, 2, [&](int64_t) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      std::lock_guard<std::mutex> lock(seen_mutex);
+      seen.insert(std::this_thread::get_id());
+    });
+    REQUIRE(seen.size() == 2);
+    REQUIRE(seen.count(std::this_thread::get_id()) == 1);
   }
   // two threads calling at once: one gets the pool, the other runs inline
   std::atomic<int64_t> sum{0};
