@@ -36,6 +36,12 @@ def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
     config["architecture"] = args.architecture
     if args.projector:
         config["projector"] = {"type": args.projector}
+        if args.projector == "resampler":  # learned queries lie on no grid
+            config["image_positions"] = "none"
+    if args.image_positions:
+        config["image_positions"] = args.image_positions
+    if args.architecture != "encoder_decoder":
+        config.pop("image_positions", None)
     if args.fusion:
         config["fusion"] = args.fusion
         if args.fusion == "concat":  # image tokens in the sequence, read with a prefix-LM mask
@@ -461,6 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="learning rate of the image encoder in the VLM stage when --freeze leaves it trainable "
                         "(default 0: the run's --lr)")
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
+    p.add_argument("--image-positions", choices=["none", "sincos2d"], default=None,
+                   help="grid positions added to the projected image tokens (default: the model's)")
     p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
                    help="mean over all label tokens, or per example then over examples (default: the model's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

@@ -180,11 +180,10 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
 class _Vision(nn.Module):
     def __init__(self, mirror):
         super().__init__()
-        self.image_encoder, self.projector = mirror.image_encoder, mirror.projector
+        self.mirror = mirror
 
     def forward(self, images):
-        tokens, _, grid = self.image_encoder(images)
-        return self.projector(tokens, grid)
+        return self.mirror.encode_images(images)
 
 
 class _Encode(nn.Module):

@@ -14,6 +14,7 @@
 #include "vlmkit/generate/boxes.h"
 #include "vlmkit/generate/json_schema.h"
 #include "vlmkit/models/generative.h"
+#include "vlmkit/modules/vit.h"
 #include "../internal.h"
 
 namespace F = torch::nn::functional;
@@ -135,6 +136,23 @@ torch::Tensor check_decoder_ids(const torch::Tensor& ids, const torch::Tensor& p
   return padding_mask;
 }
 
+void check_image_positions(ImagePositions kind, std::array<int64_t, 2> sample_grid, int64_t dim, const char* who) {
+  if (kind == ImagePositions::none) return;
+  TORCH_CHECK_VALUE(sample_grid[0] > 0 && sample_grid[1] > 0, who, ": image_positions \"", to_name(kind),
+                    "\" needs a projector whose tokens lie on a grid; this one's do not (a resampler's "
+                    "learned queries are told apart by the queries themselves): use image_positions \"none\"");
+  TORCH_CHECK_VALUE(dim % 4 == 0, who, ": image_positions \"", to_name(kind),
+                    "\" needs a projector width divisible by 4, got ", dim);
+}
+
+torch::Tensor add_image_positions(ImagePositions kind, const torch::Tensor& tokens, std::array<int64_t, 2> grid,
+                                  const char* who) {
+  if (kind == ImagePositions::none) return tokens;
+  TORCH_CHECK_VALUE(tokens.dim() == 3 && grid[0] * grid[1] == tokens.size(1), who,
+                    ": expected projected image tokens [I, ", grid[0] * grid[1], ", D] on the projector's ",
+                    grid[0], "x", grid[1], " grid, got ", shape_str(tokens));
+  return tokens + detail::sincos_2d(grid[0], grid[1], tokens.size(2)).to(tokens.options()).unsqueeze(0);
+}
 
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,
                                                         int64_t pad_id) {

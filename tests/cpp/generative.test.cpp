@@ -111,13 +111,16 @@ TEST_CASE("encoder-decoder: variable-size images in one padded batch equal each 
   torch::manual_seed(0);
   auto vit = std::make_shared<ViTImpl>(ViTOptions().image_size(32).patch_size(8).d_model(32).depth(2));
   auto projector = std::make_shared<PixelShuffleProjectorImpl>(PixelShuffleProjectorOptions(32, 48));
-  for (bool concat : {true, false}) {
+  for (auto [concat, positions] : {std::pair{true, ImagePositions::none}, std::pair{false, ImagePositions::none},
+                                   std::pair{true, ImagePositions::sincos2d},
+                                   std::pair{false, ImagePositions::sincos2d}}) {
     std::shared_ptr<DecoderFusionModule> fusion;
     if (concat) fusion = std::make_shared<ConcatFusionImpl>();
     else fusion = std::make_shared<CrossAttentionDecoderFusionImpl>();
     auto dec = std::make_shared<TextDecoderImpl>(
         TextDecoderOptions().d_model(48).depth(1).num_heads(4).cross_attention_every(concat ? 0 : 1).context_dim(48));
-    EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl> model(vit, projector, fusion, dec);
+    EncoderDecoderImpl<ViTImpl, PixelShuffleProjectorImpl> model(vit, projector, fusion, dec,
+                                                                 GenerativeOptions().image_positions(positions));
     model.eval();
     ByteTokenizer tokenizer;
     auto prompt = tokenizer.encode("<image>Size?", true);
@@ -127,7 +130,7 @@ TEST_CASE("encoder-decoder: variable-size images in one padded batch equal each 
     images.slice(0, 0, 1).slice(2, 0, 16).copy_(wide);
     images.slice(0, 1, 2).slice(3, 0, 16).copy_(tall);
     auto sizes = torch::tensor({16, 48, 32, 16}, torch::kLong).view({2, 2});
-    INFO((concat ? "concat" : "cross_attention"));
+    INFO((concat ? "concat" : "cross_attention") << ", image_positions " << to_name(positions));
     auto batched = model.forward(images, ids.repeat({2, 1}), {}, {}, sizes);
     auto [memory, mask] = model.encode_images(images, sizes);
     REQUIRE(mask.defined());
@@ -143,6 +146,35 @@ TEST_CASE("encoder-decoder: variable-size images in one padded batch equal each 
       ++i;
     }
   }
+}
+
+TEST_CASE("encoder-decoder: sincos2d image positions mark each projected token's cell", "[model][positions]") {
+  torch::manual_seed(0);
+  for (const char* fusion : {"cross_attention", "concat"}) {
+    auto config = tiny_generative("pixel_shuffle", fusion);
+    auto a = make_encoder_decoder(config);
+    config["image_positions"] = "sincos2d";
+    auto b = make_encoder_decoder(config);
+    REQUIRE(b->config()["image_positions"] == "sincos2d");
+    REQUIRE(a->config()["image_positions"] == "none");
+    // No parameters of their own: the same weights load into both.
+    torch::NoGradGuard no_grad;
+    for (const auto& item : a->named_parameters()) b->named_parameters()[item.key()].copy_(item.value());
+    auto images = torch::rand({2, 3, 32, 32});
+    // 32 px / patch 8 = a 4x4 grid; pixel shuffle (factor 2) leaves 2x2 cells, row-major.
+    auto added = b->encode_images(images) - a->encode_images(images);
+    REQUIRE(close(added, vlmkit::detail::sincos_2d(2, 2, 32).unsqueeze(0).expand({2, 4, 32}), 1e-5));
+    REQUIRE_FALSE(close(added[0][1], added[0][2], 1e-2));  // (0, 1) and (1, 0) differ
+  }
+  // Only projectors whose tokens lie on a grid, and only the encoder-decoder.
+  auto config = tiny_generative("resampler", "cross_attention");
+  config["image_positions"] = "sincos2d";
+  REQUIRE_THROWS_WITH(make_encoder_decoder(config), Catch::Contains("on a grid"));
+  auto joint = json{{"architecture", "encoder_text_decoder"}, {"image_positions", "sincos2d"}};
+  REQUIRE_THROWS_WITH(make_encoder_text_decoder(joint), Catch::Contains("image_positions is an encoder_decoder"));
+  config = tiny_generative("pixel_shuffle", "cross_attention");
+  config["image_positions"] = "learned";
+  REQUIRE_THROWS_WITH(make_encoder_decoder(config), Catch::Contains("sincos2d"));
 }
 
 TEST_CASE("json schema: matcher follows the schema", "[json]") {

@@ -319,3 +319,37 @@ def test_projector_classes_come_from_the_registry():
             p(vlmkit.EncoderOutput(torch.randn(2, 64, 8), torch.randn(2, 8)))
     with pytest.raises(ValueError, match="unknown projector 'qformer'"):
         vlmkit._C.make_projector("qformer", 16, 24)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_image_positions_tell_the_decoder_each_tokens_cell(fusion):
+    """sincos2d adds the projector grid's 2D sine-cosine table to the image tokens:
+    no parameters (the same weights load), the same cached and uncached generation,
+    and cells (0, 1) and (1, 0) told apart."""
+    torch.manual_seed(0)
+    plain = vlmkit.build_model(tiny("encoder_decoder", "pixel_shuffle", fusion)).eval()
+    placed = vlmkit.build_model(tiny("encoder_decoder", "pixel_shuffle", fusion, image_positions="sincos2d")).eval()
+    assert placed.config["image_positions"] == "sincos2d" and plain.config["image_positions"] == "none"
+    placed.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        added = placed.encode_images(images) - plain.encode_images(images)
+    assert torch.allclose(added[0], added[1], atol=1e-5)  # the same table for every image
+    assert not torch.allclose(added[0, 1], added[0, 2], atol=1e-2)  # cells (0, 1) and (1, 0) differ
+    ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+    loss = placed(images, ids, mask, labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert generate(placed, "encoder_decoder", images, PROMPTS, max_new_tokens=6) == \
+        generate(placed, "encoder_decoder", images, PROMPTS, max_new_tokens=6, use_cache=False)
+    again = vlmkit.build_model(placed.config)
+    assert again.config["image_positions"] == "sincos2d"
+
+
+def test_image_positions_refuse_what_has_no_grid():
+    with pytest.raises(ValueError, match="on a grid"):
+        vlmkit.build_model(tiny("encoder_decoder", "resampler", "cross_attention", image_positions="sincos2d"))
+    with pytest.raises(ValueError, match="image_positions is an encoder_decoder option"):
+        vlmkit.build_model(tiny("encoder_text_decoder", "mlp", "concat", image_positions="sincos2d"))
+    with pytest.raises(ValueError, match="sincos2d"):
+        vlmkit.build_model(tiny("encoder_decoder", "pixel_shuffle", "concat", image_positions="rope"))

@@ -32,15 +32,19 @@ class EncoderDecoderImpl : public torch::nn::Module {
                       "EncoderDecoder: image_encoder, projector, fusion and decoder are required");
     options.fusion(fusion_->type());
     fusion_->check_slots(projector_->output_dim(), decoder_->options, "EncoderDecoder");
+    check_image_positions(options.image_positions(), projector_->output_grid(8, 8), projector_->output_dim(),
+                          "EncoderDecoder");
     image_encoder = register_module("image_encoder", std::move(image_encoder_));
     projector = register_module("projector", std::move(projector_));
     fusion = register_module("fusion", std::move(fusion_));
     decoder = register_module("decoder", std::move(decoder_));
   }
 
-  /// images [I, C, H, W] -> projected image tokens [I, M, D].
+  /// images [I, C, H, W] -> projected image tokens [I, M, D] (with their
+  /// grid positions under options.image_positions).
   torch::Tensor encode_images(const torch::Tensor& images) {
-    return projector->forward(image_encoder->forward(images));
+    auto encoded = image_encoder->forward(images);
+    return with_positions(projector->forward(encoded), encoded);
   }
 
   /// Variable-size images (dynamic resolution): images zero-padded into one
@@ -50,7 +54,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
   std::pair<torch::Tensor, torch::Tensor> encode_images(const torch::Tensor& images,
                                                         const torch::Tensor& image_sizes) {
     auto encoded = image_encoder->forward(images, image_sizes);
-    return {projector->forward(encoded), projector->output_padding_mask(encoded)};
+    return {with_positions(projector->forward(encoded), encoded), projector->output_padding_mask(encoded)};
   }
 
   /// Fuses images into the token sequence. Concat: images are assigned to the
@@ -109,6 +113,16 @@ class EncoderDecoderImpl : public torch::nn::Module {
   std::shared_ptr<Projector> projector;
   std::shared_ptr<Fusion> fusion;
   std::shared_ptr<Decoder> decoder;
+
+ private:
+  // Padded batches of variable-size images: positions on the batch's grid,
+  // whose top-left cells are each image's own.
+  torch::Tensor with_positions(const torch::Tensor& tokens, const EncoderOutput& encoded) const {
+    if (options.image_positions() == ImagePositions::none) return tokens;
+    const auto grid = detail::token_grid(encoded, "EncoderDecoder");
+    return add_image_positions(options.image_positions(), tokens, projector->output_grid(grid[0], grid[1]),
+                               "EncoderDecoder");
+  }
 };
 
 extern template class EncoderDecoderImpl<ImageEncoderModule, ProjectorModule, DecoderFusionModule,

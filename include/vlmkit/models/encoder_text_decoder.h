@@ -38,6 +38,10 @@ class EncoderTextDecoderImpl : public torch::nn::Module {
                       "EncoderTextDecoder: image_encoder, text_encoder, projector, fusion and "
                       "decoder are required");
     options.fusion(fusion_->type());
+    TORCH_CHECK_VALUE(options.image_positions() == ImagePositions::none,
+                      "EncoderTextDecoder: image_positions is an encoder_decoder option (here the projector "
+                      "reads image and text tokens encoded together, on no image grid); got \"",
+                      to_name(options.image_positions()), "\"");
     const int64_t dt = text_encoder_->output_dim();
     TORCH_CHECK_VALUE(projector_->input_dim() == dt,
                       "EncoderTextDecoder: the projector reads the joint encoder's width ", dt,

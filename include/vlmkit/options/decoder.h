@@ -93,6 +93,16 @@ enum class LossReduction { token, sample };
 VLMKIT_ENUM_NAMES(LossReduction, "loss reduction", {LossReduction::token, "token"},
                   {LossReduction::sample, "sample"});
 
+/// Grid positions added to the projected image tokens (encoder-decoder):
+/// none, or the fixed 2D sine-cosine table of the projector's output grid
+/// (MAE's), so that the decoder can tell which cell a token it attends to
+/// lies in. Cross-attention is blind to the order of its memory; without
+/// them the cell is known only from what the encoder's tokens kept of its
+/// own positions (docs/training.md, "Where the boxes go wrong").
+enum class ImagePositions { none, sincos2d };
+VLMKIT_ENUM_NAMES(ImagePositions, "image token positions", {ImagePositions::none, "none"},
+                  {ImagePositions::sincos2d, "sincos2d"});
+
 /// Options of the generative architectures (3 and 4).
 struct GenerativeOptions {
   TORCH_ARG(DecoderFusionType, fusion) = DecoderFusionType::concat;
@@ -101,6 +111,8 @@ struct GenerativeOptions {
   TORCH_ARG(int64_t, image_token_id) = 3;
   TORCH_ARG(double, label_smoothing) = 0.0;
   TORCH_ARG(LossReduction, loss_reduction) = LossReduction::token;
+  /// Encoder-decoder only (architecture 3's memory is not an image grid).
+  TORCH_ARG(ImagePositions, image_positions) = ImagePositions::none;
 };
 
 template <class V>
@@ -109,6 +121,7 @@ void visit_fields(GenerativeOptions& o, V& v) {
   v("image_token_id", o.image_token_id());
   v("label_smoothing", o.label_smoothing());
   v("loss_reduction", o.loss_reduction());
+  v("image_positions", o.image_positions());
 }
 
 }  // namespace vlmkit

@@ -24,6 +24,9 @@ class PatchMergerProjectorImpl final : public ProjectorBase<PatchMergerProjector
   torch::Tensor forward(const EncoderOutput& image) override;
   torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
+  std::array<int64_t, 2> output_grid(int64_t rows, int64_t cols) const override {
+    return {rows / 2, cols / 2};
+  }
 
   Norm norm{nullptr};
   Linear fc1{nullptr}, fc2{nullptr};

@@ -27,6 +27,9 @@ class PixelShuffleProjectorImpl final : public ProjectorBase<PixelShuffleProject
   /// A merged token is padding when its whole r x r block is.
   torch::Tensor output_padding_mask(const EncoderOutput& image) const override;
   int64_t num_output_tokens(int64_t rows, int64_t cols) const override;
+  std::array<int64_t, 2> output_grid(int64_t rows, int64_t cols) const override {
+    return {rows / options.factor(), cols / options.factor()};
+  }
 
   Linear proj{nullptr};
 };

@@ -27,6 +27,10 @@ class ProjectorModule : public torch::nn::Module {
   virtual torch::Tensor forward(const EncoderOutput& image) = 0;
   /// M for an input of N tokens on a rows x cols grid.
   virtual int64_t num_output_tokens(int64_t rows, int64_t cols) const = 0;
+  /// The (rows, cols) grid the output tokens lie on, row-major, for an input
+  /// grid of rows x cols; {0, 0} when they lie on none (learned queries). The
+  /// default (per-token projectors) keeps the input grid.
+  virtual std::array<int64_t, 2> output_grid(int64_t rows, int64_t cols) const { return {rows, cols}; }
   /// [B, M] bool (true = padding) for the output tokens, given the input's
   /// padding_mask (variable-size images); undefined when nothing is padded.
   /// The default (per-token projectors) passes the input mask through.

@@ -35,6 +35,7 @@ class ResamplerProjectorImpl final : public ProjectorBase<ResamplerProjectorImpl
   /// The queries are never padding: undefined.
   torch::Tensor output_padding_mask(const EncoderOutput&) const override { return {}; }
   int64_t num_output_tokens(int64_t, int64_t) const override { return options.num_queries(); }
+  std::array<int64_t, 2> output_grid(int64_t, int64_t) const override { return {0, 0}; }
 
   torch::Tensor queries;  // [1, Q, out_dim]
   torch::nn::ModuleList blocks{nullptr};

@@ -264,6 +264,9 @@ class LinearProjector(nn.Module):
     def forward(self, tokens, grid):
         return self.fc1(tokens)
 
+    def out_grid(self, grid):
+        return grid
+
 
 class MlpProjector(nn.Module):
     def __init__(self, c: Dict, in_dim: int, out_dim: int):
@@ -273,6 +276,9 @@ class MlpProjector(nn.Module):
 
     def forward(self, tokens, grid):
         return self.fc2(F.gelu(self.fc1(tokens)))
+
+    def out_grid(self, grid):
+        return grid
 
 
 class PixelShuffleProjector(nn.Module):
@@ -284,6 +290,9 @@ class PixelShuffleProjector(nn.Module):
     def forward(self, tokens, grid):
         return self.proj(space_to_depth(tokens, grid, self.r))
 
+    def out_grid(self, grid):
+        return grid[0] // self.r, grid[1] // self.r
+
 
 class PatchMergerProjector(nn.Module):
     def __init__(self, c: Dict, in_dim: int, out_dim: int):
@@ -293,6 +302,9 @@ class PatchMergerProjector(nn.Module):
 
     def forward(self, tokens, grid):
         return self.fc2(F.gelu(self.fc1(space_to_depth(self.norm(tokens), grid, 2))))
+
+    def out_grid(self, grid):
+        return grid[0] // 2, grid[1] // 2
 
 
 class ResamplerProjector(nn.Module):
@@ -308,6 +320,9 @@ class ResamplerProjector(nn.Module):
         for block in self.blocks:
             x = block(x, context=tokens)
         return self.norm(x)
+
+    def out_grid(self, grid):
+        return None  # learned queries lie on no grid
 
 
 #: The plain-PyTorch mirror of each registered projector, by config name. A
@@ -363,14 +378,24 @@ class EncoderDecoder(nn.Module):
         self.prefix_lm = c.get("attention", "causal") == "prefix_lm"
         self.per_sample = c.get("loss_reduction", "token") == "sample"
         self.image_token = c.get("image_token_id", 3)
+        self.image_positions = c.get("image_positions", "none")
         self.image_encoder = ViT(c["image_encoder"])
         self.projector = Projector(c["projector"], c["image_encoder"]["d_model"], dec["d_model"])
         self.decoder = Decoder(dec, dec.get("context_dim", 0) or dec["d_model"])
         _init(self)
 
-    def fuse(self, images, ids):
+    def encode_images(self, images):
+        """images -> projected tokens, with the projector grid's sine-cosine
+        positions under image_positions "sincos2d" (as vlmkit adds them)."""
         tokens, _, grid = self.image_encoder(images)
         memory = self.projector(tokens, grid)
+        if self.image_positions == "sincos2d":
+            rows, cols = self.projector.out_grid(grid)
+            memory = memory + sincos_2d(rows, cols, memory.shape[-1], memory.device).to(memory.dtype)
+        return memory
+
+    def fuse(self, images, ids):
+        memory = self.encode_images(images)
         embeds = self.decoder.token_embed(ids)
         if not self.concat:  # the prompt is the prefix (prefix-LM decides its length from the labels)
             return embeds, memory, torch.zeros(len(ids), dtype=torch.long, device=ids.device)
