@@ -17,6 +17,13 @@ when no checkpoint is given: the VLM stage trains it). Max pooling keeps only wh
 each token's content says, not which token said it: a column read from max-pooled
 tokens is a place written into the token's content, which is what a decoder
 reading the object's token through attention gets.
+
+With a checkpoint it also asks the question cross-attention raises: the decoder
+attends to its memory as a set, so a projected token's own cell (row, column of the
+projector's grid) is known to it only from the token's content. own_cell/* read
+each token's row and column from that token alone (scenes as in training, 300 fit,
+200 held out), apart for tokens over an object (>= 25% covered) and background;
+with image_positions "sincos2d" the grid's table is part of the content.
 """
 import argparse
 import json
@@ -59,6 +66,33 @@ def probe(model, size, seed=0):
     return out
 
 
+def own_cell(model, size, seed=0):
+    tokens, covers = [], []
+    for n, offset in ((300, 50_000), (200, 60_000)):
+        dataset = data.SyntheticDataset(n, image_size=size, seed=seed + offset)
+        images, cover = [], []
+        for i in range(n):
+            sample = dataset[i]
+            images.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
+            cover.append(sample["masks"].amax(0).float() if sample["masks"].numel() else torch.zeros(size, size))
+        memory = features(model, torch.stack(images))["projected"]
+        m = memory.shape[1]
+        g = int(round(m ** 0.5))
+        if g * g != m:
+            raise SystemExit(f"own_cell: {m} projected tokens are not a square grid")
+        cover = torch.stack(cover).view(n, g, size // g, g, size // g).mean((2, 4)).reshape(n * m)
+        tokens.append(memory.reshape(n * m, -1))
+        covers.append(cover)
+    cells = [torch.arange(m).repeat(len(t) // m) for t in tokens]
+    out = {}
+    for what, label in (("row", lambda c: c // g), ("column", lambda c: c % g)):
+        for part, keep in (("object", lambda c: c >= 0.25), ("background", lambda c: c < 0.25)):
+            k0, k1 = keep(covers[0]), keep(covers[1])
+            out[f"own_cell/{what}/{part}"] = logistic_probe(tokens[0][k0], label(cells[0])[k0], tokens[1][k1],
+                                                            label(cells[1])[k1], g)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint")
@@ -85,6 +119,8 @@ def main():
         result["stage1_seconds"] = time.perf_counter() - start
     model.eval()
     result.update(probe(model, model.config["image_encoder"]["image_size"], args.seed))
+    if args.checkpoint:
+        result.update(own_cell(model, model.config["image_encoder"]["image_size"], args.seed))
     publish(result, args.json)
 
 

@@ -467,7 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="learning rate of the image encoder in the VLM stage when --freeze leaves it trainable "
                         "(default 0: the run's --lr)")
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
-    p.add_argument("--image-positions", choices=["none", "sincos2d"], default=None,
+    p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
                    help="grid positions added to the projected image tokens (default: the model's)")
     p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
                    help="mean over all label tokens, or per example then over examples (default: the model's)")

@@ -146,12 +146,14 @@ void check_image_positions(ImagePositions kind, std::array<int64_t, 2> sample_gr
 }
 
 torch::Tensor add_image_positions(ImagePositions kind, const torch::Tensor& tokens, std::array<int64_t, 2> grid,
-                                  const char* who) {
+                                  const torch::Tensor& gate, const char* who) {
   if (kind == ImagePositions::none) return tokens;
   TORCH_CHECK_VALUE(tokens.dim() == 3 && grid[0] * grid[1] == tokens.size(1), who,
                     ": expected projected image tokens [I, ", grid[0] * grid[1], ", D] on the projector's ",
                     grid[0], "x", grid[1], " grid, got ", shape_str(tokens));
-  return tokens + detail::sincos_2d(grid[0], grid[1], tokens.size(2)).to(tokens.options()).unsqueeze(0);
+  auto table = detail::sincos_2d(grid[0], grid[1], tokens.size(2)).to(tokens.device());
+  if (gate.defined()) table = table * gate;
+  return tokens + table.to(tokens.scalar_type()).unsqueeze(0);
 }
 
 std::pair<torch::Tensor, torch::Tensor> pad_token_lists(const std::vector<std::vector<int64_t>>& ids,

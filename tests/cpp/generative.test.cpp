@@ -166,8 +166,33 @@ TEST_CASE("encoder-decoder: sincos2d image positions mark each projected token's
     REQUIRE(close(added, vlmkit::detail::sincos_2d(2, 2, 32).unsqueeze(0).expand({2, 4, 32}), 1e-5));
     REQUIRE_FALSE(close(added[0][1], added[0][2], 1e-2));  // (0, 1) and (1, 0) differ
   }
+  // gated_sincos2d: the same table times a learned per-channel gate that starts at zero.
+  auto config = tiny_generative("pixel_shuffle", "cross_attention");
+  auto a = make_encoder_decoder(config);
+  config["image_positions"] = "gated_sincos2d";
+  auto gated = make_encoder_decoder(config);
+  REQUIRE(gated->parameters().size() == a->parameters().size() + 1);
+  auto gate = gated->named_parameters()["image_position_gate"];
+  REQUIRE(gate.sizes() == torch::IntArrayRef{32});
+  REQUIRE(gate.abs().sum().item<float>() == 0);
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& item : a->named_parameters()) gated->named_parameters()[item.key()].copy_(item.value());
+    auto images = torch::rand({1, 3, 32, 32});
+    REQUIRE(close(gated->encode_images(images), a->encode_images(images), 1e-6));  // closed at the start
+    gate.copy_(torch::linspace(0, 1, 32));
+    REQUIRE(close(gated->encode_images(images) - a->encode_images(images),
+                  (vlmkit::detail::sincos_2d(2, 2, 32) * torch::linspace(0, 1, 32)).unsqueeze(0), 1e-5));
+  }
+  // The gate learns: it has a gradient while closed.
+  auto images = torch::rand({2, 3, 32, 32});
+  ByteTokenizer tokenizer;
+  auto ids = torch::tensor(tokenizer.encode("<image>Where?", true)).unsqueeze(0).repeat({2, 1});
+  gated->forward(images, ids, {}, ids).loss.backward();
+  REQUIRE(gate.grad().defined());
+  REQUIRE(gate.grad().abs().sum().item<float>() > 0);
   // Only projectors whose tokens lie on a grid, and only the encoder-decoder.
-  auto config = tiny_generative("resampler", "cross_attention");
+  config = tiny_generative("resampler", "cross_attention");
   config["image_positions"] = "sincos2d";
   REQUIRE_THROWS_WITH(make_encoder_decoder(config), Catch::Contains("on a grid"));
   auto joint = json{{"architecture", "encoder_text_decoder"}, {"image_positions", "sincos2d"}};

@@ -344,6 +344,14 @@ def test_image_positions_tell_the_decoder_each_tokens_cell(fusion):
         generate(placed, "encoder_decoder", images, PROMPTS, max_new_tokens=6, use_cache=False)
     again = vlmkit.build_model(placed.config)
     assert again.config["image_positions"] == "sincos2d"
+    # gated_sincos2d: the table times a per-channel gate that starts closed, and learns.
+    gated = vlmkit.build_model(tiny("encoder_decoder", "pixel_shuffle", fusion, image_positions="gated_sincos2d"))
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["image_position_gate"]
+    with torch.no_grad():
+        assert torch.allclose(gated.encode_images(images), plain.encode_images(images), atol=1e-6)
+    gated(images, ids, mask, labels).loss.backward()
+    assert gated.image_position_gate.grad.abs().sum() > 0
 
 
 def test_image_positions_refuse_what_has_no_grid():

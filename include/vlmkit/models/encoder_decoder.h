@@ -34,6 +34,8 @@ class EncoderDecoderImpl : public torch::nn::Module {
     fusion_->check_slots(projector_->output_dim(), decoder_->options, "EncoderDecoder");
     check_image_positions(options.image_positions(), projector_->output_grid(8, 8), projector_->output_dim(),
                           "EncoderDecoder");
+    if (options.image_positions() == ImagePositions::gated_sincos2d)
+      image_position_gate = register_parameter("image_position_gate", torch::zeros({projector_->output_dim()}));
     image_encoder = register_module("image_encoder", std::move(image_encoder_));
     projector = register_module("projector", std::move(projector_));
     fusion = register_module("fusion", std::move(fusion_));
@@ -113,6 +115,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
   std::shared_ptr<Projector> projector;
   std::shared_ptr<Fusion> fusion;
   std::shared_ptr<Decoder> decoder;
+  torch::Tensor image_position_gate;  // [D], gated_sincos2d only
 
  private:
   // Padded batches of variable-size images: positions on the batch's grid,
@@ -121,7 +124,7 @@ class EncoderDecoderImpl : public torch::nn::Module {
     if (options.image_positions() == ImagePositions::none) return tokens;
     const auto grid = detail::token_grid(encoded, "EncoderDecoder");
     return add_image_positions(options.image_positions(), tokens, projector->output_grid(grid[0], grid[1]),
-                               "EncoderDecoder");
+                               image_position_gate, "EncoderDecoder");
   }
 };
 

@@ -38,8 +38,9 @@ void check_labels(const torch::Tensor& labels, const torch::Tensor& ids, const T
 void check_image_positions(ImagePositions kind, std::array<int64_t, 2> sample_grid, int64_t dim, const char* who);
 
 /// Projected image tokens [I, M, D] on a rows x cols grid (M == rows * cols)
-/// plus the position table of `kind` (ImagePositions::none: unchanged).
+/// plus the position table of `kind` (ImagePositions::none: unchanged), times
+/// `gate` [D] when defined (gated_sincos2d).
 torch::Tensor add_image_positions(ImagePositions kind, const torch::Tensor& tokens, std::array<int64_t, 2> grid,
-                                  const char* who);
+                                  const torch::Tensor& gate, const char* who);
 
 }  // namespace vlmkit

@@ -98,10 +98,13 @@ VLMKIT_ENUM_NAMES(LossReduction, "loss reduction", {LossReduction::token, "token
 /// (MAE's), so that the decoder can tell which cell a token it attends to
 /// lies in. Cross-attention is blind to the order of its memory; without
 /// them the cell is known only from what the encoder's tokens kept of its
-/// own positions (docs/training.md, "Where the boxes go wrong").
-enum class ImagePositions { none, sincos2d };
+/// own positions (docs/training.md, "Image positions"). gated_sincos2d
+/// scales the table per channel by a learned gate that starts at zero
+/// (parameter image_position_gate [D]), so the positions come in as the
+/// loss asks for them.
+enum class ImagePositions { none, sincos2d, gated_sincos2d };
 VLMKIT_ENUM_NAMES(ImagePositions, "image token positions", {ImagePositions::none, "none"},
-                  {ImagePositions::sincos2d, "sincos2d"});
+                  {ImagePositions::sincos2d, "sincos2d"}, {ImagePositions::gated_sincos2d, "gated_sincos2d"});
 
 /// Options of the generative architectures (3 and 4).
 struct GenerativeOptions {

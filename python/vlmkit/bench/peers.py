@@ -379,6 +379,8 @@ class EncoderDecoder(nn.Module):
         self.per_sample = c.get("loss_reduction", "token") == "sample"
         self.image_token = c.get("image_token_id", 3)
         self.image_positions = c.get("image_positions", "none")
+        if self.image_positions == "gated_sincos2d":  # registered first, as vlmkit's own parameter
+            self.image_position_gate = nn.Parameter(torch.zeros(dec["d_model"]))
         self.image_encoder = ViT(c["image_encoder"])
         self.projector = Projector(c["projector"], c["image_encoder"]["d_model"], dec["d_model"])
         self.decoder = Decoder(dec, dec.get("context_dim", 0) or dec["d_model"])
@@ -389,9 +391,12 @@ class EncoderDecoder(nn.Module):
         positions under image_positions "sincos2d" (as vlmkit adds them)."""
         tokens, _, grid = self.image_encoder(images)
         memory = self.projector(tokens, grid)
-        if self.image_positions == "sincos2d":
+        if self.image_positions in ("sincos2d", "gated_sincos2d"):
             rows, cols = self.projector.out_grid(grid)
-            memory = memory + sincos_2d(rows, cols, memory.shape[-1], memory.device).to(memory.dtype)
+            table = sincos_2d(rows, cols, memory.shape[-1], memory.device)
+            if self.image_positions == "gated_sincos2d":
+                table = table * self.image_position_gate
+            memory = memory + table.to(memory.dtype)
         return memory
 
     def fuse(self, images, ids):
