@@ -468,7 +468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default 0: the run's --lr)")
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
     p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
-                   help="grid positions added to the projected image tokens (default: the model's)")
+                   help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
     p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
                    help="mean over all label tokens, or per example then over examples (default: the model's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

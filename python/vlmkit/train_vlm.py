@@ -31,6 +31,12 @@ SMALL_VLM = {
     # -> 0.97 and shape 0.93 -> 0.99 on the validation split (docs/training.md,
     # "Cross-attention fusion").
     "fusion": "cross_attention",
+    # The 2D sine-cosine table of the projector's 4 x 4 grid on the image tokens:
+    # cross-attention reads them as a set, and one object token in seven had lost its
+    # column. Detection IoU 0.238 -> 0.318 and 0.254 -> 0.361 on the validation split
+    # at seeds 0 and 1, the box's horizontal error halved (docs/training.md, "Image
+    # positions").
+    "image_positions": "sincos2d",
     "attention": "causal",
     # (cross_attention_every is the fusion's default, 1: every layer.)
     "decoder": {"d_model": 128, "depth": 4, "num_heads": 4, "max_len": 256},
