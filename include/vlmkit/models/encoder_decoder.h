@@ -32,7 +32,8 @@ class EncoderDecoderImpl : public torch::nn::Module {
                       "EncoderDecoder: image_encoder, projector, fusion and decoder are required");
     options.fusion(fusion_->type());
     fusion_->check_slots(projector_->output_dim(), decoder_->options, "EncoderDecoder");
-    check_image_positions(options.image_positions(), projector_->output_grid(8, 8), projector_->output_dim(),
+    // A grid every factor divides: {0, 0} back means the tokens lie on none.
+    check_image_positions(options.image_positions(), projector_->output_grid(1024, 1024), projector_->output_dim(),
                           "EncoderDecoder");
     if (options.image_positions() == ImagePositions::gated_sincos2d)
       image_position_gate = register_parameter("image_position_gate", torch::zeros({projector_->output_dim()}));
