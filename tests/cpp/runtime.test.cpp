@@ -3,9 +3,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <mutex>
 #include <set>
-#include <cstdlib>
 #include <stdexcept>
 #include <thread>
 #include <vector>
