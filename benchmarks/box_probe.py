@@ -1,0 +1,145 @@
+"""Where do the boxes go wrong: in the image tokens, or in the decoder's answer?
+
+    .venv/bin/python benchmarks/box_probe.py --checkpoint DIR [--scenes 200]
+        [--probe-scenes 24000] [--json out.json]
+
+Detection's mean IoU mixes three things a user cannot tell apart from one figure:
+whether the model names the scene's objects, whether each box goes with its own
+name, and how precisely a box is drawn. This splits them, on the validation scenes
+(offset VALIDATION_SEED_OFFSET; "Detect the shapes.", constrained as the run's
+evaluation decodes it):
+
+* ``by_objects``: per number of objects in the scene, how often the answer has as
+  many objects, names exactly the scene's objects, names them in the data's order
+  (left to right), and each object's IoU with the box of its own label (what
+  ``detection/mean_iou`` counts) beside its IoU with the best box under any label.
+* ``decoder_edges_px``: on one-object scenes, the mean absolute error of each box
+  edge in pixels (x1, y1, x2, y2), and the IoU.
+* ``token_edges_px``: the same four edges read by a linear (ridge) probe from the
+  projected image tokens the decoder attends to (all tokens concatenated; one-object
+  scenes from ``--probe-scenes`` rendered scenes, 75% to fit, the rest held out).
+
+If the probe reads the edges much more precisely than the decoder writes them, the
+place is in the tokens and what is lost is the decoder's read-out (three digit
+bytes per coordinate); if both are coarse, the tokens are.
+"""
+import argparse
+import json
+import statistics
+import sys
+from typing import Callable, Dict, List
+
+import torch
+
+from vlmkit import checkpoint, data
+from vlmkit.metrics import box_iou
+from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, vlmkit_boxes
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probes import publish  # noqa: E402
+
+EDGES = ("x1", "y1", "x2", "y2")
+
+
+def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> Dict:
+    """by_objects and decoder_edges_px (module docstring) of ``model.generate``."""
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=VALIDATION_SEED_OFFSET)
+    samples = [dataset[i] for i in range(scenes)]
+    rows: Dict[int, Dict[str, List[float]]] = {}
+    edges: List[List[float]] = []
+    single_iou: List[float] = []
+    with torch.no_grad():
+        for start in range(0, scenes, batch):
+            part = samples[start:start + batch]
+            images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
+            prompts = [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part)
+            for sample, out in zip(part, model.generate(images, prompts, 160, schema=DETECTION_SCHEMA)):
+                try:
+                    value = json.loads(out)
+                except ValueError:
+                    value = {}
+                labels = value.get("Object", []) if isinstance(value, dict) else []
+                boxes = vlmkit_boxes(out, size)
+                truth = [o["label"] for o in sample["objects"]]
+                row = rows.setdefault(len(truth), {})
+                row.setdefault("count_right", []).append(float(len(labels) == len(truth)))
+                row.setdefault("names_right", []).append(float(sorted(labels) == sorted(truth)))
+                row.setdefault("order_right", []).append(float(labels == truth))
+                named = list(zip(labels, boxes))
+                for o in sample["objects"]:
+                    row.setdefault("iou_own_label", []).append(
+                        max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0]))
+                    row.setdefault("iou_any_label", []).append(max([box_iou(b, o["box"]) for b in boxes] or [0.0]))
+                if len(truth) == 1 and boxes:
+                    edges.append([b - t for b, t in zip(boxes[0], sample["objects"][0]["box"])])
+                    single_iou.append(box_iou(boxes[0], sample["objects"][0]["box"]))
+    by_objects = {str(n): {"scenes": len(r["count_right"]), **{k: round(statistics.mean(v), 3) for k, v in r.items()}}
+                  for n, r in sorted(rows.items())}
+    out = {"scenes": scenes, "by_objects": by_objects}
+    if edges:
+        out["decoder_edges_px"] = {"scenes": len(edges), "iou": round(statistics.mean(single_iou), 3),
+                                   **{e: round(statistics.mean(abs(r[i]) for r in edges), 2)
+                                      for i, e in enumerate(EDGES)}}
+    return out
+
+
+def ridge_edges(features: torch.Tensor, boxes: torch.Tensor, ridge: float = 100.0, fit: float = 0.75) -> Dict:
+    """Mean absolute error (the boxes' units) of each edge, held out, of a ridge
+    regression from ``features`` [N, F] to ``boxes`` [N, 4] (x1, y1, x2, y2), and the
+    mean IoU of the boxes it reads."""
+    if features.dim() != 2 or boxes.shape != (features.shape[0], 4) or features.shape[0] < 8:
+        raise ValueError(f"ridge_edges: expected features [N, F] and boxes [N, 4] with N >= 8, got "
+                         f"{list(features.shape)} and {list(boxes.shape)}")
+    x = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.double)], 1)
+    y = boxes.double()
+    cut = int(fit * len(y))
+    a = x[:cut]
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[:cut])
+    predicted = x[cut:] @ w
+    err = (predicted - y[cut:]).abs().mean(0)
+    iou = statistics.mean(box_iou(p, t) for p, t in zip(predicted.tolist(), y[cut:].tolist()))
+    return {"fit": cut, "held_out": len(y) - cut, "ridge": ridge, "iou": round(iou, 3),
+            **{e: round(v, 2) for e, v in zip(EDGES, err.tolist())}}
+
+
+def token_edges(encode: Callable[[torch.Tensor], torch.Tensor], size: int, scenes: int = 24000,
+                seed: int = 777, ridge: float = 100.0) -> Dict:
+    """token_edges_px (module docstring): ``encode`` maps images [B, 3, H, W] to the
+    projected tokens [B, N, D] (EncoderDecoder.encode_images)."""
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
+    feats, boxes, pending, pending_boxes = [], [], [], []
+    with torch.no_grad():
+        for i in range(scenes):
+            sample = dataset[i]
+            if len(sample["objects"]) != 1:
+                continue
+            pending.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
+            pending_boxes.append(sample["objects"][0]["box"])
+            if len(pending) == 64 or i == scenes - 1:
+                feats.append(encode(torch.stack(pending)).flatten(1).float())
+                boxes += pending_boxes
+                pending, pending_boxes = [], []
+        if pending:
+            feats.append(encode(torch.stack(pending)).flatten(1).float())
+            boxes += pending_boxes
+    return ridge_edges(torch.cat(feats), torch.tensor(boxes, dtype=torch.double), ridge)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="runs/vlm")
+    parser.add_argument("--scenes", type=int, default=200, help="validation scenes for the decoder's answers")
+    parser.add_argument("--probe-scenes", type=int, default=24000,
+                        help="rendered scenes whose one-object scenes fit and test the probe (0: skip)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = checkpoint.load(args.checkpoint)["model"].eval()
+    size = model.config["image_encoder"]["image_size"]
+    result = {"checkpoint": args.checkpoint, **detection_breakdown(model, size, args.scenes)}
+    if args.probe_scenes > 0:
+        result["token_edges_px"] = token_edges(model.cpp_module.encode_images, size, args.probe_scenes)
+    publish(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
