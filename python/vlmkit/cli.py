@@ -469,8 +469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
     p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
                    help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
-    p.add_argument("--loss-reduction", choices=["token", "sample"], default=None,
-                   help="mean over all label tokens, or per example then over examples (default: the model's)")
+    p.add_argument("--loss-reduction", choices=["token", "sample", "sqrt"], default=None,
+                   help="mean over all label tokens, per example then over examples, or each token weighted "
+                        "1/sqrt(its example's tokens) (default: the recipe's)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16: bfloat16 autocast (float32 weights and optimizer state), torch threads on every core; "
                         "auto (default): bf16 where the CPU has native bf16 (AVX-512 BF16, AMX) or on CUDA")

@@ -71,7 +71,8 @@ torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& 
                     "next_token_loss: no labelled positions (every label is ", kIgnoreIndex, ")");
   auto options = F::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).label_smoothing(label_smoothing);
   if (reduction == LossReduction::token) return F::cross_entropy(pred, target.reshape({-1}), options);
-  // Per sample: mean over its labelled tokens, then mean over samples that have any.
+  // Per sample: mean over its labelled tokens (sqrt: over sqrt of their number), then
+  // over samples that have any.
   auto per_token = F::cross_entropy(pred, target.reshape({-1}), options.reduction(torch::kNone)).view({b, -1});
   auto valid = valid_target.to(per_token.scalar_type());
   torch::Tensor sums, count;
@@ -84,6 +85,12 @@ torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& 
   } else {
     sums = (per_token * valid).sum(1);
     count = valid.sum(1);
+  }
+  if (reduction == LossReduction::sqrt) {
+    // Each example's token sum over sqrt(n), normalised by the sum of sqrt(n):
+    // examples without labels have n = 0 and add nothing to either.
+    auto root = count.sqrt();
+    return (sums / root.clamp_min(1)).sum() / root.sum();
   }
   auto per_sample = sums / count.clamp_min(1);
   auto has = count.gt(0).to(per_sample.scalar_type());

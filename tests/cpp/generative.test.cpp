@@ -330,33 +330,34 @@ TEST_CASE("encoder-decoder: packed rows give the loss and gradients of one examp
   };
   auto images = torch::rand({3, 3, 32, 32});
   for (const char* fusion : {"concat", "cross_attention"})
-    for (const char* attention : {"causal", "prefix_lm"}) {
-      INFO(fusion << " + " << attention);
-      torch::manual_seed(0);
-      auto config = tiny_generative("pixel_shuffle", fusion);
-      config["attention"] = attention;
-      config["loss_reduction"] = "sample";
-      auto model = make_encoder_decoder(config);
-      auto loss_and_grads = [&](const std::vector<std::vector<size_t>>& rows, bool segments) {
-        auto batch = batch_of(rows);
-        if (!segments) batch.segment_ids = torch::Tensor();
-        std::vector<int64_t> order;
-        for (const auto& row : rows) order.insert(order.end(), row.begin(), row.end());
-        batch.images = images.index_select(0, torch::tensor(order));
-        model->zero_grad();
-        auto loss = generative_loss(*model, batch);
-        loss.backward();
-        std::vector<torch::Tensor> grads;
-        for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
-        return std::make_pair(loss.item<double>(), grads);
-      };
-      auto [loss, grads] = loss_and_grads({{0}, {1}, {2}}, false);
-      auto [packed, packed_grads] = loss_and_grads({{0, 2}, {1}}, true);
-      REQUIRE(std::abs(packed - loss) < 1e-5);
-      if (std::string(fusion) == "concat") {  // the same rows read without segment ids differ
-        auto mixed = loss_and_grads({{0, 2}, {1}}, false).first;
-        REQUIRE(std::abs(mixed - loss) > 1e-4);
+    for (const char* attention : {"causal", "prefix_lm"})
+      for (const char* reduction : {"sample", "sqrt"}) {
+        INFO(fusion << " + " << attention << " + " << reduction);
+        torch::manual_seed(0);
+        auto config = tiny_generative("pixel_shuffle", fusion);
+        config["attention"] = attention;
+        config["loss_reduction"] = reduction;
+        auto model = make_encoder_decoder(config);
+        auto loss_and_grads = [&](const std::vector<std::vector<size_t>>& rows, bool segments) {
+          auto batch = batch_of(rows);
+          if (!segments) batch.segment_ids = torch::Tensor();
+          std::vector<int64_t> order;
+          for (const auto& row : rows) order.insert(order.end(), row.begin(), row.end());
+          batch.images = images.index_select(0, torch::tensor(order));
+          model->zero_grad();
+          auto loss = generative_loss(*model, batch);
+          loss.backward();
+          std::vector<torch::Tensor> grads;
+          for (const auto& p : model->parameters()) grads.push_back(p.grad().clone());
+          return std::make_pair(loss.item<double>(), grads);
+        };
+        auto [loss, grads] = loss_and_grads({{0}, {1}, {2}}, false);
+        auto [packed, packed_grads] = loss_and_grads({{0, 2}, {1}}, true);
+        REQUIRE(std::abs(packed - loss) < 1e-5);
+        if (std::string(fusion) == "concat") {  // the same rows read without segment ids differ
+          auto mixed = loss_and_grads({{0, 2}, {1}}, false).first;
+          REQUIRE(std::abs(mixed - loss) > 1e-4);
+        }
+        for (size_t i = 0; i < grads.size(); ++i) REQUIRE(close(packed_grads[i], grads[i], 1e-5));
       }
-      for (size_t i = 0; i < grads.size(); ++i) REQUIRE(close(packed_grads[i], grads[i], 1e-5));
-    }
 }

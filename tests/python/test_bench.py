@@ -12,7 +12,7 @@ from vlmkit.train_vlm import SMALL_VLM
 
 def configs():
     out = [vlmkit.default_config(a) for a in ("two_tower", "two_leg", "encoder_decoder")] + [SMALL_VLM]
-    for reduction in ("token", "sample"):
+    for reduction in ("token", "sample", "sqrt"):
         out.append({**copy.deepcopy(SMALL_VLM), "loss_reduction": reduction})
     for proj in vlmkit.PROJECTORS:
         for fusion in ("concat", "cross_attention"):

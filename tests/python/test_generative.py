@@ -361,3 +361,31 @@ def test_image_positions_refuse_what_has_no_grid():
         vlmkit.build_model(tiny("encoder_text_decoder", "mlp", "concat", image_positions="sincos2d"))
     with pytest.raises(ValueError, match="sincos2d"):
         vlmkit.build_model(tiny("encoder_decoder", "pixel_shuffle", "concat", image_positions="rope"))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_loss_reductions_weigh_each_example_by_its_answer_length_as_named(fusion):
+    """token: an example weighs n (its answer tokens); sample: 1; sqrt (InternVL 2.5's
+    square averaging): sqrt(n). Checked against the per-token losses by hand."""
+    images = torch.rand(3, 3, 32, 32)
+    answers = ["red", "a blue circle beside a green square", "no"]
+    ids, labels, mask = text.training_batch(["<image>Q"] * 3, answers)
+    losses = {}
+    for reduction in ("token", "sample", "sqrt"):
+        torch.manual_seed(0)
+        model = vlmkit.build_model(tiny("encoder_decoder", fusion=fusion, loss_reduction=reduction))
+        out = model(images, ids, mask, labels)
+        losses[reduction] = out.loss
+        logits, placed = out.logits, out.labels  # labels as placed in the decoder's sequence
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), placed[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="none").view(3, -1)
+    valid = placed[:, 1:].ne(-100).float()
+    sums, n = (per_token * valid).sum(1), valid.sum(1)
+    assert len(set(n.tolist())) == 3  # three answer lengths
+    expected = {"token": sums.sum() / n.sum(), "sample": (sums / n).mean(),
+                "sqrt": (sums / n.sqrt()).sum() / n.sqrt().sum()}
+    for reduction, loss in losses.items():
+        assert torch.allclose(loss, expected[reduction], rtol=1e-5), reduction
+    assert len({round(v.item(), 5) for v in losses.values()}) == 3
+    with pytest.raises(ValueError, match="loss reduction"):
+        vlmkit.build_model(tiny("encoder_decoder", fusion=fusion, loss_reduction="mean"))

@@ -1,6 +1,6 @@
 """Sequence packing: several examples per row (segment_ids) give the loss and the
 gradients of the same examples one per row, for every architecture x projector x
-fusion, both attention policies, both loss reductions and both position kinds;
+fusion, both attention policies, the three loss reductions and both position kinds;
 the Loader packs to a token budget and groups by length."""
 import itertools
 import json
@@ -56,7 +56,7 @@ def losses_and_grads(model, arch, packed):
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-SETTINGS = [("prefix_lm", "sample", "rotary"), ("causal", "token", "learned")]
+SETTINGS = [("prefix_lm", "sample", "rotary"), ("causal", "token", "learned"), ("causal", "sqrt", "rotary")]
 
 
 @pytest.mark.parametrize("arch,projector,fusion,setting",

@@ -86,12 +86,14 @@ VLMKIT_ENUM_NAMES(AttentionPolicy, "attention policy", {AttentionPolicy::causal,
                   {AttentionPolicy::prefix_lm, "prefix_lm"});
 
 /// How the next-token loss averages: over every answer token of the batch
-/// ("token", the usual), or per sample first and then over samples ("sample":
-/// a one-word answer weighs as much as a 100-token JSON, which balances
-/// mixed-task batches).
-enum class LossReduction { token, sample };
+/// ("token", the usual: an example weighs as its n answer tokens), per sample
+/// first and then over samples ("sample": a one-word answer weighs as much as
+/// a 100-token JSON, which balances mixed-task batches), or in between
+/// ("sqrt", InternVL 2.5's square averaging: each token weighs 1 / sqrt(n), so
+/// an example weighs sqrt(n); normalised by the batch's sum of sqrt(n)).
+enum class LossReduction { token, sample, sqrt };
 VLMKIT_ENUM_NAMES(LossReduction, "loss reduction", {LossReduction::token, "token"},
-                  {LossReduction::sample, "sample"});
+                  {LossReduction::sample, "sample"}, {LossReduction::sqrt, "sqrt"});
 
 /// Grid positions added to the projected image tokens (encoder-decoder):
 /// none, or the fixed 2D sine-cosine table of the projector's output grid

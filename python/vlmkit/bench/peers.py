@@ -376,7 +376,7 @@ class EncoderDecoder(nn.Module):
         dec = dict(c["decoder"])
         self.concat = c.get("fusion", "concat") == "concat"
         self.prefix_lm = c.get("attention", "causal") == "prefix_lm"
-        self.per_sample = c.get("loss_reduction", "token") == "sample"
+        self.reduction = c.get("loss_reduction", "token")
         self.image_token = c.get("image_token_id", 3)
         self.image_positions = c.get("image_positions", "none")
         if self.image_positions == "gated_sincos2d":  # registered first, as vlmkit's own parameter
@@ -434,12 +434,16 @@ class EncoderDecoder(nn.Module):
         if labels is None:
             return logits, None
         pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-        if not self.per_sample:
+        if self.reduction == "token":
             return logits, F.cross_entropy(pred, target, ignore_index=-100)
-        # Per sample: mean over its labelled tokens, then mean over samples that have any.
+        # Per sample: mean over its labelled tokens, then mean over samples that have any;
+        # sqrt: each sample's sum over the square root of its count, over the sum of those roots.
         per_token = F.cross_entropy(pred, target, ignore_index=-100, reduction="none").view(len(labels), -1)
         valid = labels[:, 1:].ne(-100).to(per_token.dtype)
         count = valid.sum(1)
+        if self.reduction == "sqrt":
+            root = count.sqrt()
+            return logits, ((per_token * valid).sum(1) / root.clamp(min=1)).sum() / root.sum()
         has = count.gt(0).to(per_token.dtype)
         loss = ((per_token * valid).sum(1) / count.clamp(min=1) * has).sum() / has.sum()
         return logits, loss
