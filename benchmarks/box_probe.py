@@ -33,7 +33,7 @@ import torch
 
 from vlmkit import checkpoint, data
 from vlmkit.metrics import box_iou
-from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, vlmkit_boxes
+from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, labelled_ious, vlmkit_boxes
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -65,10 +65,8 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
                 row.setdefault("count_right", []).append(float(len(labels) == len(truth)))
                 row.setdefault("names_right", []).append(float(sorted(labels) == sorted(truth)))
                 row.setdefault("order_right", []).append(float(labels == truth))
-                named = list(zip(labels, boxes))
+                row.setdefault("iou_own_label", []).extend(labelled_ious(labels, boxes, sample["objects"]))
                 for o in sample["objects"]:
-                    row.setdefault("iou_own_label", []).append(
-                        max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0]))
                     row.setdefault("iou_any_label", []).append(max([box_iou(b, o["box"]) for b in boxes] or [0.0]))
                 if len(truth) == 1 and boxes:
                     edges.append([b - t for b, t in zip(boxes[0], sample["objects"][0]["box"])])
@@ -115,7 +113,7 @@ def token_edges(encode: Callable[[torch.Tensor], torch.Tensor], size: int, scene
                 continue
             pending.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
             pending_boxes.append(sample["objects"][0]["box"])
-            if len(pending) == 64 or i == scenes - 1:
+            if len(pending) == 64:
                 feats.append(encode(torch.stack(pending)).flatten(1).float())
                 boxes += pending_boxes
                 pending, pending_boxes = [], []

@@ -310,11 +310,7 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                             label = labels[rank] if rank < len(labels) and isinstance(labels[rank], str) else ""
                             det_predictions.append((image_id, label, box, -rank))
                         det_truths += [(image_id, o["label"], o["box"]) for o in sample["objects"]]
-                        # Each object's IoU with the best predicted box of its own label (0 if none):
-                        # a right box under a wrong label does not count.
-                        named = [(labels[r] if r < len(labels) else None, box) for r, box in enumerate(predicted)]
-                        ious = [max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0])
-                                for o in sample["objects"]]
+                        ious = labelled_ious(labels, predicted, sample["objects"])
                         results.setdefault("detection/mean_iou", []).append(sum(ious) / len(ious))
                     if kind == "segment":
                         named = segment_masks(out, value, image_size)
@@ -341,6 +337,13 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
 
 
 TASK_SCHEMAS = {"detection": DETECTION_SCHEMA, "segment": SEGMENTATION_SCHEMA, "extraction": EXTRACTION_SCHEMA}
+
+
+def labelled_ious(labels: List, boxes: List, objects: List[Dict]) -> List[float]:
+    """Each object's IoU with the best predicted box of its own label (0 if none): a
+    right box under a wrong label does not count. ``labels[r]`` names ``boxes[r]``."""
+    named = list(zip(labels, boxes))
+    return [max([box_iou(b, o["box"]) for l, b in named if l == o["label"]] or [0.0]) for o in objects]
 
 
 def segment_masks(text_out: str, value, size: int) -> List[Tuple[str, torch.Tensor]]:
