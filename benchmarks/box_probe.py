@@ -33,7 +33,8 @@ import torch
 
 from vlmkit import checkpoint, data
 from vlmkit.metrics import box_iou
-from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, labelled_ious, vlmkit_boxes
+from vlmkit.train_vlm import (DETECTION_SCHEMA, JSON_BUDGET, PROMPTS, VALIDATION_SEED_OFFSET, detection_records,
+                              labelled_ious)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -53,13 +54,13 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
             part = samples[start:start + batch]
             images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
             prompts = [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part)
-            for sample, out in zip(part, model.generate(images, prompts, 160, schema=DETECTION_SCHEMA)):
+            for sample, out in zip(part, model.generate(images, prompts, JSON_BUDGET["detection"], schema=DETECTION_SCHEMA)):
                 try:
                     value = json.loads(out)
                 except ValueError:
                     value = {}
-                labels = value.get("Object", []) if isinstance(value, dict) else []
-                boxes = vlmkit_boxes(out, size)
+                named = detection_records(out, value, size, size)
+                labels, boxes = [l for l, _ in named], [b for _, b in named]
                 truth = [o["label"] for o in sample["objects"]]
                 row = rows.setdefault(len(truth), {})
                 row.setdefault("count_right", []).append(float(len(labels) == len(truth)))

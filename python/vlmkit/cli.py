@@ -137,7 +137,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"architecture {args.architecture!r} has no training recipe in `vlmkit train` yet; "
                        "available: 'encoder_decoder', 'two_tower', 'two_leg' (any model trains with vlmkit.Trainer "
                        "and a loss function from Python or C++)")
-    from .train_vlm import VlmRun, train
+    from .train_vlm import SYNTHETIC_TASK_WEIGHTS, VlmRun, train
 
     if args.data != "synthetic" and not args.data.endswith(".jsonl"):
         raise CliError("--data: 'synthetic' or a tasks .jsonl file (one {\"image\", \"question\", \"answer\"} per "
@@ -156,7 +156,9 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                        "--activation-checkpointing")
     task_weights = None
     if args.task_weights is not None:
-        task_weights = {}
+        # Named kinds change the data's default weights (SYNTHETIC_TASK_WEIGHTS on the
+        # synthetic scenes); '' sets every kind to 1.
+        task_weights = {} if not args.task_weights.strip() or args.data != "synthetic" else dict(SYNTHETIC_TASK_WEIGHTS)
         for item in (t for t in args.task_weights.split(",") if t):
             kind, sep, value = item.partition("=")
             try:
@@ -299,8 +301,8 @@ def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict
 
 
 def _predict(args: argparse.Namespace, argv: List[str]) -> int:
-    from . import data, parse_boxes
-    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS
+    from . import data
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, JSON_BUDGET, PROMPTS, detection_records
 
     model = _load(args.checkpoint)
     config = model.config
@@ -334,17 +336,17 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
         schema = DETECTION_SCHEMA
     elif args.task == "extract":
         schema = EXTRACTION_SCHEMA
-    max_new = args.max_new_tokens or (160 if schema else 96)
+    max_new = args.max_new_tokens or (JSON_BUDGET["detection"] if args.task == "detect" else 160 if schema else 96)
     text = model.generate(pixels.unsqueeze(0), [data.chat_prompt("<image>" + prompt)], max_new, schema=schema)[0]
     print(text)
     if args.task == "detect":
         height, width = int(image.shape[0]), int(image.shape[1])
-        boxes = parse_boxes(text, width, height)
         try:
-            labels = json.loads(text).get("Object", [])
-        except (ValueError, AttributeError):
-            labels = []
-        labels = [str(l) for l in labels][:len(boxes)] + [""] * max(0, len(boxes) - len(labels))
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        named = detection_records(text, value, width, height)
+        labels, boxes = [l for l, _ in named], [b for _, b in named]
         out = args.output or os.path.splitext(args.image)[0] + ".boxes.png"
         data.plot_bounding_boxes(image, boxes, labels, path=out)
         print(f"boxes drawn: {out}", file=sys.stderr)
@@ -357,7 +359,7 @@ def _predict_segment(model, image, pixels, args) -> int:
     default model learns to segment a named object). Prints the segmentation JSON of every
     outline and draws them."""
     from . import data, parse_polygons
-    from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA
+    from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, detection_records
 
     height, width = int(image.shape[0]), int(image.shape[1])
     max_new = args.max_new_tokens or 160
@@ -368,11 +370,13 @@ def _predict_segment(model, image, pixels, args) -> int:
     if args.prompt:
         prompts_to_ask = [args.prompt]
     else:
+        text = ask(PROMPTS["detection"], DETECTION_SCHEMA)
         try:
-            found = json.loads(ask(PROMPTS["detection"], DETECTION_SCHEMA)).get("Object", [])
-        except (ValueError, AttributeError):
-            found = []
-        labels = list(dict.fromkeys(str(l) for l in found if isinstance(l, str) and l.strip()))
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        found = [label for label, _ in detection_records(text, value, width, height)]
+        labels = list(dict.fromkeys(l for l in found if l.strip()))
         if not labels:
             raise CliError("the model detected no object to segment; pass --prompt 'Segment the <object>.'")
         prompts_to_ask = [f"Segment the {label}." for label in labels]
@@ -482,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default -1: the decoder's max_len; 0: one example per row)")
     p.add_argument("--task-weights", default=None,
                    help="sampling weight per task kind in the VLM stage, e.g. detection=0.5,colour=2 (kinds not named "
-                        "weigh 1; default: the run's; '' for all 1)")
+                        "keep the default: spatial=3 on the synthetic data, 1 otherwise; '' for all 1)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

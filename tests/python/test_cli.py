@@ -115,3 +115,24 @@ def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
     # A rate for a frozen encoder would do nothing: refused by name.
     with pytest.raises(ValueError, match="applies only when the image encoder trains"):
         train(VlmRun(train_scenes=20, steps=1, encoder_lr=1e-4), out_dir=str(tmp_path / "frozen"), verbose=False)
+
+
+def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monkeypatch, tmp_path):
+    """The synthetic scenes train with SYNTHETIC_TASK_WEIGHTS (spatial 3); a tasks file
+    with every kind at 1; --task-weights changes the kinds it names and '' resets all."""
+    from vlmkit import train_vlm
+    from vlmkit.train_vlm import SYNTHETIC_TASK_WEIGHTS, run_task_weights
+    assert SYNTHETIC_TASK_WEIGHTS == {"spatial": 3.0}
+    assert run_task_weights(VlmRun()) == SYNTHETIC_TASK_WEIGHTS
+    assert run_task_weights(VlmRun(data="tasks.jsonl")) == {}
+    assert run_task_weights(VlmRun(task_weights={"detection": 2})) == {"detection": 2}
+    runs = []
+    monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("")
+    for flags, want in (([], SYNTHETIC_TASK_WEIGHTS), (["--task-weights", "detection=2"], {"spatial": 3.0, "detection": 2.0}),
+                        (["--task-weights", "spatial=1"], {"spatial": 1.0}), (["--task-weights", ""], {}),
+                        (["--data", str(tasks)], {}), (["--data", str(tasks), "--task-weights", "caption=2"], {"caption": 2.0})):
+        assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
+        assert run_task_weights(runs[-1]) == want, flags
+    assert cli.main(["train", "--task-weights", "spatial"]) == 2
