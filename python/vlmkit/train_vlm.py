@@ -235,15 +235,22 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int) ->
     return manifest
 
 
-def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folder: str, write: bool = True) -> str:
+def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folder: str, write: bool = True,
+                      only_present: bool = False) -> str:
     """A tasks JSONL in ``folder`` in which each example of kind k appears
     floor(w_k) times plus once more with probability frac(w_k) (one draw per example
     from ``seed``; kinds not in ``weights`` once). The manifest itself when every
-    weight is 1. With ``write`` False only the path (another rank writes it)."""
+    weight is 1. With ``write`` False only the path (another rank writes it). A
+    weight for a kind the data does not have is an error, unless ``only_present``
+    (the data's default weights: a few scenes may have no spatial question)."""
     import random
     for kind, w in weights.items():
         if not isinstance(kind, str) or not isinstance(w, (int, float)) or not (0 <= w <= 100) or w != w:
             raise ValueError(f"task weight of {kind!r} must be a number in [0, 100], got {w!r}")
+    if only_present:
+        with open(manifest) as f:
+            kinds = {json.loads(line).get("kind", "") for line in f}
+        weights = {k: w for k, w in weights.items() if k in kinds}
     if all(w == 1 for w in weights.values()):
         return manifest
     tag = "-".join(f"{k}{weights[k]:g}" for k in sorted(weights) if weights[k] != 1)
@@ -673,11 +680,12 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     image_root = os.path.dirname(os.path.abspath(manifest))
     task_weights = run_task_weights(run)
     if task_weights:
+        defaults = run.task_weights is None
         if rank == 0:
-            weighted_manifest(manifest, task_weights, run.seed, out_dir)
+            weighted_manifest(manifest, task_weights, run.seed, out_dir, only_present=defaults)
         if distributed:
             dist.barrier()
-        manifest = weighted_manifest(manifest, task_weights, run.seed, out_dir, write=False)
+        manifest = weighted_manifest(manifest, task_weights, run.seed, out_dir, write=False, only_present=defaults)
     if run.pack_to < -1:
         raise ValueError(f"pack_to must be -1 (the decoder's max_len), 0 (off) or a budget, got {run.pack_to}")
     pack_to = model.config["decoder"]["max_len"] if run.pack_to == -1 else run.pack_to
