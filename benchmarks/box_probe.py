@@ -33,8 +33,7 @@ import torch
 
 from vlmkit import checkpoint, data
 from vlmkit.metrics import box_iou
-from vlmkit.train_vlm import (DETECTION_SCHEMA, JSON_BUDGET, PROMPTS, VALIDATION_SEED_OFFSET, detection_records,
-                              labelled_ious)
+from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, detection_records, labelled_ious
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -54,7 +53,7 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
             part = samples[start:start + batch]
             images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
             prompts = [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part)
-            for sample, out in zip(part, model.generate(images, prompts, JSON_BUDGET["detection"], schema=DETECTION_SCHEMA)):
+            for sample, out in zip(part, model.generate(images, prompts, 160, schema=DETECTION_SCHEMA)):
                 try:
                     value = json.loads(out)
                 except ValueError:

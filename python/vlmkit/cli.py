@@ -302,7 +302,7 @@ def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict
 
 def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     from . import data
-    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, JSON_BUDGET, PROMPTS, detection_records
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS, detection_records
 
     model = _load(args.checkpoint)
     config = model.config
@@ -336,7 +336,7 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
         schema = DETECTION_SCHEMA
     elif args.task == "extract":
         schema = EXTRACTION_SCHEMA
-    max_new = args.max_new_tokens or (JSON_BUDGET["detection"] if args.task == "detect" else 160 if schema else 96)
+    max_new = args.max_new_tokens or (160 if schema else 96)
     text = model.generate(pixels.unsqueeze(0), [data.chat_prompt("<image>" + prompt)], max_new, schema=schema)[0]
     print(text)
     if args.task == "detect":

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -183,11 +183,13 @@ def compact(value) -> str:
 
 
 def detection_records(text_out: str, value, width: int, height: int) -> List[Tuple[str, List[float]]]:
-    """(label, box in pixels of a width x height image) of each object of a detection answer, in order. Reads
-    both layouts: records (``{"Objects":[{"Object":..., "Bounding_box":[...]},...]}``,
-    the synthetic data's) and two lists (``{"Object":[...], "Bounding_box":[...]}``,
-    the real-image datasets', ``vlmkit::data::detection_answer``), the k-th label
-    naming the k-th box; boxes without a label (text that is neither) get "".
+    """(label, box in pixels of a width x height image) of each object of a detection
+    answer, in order. Reads both layouts: two lists (``{"Object":[...],
+    "Bounding_box":[...]}``, the synthetic data's and the real-image datasets',
+    ``vlmkit::data::detection_answer``), the k-th label naming the k-th box, and
+    records (``{"Objects":[{"Object":..., "Bounding_box":[...]},...]}``, a layout
+    fine-tuning data may use; tried for the synthetic data and not kept:
+    docs/training.md); boxes without a label (text that is neither) get "".
     ``value`` is ``json.loads(text_out)``, or None when it does not parse."""
     from . import parse_boxes
     records = value.get("Objects") if isinstance(value, dict) else None
@@ -323,9 +325,9 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
             part = chunk[start:start + batch]
             images = torch.stack([p for p, _, _ in part])
             prompts = [data.chat_prompt("<image>" + t["question"]) for _, t, _ in part]
-            outputs = model.generate(images, prompts, JSON_BUDGET.get(kind, 160) if schema else 96, schema=schema)
+            outputs = model.generate(images, prompts, 160 if schema else 96, schema=schema)
             if schema and unconstrained:
-                for free in model.generate(images, prompts, JSON_BUDGET.get(kind, 160)):
+                for free in model.generate(images, prompts, 160):
                     try:
                         json.loads(free)
                         ok = 1.0
@@ -382,8 +384,6 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
     return dict(sorted(metrics.items()))
 
 
-# New tokens for a JSON answer (kinds not named: 160).
-JSON_BUDGET = {"detection": 160}
 TASK_SCHEMAS = {"detection": DETECTION_SCHEMA, "segment": SEGMENTATION_SCHEMA, "extraction": EXTRACTION_SCHEMA}
 
 
@@ -404,11 +404,6 @@ def segment_masks(text_out: str, value, size: int) -> List[Tuple[str, torch.Tens
         label = labels[rank] if rank < len(labels) and isinstance(labels[rank], str) else ""
         out.append((label, data.polygon_to_mask([polygon], size, size)))
     return out
-
-
-def vlmkit_boxes(text_out: str, size: int):
-    from . import parse_boxes
-    return parse_boxes(text_out, size, size)
 
 
 def scene_tags(sample: Dict) -> List[str]:
