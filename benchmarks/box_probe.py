@@ -33,7 +33,7 @@ import torch
 
 from vlmkit import checkpoint, data
 from vlmkit.metrics import box_iou
-from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, detection_records, labelled_ious
+from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, labelled_boxes, labelled_ious
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -58,7 +58,7 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
                     value = json.loads(out)
                 except ValueError:
                     value = {}
-                named = detection_records(out, value, size, size)
+                named = labelled_boxes(out, value, size, size)
                 labels, boxes = [l for l, _ in named], [b for _, b in named]
                 truth = [o["label"] for o in sample["objects"]]
                 row = rows.setdefault(len(truth), {})

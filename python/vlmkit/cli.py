@@ -137,7 +137,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"architecture {args.architecture!r} has no training recipe in `vlmkit train` yet; "
                        "available: 'encoder_decoder', 'two_tower', 'two_leg' (any model trains with vlmkit.Trainer "
                        "and a loss function from Python or C++)")
-    from .train_vlm import SYNTHETIC_TASK_WEIGHTS, VlmRun, train
+    from .train_vlm import VlmRun, run_task_weights, train
 
     if args.data != "synthetic" and not args.data.endswith(".jsonl"):
         raise CliError("--data: 'synthetic' or a tasks .jsonl file (one {\"image\", \"question\", \"answer\"} per "
@@ -156,9 +156,10 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                        "--activation-checkpointing")
     task_weights = None
     if args.task_weights is not None:
-        # Named kinds change the data's default weights (SYNTHETIC_TASK_WEIGHTS on the
-        # synthetic scenes); '' sets every kind to 1.
-        task_weights = {} if not args.task_weights.strip() or args.data != "synthetic" else dict(SYNTHETIC_TASK_WEIGHTS)
+        # Named kinds change the data's default weights (run_task_weights); '' sets
+        # every kind to 1.
+        task_weights = {} if not args.task_weights.strip() else \
+            run_task_weights(VlmRun(data="" if args.data == "synthetic" else args.data))
         for item in (t for t in args.task_weights.split(",") if t):
             kind, sep, value = item.partition("=")
             try:
@@ -302,7 +303,7 @@ def _evaluate_file(model, path: str, format: str, size: int, limit: int) -> Dict
 
 def _predict(args: argparse.Namespace, argv: List[str]) -> int:
     from . import data
-    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS, detection_records
+    from .train_vlm import DETECTION_SCHEMA, EXTRACTION_SCHEMA, PROMPTS, labelled_boxes
 
     model = _load(args.checkpoint)
     config = model.config
@@ -345,7 +346,7 @@ def _predict(args: argparse.Namespace, argv: List[str]) -> int:
             value = json.loads(text)
         except ValueError:
             value = None
-        named = detection_records(text, value, width, height)
+        named = labelled_boxes(text, value, width, height)
         labels, boxes = [l for l, _ in named], [b for _, b in named]
         out = args.output or os.path.splitext(args.image)[0] + ".boxes.png"
         data.plot_bounding_boxes(image, boxes, labels, path=out)
@@ -359,7 +360,7 @@ def _predict_segment(model, image, pixels, args) -> int:
     default model learns to segment a named object). Prints the segmentation JSON of every
     outline and draws them."""
     from . import data, parse_polygons
-    from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, detection_records
+    from .train_vlm import DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, labelled_boxes
 
     height, width = int(image.shape[0]), int(image.shape[1])
     max_new = args.max_new_tokens or 160
@@ -375,7 +376,7 @@ def _predict_segment(model, image, pixels, args) -> int:
             value = json.loads(text)
         except ValueError:
             value = None
-        found = [label for label, _ in detection_records(text, value, width, height)]
+        found = [label for label, _ in labelled_boxes(text, value, width, height)]
         labels = list(dict.fromkeys(l for l in found if l.strip()))
         if not labels:
             raise CliError("the model detected no object to segment; pass --prompt 'Segment the <object>.'")

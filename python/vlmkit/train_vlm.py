@@ -182,31 +182,17 @@ def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def detection_records(text_out: str, value, width: int, height: int) -> List[Tuple[str, List[float]]]:
-    """(label, box in pixels of a width x height image) of each object of a detection
-    answer, in order. Reads both layouts: two lists (``{"Object":[...],
-    "Bounding_box":[...]}``, the synthetic data's and the real-image datasets',
-    ``vlmkit::data::detection_answer``), the k-th label naming the k-th box, and
-    records (``{"Objects":[{"Object":..., "Bounding_box":[...]},...]}``, a layout
-    fine-tuning data may use; tried for the synthetic data and not kept:
-    docs/training.md); boxes without a label (text that is neither) get "".
-    ``value`` is ``json.loads(text_out)``, or None when it does not parse."""
+def labelled_boxes(text_out: str, value, width: int, height: int) -> List[Tuple[str, List[float]]]:
+    """(label, box in pixels of a width x height image) of each box of a detection
+    answer (``{"Object":[...], "Bounding_box":[...]}``, the synthetic data's and the
+    real-image datasets' layout), the k-th label naming the k-th box; boxes past the
+    labels, or in text that is not that JSON, get "". ``value`` is
+    ``json.loads(text_out)``, or None when it does not parse."""
     from . import parse_boxes
-    records = value.get("Objects") if isinstance(value, dict) else None
-    if isinstance(records, list):
-        out = []
-        for record in records:
-            if not isinstance(record, dict):
-                continue
-            boxes = parse_boxes(json.dumps(record.get("Bounding_box")), width, height)
-            if boxes:
-                label = record.get("Object")
-                out.append((label if isinstance(label, str) else "", boxes[0]))
-        return out
-    boxes = parse_boxes(text_out, width, height)
     labels = value.get("Object") if isinstance(value, dict) else None
     labels = labels if isinstance(labels, list) else []
-    return [(labels[r] if r < len(labels) and isinstance(labels[r], str) else "", box) for r, box in enumerate(boxes)]
+    return [(labels[r] if r < len(labels) and isinstance(labels[r], str) else "", box)
+            for r, box in enumerate(parse_boxes(text_out, width, height))]
 
 
 def scene_tasks(sample: Dict) -> List[Dict[str, str]]:
@@ -244,15 +230,12 @@ def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folde
     from ``seed``; kinds not in ``weights`` once). The manifest itself when every
     weight is 1. With ``write`` False only the path (another rank writes it). A
     weight for a kind the data does not have is an error, unless ``only_present``
-    (the data's default weights: a few scenes may have no spatial question)."""
+    (the data's default weights: a few scenes may have no spatial question), when
+    it weighs nothing."""
     import random
     for kind, w in weights.items():
         if not isinstance(kind, str) or not isinstance(w, (int, float)) or not (0 <= w <= 100) or w != w:
             raise ValueError(f"task weight of {kind!r} must be a number in [0, 100], got {w!r}")
-    if only_present:
-        with open(manifest) as f:
-            kinds = {json.loads(line).get("kind", "") for line in f}
-        weights = {k: w for k, w in weights.items() if k in kinds}
     if all(w == 1 for w in weights.values()):
         return manifest
     tag = "-".join(f"{k}{weights[k]:g}" for k in sorted(weights) if weights[k] != 1)
@@ -271,7 +254,7 @@ def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folde
             dst.write(line * copies)
             written += copies
     unknown = sorted(set(weights) - seen)
-    if unknown:
+    if unknown and not only_present:
         os.remove(out + ".partial")
         raise ValueError(f"task weights name kinds the data does not have: {unknown}; its kinds are {sorted(seen)}")
     if written == 0:
@@ -354,7 +337,7 @@ def evaluate(model: EncoderDecoder, scenes: int, seed: int, image_size: int, bat
                         value = None
                         results.setdefault(f"{kind}/valid_json", []).append(0.0)
                     if kind == "detection":
-                        named = detection_records(out, value, image_size, image_size)
+                        named = labelled_boxes(out, value, image_size, image_size)
                         for rank, (label, box) in enumerate(named):
                             det_predictions.append((image_id, label, box, -rank))
                         det_truths += [(image_id, o["label"], o["box"]) for o in sample["objects"]]

@@ -160,23 +160,19 @@ def test_default_run_schemas_accept_its_training_answers():
     assert seen == set(TASK_SCHEMAS)
 
 
-def test_detection_records_read_both_layouts():
-    """The evaluation, box_probe and `vlmkit predict --task detect` read (label, box)
-    pairs from records (the synthetic data's answers) and from two parallel lists (the
-    real-image datasets' answers); anything else gives unlabelled boxes or nothing."""
-    from vlmkit.train_vlm import detection_records
-    records = '{"Objects":[{"Object":"red circle","Bounding_box":[0,0,499,999]},{"Object":"cat","Bounding_box":[500,0,999,499]}]}'
-    lists = '{"Object":["red circle","cat"],"Bounding_box":[[0,0,499,999],[500,0,999,499]]}'
-    for text in (records, lists):
-        named = detection_records(text, json.loads(text), 100, 50)
-        assert [label for label, _ in named] == ["red circle", "cat"]
-        assert named[0][1] == pytest.approx([0, 0, 50, 50], abs=0.2)
-        assert named[1][1] == pytest.approx([50, 0, 100, 25], abs=0.2)
-    # A record without a box is skipped; one with a non-string label keeps its box.
-    odd = '{"Objects":[{"Object":"a"},{"Object":3,"Bounding_box":[1,2,3,4]},"x"]}'
-    assert [label for label, _ in detection_records(odd, json.loads(odd), 999, 999)] == [""]
-    # More boxes than labels: the rest unlabelled; text that is not JSON: its boxes, unlabelled.
-    short = '{"Object":["a"],"Bounding_box":[[1,2,3,4],[5,6,7,8]]}'
-    assert [label for label, _ in detection_records(short, json.loads(short), 999, 999)] == ["a", ""]
-    assert [label for label, _ in detection_records("box [1,2,3,4]", None, 999, 999)] == [""]
-    assert detection_records("nothing", None, 999, 999) == []
+def test_labelled_boxes_pair_each_label_with_its_box():
+    """The evaluation, box_probe and `vlmkit predict --task detect|segment` read
+    (label, box) pairs from a detection answer's two lists; boxes past the labels and
+    boxes in text that is not the answer's JSON are unlabelled."""
+    from vlmkit.train_vlm import labelled_boxes
+    text = '{"Object":["red circle","cat"],"Bounding_box":[[0,0,499,999],[500,0,999,499]]}'
+    named = labelled_boxes(text, json.loads(text), 100, 50)
+    assert [label for label, _ in named] == ["red circle", "cat"]
+    assert named[0][1] == pytest.approx([0, 0, 50, 50], abs=0.2)
+    assert named[1][1] == pytest.approx([50, 0, 100, 25], abs=0.2)
+    short = '{"Object":["a",3],"Bounding_box":[[1,2,3,4],[5,6,7,8],[9,9,9,9]]}'
+    assert [label for label, _ in labelled_boxes(short, json.loads(short), 999, 999)] == ["a", "", ""]
+    odd = '{"Object":"a","Bounding_box":[[1,2,3,4]]}'
+    assert [label for label, _ in labelled_boxes(odd, json.loads(odd), 999, 999)] == [""]
+    assert [label for label, _ in labelled_boxes("box [1,2,3,4]", None, 999, 999)] == [""]
+    assert labelled_boxes("nothing", None, 999, 999) == []
