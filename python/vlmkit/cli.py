@@ -172,7 +172,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  lr=args.lr or VlmRun.lr, seed=args.seed, train_scenes=args.scenes,
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
                  pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
-                 pretrain_objective=args.pretrain_objective,
+                 pretrain_objective=args.pretrain_objective or VlmRun.pretrain_objective,
                  freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
                  encoder_lr=args.encoder_lr, warmup=args.warmup if args.warmup >= 0 else VlmRun.warmup,
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
@@ -463,9 +463,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=-1,
                    help="stage 1: image-encoder steps on the scene tags before the VLM stage "
                         "(default: the run's, see docs/training.md; 0: off)")
-    p.add_argument("--pretrain-objective", choices=["tags", "dense"], default="tags",
-                   help="stage 1's targets: tags (default: the scene tags) or dense (the tags, and per image token "
-                        "the class and box of the object under it; docs/training.md)")
+    p.add_argument("--pretrain-objective", choices=["tags", "dense"], default=None,
+                   help="stage 1's targets: dense (the scene tags, and per image token the class and box of the "
+                        "object under it) or tags (the scene tags alone); default: the run's (docs/training.md)")
     p.add_argument("--freeze", default=None,
                    help="comma-separated components the VLM stage does not train (default: the run's; '' for none)")
     p.add_argument("--encoder-lr", type=float, default=0.0,
