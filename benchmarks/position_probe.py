@@ -7,7 +7,7 @@ Spatial questions, captions (objects named left to right), extraction (its
 description is the caption) and boxes all need the decoder to know where each
 object is. With a checkpoint: probes its image encoder and projector. Without:
 builds the default small VLM (optionally with another position table), runs
-stage 1 of `vlmkit train` (the encoder on the scenes' tags) and probes that.
+stage 1 of `vlmkit train` (its objective: VlmRun.pretrain_objective) and probes that.
 
 Probes (single-object scenes, 800 to fit, 400 held out; logistic regression as in
 benchmarks/probes.py): the object's column (which quarter of the image its centre
@@ -34,7 +34,7 @@ import torch
 
 import vlmkit
 from vlmkit import checkpoint, data
-from vlmkit.train_vlm import SMALL_VLM, pretrain_image_encoder
+from vlmkit.train_vlm import SMALL_VLM, VlmRun, pretrain_image_encoder
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import features, logistic_probe, publish  # noqa: E402
@@ -114,7 +114,8 @@ def main():
         model = vlmkit.build_model(config)
         start = time.perf_counter()
         if args.pretrain_steps > 0:
-            result.update(pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, verbose=False))
+            result.update(pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, verbose=False,
+                                                objective=VlmRun.pretrain_objective))
         result["source"] = f"stage 1, {args.pretrain_steps} steps, positions {config['image_encoder'].get('pos_embedding', 'learned')}"
         result["stage1_seconds"] = time.perf_counter() - start
     model.eval()

@@ -6,7 +6,7 @@
 The default run trains every task at once; when a task stays at its image-blind
 baseline there, this asks whether the same model and recipe learn it with nothing
 else to learn. It builds the default small VLM, runs stage 1 (the image encoder on
-the scenes' tags, as `vlmkit train` does), then trains projector and decoder with
+the scenes' tags and, by default, what lies under each token, as `vlmkit train` does), then trains projector and decoder with
 the encoder frozen, in bf16 with packed rows, on the examples of one task alone
 (from --scenes training scenes), and scores that task by exact match on 200
 validation scenes (greedy decoding). Besides the dataset's short-answer tasks
@@ -154,7 +154,8 @@ def main():
     result = {"task": args.task, "steps": args.steps, "scenes": args.scenes, "lr": args.lr, "set": args.set,
               "pretrain_steps": args.pretrain_steps}
     result["position_fit_random_init"] = position_fit(model, size, args.seed + 50_000)
-    stage1 = pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, precision="bf16", verbose=False)
+    stage1 = pretrain_image_encoder(model, 3000, args.seed, args.pretrain_steps, precision="bf16", verbose=False,
+                                    objective=VlmRun.pretrain_objective)
     result["stage1_tag_f1"] = round(stage1["pretrain/tag_f1"], 3)
     result["position_fit_stage1"] = position_fit(model, size, args.seed + 50_000)
     loader = data.Loader(manifest, batch_size=32, num_workers=2, image_size=size, seed=args.seed, drop_last=True,
