@@ -9,9 +9,9 @@ else to learn. It builds the default small VLM, runs stage 1 (the image encoder 
 the scenes' tags and what lies under each token, as `vlmkit train` does), then
 trains projector and decoder with the encoder frozen, in bf16 with packed rows, on
 the examples of one task alone (from --scenes training scenes), and scores that
-task by exact match on 200 validation scenes (greedy decoding). Besides the dataset's short-answer tasks
-(colour, shape, count, spatial, ocr) it has one task of its own, "column": "Which
-column is the <colour> <shape> in?", answered with the quarter of the image (0-3)
+task by exact match on 200 validation scenes (greedy decoding). Besides the
+dataset's short-answer tasks (colour, shape, count, spatial, ocr) it has one task of
+its own, "column": "Which column is the <colour> <shape> in?", answered with the quarter of the image (0-3)
 that holds the object's centre: one look-up of one object's place, the step that
 spatial questions, captions (objects in reading order) and boxes all need.
 
