@@ -487,7 +487,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default -1: the decoder's max_len; 0: one example per row)")
     p.add_argument("--task-weights", default=None,
                    help="sampling weight per task kind in the VLM stage, e.g. detection=0.5,colour=2 (kinds not named "
-                        "keep the default: spatial=3 on the synthetic data, 1 otherwise; '' for all 1)")
+                        "keep the default: on the synthetic data spatial=3,detection=2,segment=1.5,count=0.5,ocr=0.5, "
+                        "elsewhere 1; '' for all 1)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

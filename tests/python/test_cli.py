@@ -139,11 +139,11 @@ def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
 
 
 def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monkeypatch, tmp_path):
-    """The synthetic scenes train with SYNTHETIC_TASK_WEIGHTS (spatial 3); a tasks file
-    with every kind at 1; --task-weights changes the kinds it names and '' resets all."""
+    """The synthetic scenes train with SYNTHETIC_TASK_WEIGHTS; a tasks file with every
+    kind at 1; --task-weights changes the kinds it names and '' resets all."""
     from vlmkit import train_vlm
     from vlmkit.train_vlm import SYNTHETIC_TASK_WEIGHTS, run_task_weights
-    assert SYNTHETIC_TASK_WEIGHTS == {"spatial": 3.0}
+    assert SYNTHETIC_TASK_WEIGHTS == {"spatial": 3.0, "detection": 2.0, "segment": 1.5, "count": 0.5, "ocr": 0.5}
     assert run_task_weights(VlmRun()) == SYNTHETIC_TASK_WEIGHTS
     assert run_task_weights(VlmRun(data="tasks.jsonl")) == {}
     assert run_task_weights(VlmRun(task_weights={"detection": 2})) == {"detection": 2}
@@ -151,8 +151,10 @@ def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monk
     monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("")
-    for flags, want in (([], SYNTHETIC_TASK_WEIGHTS), (["--task-weights", "detection=2"], {"spatial": 3.0, "detection": 2.0}),
-                        (["--task-weights", "spatial=1"], {"spatial": 1.0}), (["--task-weights", ""], {}),
+    defaults = SYNTHETIC_TASK_WEIGHTS
+    for flags, want in (([], defaults), (["--task-weights", "detection=3"], {**defaults, "detection": 3.0}),
+                        (["--task-weights", "spatial=1,caption=2"], {**defaults, "spatial": 1.0, "caption": 2.0}),
+                        (["--task-weights", ""], {}),
                         (["--data", str(tasks)], {}), (["--data", str(tasks), "--task-weights", "caption=2"], {"caption": 2.0})):
         assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
         assert run_task_weights(runs[-1]) == want, flags

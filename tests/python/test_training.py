@@ -624,6 +624,11 @@ def test_task_weights_repeat_and_thin_examples_by_kind(manifest, tmp_path):
         == open(manifest).read()
     assert open(weighted_manifest(manifest, {"colour2": 2, "colour": 2, "detection": 0, "segment": 0.5}, 0,
                                   str(tmp_path), only_present=True)).read() == open(out).read()
+    # Or only the kinds it names (the defaults a user's weights did not change).
+    assert open(weighted_manifest(manifest, {"colour2": 2, "colour": 2, "detection": 0, "segment": 0.5}, 0,
+                                  str(tmp_path), only_present={"colour2"})).read() == open(out).read()
+    with pytest.raises(ValueError, match="kinds the data does not have: \\['colour3'\\]"):
+        weighted_manifest(manifest, {"colour2": 2, "colour3": 2}, 0, str(tmp_path), only_present={"colour2"})
     with pytest.raises(ValueError, match="must be a number in \\[0, 100\\]"):
         weighted_manifest(manifest, {"colour": -1}, 0, str(tmp_path))
     with pytest.raises(ValueError, match="leave no training examples"):
