@@ -11,9 +11,10 @@ trains projector and decoder with the encoder frozen, in bf16 with packed rows, 
 the examples of one task alone (from --scenes training scenes), and scores that
 task by exact match on 200 validation scenes (greedy decoding). Besides the
 dataset's short-answer tasks (colour, shape, count, spatial, ocr) it has one task of
-its own, "column": "Which column is the <colour> <shape> in?", answered with the quarter of the image (0-3)
-that holds the object's centre: one look-up of one object's place, the step that
-spatial questions, captions (objects in reading order) and boxes all need.
+its own, "column": "Which column is the <colour> <shape> in?", answered with the
+quarter of the image (0-3) that holds the object's centre: one look-up of one
+object's place, the step that spatial questions, captions (objects in reading
+order) and boxes all need.
 
 It also prints how precisely an object's place can be read from the stage-1
 encoder's tokens: a least-squares fit of each object's horizontal centre from the

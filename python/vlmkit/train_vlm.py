@@ -11,7 +11,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Collection, Dict, List, Optional, Tuple, Union
+from typing import Collection, Dict, List, Optional, Tuple
 
 import torch
 
@@ -234,14 +234,14 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int) ->
 
 
 def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folder: str, write: bool = True,
-                      only_present: Union[bool, Collection[str]] = False) -> str:
+                      may_be_absent: Collection[str] = ()) -> str:
     """A tasks JSONL in ``folder`` in which each example of kind k appears
     floor(w_k) times plus once more with probability frac(w_k) (one draw per example
     from ``seed``; kinds not in ``weights`` once). The manifest itself when every
     weight is 1. With ``write`` False only the path (another rank writes it). A
-    weight for a kind the data does not have is an error, unless ``only_present`` is
-    True or names that kind (the data's default weights: a few scenes may have no
-    spatial question or no word), when it weighs nothing."""
+    weight for a kind the data does not have is an error, unless ``may_be_absent``
+    names that kind (the data's default weights: a few scenes may have no spatial
+    question or no word), when it weighs nothing."""
     import random
     for kind, w in weights.items():
         if not isinstance(kind, str) or not isinstance(w, (int, float)) or not (0 <= w <= 100) or w != w:
@@ -263,8 +263,7 @@ def weighted_manifest(manifest: str, weights: Dict[str, float], seed: int, folde
             copies = int(w) + (rng.random() < w - int(w))
             dst.write(line * copies)
             written += copies
-    optional = set(weights) if only_present is True else set(only_present or ())
-    unknown = sorted(set(weights) - seen - optional)
+    unknown = sorted(set(weights) - seen - set(may_be_absent))
     if unknown:
         os.remove(out + ".partial")
         raise ValueError(f"task weights name kinds the data does not have: {unknown}; its kinds are {sorted(seen)}")
@@ -700,10 +699,10 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         defaults = {} if run.data else SYNTHETIC_TASK_WEIGHTS
         optional = {k for k, w in task_weights.items() if defaults.get(k) == w}
         if rank == 0:
-            weighted_manifest(manifest, task_weights, run.seed, out_dir, only_present=optional)
+            weighted_manifest(manifest, task_weights, run.seed, out_dir, may_be_absent=optional)
         if distributed:
             dist.barrier()
-        manifest = weighted_manifest(manifest, task_weights, run.seed, out_dir, write=False, only_present=optional)
+        manifest = weighted_manifest(manifest, task_weights, run.seed, out_dir, write=False, may_be_absent=optional)
     if run.pack_to < -1:
         raise ValueError(f"pack_to must be -1 (the decoder's max_len), 0 (off) or a budget, got {run.pack_to}")
     pack_to = model.config["decoder"]["max_len"] if run.pack_to == -1 else run.pack_to

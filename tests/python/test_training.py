@@ -619,16 +619,14 @@ def test_task_weights_repeat_and_thin_examples_by_kind(manifest, tmp_path):
     assert next(iter(loader))["images"].shape[0] == 2
     with pytest.raises(ValueError, match="kinds the data does not have: \\['colour2'\\]"):
         weighted_manifest(manifest, {"colour2": 2}, 0, str(tmp_path))
-    # A default weight (only_present) for a kind the data lacks weighs nothing, not an error.
-    assert open(weighted_manifest(manifest, {"colour2": 2}, 0, str(tmp_path), only_present=True)).read() \
+    # A default weight (may_be_absent) for a kind the data lacks weighs nothing, not an error.
+    assert open(weighted_manifest(manifest, {"colour2": 2}, 0, str(tmp_path), may_be_absent={"colour2"})).read() \
         == open(manifest).read()
     assert open(weighted_manifest(manifest, {"colour2": 2, "colour": 2, "detection": 0, "segment": 0.5}, 0,
-                                  str(tmp_path), only_present=True)).read() == open(out).read()
-    # Or only the kinds it names (the defaults a user's weights did not change).
-    assert open(weighted_manifest(manifest, {"colour2": 2, "colour": 2, "detection": 0, "segment": 0.5}, 0,
-                                  str(tmp_path), only_present={"colour2"})).read() == open(out).read()
+                                  str(tmp_path), may_be_absent={"colour2"})).read() == open(out).read()
+    # A weight the user named (not in may_be_absent) must still find its kind.
     with pytest.raises(ValueError, match="kinds the data does not have: \\['colour3'\\]"):
-        weighted_manifest(manifest, {"colour2": 2, "colour3": 2}, 0, str(tmp_path), only_present={"colour2"})
+        weighted_manifest(manifest, {"colour2": 2, "colour3": 2}, 0, str(tmp_path), may_be_absent={"colour2"})
     with pytest.raises(ValueError, match="must be a number in \\[0, 100\\]"):
         weighted_manifest(manifest, {"colour": -1}, 0, str(tmp_path))
     with pytest.raises(ValueError, match="leave no training examples"):
