@@ -1,7 +1,7 @@
-"""Where do the boxes go wrong: in the image tokens, or in the decoder's answer?
+"""Where do the boxes and outlines go wrong: in the image tokens, or in the decoder's answer?
 
     .venv/bin/python benchmarks/box_probe.py --checkpoint DIR [--scenes 200]
-        [--probe-scenes 24000] [--json out.json]
+        [--probe-scenes 24000] [--segment] [--json out.json]
 
 Detection's mean IoU mixes three things a user cannot tell apart from one figure:
 whether the model names the scene's objects, whether each box goes with its own
@@ -22,6 +22,15 @@ evaluation decodes it):
 If the probe reads the edges much more precisely than the decoder writes them, the
 place is in the tokens and what is lost is the decoder's read-out (three digit
 bytes per coordinate); if both are coarse, the tokens are.
+
+With ``--segment``, ``segment`` splits the segmentation figure ("Segment the <object>.",
+constrained as the run decodes it) the same way, per number of objects: the mask IoU
+(what ``segment/mean_iou`` counts), the IoU of the outline's bounding box with the
+object's (placement), and how much of its box each outline fills beside the truth's
+(form); then, over all scenes, the mask IoU of the same outlines moved and scaled into
+the box the model's own detection answer gives the object, and into the true box, and
+of the detection box filled as a rectangle. If the refitted outlines score far above
+the raw ones, what is lost is where the outline is put, not its form.
 """
 import argparse
 import json
@@ -32,8 +41,10 @@ from typing import Callable, Dict, List
 import torch
 
 from vlmkit import checkpoint, data
-from vlmkit.metrics import box_iou
-from vlmkit.train_vlm import DETECTION_SCHEMA, PROMPTS, VALIDATION_SEED_OFFSET, labelled_boxes, labelled_ious
+from vlmkit import parse_polygons
+from vlmkit.metrics import box_iou, mask_iou
+from vlmkit.train_vlm import (DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, VALIDATION_SEED_OFFSET, labelled_boxes,
+                              labelled_ious)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -79,6 +90,83 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
                                    **{e: round(statistics.mean(abs(r[i]) for r in edges), 2)
                                       for i, e in enumerate(EDGES)}}
     return out
+
+
+def _mask_box(mask: torch.Tensor) -> List[float]:
+    """[x1, y1, x2, y2] in pixels of a mask's set pixels ([0, 0, 0, 0] if none)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if not len(ys):
+        return [0.0, 0.0, 0.0, 0.0]
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0]
+
+
+def _fill(mask: torch.Tensor) -> float:
+    """Share of its bounding box that a mask covers (0 if empty)."""
+    x1, y1, x2, y2 = _mask_box(mask)
+    area = (x2 - x1) * (y2 - y1)
+    return mask.sum().item() / area if area else 0.0
+
+
+def refit(polygon: List[float], box: List[float]) -> List[float]:
+    """A flat polygon moved and scaled so that its bounds become ``box``."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    x1, y1 = min(xs), min(ys)
+    sx = (box[2] - box[0]) / max(max(xs) - x1, 1e-3)
+    sy = (box[3] - box[1]) / max(max(ys) - y1, 1e-3)
+    out = []
+    for x, y in zip(xs, ys):
+        out += [box[0] + (x - x1) * sx, box[1] + (y - y1) * sy]
+    return out
+
+
+def segment_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> Dict:
+    """``segment`` (module docstring) of ``model.generate``: each validation scene's
+    segment question, and its detection question for the refit."""
+    from vlmkit.train_vlm import scene_tasks
+    dataset = data.SyntheticDataset(scenes, image_size=size, seed=VALIDATION_SEED_OFFSET)
+    samples = [dataset[i] for i in range(scenes)]
+    rows: Dict[int, Dict[str, List[float]]] = {}
+    refits: Dict[str, List[float]] = {}
+    with torch.no_grad():
+        for start in range(0, scenes, batch):
+            part = samples[start:start + batch]
+            images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
+            asked = [next(t for t in scene_tasks(s) if t["kind"] == "segment") for s in part]
+            outlines = model.generate(images, [data.chat_prompt("<image>" + t["question"]) for t in asked], 192,
+                                      schema=SEGMENTATION_SCHEMA)
+            detections = model.generate(images, [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part), 160,
+                                        schema=DETECTION_SCHEMA)
+            for sample, task, out, det in zip(part, asked, outlines, detections):
+                label = json.loads(task["answer"])["Object"][0]
+                k = [o["label"] for o in sample["objects"]].index(label)
+                truth, true_box = sample["masks"][k] != 0, sample["objects"][k]["box"]
+                polygons = parse_polygons(out, size, size)
+                mask = lambda p: data.polygon_to_mask([p], size, size) != 0  # noqa: E731
+                predicted = mask(polygons[0]) if polygons else torch.zeros_like(truth)
+                row = rows.setdefault(len(sample["objects"]), {})
+                row.setdefault("mask_iou", []).append(mask_iou(predicted, truth))
+                row.setdefault("outline_box_iou", []).append(box_iou(_mask_box(predicted), true_box))
+                row.setdefault("outline_fill", []).append(_fill(predicted))
+                row.setdefault("true_fill", []).append(_fill(truth))
+                try:
+                    value = json.loads(det)
+                except ValueError:
+                    value = None
+                own = [b for l, b in labelled_boxes(det, value, size, size) if l == label]
+                refits.setdefault("raw", []).append(mask_iou(predicted, truth))
+                refits.setdefault("into_true_box", []).append(
+                    mask_iou(mask(refit(polygons[0], true_box)), truth) if polygons else 0.0)
+                refits.setdefault("into_detection_box", []).append(
+                    mask_iou(mask(refit(polygons[0], own[0])), truth) if polygons and own else 0.0)
+                filled = torch.zeros_like(truth)
+                if own:
+                    x1, y1, x2, y2 = (int(round(v)) for v in own[0])
+                    filled[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
+                refits.setdefault("detection_box_as_mask", []).append(mask_iou(filled, truth))
+    by_objects = {str(n): {"scenes": len(r["mask_iou"]), **{k: round(statistics.mean(v), 3) for k, v in r.items()}}
+                  for n, r in sorted(rows.items())}
+    return {"scenes": scenes, "by_objects": by_objects,
+            "mask_iou": {k: round(statistics.mean(v), 3) for k, v in refits.items()}}
 
 
 def ridge_edges(features: torch.Tensor, boxes: torch.Tensor, ridge: float = 100.0, fit: float = 0.75) -> Dict:
@@ -129,11 +217,14 @@ def main():
     parser.add_argument("--scenes", type=int, default=200, help="validation scenes for the decoder's answers")
     parser.add_argument("--probe-scenes", type=int, default=24000,
                         help="rendered scenes whose one-object scenes fit and test the probe (0: skip)")
+    parser.add_argument("--segment", action="store_true", help="also split the segmentation figure (segment)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = checkpoint.load(args.checkpoint)["model"].eval()
     size = model.config["image_encoder"]["image_size"]
     result = {"checkpoint": args.checkpoint, **detection_breakdown(model, size, args.scenes)}
+    if args.segment:
+        result["segment"] = segment_breakdown(model, size, args.scenes)
     if args.probe_scenes > 0:
         result["token_edges_px"] = token_edges(model.cpp_module.encode_images, size, args.probe_scenes)
     publish(result, args.json)

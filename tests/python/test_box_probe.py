@@ -94,3 +94,36 @@ def test_token_edges_of_an_encoder_that_writes_the_box_into_its_tokens():
     result = box_probe.token_edges(encode, SIZE, scenes=300, ridge=1e-6)
     assert result["fit"] + result["held_out"] == len(boxes)
     assert max(result[e] for e in box_probe.EDGES) < 0.01
+
+
+def segment_script(move=0):
+    """The answers segment_breakdown asks for, batch by batch (16 segment answers, then
+    16 detection answers): the right ones, each outline moved right by ``move`` units."""
+    dataset = data.SyntheticDataset(SCENES, image_size=SIZE, seed=VALIDATION_SEED_OFFSET)
+    tasks = [{t["kind"]: t["answer"] for t in scene_tasks(dataset[i])} for i in range(SCENES)]
+    answers = []
+    for start in range(0, SCENES, 16):
+        for t in tasks[start:start + 16]:
+            value = json.loads(t["segment"])
+            value["Polygon"] = [[min(999, v + move) if i % 2 == 0 else v for i, v in enumerate(p)]
+                                for p in value["Polygon"]]
+            answers.append(json.dumps(value))
+        answers += [t["detection"] for t in tasks[start:start + 16]]
+    return answers
+
+
+def test_segment_breakdown_tells_placement_from_form():
+    right = box_probe.segment_breakdown(Scripted(segment_script()), SIZE, SCENES)
+    assert sum(row["scenes"] for row in right["by_objects"].values()) == SCENES
+    for row in right["by_objects"].values():
+        assert row["mask_iou"] > 0.85 and row["outline_box_iou"] > 0.85
+        assert abs(row["outline_fill"] - row["true_fill"]) < 0.1
+    assert right["mask_iou"]["raw"] > 0.85 and right["mask_iou"]["into_true_box"] > 0.85
+    # The same outlines put 8 px to the right: the raw IoU falls, the refit ones do not.
+    moved = box_probe.segment_breakdown(Scripted(segment_script(move=125)), SIZE, SCENES)
+    assert moved["mask_iou"]["raw"] < 0.6
+    assert moved["mask_iou"]["into_true_box"] > 0.85 and moved["mask_iou"]["into_detection_box"] > 0.8
+    assert 0.5 < moved["mask_iou"]["detection_box_as_mask"] < 0.95  # shapes fill part of their boxes
+    # Unparseable answers score 0, never crash.
+    broken = box_probe.segment_breakdown(Scripted(["not json"] * (2 * SCENES)), SIZE, SCENES)
+    assert all(v == 0.0 for v in broken["mask_iou"].values())
