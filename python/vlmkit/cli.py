@@ -178,7 +178,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
-                 precision=precision, pack_to=args.pack_to,
+                 precision=precision, pack_to=args.pack_to, segment_every_object=args.segment_every_object,
                  **({} if task_weights is None else {"task_weights": task_weights}))
     output = args.output or ("runs/lora" if args.lora_rank else "runs/vlm")
     metrics = train(run, config=None if args.init_from else _model_config(args), out_dir=output,
@@ -489,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="sampling weight per task kind in the VLM stage, e.g. detection=0.5,colour=2 (kinds not named "
                         "keep the default: on the synthetic data spatial=3,detection=2,segment=1.5,count=0.5,ocr=0.5, "
                         "elsewhere 1; '' for all 1)")
+    p.add_argument("--segment-every-object", action="store_true",
+                   help="synthetic scenes: train on a segment example for every object of a scene (segment IoU "
+                        "up, colour down at the default weights: docs/training.md)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

@@ -166,3 +166,40 @@ def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monk
         assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
         assert run_task_weights(runs[-1]) == want, flags
     assert cli.main(["train", "--task-weights", "spatial"]) == 2
+
+
+def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path):
+    """--segment-every-object: the training manifest asks to segment every object of a
+    scene, the scene's own question first and unchanged; the default asks one; a
+    tasks file refuses the option rather than ignore it."""
+    from vlmkit import train_vlm
+    one = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64)
+    every = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64, every_object=True)
+    assert one != every
+    dataset = data.SyntheticDataset(12, image_size=64, seed=3)
+    rows = [json.loads(line) for line in open(every)]
+    base = [json.loads(line) for line in open(one)]
+    assert [r for r in rows if r["kind"] != "segment"] == [r for r in base if r["kind"] != "segment"]
+    by_image = {}
+    for r in rows:
+        if r["kind"] == "segment":
+            by_image.setdefault(r["image"], []).append(r)
+    assert len(by_image) == 12
+    for i, mine in enumerate(by_image.values()):  # scenes in order
+        sample = dataset[i]
+        assert mine[0]["question"] == sample["segment"]["question"] and mine[0]["answer"] == sample["segment"]["answer"]
+        assert sorted(r["question"] for r in mine) == sorted(f"Segment the {o['label']}." for o in sample["objects"])
+        for r in mine:
+            value = json.loads(r["answer"])
+            k = sample["segmentation"]["Object"].index(value["Object"][0])
+            assert value["Polygon"] == [sample["segmentation"]["Polygon"][k]]
+    assert sum(r["kind"] == "segment" for r in base) == 12
+    runs = []
+    monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
+    assert cli.main(["train", "--output", str(tmp_path / "run")]) == 0
+    assert runs[-1].segment_every_object is False
+    assert cli.main(["train", "--output", str(tmp_path / "run"), "--segment-every-object"]) == 0
+    assert runs[-1].segment_every_object is True
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="segment_every_object applies to the synthetic scenes"):
+        train(VlmRun(data=one, segment_every_object=True, steps=1), out_dir=str(tmp_path / "refused"))
