@@ -44,7 +44,7 @@ from vlmkit import checkpoint, data
 from vlmkit import parse_polygons
 from vlmkit.metrics import box_iou, mask_iou
 from vlmkit.train_vlm import (DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, VALIDATION_SEED_OFFSET, labelled_boxes,
-                              labelled_ious)
+                              labelled_ious, scene_tasks)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
@@ -122,7 +122,6 @@ def refit(polygon: List[float], box: List[float]) -> List[float]:
 def segment_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> Dict:
     """``segment`` (module docstring) of ``model.generate``: each validation scene's
     segment question, and its detection question for the refit."""
-    from vlmkit.train_vlm import scene_tasks
     dataset = data.SyntheticDataset(scenes, image_size=size, seed=VALIDATION_SEED_OFFSET)
     samples = [dataset[i] for i in range(scenes)]
     rows: Dict[int, Dict[str, List[float]]] = {}

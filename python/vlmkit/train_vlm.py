@@ -213,9 +213,9 @@ def labelled_boxes(text_out: str, value, width: int, height: int) -> List[Tuple[
 
 
 def scene_tasks(sample: Dict, every_object: bool = False) -> List[Dict[str, str]]:
-    """(kind, question, answer) examples of one synthetic scene. ``every_object``: a
-    segment example for every object of the scene (the scene's own first), not only
-    for the one the scene asks about (what the evaluation asks)."""
+    """(kind, question, answer) examples of one synthetic scene. ``every_object``: also
+    a segment example for each of the scene's other objects, after its own examples
+    (which stay as they are); the evaluation asks only about the scene's own object."""
     tasks = [{"kind": "caption", "question": PROMPTS["caption"], "answer": sample["caption"]}]
     tasks += [{"kind": q["kind"], "question": q["question"], "answer": q["answer"]} for q in sample["questions"]]
     if sample["ocr"]:
