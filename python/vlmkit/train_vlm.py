@@ -139,11 +139,12 @@ class VlmRun:
     # "Boxes, now that the tokens bind").
     task_weights: Optional[Dict[str, float]] = None
     # Synthetic scenes: train on a segment example for every object of a scene, not
-    # only the one the scene asks about (evaluation is unchanged). Segment IoU 0.306 ->
-    # 0.450 on the validation split at seed 0, but colour 0.980 -> 0.855 (the segment
-    # examples take a larger share of the batches); with the segment weight halved to
-    # keep that share, no gain (docs/training.md, "Segmentation: where the outlines go
-    # wrong"). Off by default.
+    # only the one the scene asks about (evaluation is unchanged). Segment IoU 0.306 /
+    # 0.383 -> 0.450 / 0.451 on the validation split at seeds 0 / 1, but colour (seed 0,
+    # 0.980 -> 0.855) or shape (seed 1, 0.995 -> 0.930) falls: the segment examples take
+    # a larger share of the batches; with the segment weight halved to keep that share,
+    # no gain (docs/training.md, "Segmentation: where the outlines go wrong"). Off by
+    # default.
     segment_every_object: bool = False
 
 
