@@ -491,7 +491,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "elsewhere 1; '' for all 1)")
     p.add_argument("--segment-every-object", action="store_true",
                    help="synthetic scenes: train on a segment example for every object of a scene (segment IoU "
-                        "up, colour down at the default weights: docs/training.md)")
+                        "up, colour or shape questions down: docs/training.md)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
