@@ -42,14 +42,22 @@ import torch
 
 from vlmkit import checkpoint, data
 from vlmkit import parse_polygons
-from vlmkit.metrics import box_iou, mask_iou
+from vlmkit.metrics import box_iou, mask_iou, segmentation_scores
 from vlmkit.train_vlm import (DETECTION_SCHEMA, PROMPTS, SEGMENTATION_SCHEMA, VALIDATION_SEED_OFFSET, labelled_boxes,
-                              labelled_ious, scene_tasks)
+                              labelled_ious, scene_tasks, segment_masks)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from probes import publish  # noqa: E402
 
 EDGES = ("x1", "y1", "x2", "y2")
+
+
+def _loads(text: str):
+    """The JSON value of a model's answer, or None when it does not parse."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> Dict:
@@ -65,11 +73,7 @@ def detection_breakdown(model, size: int, scenes: int = 200, batch: int = 16) ->
             images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
             prompts = [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part)
             for sample, out in zip(part, model.generate(images, prompts, 160, schema=DETECTION_SCHEMA)):
-                try:
-                    value = json.loads(out)
-                except ValueError:
-                    value = {}
-                named = labelled_boxes(out, value, size, size)
+                named = labelled_boxes(out, _loads(out), size, size)
                 labels, boxes = [l for l, _ in named], [b for _, b in named]
                 truth = [o["label"] for o in sample["objects"]]
                 row = rows.setdefault(len(truth), {})
@@ -131,7 +135,7 @@ def segment_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> D
             part = samples[start:start + batch]
             images = torch.stack([data.preprocess(s["image"], size, "square", normalize="clip")[0] for s in part])
             asked = [next(t for t in scene_tasks(s) if t["kind"] == "segment") for s in part]
-            outlines = model.generate(images, [data.chat_prompt("<image>" + t["question"]) for t in asked], 192,
+            outlines = model.generate(images, [data.chat_prompt("<image>" + t["question"]) for t in asked], 160,
                                       schema=SEGMENTATION_SCHEMA)
             detections = model.generate(images, [data.chat_prompt("<image>" + PROMPTS["detection"])] * len(part), 160,
                                         schema=DETECTION_SCHEMA)
@@ -139,29 +143,25 @@ def segment_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> D
                 label = json.loads(task["answer"])["Object"][0]
                 k = [o["label"] for o in sample["objects"]].index(label)
                 truth, true_box = sample["masks"][k] != 0, sample["objects"][k]["box"]
+                # As the run's evaluation scores it: the outlines under the asked label.
+                raw = segmentation_scores(segment_masks(out, _loads(out), size), [(label, truth)])[0]
                 polygons = parse_polygons(out, size, size)
                 mask = lambda p: data.polygon_to_mask([p], size, size) != 0  # noqa: E731
                 predicted = mask(polygons[0]) if polygons else torch.zeros_like(truth)
                 row = rows.setdefault(len(sample["objects"]), {})
-                row.setdefault("mask_iou", []).append(mask_iou(predicted, truth))
+                row.setdefault("mask_iou", []).append(raw)
                 row.setdefault("outline_box_iou", []).append(box_iou(_mask_box(predicted), true_box))
                 row.setdefault("outline_fill", []).append(_fill(predicted))
                 row.setdefault("true_fill", []).append(_fill(truth))
-                try:
-                    value = json.loads(det)
-                except ValueError:
-                    value = None
-                own = [b for l, b in labelled_boxes(det, value, size, size) if l == label]
-                refits.setdefault("raw", []).append(mask_iou(predicted, truth))
+                own = [b for l, b in labelled_boxes(det, _loads(det), size, size) if l == label]
+                refits.setdefault("raw", []).append(raw)
                 refits.setdefault("into_true_box", []).append(
                     mask_iou(mask(refit(polygons[0], true_box)), truth) if polygons else 0.0)
                 refits.setdefault("into_detection_box", []).append(
                     mask_iou(mask(refit(polygons[0], own[0])), truth) if polygons and own else 0.0)
-                filled = torch.zeros_like(truth)
-                if own:
-                    x1, y1, x2, y2 = (int(round(v)) for v in own[0])
-                    filled[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
-                refits.setdefault("detection_box_as_mask", []).append(mask_iou(filled, truth))
+                x1, y1, x2, y2 = own[0] if own else (0, 0, 0, 0)
+                refits.setdefault("detection_box_as_mask", []).append(
+                    mask_iou(mask([x1, y1, x2, y1, x2, y2, x1, y2]), truth) if own else 0.0)
     by_objects = {str(n): {"scenes": len(r["mask_iou"]), **{k: round(statistics.mean(v), 3) for k, v in r.items()}}
                   for n, r in sorted(rows.items())}
     return {"scenes": scenes, "by_objects": by_objects,

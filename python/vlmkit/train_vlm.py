@@ -229,15 +229,25 @@ def scene_tasks(sample: Dict, every_object: bool = False) -> List[Dict[str, str]
         for label, outline in zip(outlines["Object"], outlines["Polygon"]):
             question = f"Segment the {label}."
             if question != sample["segment"]["question"] and len(outline) >= 6:
-                answer = json.dumps({"Object": [label], "Polygon": [outline]}, separators=(",", ":"))
-                tasks.append({"kind": "segment", "question": question, "answer": answer})
+                tasks.append({"kind": "segment", "question": question, "answer": segment_answer(label, outline)})
     return tasks
+
+
+def segment_answer(label: str, outline: List[int]) -> str:
+    """The synthetic scenes' answer to "Segment the <label>." for one outline on the
+    0..999 grid, written as SyntheticDataset writes its own (compact JSON)."""
+    return json.dumps({"Object": [label], "Polygon": [outline]}, separators=(",", ":"))
+
+
+def task_manifest_path(folder: str, every_object: bool = False) -> str:
+    """Where write_task_manifest writes the examples of ``folder``'s scenes."""
+    return os.path.join(folder, "tasks-every-object.jsonl" if every_object else "tasks.jsonl")
 
 
 def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, every_object: bool = False) -> str:
     """Synthetic scenes as PNGs plus tasks.jsonl (one example per line; with
     ``every_object``, tasks-every-object.jsonl: scene_tasks); reused when present."""
-    manifest = os.path.join(folder, "tasks-every-object.jsonl" if every_object else "tasks.jsonl")
+    manifest = task_manifest_path(folder, every_object)
     if os.path.exists(manifest):
         return manifest
     dataset = data.SyntheticDataset(scenes, image_size=image_size, seed=seed)
@@ -673,6 +683,9 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if run.data and run.segment_every_object:
+        raise ValueError("train: segment_every_object applies to the synthetic scenes, not to a tasks file "
+                         f"('{run.data}')")
     if run.encoder_lr < 0 or (run.encoder_lr > 0 and "image_encoder" in run.freeze):
         raise ValueError(f"encoder_lr {run.encoder_lr}: must be >= 0, and it applies only when the image encoder "
                          f"trains (freeze is {list(run.freeze)}; pass freeze without 'image_encoder')")
@@ -697,9 +710,6 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         config = config or SMALL_VLM
         model = EncoderDecoder(config)
     size = config["image_encoder"]["image_size"]
-    if run.data and run.segment_every_object:
-        raise ValueError("train: segment_every_object applies to the synthetic scenes, not to a tasks file "
-                         f"('{run.data}')")
     if run.data:
         if not os.path.isfile(run.data):
             raise FileNotFoundError(f"train: no tasks file at '{run.data}'")
@@ -710,7 +720,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
             write_task_manifest(data_dir, run.train_scenes, run.seed, size, run.segment_every_object)
         if distributed:
             dist.barrier()
-        manifest = os.path.join(data_dir, "tasks-every-object.jsonl" if run.segment_every_object else "tasks.jsonl")
+        manifest = task_manifest_path(data_dir, run.segment_every_object)
     # Images are named relative to the examples file they come from.
     image_root = os.path.dirname(os.path.abspath(manifest))
     task_weights = run_task_weights(run)

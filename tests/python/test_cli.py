@@ -175,7 +175,8 @@ def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path)
     from vlmkit import train_vlm
     one = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64)
     every = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64, every_object=True)
-    assert one != every
+    assert one == train_vlm.task_manifest_path(str(tmp_path / "scenes"))
+    assert every == train_vlm.task_manifest_path(str(tmp_path / "scenes"), every_object=True) != one
     dataset = data.SyntheticDataset(12, image_size=64, seed=3)
     rows = [json.loads(line) for line in open(every)]
     base = [json.loads(line) for line in open(one)]
@@ -188,6 +189,10 @@ def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path)
     for i, mine in enumerate(by_image.values()):  # scenes in order
         sample = dataset[i]
         assert mine[0]["question"] == sample["segment"]["question"] and mine[0]["answer"] == sample["segment"]["answer"]
+        # The added answers are written as the C++ writes the scene's own, byte for byte.
+        own = sample["segmentation"]["Object"].index(sample["segment"]["question"][len("Segment the "):-1])
+        assert train_vlm.segment_answer(sample["segmentation"]["Object"][own],
+                                        sample["segmentation"]["Polygon"][own]) == sample["segment"]["answer"]
         assert sorted(r["question"] for r in mine) == sorted(f"Segment the {o['label']}." for o in sample["objects"])
         for r in mine:
             value = json.loads(r["answer"])
