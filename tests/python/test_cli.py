@@ -150,7 +150,7 @@ def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monk
     kind at 1; --task-weights changes the kinds it names and '' resets all."""
     from vlmkit import train_vlm
     from vlmkit.train_vlm import SYNTHETIC_TASK_WEIGHTS, run_task_weights
-    assert SYNTHETIC_TASK_WEIGHTS == {"spatial": 3.0, "detection": 2.0, "segment": 1.5, "count": 0.5, "ocr": 0.5}
+    assert SYNTHETIC_TASK_WEIGHTS == {"spatial": 2.0, "detection": 2.0, "segment": 1.5, "count": 0.5, "ocr": 0.5}
     assert run_task_weights(VlmRun()) == SYNTHETIC_TASK_WEIGHTS
     assert run_task_weights(VlmRun(data="tasks.jsonl")) == {}
     assert run_task_weights(VlmRun(task_weights={"detection": 2})) == {"detection": 2}
@@ -169,9 +169,10 @@ def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monk
 
 
 def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path):
-    """--segment-every-object: the training manifest asks to segment every object of a
-    scene, the scene's own question first and unchanged; the default asks one; a
-    tasks file refuses the option rather than ignore it."""
+    """--segment-every-object (the default on the synthetic scenes): the training
+    manifest asks to segment every object of a scene, the scene's own question first
+    and unchanged; --no-segment-every-object asks one; a tasks file refuses the option
+    rather than ignore it."""
     from vlmkit import train_vlm
     one = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64)
     every = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 12, 3, 64, every_object=True)
@@ -199,12 +200,56 @@ def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path)
             k = sample["segmentation"]["Object"].index(value["Object"][0])
             assert value["Polygon"] == [sample["segmentation"]["Polygon"][k]]
     assert sum(r["kind"] == "segment" for r in base) == 12
+    # On by default for the synthetic scenes, off for a tasks file; the flag turns it off.
+    assert train_vlm.run_segment_every_object(VlmRun()) is True
+    assert train_vlm.run_segment_every_object(VlmRun(data=one)) is False
     runs = []
     monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
-    assert cli.main(["train", "--output", str(tmp_path / "run")]) == 0
-    assert runs[-1].segment_every_object is False
-    assert cli.main(["train", "--output", str(tmp_path / "run"), "--segment-every-object"]) == 0
-    assert runs[-1].segment_every_object is True
+    for flags, want in (([], True), (["--segment-every-object"], True), (["--no-segment-every-object"], False)):
+        assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
+        assert train_vlm.run_segment_every_object(runs[-1]) is want, flags
     monkeypatch.undo()
     with pytest.raises(ValueError, match="segment_every_object applies to the synthetic scenes"):
         train(VlmRun(data=one, segment_every_object=True, steps=1), out_dir=str(tmp_path / "refused"))
+
+
+def test_locate_every_object_adds_one_box_question_per_object(monkeypatch, tmp_path):
+    """--locate-every-object: after a scene's own examples (unchanged), one "locate"
+    example per object whose answer is that object's detection box, the object named by
+    its shape or its colour alone (each unique in its scene, so one box fits); off by
+    default; a tasks file refuses it."""
+    from vlmkit import train_vlm
+    folder = str(tmp_path / "scenes")
+    base = [json.loads(line) for line in open(train_vlm.write_task_manifest(folder, 12, 3, 64))]
+    path = train_vlm.write_task_manifest(folder, 12, 3, 64, locate=True)
+    assert path == train_vlm.task_manifest_path(folder, locate=True) != train_vlm.task_manifest_path(folder)
+    assert train_vlm.task_manifest_path(folder, every_object=True, locate=True).endswith("tasks-every-object-locate.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    assert [r for r in rows if r["kind"] != "locate"] == base
+    dataset = data.SyntheticDataset(12, image_size=64, seed=3)
+    images = sorted({r["image"] for r in rows})
+    by_shape = by_colour = 0
+    for i, image in enumerate(images):
+        sample = dataset[i]
+        mine = [r for r in rows if r["image"] == image and r["kind"] == "locate"]
+        assert len(mine) == len(sample["objects"])
+        for r, label, box in zip(mine, sample["detection"]["Object"], sample["detection"]["Bounding_box"]):
+            colour, shape = label.split(" ")
+            assert r["question"] in (f"Where is the {shape}?", f"Where is {colour}?")
+            by_shape += r["question"] == f"Where is the {shape}?"
+            by_colour += r["question"] == f"Where is {colour}?"
+            assert json.loads(r["answer"]) == box and r["answer"] == json.dumps(box, separators=(",", ":"))
+            # The one word names one object of the scene.
+            word = r["question"][len("Where is "):-1].replace("the ", "")
+            assert sum(word in o["label"].split(" ") for o in sample["objects"]) == 1
+    assert by_shape and by_colour
+    runs = []
+    monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
+    assert cli.main(["train", "--output", str(tmp_path / "run")]) == 0
+    assert runs[-1].locate_every_object is False
+    assert cli.main(["train", "--output", str(tmp_path / "run"), "--locate-every-object"]) == 0
+    assert runs[-1].locate_every_object is True
+    monkeypatch.undo()
+    one = train_vlm.task_manifest_path(folder)
+    with pytest.raises(ValueError, match="locate_every_object applies to the synthetic scenes"):
+        train(VlmRun(data=one, locate_every_object=True, steps=1), out_dir=str(tmp_path / "refused"))
