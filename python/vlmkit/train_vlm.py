@@ -143,8 +143,9 @@ class VlmRun:
     # find a named object from seeing every object named. None: on for the synthetic
     # scenes (a tasks file has no scenes to draw from; True with one is an error).
     # With the spatial weight 2 (SYNTHETIC_TASK_WEIGHTS) segment IoU on the validation
-    # split 0.306 / 0.383 -> 0.511 / SEED1 at seeds 0 / 1, every question still at
-    # least 0.95; with spatial at 3 the larger share of segment examples cost colour
+    # split 0.306 / 0.383 -> 0.511 / 0.502 at seeds 0 / 1, colour, shape and count
+    # still >= 0.975, spatial 0.967 / 0.935; with spatial at 3 the larger share of
+    # segment examples cost colour
     # (seed 0, 0.980 -> 0.855) or shape (seed 1, 0.995 -> 0.930) (docs/training.md,
     # "Segmentation: every object, and room for it").
     segment_every_object: Optional[bool] = None
