@@ -145,15 +145,9 @@ class VlmRun:
     # With the spatial weight 2 (SYNTHETIC_TASK_WEIGHTS) segment IoU on the validation
     # split 0.306 / 0.383 -> 0.511 / 0.502 at seeds 0 / 1, colour, shape and count
     # still >= 0.975, spatial 0.967 / 0.935; with spatial at 3 the larger share of
-    # segment examples cost colour
-    # (seed 0, 0.980 -> 0.855) or shape (seed 1, 0.995 -> 0.930) (docs/training.md,
-    # "Segmentation: every object, and room for it").
+    # segment examples cost colour (seed 0, 0.980 -> 0.855) or shape (seed 1, 0.995
+    # -> 0.930) (docs/training.md, "Segmentation: every object, and room for it").
     segment_every_object: Optional[bool] = None
-    # Synthetic scenes: also train on "Where is the <object>?" for every object of a
-    # scene, answered with its box on the 0..999 grid ("[x1,y1,x2,y2]"): finding a
-    # named object, the step segmentation misses, with a short answer. Training only
-    # (the evaluation is unchanged). Off by default.
-    locate_every_object: bool = False
 
 
 # The synthetic data's task weights. The spatial question twice: it is asked of the
@@ -162,7 +156,8 @@ class VlmRun:
 # 0.537 / 0.740 at seeds 0 / 1), at 3 0.927 / 0.829 (docs/training.md, "Spatial
 # questions"); since every object is segmented (VlmRun.segment_every_object) 2,
 # which leaves the segment examples room (at 3 colour fell to 0.855 at seed 0, at
-# 1.5 spatial to 0.805; "Segmentation: every object, and room for it"). The boxes' tasks more and the two shortest answers less
+# 1.5 spatial to 0.805; "Segmentation: every object, and room for it"). The boxes'
+# tasks more and the two shortest answers less
 # (detection 2, segmentation 1.5, count and OCR 0.5): with the dense stage 1 the
 # boxes gain and no question moves by more than 0.025 (validation, seeds 0 / 1: detection
 # mAP@0.5 0.510 / 0.361 -> 0.765 / 0.748, segment IoU 0.244 / 0.208 -> 0.306 / 0.383,
@@ -231,12 +226,10 @@ def labelled_boxes(text_out: str, value, width: int, height: int) -> List[Tuple[
             for r, box in enumerate(parse_boxes(text_out, width, height))]
 
 
-def scene_tasks(sample: Dict, every_object: bool = False, locate: bool = False) -> List[Dict[str, str]]:
+def scene_tasks(sample: Dict, every_object: bool = False) -> List[Dict[str, str]]:
     """(kind, question, answer) examples of one synthetic scene. ``every_object``: also
     a segment example for each of the scene's other objects, after its own examples
-    (which stay as they are); the evaluation asks only about the scene's own object.
-    ``locate``: then a "locate" example for every object ("Where is the <label>?",
-    answered with its box, compact JSON on the 0..999 grid)."""
+    (which stay as they are); the evaluation asks only about the scene's own object."""
     tasks = [{"kind": "caption", "question": PROMPTS["caption"], "answer": sample["caption"]}]
     tasks += [{"kind": q["kind"], "question": q["question"], "answer": q["answer"]} for q in sample["questions"]]
     if sample["ocr"]:
@@ -250,16 +243,6 @@ def scene_tasks(sample: Dict, every_object: bool = False, locate: bool = False) 
             question = f"Segment the {label}."
             if question != sample["segment"]["question"] and len(outline) >= 6:
                 tasks.append({"kind": "segment", "question": question, "answer": segment_answer(label, outline)})
-    if locate:
-        # Named by one word, as the questions name objects (colours and shapes are unique
-        # in a scene): by shape ("Where is the circle?", the colour question's look-up)
-        # for the first, third, ... object left to right, by colour ("Where is red?", the
-        # shape question's) for the others.
-        boxes = sample["detection"]
-        for k, (label, box) in enumerate(zip(boxes["Object"], boxes["Bounding_box"])):
-            colour, shape = label.split(" ")
-            question = f"Where is the {shape}?" if k % 2 == 0 else f"Where is {colour}?"
-            tasks.append({"kind": "locate", "question": question, "answer": compact(box)})
     return tasks
 
 
@@ -269,18 +252,15 @@ def segment_answer(label: str, outline: List[int]) -> str:
     return json.dumps({"Object": [label], "Polygon": [outline]}, separators=(",", ":"))
 
 
-def task_manifest_path(folder: str, every_object: bool = False, locate: bool = False) -> str:
+def task_manifest_path(folder: str, every_object: bool = False) -> str:
     """Where write_task_manifest writes the examples of ``folder``'s scenes."""
-    name = "tasks" + ("-every-object" if every_object else "") + ("-locate" if locate else "")
-    return os.path.join(folder, name + ".jsonl")
+    return os.path.join(folder, "tasks-every-object.jsonl" if every_object else "tasks.jsonl")
 
 
-def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, every_object: bool = False,
-                        locate: bool = False) -> str:
+def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, every_object: bool = False) -> str:
     """Synthetic scenes as PNGs plus tasks.jsonl (one example per line; with
-    ``every_object`` or ``locate``, tasks-every-object.jsonl, tasks-locate.jsonl or
-    tasks-every-object-locate.jsonl: scene_tasks); reused when present."""
-    manifest = task_manifest_path(folder, every_object, locate)
+    ``every_object``, tasks-every-object.jsonl: scene_tasks); reused when present."""
+    manifest = task_manifest_path(folder, every_object)
     if os.path.exists(manifest):
         return manifest
     dataset = data.SyntheticDataset(scenes, image_size=image_size, seed=seed)
@@ -288,7 +268,7 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, ev
     with open(os.path.join(folder, "manifest.jsonl")) as f, open(manifest + ".partial", "w") as out:
         for index, line in enumerate(f):
             entry = json.loads(line)
-            for task in scene_tasks(dataset[index], every_object, locate):
+            for task in scene_tasks(dataset[index], every_object):
                 out.write(json.dumps({"image": entry["image"], **task}) + "\n")
     os.replace(manifest + ".partial", manifest)
     return manifest
@@ -716,9 +696,9 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    for option in ("segment_every_object", "locate_every_object"):
-        if run.data and getattr(run, option):
-            raise ValueError(f"train: {option} applies to the synthetic scenes, not to a tasks file ('{run.data}')")
+    if run.data and run.segment_every_object:
+        raise ValueError("train: segment_every_object applies to the synthetic scenes, not to a tasks file "
+                         f"('{run.data}')")
     every_object = run_segment_every_object(run)
     if run.encoder_lr < 0 or (run.encoder_lr > 0 and "image_encoder" in run.freeze):
         raise ValueError(f"encoder_lr {run.encoder_lr}: must be >= 0, and it applies only when the image encoder "
@@ -751,10 +731,10 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     else:
         data_dir = data_dir or os.path.join(out_dir, f"synthetic-{run.train_scenes}-{size}-seed{run.seed}")
         if rank == 0:
-            write_task_manifest(data_dir, run.train_scenes, run.seed, size, every_object, run.locate_every_object)
+            write_task_manifest(data_dir, run.train_scenes, run.seed, size, every_object)
         if distributed:
             dist.barrier()
-        manifest = task_manifest_path(data_dir, every_object, run.locate_every_object)
+        manifest = task_manifest_path(data_dir, every_object)
     # Images are named relative to the examples file they come from.
     image_root = os.path.dirname(os.path.abspath(manifest))
     task_weights = run_task_weights(run)
