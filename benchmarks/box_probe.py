@@ -159,9 +159,9 @@ def segment_breakdown(model, size: int, scenes: int = 200, batch: int = 16) -> D
                     mask_iou(mask(refit(polygons[0], true_box)), truth) if polygons else 0.0)
                 refits.setdefault("into_detection_box", []).append(
                     mask_iou(mask(refit(polygons[0], own[0])), truth) if polygons and own else 0.0)
-                x1, y1, x2, y2 = own[0] if own else (0, 0, 0, 0)
+                corners = lambda b: [b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]]  # noqa: E731
                 refits.setdefault("detection_box_as_mask", []).append(
-                    mask_iou(mask([x1, y1, x2, y1, x2, y2, x1, y2]), truth) if own else 0.0)
+                    mask_iou(mask(corners(own[0])), truth) if own else 0.0)
     by_objects = {str(n): {"scenes": len(r["mask_iou"]), **{k: round(statistics.mean(v), 3) for k, v in r.items()}}
                   for n, r in sorted(rows.items())}
     return {"scenes": scenes, "by_objects": by_objects,

@@ -177,9 +177,13 @@ def run_task_weights(run: "VlmRun") -> Dict[str, float]:
 
 def run_segment_every_object(run: "VlmRun") -> bool:
     """Whether ``run`` trains on every object's outline (VlmRun.segment_every_object:
-    None is on for the synthetic scenes, off for a tasks file)."""
+    None is on for the synthetic scenes, off for a tasks file; True with a tasks file
+    is refused rather than ignored)."""
     if run.segment_every_object is None:
         return not run.data
+    if run.data and run.segment_every_object:
+        raise ValueError("train: segment_every_object applies to the synthetic scenes, not to a tasks file "
+                         f"('{run.data}')")
     return bool(run.segment_every_object)
 
 
@@ -696,10 +700,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if run.data and run.segment_every_object:
-        raise ValueError("train: segment_every_object applies to the synthetic scenes, not to a tasks file "
-                         f"('{run.data}')")
-    every_object = run_segment_every_object(run)
+    every_object = run_segment_every_object(run)  # refuses the option with a tasks file
     if run.encoder_lr < 0 or (run.encoder_lr > 0 and "image_encoder" in run.freeze):
         raise ValueError(f"encoder_lr {run.encoder_lr}: must be >= 0, and it applies only when the image encoder "
                          f"trains (freeze is {list(run.freeze)}; pass freeze without 'image_encoder')")

@@ -210,5 +210,7 @@ def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path)
         assert train_vlm.run_segment_every_object(runs[-1]) is want, flags
     monkeypatch.undo()
     with pytest.raises(ValueError, match="segment_every_object applies to the synthetic scenes"):
+        train_vlm.run_segment_every_object(VlmRun(data=one, segment_every_object=True))
+    with pytest.raises(ValueError, match="segment_every_object applies to the synthetic scenes"):
         train(VlmRun(data=one, segment_every_object=True, steps=1), out_dir=str(tmp_path / "refused"))
 
