@@ -148,6 +148,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"--encoder-lr must be >= 0, got {args.encoder_lr}")
     if args.warmup < -1:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.decay_fraction is not None and not 0 < args.decay_fraction <= 1:
+        raise CliError(f"--decay-fraction must be in (0, 1], got {args.decay_fraction}")
     if args.lora_rank and not args.init_from:
         raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
     if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth
@@ -175,6 +177,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  pretrain_objective=args.pretrain_objective or VlmRun.pretrain_objective,
                  freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
                  encoder_lr=args.encoder_lr, warmup=args.warmup if args.warmup >= 0 else VlmRun.warmup,
+                 decay_fraction=VlmRun.decay_fraction if args.decay_fraction is None else args.decay_fraction,
                  data="" if args.data == "synthetic" else args.data, init_from=args.init_from,
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
@@ -472,6 +475,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="learning rate of the image encoder in the VLM stage when --freeze leaves it trainable "
                         "(default 0: the run's --lr)")
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
+    p.add_argument("--decay-fraction", type=float, default=None,
+                   help="share of the VLM stage's steps, at the end, that the cosine decay spans; the rate holds "
+                        "at --lr before it (1: cosine over the whole stage; default: the run's)")
     p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
                    help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
     p.add_argument("--loss-reduction", choices=["token", "sample", "sqrt"], default=None,

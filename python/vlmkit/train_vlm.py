@@ -109,6 +109,9 @@ class VlmRun:
     encoder_lr: float = 0.0
     weight_decay: float = 0.05
     warmup: int = 50
+    # The share of the VLM stage's steps, at the end, over which the rate decays
+    # (cosine to 0); before it the rate holds at lr. 1.0: cosine over the whole stage.
+    decay_fraction: float = 1.0
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 100
@@ -762,7 +765,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         adapted = lora.apply(model, rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
                              target_modules=list(run.lora_targets))
     trainer = Trainer(model, steps=steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
-                      log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
+                      decay_fraction=run.decay_fraction, log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
                       freeze=[] if adapted else list(run.freeze), precision=precision,
                       group_lr={"image_encoder": run.encoder_lr} if run.encoder_lr > 0 else {})

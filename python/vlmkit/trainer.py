@@ -48,8 +48,10 @@ class Trainer:
             Trainer trains its parameters in place (names as ``named_parameters``,
             for ``freeze`` and ``group_lr``), and its checkpoints hold them and its
             buffers (``config.json`` is null).
-        steps, lr, weight_decay, warmup_steps, min_lr_ratio, clip_norm, accumulation:
-            the optimisation (AdamW, linear warmup then cosine to ``lr * min_lr_ratio``,
+        steps, lr, weight_decay, warmup_steps, min_lr_ratio, decay_fraction, clip_norm, accumulation:
+            the optimisation (AdamW, linear warmup then cosine to ``lr * min_lr_ratio``
+            over the last ``decay_fraction`` of the steps, holding ``lr`` before it
+            (1.0, the default: cosine over the whole run; 0.2: warmup-stable-decay),
             global-norm clipping, batches per step).
         group_lr: learning rates per component, e.g. ``{"image_encoder": 1e-4}``.
         freeze: components to freeze, e.g. ``["image_encoder", "decoder"]`` (LLaVA stage 1).

@@ -72,6 +72,9 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, TrainerOptions option
   TORCH_CHECK_VALUE(o.accumulation() >= 1, "Trainer: accumulation must be >= 1, got ", o.accumulation());
   TORCH_CHECK_VALUE(o.precision() == "fp32" || o.precision() == "bf16", "Trainer: precision must be 'fp32' or 'bf16', got '",
                     o.precision(), "'");
+  TORCH_CHECK_VALUE(o.decay_fraction() > 0 && o.decay_fraction() <= 1,
+                    "Trainer: decay_fraction must be in (0, 1] (the share of steps the cosine decay spans), got ",
+                    o.decay_fraction());
   TORCH_CHECK_VALUE(o.warmup_steps() >= 0 && o.min_lr_ratio() >= 0 && o.min_lr_ratio() <= 1 && o.clip_norm() >= 0 &&
                         o.weight_decay() >= 0 && o.max_nonfinite_steps() >= 1 && o.log_every() >= 0 &&
                         o.eval_every() >= 0 && o.checkpoint_every() >= 0 && o.keep_checkpoints() >= 1,
@@ -137,7 +140,10 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, TrainerOptions option
 double Trainer::schedule(int64_t step) const {
   const auto& o = options_;
   const double warm = o.warmup_steps() > 0 ? std::min(1.0, double(step + 1) / double(o.warmup_steps())) : 1.0;
-  const double progress = double(std::min(step, o.steps())) / double(o.steps());
+  // The decay spans the last decay_fraction of the steps; before it, progress 0.
+  const double span = o.decay_fraction() * double(o.steps());
+  const double start = double(o.steps()) - span;
+  const double progress = std::clamp((double(std::min(step, o.steps())) - start) / span, 0.0, 1.0);
   const double cosine = 0.5 * (1.0 + std::cos(M_PI * progress));
   return warm * (o.min_lr_ratio() + (1.0 - o.min_lr_ratio()) * cosine);
 }

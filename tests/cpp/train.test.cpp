@@ -356,6 +356,18 @@ TEST_CASE("trainer: freezing, parameter groups, schedule, accumulation and the n
   REQUIRE(stage1.state().batch_in_epoch == 2);
   REQUIRE(stage1.schedule(0) == Approx(1.0));
   REQUIRE(stage1.schedule(3) == Approx(0.0).margin(1e-12));
+  // Warmup-stable-decay: warmup, the rate held, then the cosine over the last fifth.
+  vlmkit::Trainer wsd(model, vlmkit::TrainerOptions().steps(100).warmup_steps(10).decay_fraction(0.2).log_every(0));
+  REQUIRE(wsd.schedule(4) == Approx(0.5));
+  REQUIRE(wsd.schedule(50) == Approx(1.0));
+  REQUIRE(wsd.schedule(80) == Approx(1.0));
+  REQUIRE(wsd.schedule(90) == Approx(0.5));
+  REQUIRE(wsd.schedule(100) == Approx(0.0).margin(1e-12));
+  // decay_fraction 1 is the cosine over the whole run.
+  vlmkit::Trainer cosine(model, vlmkit::TrainerOptions().steps(100).warmup_steps(0).log_every(0));
+  REQUIRE(cosine.schedule(50) == Approx(0.5));
+  REQUIRE_THROWS_WITH(vlmkit::Trainer(model, vlmkit::TrainerOptions().decay_fraction(0.0)),
+                      Catch::Contains("decay_fraction must be in (0, 1]"));
 
   REQUIRE_THROWS_WITH(vlmkit::Trainer(model, vlmkit::TrainerOptions().freeze({"vision"})),
                       Catch::Contains("matches no parameter") && Catch::Contains("image_encoder"));

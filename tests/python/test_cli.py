@@ -140,9 +140,29 @@ def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
     assert "--encoder-lr must be >= 0" in capsys.readouterr().err
     assert cli.main(["train", "--warmup", "-5", "--output", str(tmp_path / "bad")]) == 2
     assert "--warmup must be >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--decay-fraction", "1.5", "--output", str(tmp_path / "bad")]) == 2
+    assert "--decay-fraction must be in (0, 1]" in capsys.readouterr().err
     # A rate for a frozen encoder would do nothing: refused by name.
     with pytest.raises(ValueError, match="applies only when the image encoder trains"):
         train(VlmRun(train_scenes=20, steps=1, encoder_lr=1e-4), out_dir=str(tmp_path / "frozen"), verbose=False)
+
+
+def test_decay_fraction_holds_the_rate_then_decays(monkeypatch, tmp_path):
+    """--decay-fraction reaches the VLM stage's Trainer: the rate holds at --lr, then
+    the cosine runs over the last share of the steps (the logged lr is the step's)."""
+    from vlmkit import train_vlm
+    for fraction, want in ((0.5, [1.0, 1.0, 1.0, 0.5]), (1.0, [1.0, 0.8536, 0.5, 0.1464])):
+        out = tmp_path / f"run{fraction}"
+        train(VlmRun(train_scenes=20, steps=4, batch_size=8, eval_scenes=1, val_scenes=0, pretrain_steps=0,
+                     warmup=0, lr=1e-2, log_every=1, decay_fraction=fraction), out_dir=str(out), verbose=False)
+        lrs = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+        assert lrs == pytest.approx([1e-2 * w for w in want], rel=1e-3), fraction
+    runs = []
+    monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
+    assert cli.main(["train", "--output", str(tmp_path / "run")]) == 0
+    assert runs[-1].decay_fraction == VlmRun.decay_fraction
+    assert cli.main(["train", "--decay-fraction", "0.2", "--output", str(tmp_path / "run")]) == 0
+    assert runs[-1].decay_fraction == 0.2
 
 
 def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monkeypatch, tmp_path):

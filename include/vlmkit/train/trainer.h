@@ -44,6 +44,10 @@ struct TrainerOptions {
   /// Linear warmup, then cosine decay to lr * min_lr_ratio at `steps`.
   TORCH_ARG(int64_t, warmup_steps) = 50;
   TORCH_ARG(double, min_lr_ratio) = 0.0;
+  /// The share of `steps`, at the end, that the cosine decay spans; before it
+  /// the rate holds at lr after warmup (warmup-stable-decay, "WSD"; 0.2 is the
+  /// common choice). 1.0: the cosine spans the whole run.
+  TORCH_ARG(double, decay_fraction) = 1.0;
   /// Global gradient-norm clip (0: off).
   TORCH_ARG(double, clip_norm) = 1.0;
   /// Batches per optimizer step.
@@ -82,6 +86,7 @@ void visit_fields(TrainerOptions& o, V& v) {
   v("eps", o.eps());
   v("warmup_steps", o.warmup_steps());
   v("min_lr_ratio", o.min_lr_ratio());
+  v("decay_fraction", o.decay_fraction());
   v("clip_norm", o.clip_norm());
   v("accumulation", o.accumulation());
   v("max_nonfinite_steps", o.max_nonfinite_steps());
@@ -133,7 +138,7 @@ class Trainer {
   /// Writes a checkpoint of the current state; returns its path.
   std::string save_checkpoint();
 
-  /// The learning-rate multiplier at `step` (warmup, cosine).
+  /// The learning-rate multiplier at `step` (warmup, hold, cosine).
   double schedule(int64_t step) const;
   const TrainState& state() const { return state_; }
   const TrainerOptions& options() const { return options_; }
