@@ -182,6 +182,7 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                  lora_targets=tuple(t for t in args.lora_targets.split(",") if t) or VlmRun.lora_targets,
                  precision=precision, pack_to=args.pack_to, segment_every_object=args.segment_every_object,
+                 spatial_every_pair=args.spatial_every_pair,
                  **({} if task_weights is None else {"task_weights": task_weights}))
     output = args.output or ("runs/lora" if args.lora_rank else "runs/vlm")
     metrics = train(run, config=None if args.init_from else _model_config(args), out_dir=output,
@@ -498,6 +499,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--segment-every-object", action=argparse.BooleanOptionalAction, default=None,
                    help="synthetic scenes: train on a segment example for every object of a scene, not only the "
                         "one it asks about (default: on for the synthetic scenes; docs/training.md)")
+    p.add_argument("--spatial-every-pair", action=argparse.BooleanOptionalAction, default=None,
+                   help="synthetic scenes: train on a spatial question for every ordered pair of objects apart, "
+                        "not only the one the scene asks (default: off; docs/training.md)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="BLAS threads (default: every core)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")

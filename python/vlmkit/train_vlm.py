@@ -151,6 +151,11 @@ class VlmRun:
     # segment examples cost colour (seed 0, 0.980 -> 0.855) or shape (seed 1, 0.995
     # -> 0.930) (docs/training.md, "Segmentation: every object, and room for it").
     segment_every_object: Optional[bool] = None
+    # Synthetic scenes: train on a spatial question for every ordered pair of objects
+    # apart, not only the one the scene asks (evaluation is unchanged): "is A left of B"
+    # and "is B left of A" of one image, so that the answer can only come from where
+    # the two objects are. None: off.
+    spatial_every_pair: Optional[bool] = None
 
 
 # The synthetic data's task weights. The spatial question twice: it is asked of the
@@ -169,6 +174,15 @@ class VlmRun:
 # the same weights had cost colour and spatial.
 SYNTHETIC_TASK_WEIGHTS: Dict[str, float] = {"spatial": 2.0, "detection": 2.0, "segment": 1.5, "count": 0.5,
                                             "ocr": 0.5}
+
+
+def run_spatial_every_pair(run: "VlmRun") -> bool:
+    """Whether ``run`` trains on a spatial question for every pair of objects
+    (VlmRun.spatial_every_pair: None = off); refused with a tasks file."""
+    if run.data and run.spatial_every_pair:
+        raise ValueError("train: spatial_every_pair applies to the synthetic scenes, not to a tasks file "
+                         f"('{run.data}')")
+    return bool(run.spatial_every_pair)
 
 
 def run_task_weights(run: "VlmRun") -> Dict[str, float]:
@@ -233,10 +247,13 @@ def labelled_boxes(text_out: str, value, width: int, height: int) -> List[Tuple[
             for r, box in enumerate(parse_boxes(text_out, width, height))]
 
 
-def scene_tasks(sample: Dict, every_object: bool = False) -> List[Dict[str, str]]:
+def scene_tasks(sample: Dict, every_object: bool = False, every_pair: bool = False) -> List[Dict[str, str]]:
     """(kind, question, answer) examples of one synthetic scene. ``every_object``: also
-    a segment example for each of the scene's other objects, after its own examples
-    (which stay as they are); the evaluation asks only about the scene's own object."""
+    a segment example for each of the scene's other objects; ``every_pair``: also a
+    spatial question for each other ordered pair of objects whose centres are 4 px or
+    more apart (the rule the scenes' own question follows), both "is A left of B" and
+    "is B left of A". Both come after the scene's own examples, which stay as they are;
+    the evaluation asks only the scene's own questions."""
     tasks = [{"kind": "caption", "question": PROMPTS["caption"], "answer": sample["caption"]}]
     tasks += [{"kind": q["kind"], "question": q["question"], "answer": q["answer"]} for q in sample["questions"]]
     if sample["ocr"]:
@@ -250,6 +267,15 @@ def scene_tasks(sample: Dict, every_object: bool = False) -> List[Dict[str, str]
             question = f"Segment the {label}."
             if question != sample["segment"]["question"] and len(outline) >= 6:
                 tasks.append({"kind": "segment", "question": question, "answer": segment_answer(label, outline)})
+    if every_pair:
+        own = {q["question"] for q in sample["questions"] if q["kind"] == "spatial"}
+        centre = [(o["box"][0] + o["box"][2]) / 2 for o in sample["objects"]]
+        for i, a in enumerate(sample["objects"]):
+            for j, b in enumerate(sample["objects"]):
+                question = f"Is the {a['label']} left of the {b['label']}?"
+                if i != j and abs(centre[i] - centre[j]) >= 4 and question not in own:
+                    tasks.append({"kind": "spatial", "question": question,
+                                  "answer": "yes" if centre[i] < centre[j] else "no"})
     return tasks
 
 
@@ -259,15 +285,18 @@ def segment_answer(label: str, outline: List[int]) -> str:
     return json.dumps({"Object": [label], "Polygon": [outline]}, separators=(",", ":"))
 
 
-def task_manifest_path(folder: str, every_object: bool = False) -> str:
+def task_manifest_path(folder: str, every_object: bool = False, every_pair: bool = False) -> str:
     """Where write_task_manifest writes the examples of ``folder``'s scenes."""
-    return os.path.join(folder, "tasks-every-object.jsonl" if every_object else "tasks.jsonl")
+    return os.path.join(folder, "tasks" + ("-every-object" if every_object else "") +
+                        ("-every-pair" if every_pair else "") + ".jsonl")
 
 
-def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, every_object: bool = False) -> str:
+def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, every_object: bool = False,
+                        every_pair: bool = False) -> str:
     """Synthetic scenes as PNGs plus tasks.jsonl (one example per line; with
-    ``every_object``, tasks-every-object.jsonl: scene_tasks); reused when present."""
-    manifest = task_manifest_path(folder, every_object)
+    ``every_object`` / ``every_pair``, tasks-every-object[-every-pair].jsonl:
+    scene_tasks); reused when present."""
+    manifest = task_manifest_path(folder, every_object, every_pair)
     if os.path.exists(manifest):
         return manifest
     dataset = data.SyntheticDataset(scenes, image_size=image_size, seed=seed)
@@ -275,7 +304,7 @@ def write_task_manifest(folder: str, scenes: int, seed: int, image_size: int, ev
     with open(os.path.join(folder, "manifest.jsonl")) as f, open(manifest + ".partial", "w") as out:
         for index, line in enumerate(f):
             entry = json.loads(line)
-            for task in scene_tasks(dataset[index], every_object):
+            for task in scene_tasks(dataset[index], every_object, every_pair):
                 out.write(json.dumps({"image": entry["image"], **task}) + "\n")
     os.replace(manifest + ".partial", manifest)
     return manifest
@@ -704,6 +733,7 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     every_object = run_segment_every_object(run)  # refuses the option with a tasks file
+    every_pair = run_spatial_every_pair(run)
     if run.encoder_lr < 0 or (run.encoder_lr > 0 and "image_encoder" in run.freeze):
         raise ValueError(f"encoder_lr {run.encoder_lr}: must be >= 0, and it applies only when the image encoder "
                          f"trains (freeze is {list(run.freeze)}; pass freeze without 'image_encoder')")
@@ -735,10 +765,10 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
     else:
         data_dir = data_dir or os.path.join(out_dir, f"synthetic-{run.train_scenes}-{size}-seed{run.seed}")
         if rank == 0:
-            write_task_manifest(data_dir, run.train_scenes, run.seed, size, every_object)
+            write_task_manifest(data_dir, run.train_scenes, run.seed, size, every_object, every_pair)
         if distributed:
             dist.barrier()
-        manifest = task_manifest_path(data_dir, every_object)
+        manifest = task_manifest_path(data_dir, every_object, every_pair)
     # Images are named relative to the examples file they come from.
     image_root = os.path.dirname(os.path.abspath(manifest))
     task_weights = run_task_weights(run)

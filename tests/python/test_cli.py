@@ -234,3 +234,42 @@ def test_segment_every_object_adds_one_outline_per_object(monkeypatch, tmp_path)
     with pytest.raises(ValueError, match="segment_every_object applies to the synthetic scenes"):
         train(VlmRun(data=one, segment_every_object=True, steps=1), out_dir=str(tmp_path / "refused"))
 
+
+def test_spatial_every_pair_asks_both_orders_of_every_pair_apart(monkeypatch, tmp_path):
+    """--spatial-every-pair: a spatial question for every ordered pair of objects whose
+    centres are >= 4 px apart, answered from the boxes; the scene's own examples first
+    and unchanged; refused with a tasks file."""
+    from vlmkit import train_vlm
+    dataset = data.SyntheticDataset(40, image_size=64, seed=5)
+    added = 0
+    for i in range(40):
+        sample = dataset[i]
+        base = train_vlm.scene_tasks(sample)
+        tasks = train_vlm.scene_tasks(sample, every_pair=True)
+        assert tasks[:len(base)] == base
+        extra = tasks[len(base):]
+        added += len(extra)
+        centre = {o["label"]: (o["box"][0] + o["box"][2]) / 2 for o in sample["objects"]}
+        pairs = {(a, b) for a in centre for b in centre if a != b and abs(centre[a] - centre[b]) >= 4}
+        asked = set()
+        for t in [t for t in tasks if t["kind"] == "spatial"]:
+            a, b = t["question"][len("Is the "):-1].split(" left of the ")
+            assert t["answer"] == ("yes" if centre[a] < centre[b] else "no")
+            asked.add((a, b))
+        assert asked == pairs and len(asked) == sum(t["kind"] == "spatial" for t in tasks)
+        assert all(t["kind"] == "spatial" for t in extra)
+    assert added > 20
+    manifest = train_vlm.write_task_manifest(str(tmp_path / "scenes"), 6, 5, 64, every_pair=True)
+    assert manifest.endswith("tasks-every-pair.jsonl")
+    assert train_vlm.task_manifest_path("d", True, True).endswith("tasks-every-object-every-pair.jsonl")
+    # Off by default; the flag turns it on; a tasks file refuses it.
+    assert train_vlm.run_spatial_every_pair(VlmRun()) is False
+    runs = []
+    monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
+    for flags, want in (([], False), (["--spatial-every-pair"], True), (["--no-spatial-every-pair"], False)):
+        assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
+        assert train_vlm.run_spatial_every_pair(runs[-1]) is want, flags
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="spatial_every_pair applies to the synthetic scenes"):
+        train(VlmRun(data=manifest, spatial_every_pair=True, steps=1), out_dir=str(tmp_path / "refused"))
+
