@@ -150,9 +150,10 @@ def task_shares(manifest_dir, size, batch_size=32, batches=40):
     """Share of examples and of label tokens per task, in the training examples and
     in real Loader batches; the padded share of text positions."""
     from vlmkit.train_vlm import task_manifest_path
-    # The examples file the run trained on: every object's outline (the default since
-    # the fourteenth session), or one per scene.
-    candidates = [task_manifest_path(manifest_dir, every_object=True), task_manifest_path(manifest_dir)]
+    # The examples file the run trained on: with every object's outline (the default
+    # since the fourteenth session) and every pair's spatial question, or without.
+    candidates = [task_manifest_path(manifest_dir, every_object=o, every_pair=p)
+                  for o, p in ((True, True), (True, False), (False, True), (False, False))]
     manifest = next((p for p in candidates if os.path.exists(p)), None)
     if manifest is None:
         raise FileNotFoundError(f"probes: no examples file in '{manifest_dir}' (looked for {candidates})")

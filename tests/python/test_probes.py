@@ -51,14 +51,18 @@ def test_task_shares_see_no_padding_when_every_example_has_the_same_length(tmp_p
 
 
 def test_task_shares_read_the_every_object_examples_file_of_a_default_run(tmp_path):
-    """A default run's scenes folder holds tasks-every-object.jsonl (the examples it
-    trained on), which task_shares reads before tasks.jsonl; neither is an error."""
+    """A run's scenes folder holds the examples file it trained on
+    (tasks-every-object[-every-pair].jsonl), which task_shares reads before
+    tasks.jsonl; none is an error."""
     from PIL import Image
     Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "a.png")
     for name, kind in (("tasks.jsonl", "caption"), ("tasks-every-object.jsonl", "segment")):
         with open(tmp_path / name, "w") as f:
             f.write(json.dumps({"image": "a.png", "kind": kind, "question": "Q?", "answer": "x"}) + "\n")
     assert probes.task_shares(str(tmp_path), 32, batch_size=1, batches=1)["examples"] == {"segment": 1.0}
+    with open(tmp_path / "tasks-every-object-every-pair.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "kind": "spatial", "question": "Q?", "answer": "x"}) + "\n")
+    assert probes.task_shares(str(tmp_path), 32, batch_size=1, batches=1)["examples"] == {"spatial": 1.0}
     with pytest.raises(FileNotFoundError, match="no examples file"):
         probes.task_shares(str(tmp_path / "empty"), 32)
 
