@@ -795,7 +795,8 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         adapted = lora.apply(model, rank=run.lora_rank, alpha=run.lora_alpha, dropout=run.lora_dropout,
                              target_modules=list(run.lora_targets))
     trainer = Trainer(model, steps=steps, lr=run.lr, weight_decay=run.weight_decay, warmup_steps=run.warmup,
-                      decay_fraction=run.decay_fraction, log_every=run.log_every, checkpoint_every=run.checkpoint_every, output_dir=out_dir,
+                      decay_fraction=run.decay_fraction, log_every=run.log_every,
+                      checkpoint_every=run.checkpoint_every, output_dir=out_dir,
                       distributed=distributed, eval_every=run.eval_every if run.val_scenes > 0 else 0,
                       freeze=[] if adapted else list(run.freeze), precision=precision,
                       group_lr={"image_encoder": run.encoder_lr} if run.encoder_lr > 0 else {})
