@@ -160,9 +160,9 @@ def test_decay_fraction_holds_the_rate_then_decays(monkeypatch, tmp_path):
     runs = []
     monkeypatch.setattr(train_vlm, "train", lambda run, **kwargs: runs.append(run) or {})
     assert cli.main(["train", "--output", str(tmp_path / "run")]) == 0
-    assert runs[-1].decay_fraction == VlmRun.decay_fraction
-    assert cli.main(["train", "--decay-fraction", "0.2", "--output", str(tmp_path / "run")]) == 0
-    assert runs[-1].decay_fraction == 0.2
+    assert runs[-1].decay_fraction == VlmRun.decay_fraction == 0.2  # warmup-stable-decay, the default
+    assert cli.main(["train", "--decay-fraction", "1", "--output", str(tmp_path / "run")]) == 0
+    assert runs[-1].decay_fraction == 1.0
 
 
 def test_task_weights_default_to_the_datas_and_the_flag_changes_named_kinds(monkeypatch, tmp_path):
