@@ -9,7 +9,8 @@ settings are interleaved round by round, and the table shows medians and each
 setting's speed relative to vlmkit's default policy. The last setting gives both
 pools every core with both told not to spin when idle (OMP_WAIT_POLICY=PASSIVE for
 torch's OpenMP team; OPENBLAS_THREAD_TIMEOUT=4 for OpenBLAS, whose idle worker
-otherwise spins after each GEMM, through a 20 ms pause at least): oversubscription without the spinning.
+otherwise spins after each GEMM, through a 20 ms pause at least): oversubscription
+without the spinning.
 """
 import argparse
 import json

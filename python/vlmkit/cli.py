@@ -478,7 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=-1, help="warmup steps of the VLM stage (default: the run's)")
     p.add_argument("--decay-fraction", type=float, default=None,
                    help="share of the VLM stage's steps, at the end, that the cosine decay spans; the rate holds "
-                        "at --lr before it (1: cosine over the whole stage; default: the run's)")
+                        "at --lr before it (1: cosine over the whole stage; default: the run's, 0.2, warmup-stable-decay)")
     p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
                    help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
     p.add_argument("--loss-reduction", choices=["token", "sample", "sqrt"], default=None,
