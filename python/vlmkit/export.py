@@ -170,6 +170,8 @@ def _run_decoder(decoder: nn.Module, x: torch.Tensor, positions: torch.Tensor, p
             hc = block.norm_cross(x)
             qc = _heads(cross.q_proj, hc, cross.h)
             kc, vc = _heads(cross.k_proj, context, cross.h), _heads(cross.v_proj, context, cross.h)
+            if cross.qk_norm:
+                qc, kc = cross.q_norm(qc), cross.k_norm(kc)
             blocked = None if context_mask is None else context_mask[:, None, None, :]
             x = x + cross.out_proj(_attend(qc, kc, vc, blocked).transpose(1, 2).reshape(b, t, d))
         x = x + block.mlp(block.norm2(x))

@@ -169,7 +169,9 @@ class Trainer:
             return
         eta = record["eta_seconds"]
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
-        print(f"step {record['step']:6d}/{record['steps']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        # A step whose loss was not finite (skipped; the Trainer stops after a run of them) has no loss.
+        loss = "not finite" if record.get("loss") is None else f"{record['loss']:.4f}"
+        print(f"step {record['step']:6d}/{record['steps']}  loss {loss}  lr {record['lr']:.2e}  "
               f"{record['samples_per_second']:6.1f} samples/s  eta {eta_text}", flush=True)
 
 

@@ -59,7 +59,8 @@ void TransformerBlockImpl::reset() {
     cross_attn = register_module(
         "cross_attn", MultiheadAttention(MultiheadAttentionOptions(d, options.num_heads())
                                              .context_dim(options.context_dim())
-                                             .dropout(options.dropout())));
+                                             .dropout(options.dropout())
+                                             .qk_norm(options.qk_norm())));
     if (options.gated_cross_attention())
       cross_gate = register_parameter("cross_gate", torch::zeros({1}));
   }

@@ -26,6 +26,8 @@ CASES = {
                               "decoder": {"cross_attention_every": 1, "gated_cross_attention": True}},
     "cross-attention, one key/value head": {"fusion": "cross_attention",
                                             "decoder": {"cross_attention_every": 1, "num_kv_heads": 1}},
+    "cross-attention, qk norm in both attentions": {"fusion": "cross_attention", "attention": "causal",
+                                                    "decoder": {"cross_attention_every": 1, "qk_norm": True}},
 }
 
 

@@ -90,6 +90,31 @@ def test_packing_without_masks_would_differ():
     assert abs(packed - plain) > 1e-4
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_packed_rows_with_qk_norm_train_in_bf16(fusion):
+    """QK-norm in every attention, packed rows with padding, bfloat16 autocast: the
+    norms compute in float32, and q and k go back to bf16 before the scores. Once a
+    float32 q made the mask float32 while the scores were bf16; the padding
+    positions of a packed row, which see no image, then had every key at -inf, and
+    the loss was NaN."""
+    config = tiny("encoder_decoder", "mlp", fusion)
+    config["decoder"]["qk_norm"] = True
+    config["decoder"]["max_len"] = 320
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config)
+    images = torch.rand(4, 3, 32, 32)
+    ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
+    order = [i for row in ROWS for i in row]
+    ids, labels, mask, segments = pack(ids, labels, mask, ROWS)
+    assert (segments == -1).any()  # rows end in padding
+    full = model(images[order], ids, mask, labels, segment_ids=segments).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images[order], ids, mask, labels, segment_ids=segments).loss
+    low.backward()
+    assert torch.isfinite(low) and abs(low.item() - full.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_bad_segment_ids_are_refused():
     model = vlmkit.build_model(tiny("encoder_decoder", "mlp", "cross_attention"))
     images = torch.rand(4, 3, 32, 32)

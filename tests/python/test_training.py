@@ -631,3 +631,15 @@ def test_task_weights_repeat_and_thin_examples_by_kind(manifest, tmp_path):
         weighted_manifest(manifest, {"colour": -1}, 0, str(tmp_path))
     with pytest.raises(ValueError, match="leave no training examples"):
         weighted_manifest(manifest, {k: 0 for k in kinds}, 0, str(tmp_path))
+
+
+def test_steps_whose_loss_is_not_finite_print_and_stop_with_one_clear_error(tmp_path, capsys):
+    """A loss that is NaN every step: the progress line says so (it used to raise a
+    TypeError formatting the missing loss), and the Trainer stops with its own error."""
+    layer = torch.nn.Linear(2, 1)
+    batches = [{"x": torch.ones(1, 2)}]
+    trainer = vlmkit.Trainer(layer, loss=lambda b: layer(b["x"]).sum() * float("nan"), steps=20, log_every=1,
+                             checkpoint_every=0, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not finite for"):
+        trainer.fit(batches)
+    assert "loss not finite" in capsys.readouterr().out

@@ -44,6 +44,8 @@ struct TextDecoderOptions {
   TORCH_ARG(MlpType, mlp) = MlpType::gelu;
   /// Grouped-query attention: key/value heads (0: num_heads).
   TORCH_ARG(int64_t, num_kv_heads) = 0;
+  /// RMSNorm of each head's queries and keys in every attention of the decoder,
+  /// self- and cross-attention alike.
   TORCH_ARG(bool, qk_norm) = false;
   TORCH_ARG(double, norm_eps) = 1e-5;
   /// Activation checkpointing: while training, each block's activations are
