@@ -54,6 +54,8 @@ def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
         config["decoder"]["depth"] = args.depth
     if args.loss_reduction:
         config["loss_reduction"] = args.loss_reduction
+    if args.qk_norm is not None:
+        config["decoder"]["qk_norm"] = args.qk_norm
     if args.activation_checkpointing:
         config["image_encoder"]["activation_checkpointing"] = config["decoder"]["activation_checkpointing"] = True
     return config
@@ -153,9 +155,9 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
     if args.lora_rank and not args.init_from:
         raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
     if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth
-                           or args.activation_checkpointing):
+                           or args.activation_checkpointing or args.qk_norm is not None):
         raise CliError("--from uses the checkpoint's model; drop --projector/--fusion/--image-size/--d-model/--depth/"
-                       "--activation-checkpointing")
+                       "--activation-checkpointing/--qk-norm")
     task_weights = None
     if args.task_weights is not None:
         # Named kinds change the data's default weights (run_task_weights); '' sets
@@ -481,6 +483,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "at --lr before it (1: cosine over the whole stage; default: the run's, 0.2, warmup-stable-decay)")
     p.add_argument("--image-positions", choices=["none", "sincos2d", "gated_sincos2d"], default=None,
                    help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm of each head's queries and keys in the decoder's self- and cross-attention "
+                        "(default: off, the small VLM's; docs/training.md, \"QK-norm in the decoder\")")
     p.add_argument("--loss-reduction", choices=["token", "sample", "sqrt"], default=None,
                    help="mean over all label tokens, per example then over examples, or each token weighted "
                         "1/sqrt(its example's tokens) (default: the recipe's)")
