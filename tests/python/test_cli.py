@@ -274,7 +274,6 @@ def test_spatial_every_pair_asks_both_orders_of_every_pair_apart(monkeypatch, tm
         train(VlmRun(data=manifest, spatial_every_pair=True, steps=1), out_dir=str(tmp_path / "refused"))
 
 
-
 def test_qk_norm_flag_normalises_every_decoder_attention(monkeypatch, tmp_path, capsys):
     """--qk-norm builds the small VLM with an RMSNorm of queries and keys in every
     decoder attention (self- and cross-attention layers both carry the norms); without

@@ -125,7 +125,8 @@ class Block(nn.Module):
         self.self_attn = Attention(d, heads, rope=rope, theta=theta, kv_heads=kv_heads, qk_norm=qk_norm)
         self.cross = cross
         if cross:
-            self.norm_cross, self.cross_attn = make_norm(d, norm, eps), Attention(d, heads, context_dim, qk_norm=qk_norm)
+            self.norm_cross = make_norm(d, norm, eps)
+            self.cross_attn = Attention(d, heads, context_dim, qk_norm=qk_norm)
         self.norm2 = make_norm(d, norm, eps)
         hidden = round(d * mlp_ratio)
         self.swiglu = mlp == "swiglu"
