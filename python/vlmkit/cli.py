@@ -28,6 +28,16 @@ def _print_metrics(metrics: Dict[str, Any]) -> None:
             print(f"{key:30s}  {value:10.4f}")
 
 
+def _model_flags(args: argparse.Namespace) -> List[str]:
+    """The flags given that shape the small VLM's model (_model_config); a model taken
+    from --from, and the Two-Tower and Two-Leg recipes, have no use for them."""
+    given = {"--projector": args.projector, "--fusion": args.fusion, "--image-size": args.image_size,
+             "--d-model": args.d_model, "--depth": args.depth, "--image-positions": args.image_positions,
+             "--loss-reduction": args.loss_reduction, "--qk-norm": args.qk_norm is not None,
+             "--activation-checkpointing": args.activation_checkpointing}
+    return [flag for flag, value in given.items() if value]
+
+
 def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
     from .train_vlm import SMALL_VLM
     import copy
@@ -125,6 +135,9 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
             from .train_two_tower import TwoTowerRun as Run, train as train_small
         else:
             from .train_two_leg import TwoLegRun as Run, train as train_small
+        if _model_flags(args):
+            raise CliError(f"{' '.join(_model_flags(args))}: options of the encoder-decoder's model; the "
+                           f"{args.architecture} recipe builds its own (docs/training.md)")
         if args.data not in ("synthetic", "shapes", "digits"):
             raise CliError(f"--data for {args.architecture}: 'shapes' (the toy pairing; the default) or 'digits' "
                            "(real handwritten digits from Debian's python3-sklearn)")
@@ -154,10 +167,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"--decay-fraction must be in (0, 1], got {args.decay_fraction}")
     if args.lora_rank and not args.init_from:
         raise CliError("--lora-rank fine-tunes a trained model: name it with --from CHECKPOINT")
-    if args.init_from and (args.projector or args.fusion or args.image_size or args.d_model or args.depth
-                           or args.activation_checkpointing or args.qk_norm is not None):
-        raise CliError("--from uses the checkpoint's model; drop --projector/--fusion/--image-size/--d-model/--depth/"
-                       "--activation-checkpointing/--qk-norm")
+    if args.init_from and _model_flags(args):
+        raise CliError(f"--from uses the checkpoint's model; drop {' '.join(_model_flags(args))}")
     task_weights = None
     if args.task_weights is not None:
         # Named kinds change the data's default weights (run_task_weights); '' sets

@@ -50,6 +50,9 @@ def test_cli_two_tower(tmp_path, capsys):
                      "--output", str(tmp_path / "two_leg")]) == 0
     assert "is_it_even/accuracy" in json.load(open(tmp_path / "two_leg" / "metrics.json"))["metrics"]
     assert cli.main(["train", "--architecture", "encoder_text_decoder"]) == 2
+    # The encoder-decoder's model options are refused, not ignored.
+    assert cli.main(["train", "--architecture", "two_leg", "--qk-norm", "--depth", "2"]) == 2
+    assert "--depth --qk-norm: options of the encoder-decoder's model" in capsys.readouterr().err
 
 
 def test_dense_pretraining_targets_match_the_masks():
