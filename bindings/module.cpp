@@ -1,8 +1,12 @@
 // The vlmkit._C extension: version, threads, and the bound modules.
 #include "common.h"
+
+#include <torch/csrc/Dtype.h>
+
 #include "vlmkit/kernels/attention.h"
 #include "vlmkit/kernels/decode.h"
 #include "vlmkit/kernels/mlp.h"
+#include "vlmkit/kernels/norm.h"
 #include "vlmkit/runtime.h"
 
 namespace py = pybind11;
@@ -71,6 +75,26 @@ PYBIND11_MODULE(_C, m) {
       "gelu(x w1^T + b1) w2^T + b2 by vlmkit's fused CPU kernel (differentiable in every input; the "
       "backward recomputes gelu from the saved x w1^T + b1). x [..., in], w1 [hidden, in], w2 [out, hidden]; "
       "b1 and b2 may be None.");
+  m.def("set_norm_kernel", &vlmkit::set_norm_kernel, py::arg("kernel"),
+        "Which RMSNorm vlmkit's Norm runs on CPU (the QK-norm of every attention layer, and RMSNorm "
+        "blocks): \"auto\" (the fused one-pass kernel) or \"aten\" (the reference written with ATen ops).");
+  m.def("norm_kernel", &vlmkit::norm_kernel, "The norm_kernel setting in force.");
+  m.def(
+      "rms_norm",
+      [](const torch::Tensor& x, const torch::Tensor& weight, double eps, const py::object& out_dtype) {
+        c10::optional<torch::ScalarType> dtype;
+        if (!out_dtype.is_none()) {
+          if (!THPDtype_Check(out_dtype.ptr()))
+            throw py::type_error("rms_norm: expected out_dtype a torch.dtype or None, got " +
+                                 std::string(py::str(py::type::of(out_dtype))));
+          dtype = reinterpret_cast<THPDtype*>(out_dtype.ptr())->scalar_type;
+        }
+        return vlmkit::kernels::rms_norm(x, weight, eps, dtype);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps") = 1e-6, py::arg("out_dtype") = py::none(),
+      "x / sqrt(mean(x^2, -1) + eps) * weight by vlmkit's fused CPU kernel (differentiable in x and weight; "
+      "statistics in float32). x [..., D] of float32, float64 or bfloat16; weight [D] of x's dtype or float32. "
+      "The result has out_dtype when given, else the promotion of x's and weight's dtypes.");
   m.def(
       "fused_attention",
       [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& bias,

@@ -3,7 +3,10 @@
 // branch-free, so GCC and Clang vectorise loops over them. Include only from
 // files compiled with -fno-trapping-math (CMakeLists.txt's kernel flags),
 // without which GCC keeps the selects as branches and the loops scalar.
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <cstring>
 
 namespace vlmkit {
 namespace kernels {
@@ -42,6 +45,24 @@ template <>
 struct Acc<double> {
   using type = double;
 };
+
+// Loads and stores through float; bfloat16 by bit shifts (round to nearest
+// even, NaN kept), which vectorise where c10::BFloat16's conversions do not.
+inline __attribute__((always_inline)) float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline __attribute__((always_inline)) float load(const c10::BFloat16* p, int64_t i) {
+  uint16_t b;
+  std::memcpy(&b, p + i, 2);
+  return __builtin_bit_cast(float, uint32_t(b) << 16);
+}
+inline __attribute__((always_inline)) void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(double* p, int64_t i, double v) { p[i] = v; }
+inline __attribute__((always_inline)) void store(c10::BFloat16* p, int64_t i, float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t b = uint16_t(v != v ? 0x7FC0u : rounded);
+  std::memcpy(p + i, &b, 2);
+}
 
 // Abramowitz & Stegun 7.1.26: erfc(a) ~= erfc_poly(a) * exp(-a^2) for a >= 0.
 inline __attribute__((always_inline)) float erfc_poly(float a) {

@@ -64,11 +64,13 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                     x.defined() ? detail::shape_str(x) : std::string("undefined"));
   const int64_t b = x.size(0), t = x.size(1), kv = kv_heads();
   const bool cross = context.defined();
-  auto q = q_proj->forward(x).view({b, t, h, dh}).transpose(1, 2);  // [B, H, T, Dh]
-  // Under autocast the norms compute and return float32 (modules/norm.cpp); q and k
-  // go back to the projections' dtype, so that q, k and v agree and the mask is built
-  // in the scores' dtype.
-  if (q_norm) q = q_norm->forward(q).to(q.scalar_type());
+  auto q = q_proj->forward(x).view({b, t, h, dh});
+  // Under autocast the norms compute in float32 (modules/norm.cpp); q and k come
+  // back in the projections' dtype, so that q, k and v agree and the mask is built
+  // in the scores' dtype. They normalise [B, T, H, Dh] before the transpose, where
+  // the rows are contiguous.
+  if (q_norm) q = q_norm->forward(q, q.scalar_type());
+  q = q.transpose(1, 2);  // [B, H, T, Dh]
   torch::Tensor k, v;
   if (cross && cache && !cache->empty()) {
     k = cache->key;
@@ -82,9 +84,10 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
                         "], got ", detail::shape_str(context));
     }
     const int64_t s = source.size(1);
-    k = k_proj->forward(source).view({b, s, kv, dh}).transpose(1, 2);  // [B, Hkv, S, Dh]
+    k = k_proj->forward(source).view({b, s, kv, dh});
+    if (k_norm) k = k_norm->forward(k, k.scalar_type());
+    k = k.transpose(1, 2);  // [B, Hkv, S, Dh]
     v = v_proj->forward(source).view({b, s, kv, dh}).transpose(1, 2);
-    if (k_norm) k = k_norm->forward(k).to(k.scalar_type());
     if (options.rotary() && !cross) {
       torch::Tensor pos = positions;
       if (!pos.defined()) {

@@ -1,6 +1,7 @@
 #include "helpers.h"
 #include "vlmkit/kernels/attention.h"
 #include "vlmkit/kernels/mlp.h"
+#include "vlmkit/kernels/norm.h"
 #include "vlmkit/modules/attention.h"
 #include "vlmkit/modules/transformer.h"
 
@@ -263,4 +264,39 @@ TEST_CASE("fused GELU MLP: the block's loss and gradients equal ATen's", "[mlp][
   CHECK_THROWS_AS(set_mlp_kernel("fast"), c10::ValueError);
   CHECK_THROWS_AS(kernels::fused_gelu_mlp(torch::randn({2, 5}), torch::randn({8, 4}), {}, torch::randn({4, 8}), {}),
                   c10::ValueError);
+}
+
+TEST_CASE("fused RMSNorm: QK-norm attention's output and gradients equal the ATen reference's", "[norm][kernels]") {
+  torch::manual_seed(0);
+  MultiheadAttention attn(MultiheadAttentionOptions(32, 4).qk_norm(true));
+  attn->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : attn->parameters())
+      if (p.dim() == 1) p.uniform_(0.5, 1.5);  // the norms' weights start at 1
+  }
+  auto x = torch::randn({2, 6, 32}, torch::kDouble);
+  auto run = [&](const std::string& kernel) {
+    set_norm_kernel(kernel);
+    attn->zero_grad();
+    auto xi = x.clone().requires_grad_();
+    auto y = attn->forward(xi, {}, {}, {}, /*causal=*/true);
+    (y * torch::linspace(-1, 1, y.numel(), torch::kDouble).view(y.sizes())).sum().backward();
+    std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
+    for (const auto& p : attn->parameters()) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  const auto reference = run("aten");
+  const auto fused = run("auto");
+  set_norm_kernel("auto");
+  REQUIRE(reference.size() == fused.size());
+  for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(fused[i], reference[i], 1e-9, 1e-11));
+  CHECK_THROWS_AS(set_norm_kernel("fast"), c10::ValueError);
+  CHECK_THROWS_AS(kernels::rms_norm(torch::randn({2, 5}), torch::ones({4}), 1e-6), c10::ValueError);
+  // bfloat16 rows with a float32 weight, returned in bfloat16: one rounding of the float32 result.
+  auto xb = torch::randn({5, 32}).to(torch::kBFloat16);
+  auto w = torch::rand({32}) + 0.5;
+  auto xf = xb.to(torch::kFloat);
+  auto ref = (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + 1e-6) * w).to(torch::kBFloat16);
+  CHECK(torch::equal(kernels::rms_norm(xb, w, 1e-6, torch::kBFloat16), ref));
 }

@@ -1,0 +1,150 @@
+"""The fused RMSNorm (vlmkit.rms_norm; kernels/norm.h): float64 gradcheck, float32
+and bfloat16 parity with the ATen reference, the dtypes it returns, whole models with
+QK-norm giving the reference's loss and gradients, and bad inputs refused by name."""
+import itertools
+
+import pytest
+import torch
+
+import vlmkit
+
+from test_generative import ARCHS, FUSIONS, tiny
+from test_packing import losses_and_grads
+
+
+def reference(x, w, eps=1e-6):
+    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y * w
+
+
+def grads(fn, x, w, **kw):
+    out = fn(x, w, **kw)
+    upstream = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(out.dtype)
+    return out, torch.autograd.grad((out * upstream).sum(), (x, w))
+
+
+def test_float64_gradcheck():
+    x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: vlmkit.rms_norm(a, b, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("shape", [(5, 32), (2, 9, 4, 32), (3, 7), (40000, 8)])
+def test_float32_equals_the_reference(shape):
+    """(40000, 8): enough rows that both threads take chunks and sum their own weight gradients."""
+    x = torch.randn(*shape, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(shape[-1])).requires_grad_()
+    out, g = grads(vlmkit.rms_norm, x, w)
+    ref, gr = grads(reference, x, w)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, gr):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(4, 32, 6).transpose(1, 2).requires_grad_()  # last dim strided
+    w = torch.rand(32).requires_grad_()
+    out, g = grads(vlmkit.rms_norm, x, w)
+    ref, gr = grads(reference, x, w)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(g, gr):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_input_with_float32_weight():
+    """What QK-norm sees under autocast: statistics in float32; the result in float32 by
+    default (the promotion, as the ATen ops give) or in bfloat16 when asked, and a float32
+    weight gradient beside a bfloat16 input gradient."""
+    x = torch.randn(64, 4, 32).bfloat16().requires_grad_()
+    w = (1 + 0.3 * torch.randn(32)).requires_grad_()
+    out, g = grads(vlmkit.rms_norm, x, w)
+    ref, gr = grads(reference, x, w)
+    assert out.dtype == ref.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
+    for a, b in zip(g, gr):
+        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+    low, gl = grads(vlmkit.rms_norm, x, w, out_dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low, ref.detach().bfloat16()), "one rounding of the float32 result"
+    for a, b in zip(gl, gr):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
+def test_no_grad_gives_the_training_forward():
+    x, w = torch.randn(6, 32), torch.rand(32)
+    with torch.no_grad():
+        inference = vlmkit.rms_norm(x, w)
+    assert torch.equal(inference, vlmkit.rms_norm(x, w.requires_grad_()).detach())
+
+
+def test_bad_inputs_are_refused_by_name():
+    x, w = torch.randn(4, 32), torch.ones(32)
+    with pytest.raises(ValueError, match=r"x \[\.\.\., D\] and weight \[D\]"):
+        vlmkit.rms_norm(x, torch.ones(31))
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
+        vlmkit.rms_norm(x.half(), w.half())
+    with pytest.raises(ValueError, match="weight of x's dtype"):
+        vlmkit.rms_norm(x, w.double())
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        vlmkit.rms_norm(x, w, 0.0)
+    with pytest.raises(TypeError, match="torch.dtype or None"):
+        vlmkit.rms_norm(x, w, 1e-6, "bfloat16")
+    with pytest.raises(ValueError, match="auto"):
+        vlmkit.set_norm_kernel("fast")
+    out = vlmkit.rms_norm(x.requires_grad_(), w)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.fixture
+def norm_kernel():
+    before = vlmkit.norm_kernel()
+    yield vlmkit.set_norm_kernel
+    vlmkit.set_norm_kernel(before)
+
+
+@pytest.mark.parametrize("arch,fusion", list(itertools.product(ARCHS, FUSIONS)))
+def test_qk_norm_models_train_with_the_fused_norm_as_with_aten(norm_kernel, arch, fusion):
+    """float64, packed rows, QK-norm in self- and cross-attention and RMSNorm blocks:
+    the reference's loss and gradients for every parameter."""
+    config = tiny(arch, "mlp", fusion, attention="prefix_lm", loss_reduction="sample")
+    config["decoder"].update({"max_len": 320, "qk_norm": True, "norm": "rmsnorm"})
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config).double()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.uniform_(p, 0.5, 1.5)  # norms start at 1: give their gradients something to show
+    norm_kernel("aten")
+    loss, ref = losses_and_grads(model, arch, packed=True)
+    norm_kernel("auto")
+    fused_loss, fused = losses_and_grads(model, arch, packed=True)
+    assert abs(fused_loss - loss) < 1e-9
+    assert any("q_norm" in n for n in ref)
+    for name, grad in ref.items():
+        assert torch.allclose(fused[name], grad, atol=1e-9, rtol=1e-7), name
+
+
+def test_bf16_autocast_training_step_matches_aten(norm_kernel):
+    """The packed bf16 path that once gave NaN: finite, and the reference's loss and
+    gradients to bfloat16 rounding."""
+    config = tiny("encoder_decoder", "mlp", "cross_attention", attention="prefix_lm", loss_reduction="sample")
+    config["decoder"].update({"max_len": 320, "qk_norm": True})
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config).float()
+    # losses_and_grads' float64 images, as float32 for this float32 model
+    model_forward = model.forward
+    model.forward = lambda images, *a, **k: model_forward(images.float(), *a, **k)
+    losses = {}
+    for setting in ("aten", "auto"):
+        norm_kernel(setting)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[setting] = losses_and_grads(model, "encoder_decoder", packed=True)
+    loss, ref = losses["aten"]
+    fused_loss, fused = losses["auto"]
+    assert torch.isfinite(torch.tensor(fused_loss)) and abs(fused_loss - loss) < 2e-2 * abs(loss)
+    for name, grad in ref.items():
+        assert torch.isfinite(fused[name]).all(), name
+        assert (fused[name] - grad).abs().max() <= 5e-2 * grad.abs().max() + 1e-6, name
