@@ -496,7 +496,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="grid positions added to the projected image tokens (default: the small VLM's, sincos2d)")
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="RMSNorm of each head's queries and keys in the decoder's self- and cross-attention "
-                        "(default: off, the small VLM's; docs/training.md, \"QK-norm in the decoder\")")
+                        "(default: on, the small VLM's; --no-qk-norm leaves it out; docs/training.md, "
+                        "\"QK-norm as the default\")")
     p.add_argument("--loss-reduction", choices=["token", "sample", "sqrt"], default=None,
                    help="mean over all label tokens, per example then over examples, or each token weighted "
                         "1/sqrt(its example's tokens) (default: the recipe's)")

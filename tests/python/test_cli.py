@@ -278,20 +278,20 @@ def test_spatial_every_pair_asks_both_orders_of_every_pair_apart(monkeypatch, tm
 
 
 def test_qk_norm_flag_normalises_every_decoder_attention(monkeypatch, tmp_path, capsys):
-    """--qk-norm builds the small VLM with an RMSNorm of queries and keys in every
-    decoder attention (self- and cross-attention layers both carry the norms); without
-    the flag the model is the small VLM's (no norms); --from refuses the flag (the
+    """The small VLM has an RMSNorm of queries and keys in every decoder attention
+    (self- and cross-attention layers both carry the norms); without a flag the model
+    is the small VLM's; --no-qk-norm leaves the norms out; --from refuses the flag (the
     checkpoint's model is used)."""
     from vlmkit import train_vlm
     from vlmkit.models import EncoderDecoder
     configs = []
     monkeypatch.setattr(train_vlm, "train", lambda run, config=None, **kwargs: configs.append(config) or {})
-    for flags, want in (([], False), (["--qk-norm"], True), (["--no-qk-norm"], False)):
+    for flags, want in (([], True), (["--no-qk-norm"], False), (["--qk-norm"], True)):
         assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
         assert configs[-1]["decoder"].get("qk_norm", False) is want, flags
     assert configs[0] == train_vlm.SMALL_VLM
-    names = [n for n, _ in EncoderDecoder(configs[1]).named_parameters()]
+    names = [n for n, _ in EncoderDecoder(configs[0]).named_parameters()]
     assert sum(n.endswith(("self_attn.q_norm.weight", "cross_attn.k_norm.weight")) for n in names) == 8
-    assert not any("q_norm" in n for n, _ in EncoderDecoder(configs[0]).named_parameters())
+    assert not any("q_norm" in n for n, _ in EncoderDecoder(configs[1]).named_parameters())
     assert cli.main(["train", "--from", str(tmp_path / "run"), "--qk-norm", "--output", str(tmp_path / "b")]) == 2
     assert "--qk-norm" in capsys.readouterr().err
