@@ -210,7 +210,12 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
       A* pp = want_dw ? partial.data_ptr<A>() : nullptr;
       const auto fn = pick_backward<T, O>();
       at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-        fn(gp, xp, wp, rp, dxp, pp ? pp + int64_t(at::get_thread_num()) * d : nullptr, d, b, e);
+        // Each thread sums into its own row of partials; at::parallel_for numbers
+        // its threads below at::get_num_threads().
+        const int tid = at::get_thread_num();
+        TORCH_CHECK(tid >= 0 && tid < threads, "rms_norm: thread ", tid, " outside the ", threads,
+                    " partial sums");
+        fn(gp, xp, wp, rp, dxp, pp ? pp + int64_t(tid) * d : nullptr, d, b, e);
       });
     });
     at::Tensor dw = want_dw ? partial.sum(0).to(weight.scalar_type()) : at::Tensor();
