@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
-#include <vector>
 
 #include "vec_math.h"
 

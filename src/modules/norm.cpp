@@ -56,18 +56,19 @@ torch::Tensor NormImpl::forward(const torch::Tensor& input, torch::ScalarType dt
   TORCH_CHECK_VALUE(input.defined() && input.dim() >= 1 && input.size(-1) == dim, "Norm: expected [..., ", dim,
                     "], got ", detail::shape_str(input));
   const bool cast = dtype != c10::ScalarType::Undefined;
+  const auto s = input.scalar_type();
+  const bool fused = type == NormType::rmsnorm && input.device().is_cpu() && weight.device().is_cpu() &&
+                     norm_kernel() == "auto" && (s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16) &&
+                     (weight.scalar_type() == s || weight.scalar_type() == torch::kFloat);
+  // The fused kernel reads `input` as it is and normalises it in float32 whatever
+  // the autocast state, as the paths below do after in_weight_precision's cast
+  // (which it therefore skips: a pass over the input under autocast).
+  if (fused) return kernels::rms_norm(input, weight, eps, cast ? c10::optional<torch::ScalarType>(dtype) : c10::nullopt);
   const auto x = detail::in_weight_precision(input, weight);
   if (type == NormType::layernorm) {
     auto y = torch::layer_norm(x, {dim}, weight, bias, eps);
     return cast ? y.to(dtype) : y;
   }
-  const auto s = input.scalar_type();
-  const bool fused = input.device().is_cpu() && weight.device().is_cpu() && norm_kernel() == "auto" &&
-                     (s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16) &&
-                     (weight.scalar_type() == s || weight.scalar_type() == torch::kFloat);
-  // The fused kernel normalises `input` in float32 whatever the autocast state,
-  // as the reference below does after in_weight_precision's cast.
-  if (fused) return kernels::rms_norm(input, weight, eps, cast ? c10::optional<torch::ScalarType>(dtype) : c10::nullopt);
   const bool low = x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
   const auto xf = low ? x.to(torch::kFloat) : x;
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
