@@ -43,8 +43,8 @@ SMALL_VLM = {
     # cross-attention (Qwen3, OLMo-2): the look-ups and the two-object comparison are
     # learnt in the stable phase instead of the decay. Test split, seeds 0 / 1: spatial
     # 0.949 -> 1.000 / 0.956 -> 1.000, segment IoU 0.520 -> 0.578 / 0.535 -> 0.561,
-    # det mAP@0.5 0.742 -> 0.862 / 0.788 -> 0.842; 1.01x the step time with the fused
-    # RMSNorm (docs/training.md, "QK-norm as the default").
+    # det mAP@0.5 0.742 -> 0.862 / 0.788 -> 0.842; 1.01-1.08x the step time with the
+    # fused RMSNorm (docs/training.md, "QK-norm as the default").
     "decoder": {"d_model": 128, "depth": 4, "num_heads": 4, "max_len": 256, "qk_norm": True},
     # Each example weighs sqrt(its answer tokens) (InternVL 2.5's square averaging):
     # with the token mean the ~100-token JSON answers took 83% of the weight and the
