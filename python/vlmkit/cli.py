@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -161,6 +162,11 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
         raise CliError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.encoder_lr < 0:
         raise CliError(f"--encoder-lr must be >= 0, got {args.encoder_lr}")
+    if args.pretrain_rank_weight is not None and not (args.pretrain_rank_weight >= 0
+                                                     and math.isfinite(args.pretrain_rank_weight)):
+        raise CliError(f"--pretrain-rank-weight must be a finite number >= 0, got {args.pretrain_rank_weight}")
+    if args.pretrain_rank_weight and args.pretrain_objective == "tags":
+        raise CliError("--pretrain-rank-weight weighs a head of the dense stage 1; --pretrain-objective tags has none")
     if args.warmup < -1:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}")
     if args.decay_fraction is not None and not 0 < args.decay_fraction <= 1:
@@ -188,6 +194,8 @@ def _train_with_threads(args: argparse.Namespace, set_num_threads, thread_info) 
                  eval_scenes=args.eval_scenes, checkpoint_every=args.checkpoint_every,
                  pretrain_steps=args.pretrain_steps if args.pretrain_steps >= 0 else VlmRun.pretrain_steps,
                  pretrain_objective=args.pretrain_objective or VlmRun.pretrain_objective,
+                 pretrain_rank_weight=(VlmRun.pretrain_rank_weight if args.pretrain_rank_weight is None
+                                       else args.pretrain_rank_weight),
                  freeze=VlmRun.freeze if args.freeze is None else tuple(c for c in args.freeze.split(",") if c),
                  encoder_lr=args.encoder_lr, warmup=args.warmup if args.warmup >= 0 else VlmRun.warmup,
                  decay_fraction=VlmRun.decay_fraction if args.decay_fraction is None else args.decay_fraction,
@@ -483,6 +491,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--pretrain-objective", choices=["tags", "dense"], default=None,
                    help="stage 1's targets: dense (the scene tags, and per image token the class and box of the "
                         "object under it) or tags (the scene tags alone); default: the run's (docs/training.md)")
+    p.add_argument("--pretrain-rank-weight", type=float, default=None,
+                   help="weight of the dense stage 1's width-rank head (per image token, the width rank of the "
+                        "object under it); 0: no such head; default: the run's (docs/training.md)")
     p.add_argument("--freeze", default=None,
                    help="comma-separated components the VLM stage does not train (default: the run's; '' for none)")
     p.add_argument("--encoder-lr", type=float, default=0.0,

@@ -108,6 +108,11 @@ class VlmRun:
     # 0.960 -> 0.975, detection IoU / mAP@0.5 0.447 / 0.348 -> 0.546 / 0.510, captions
     # 0.800 -> 0.865 (docs/training.md, "Dense stage 1").
     pretrain_objective: str = "dense"
+    # Weight of the dense objective's width-rank head (per token, the width rank of the
+    # object under it; 0: no such head; "tags" has none). Test split, seed 0: extraction 0.885 -> 0.941,
+    # its "Colour" field (the widest object's colour) the one that moves
+    # (docs/training.md, "Width ranks in stage 1").
+    pretrain_rank_weight: float = 0.1
     # Components the VLM stage does not train.
     freeze: Tuple[str, ...] = ("image_encoder",)
     # Learning rate of the image encoder in the VLM stage when it is not frozen
@@ -514,20 +519,38 @@ TAG_KINDS = {"c:": "colour", "s:": "shape", "o:": "object", "op:": "object_cell"
 # token classes 0.952 (docs/training.md, "Dense stage 1").
 DENSE_PRETRAIN_WEIGHTS = {"tags": 10.0, "class": 0.1, "digits": 0.1}
 
+# Width ranks dense_targets tells apart: 0 the widest object of the scene, 1 the next, ...;
+# every rank from the last one on shares the last class.
+DENSE_WIDTH_RANKS = 3
 
-def dense_targets(sample: Dict, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
+
+def width_ranks(objects: List[Dict]) -> List[int]:
+    """Each object's rank by box width, 0 the widest; equal widths rank in the objects'
+    order (left to right), so rank 0 is the object whose colour the extraction answers'
+    "Colour" field gives."""
+    order = sorted(range(len(objects)), key=lambda i: (-(objects[i]["box"][2] - objects[i]["box"][0]), i))
+    ranks = [0] * len(objects)
+    for rank, i in enumerate(order):
+        ranks[i] = rank
+    return ranks
+
+
+def dense_targets(sample: Dict, grid: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-cell targets of a scene on a grid x grid split of the image (the image
     encoder's token grid): the class of the object covering most of the cell (0:
     background, else 1 + colour * len(shapes) + shape, at least a fifth of the cell
-    covered) and the hundreds and tens digits of that object's four box coordinates
-    on the 0..999 grid the detection answers use ([grid * grid, 8]; -1 on background)."""
+    covered), the hundreds and tens digits of that object's four box coordinates
+    on the 0..999 grid the detection answers use ([grid * grid, 8]; -1 on background),
+    and that object's width rank (width_ranks, capped at DENSE_WIDTH_RANKS - 1; -1 on
+    background)."""
     colours, shapes = data.SyntheticDataset.colours, data.SyntheticDataset.shapes
     masks = sample["masks"]
     cells = grid * grid
     classes = torch.zeros(cells, dtype=torch.long)
     digits = torch.full((cells, 8), -1, dtype=torch.long)
+    ranks = torch.full((cells,), -1, dtype=torch.long)
     if masks.shape[0] == 0:
-        return classes, digits
+        return classes, digits, ranks
     coverage = torch.nn.functional.adaptive_avg_pool2d(masks.float(), grid).reshape(masks.shape[0], cells)
     share, owner = coverage.max(0)
     boxes = torch.tensor(sample["detection"]["Bounding_box"], dtype=torch.long)
@@ -537,19 +560,23 @@ def dense_targets(sample: Dict, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
     classes[covered] = labels[owner[covered]]
     box = boxes[owner[covered]]
     digits[covered] = torch.cat([box // 100, (box // 10) % 10], 1)
-    return classes, digits
+    rank = torch.tensor(width_ranks(sample["objects"]), dtype=torch.long).clamp(max=DENSE_WIDTH_RANKS - 1)
+    ranks[covered] = rank[owner[covered]]
+    return classes, digits, ranks
 
 
 def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps: int, lr: float = 2e-3,
                            batch: int = 64, verbose: bool = True, precision: str = "fp32",
-                           objective: str = "tags") -> Dict[str, float]:
+                           objective: str = "tags", rank_weight: float = 0.0) -> Dict[str, float]:
     """Stage 1: trains the model's image encoder (a standalone copy, then loaded back),
     like a VLM that starts from a pretrained vision tower. Objective "tags" (the
     default): every scene tag (multi-label, max-pooled tokens, linear head). "dense":
     the tags and what each token's cell shows (dense_targets: the covering object's
     class and its box digits, linear heads per token), so that the tokens the decoder
-    reads say what is where; it needs the tokens on a square grid. Returns the
-    held-out tag micro-F1 (and, for "dense", the per-token accuracies)."""
+    reads say what is where; it needs the tokens on a square grid), and with
+    ``rank_weight`` > 0 (VlmRun.pretrain_rank_weight; "dense" only) the width rank of
+    that object too. Returns the held-out tag micro-F1 (and, for "dense", the
+    per-token accuracies)."""
     from . import ConvStage, ViT
     if objective not in ("dense", "tags"):
         raise ValueError(f"pretrain objective must be 'dense' or 'tags', got {objective!r}")
@@ -560,19 +587,24 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
         token_count = encoder(torch.zeros(1, 3, size, size)).tokens.shape[1]
     grid = math.isqrt(token_count)
     dense = objective == "dense"
+    if not (rank_weight >= 0 and math.isfinite(rank_weight)):
+        raise ValueError(f"rank_weight must be a finite number >= 0, got {rank_weight!r}")
+    if rank_weight > 0 and not dense:
+        raise ValueError(f"rank_weight {rank_weight} needs objective 'dense' (a head per token), got {objective!r}")
     if dense and grid * grid != token_count:
         raise ValueError(f"pretrain objective 'dense' needs the image encoder's tokens on a square grid, "
                          f"got {token_count} tokens; pass pretrain_objective='tags' (--pretrain-objective tags)")
     dataset = data.SyntheticDataset(scenes, image_size=size, seed=seed)
-    images, tags, classes, digits = [], [], [], []
+    images, tags, classes, digits, ranks = [], [], [], [], []
     for i in range(scenes):
         sample = dataset[i]
         images.append(data.preprocess(sample["image"], size, "square", normalize="clip")[0])
         tags.append(scene_tags(sample))
         if dense:
-            c, d = dense_targets(sample, grid)
+            c, d, r = dense_targets(sample, grid)
             classes.append(c)
             digits.append(d)
+            ranks.append(r)
     vocab = {t: i for i, t in enumerate(sorted({t for ts in tags for t in ts}))}
     x = torch.stack(images)
     y = torch.zeros(len(x), len(vocab))
@@ -584,10 +616,11 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
     head = torch.nn.Linear(width, len(vocab))
     if dense:
         num_classes = 1 + len(data.SyntheticDataset.colours) * len(data.SyntheticDataset.shapes)
-        cls_y, digit_y = torch.stack(classes), torch.stack(digits)
-        train_cls, train_digits = cls_y[held:], digit_y[held:]
+        cls_y, digit_y, rank_y = torch.stack(classes), torch.stack(digits), torch.stack(ranks)
+        train_cls, train_digits, train_ranks = cls_y[held:], digit_y[held:], rank_y[held:]
         class_head = torch.nn.Linear(width, num_classes)
         digit_head = torch.nn.Linear(width, 8 * 10)
+        rank_head = torch.nn.Linear(width, DENSE_WIDTH_RANKS) if rank_weight > 0 else None
 
     def losses(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(tokens.max(1).values).float(),
@@ -600,11 +633,16 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
                                                        train_cls[index].flatten())
             loss = loss + w["digits"] * f.cross_entropy(digit_head(tokens).float().reshape(-1, 10),
                                                         train_digits[index].flatten(), ignore_index=-1)
+            if rank_head is not None:
+                loss = loss + rank_weight * f.cross_entropy(rank_head(tokens).float().flatten(0, 1),
+                                                          train_ranks[index].flatten(), ignore_index=-1)
         return loss
 
     parts = torch.nn.ModuleDict({"encoder": encoder, "head": head})
     if dense:
         parts.update({"class_head": class_head, "digit_head": digit_head})
+        if rank_head is not None:
+            parts["rank_head"] = rank_head
 
     def batches(epoch: int):
         """The steps' random draws of training scenes (one epoch of `steps` batches)."""
@@ -636,6 +674,10 @@ def pretrain_image_encoder(model: EncoderDecoder, scenes: int, seed: int, steps:
             truth_digits = digit_y[:held][foreground]
             pred_digits = digit_head(tokens).reshape(*tokens.shape[:2], 8, 10).argmax(-1)[foreground]
             out["pretrain/token_digit_accuracy"] = (pred_digits == truth_digits).float().mean().item()
+            if rank_head is not None:
+                truth_rank = rank_y[:held][foreground]
+                pred_rank = rank_head(tokens).argmax(-1)[foreground]
+                out["pretrain/token_rank_accuracy"] = (pred_rank == truth_rank).float().mean().item()
     truth = test_y.bool()
 
     def f1_of(columns) -> float:
@@ -827,10 +869,14 @@ def train(run: VlmRun = VlmRun(), config: Optional[dict] = None, out_dir: str = 
         # Every rank pretrains identically (same seed), so the weights agree.
         stage1 = pretrain_image_encoder(model, run.train_scenes, run.seed, run.pretrain_steps, run.pretrain_lr,
                                         verbose=verbose and rank == 0, precision=precision,
-                                        objective=run.pretrain_objective)
+                                        objective=run.pretrain_objective,
+                                        rank_weight=run.pretrain_rank_weight if run.pretrain_objective == "dense"
+                                        else 0.0)
         if verbose and rank == 0:
             dense = (f", token class {stage1['pretrain/token_class_accuracy']:.3f}, box digits "
                      f"{stage1['pretrain/token_digit_accuracy']:.3f}" if "pretrain/token_class_accuracy" in stage1 else "")
+            if "pretrain/token_rank_accuracy" in stage1:
+                dense += f", width rank {stage1['pretrain/token_rank_accuracy']:.3f}"
             words = (f" (words {stage1['pretrain/tag_f1_word']:.3f})" if "pretrain/tag_f1_word" in stage1 else "")
             print(f"stage 1: held-out tag F1 {stage1['pretrain/tag_f1']:.3f}{words}{dense} "
                   f"in {stage1['pretrain/seconds']:.0f} s", flush=True)

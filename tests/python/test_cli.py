@@ -59,10 +59,10 @@ def test_dense_pretraining_targets_match_the_masks():
     from vlmkit.train_vlm import dense_targets
     dataset = data.SyntheticDataset(20, seed=3)
     colours, shapes = data.SyntheticDataset.colours, data.SyntheticDataset.shapes
-    checked = 0
+    checked = widest_seen = 0
     for i in range(20):
         sample = dataset[i]
-        classes, digits = dense_targets(sample, 8)
+        classes, digits, ranks = dense_targets(sample, 8)
         masks = sample["masks"].float()
         for cell in range(64):
             r, c = divmod(cell, 8)
@@ -73,10 +73,17 @@ def test_dense_pretraining_targets_match_the_masks():
                 assert classes[cell] == 1 + colours.index(colour) * len(shapes) + shapes.index(shape)
                 box = sample["detection"]["Bounding_box"][best]
                 assert digits[cell].tolist() == [v // 100 for v in box] + [v // 10 % 10 for v in box]
+                # The width rank: 0 on the object whose colour the extraction's "Colour" field names.
+                widths = [o["box"][2] - o["box"][0] for o in sample["objects"]]
+                wider = sum(w > widths[best] or (w == widths[best] and k < best) for k, w in enumerate(widths))
+                assert ranks[cell] == wider
+                if wider == 0:
+                    assert colour == sample["extraction"]["Colour"]
+                    widest_seen += 1
                 checked += 1
             else:
-                assert classes[cell] == 0 and digits[cell].tolist() == [-1] * 8
-    assert checked > 50
+                assert classes[cell] == 0 and digits[cell].tolist() == [-1] * 8 and ranks[cell] == -1
+    assert checked > 50 and widest_seen > 10
 
 
 def test_pretrain_objectives():
@@ -90,6 +97,18 @@ def test_pretrain_objectives():
     # (0.12 in 40 steps, their loss weighing 0.1: DENSE_PRETRAIN_WEIGHTS).
     dense = pretrain_image_encoder(model, 300, 0, 40, verbose=False, objective="dense")
     assert dense["pretrain/token_class_accuracy"] > 0.08, dense
+    assert "pretrain/token_rank_accuracy" not in dense
+    # The width-rank head (VlmRun's default weighs it 0.1) reports its accuracy; the
+    # other dense heads train as before; a negative weight is refused by name.
+    from vlmkit.train_vlm import VlmRun
+    assert VlmRun.pretrain_rank_weight > 0
+    ranked = pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense",
+                                    rank_weight=VlmRun.pretrain_rank_weight)
+    assert 0.0 <= ranked["pretrain/token_rank_accuracy"] <= 1.0 and "pretrain/token_class_accuracy" in ranked
+    with pytest.raises(ValueError, match="rank_weight must be a finite number >= 0"):
+        pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense", rank_weight=-1.0)
+    with pytest.raises(ValueError, match="needs objective 'dense'"):
+        pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="tags", rank_weight=0.1)
     tags = pretrain_image_encoder(model, 40, 0, 3, verbose=False)
     assert "pretrain/token_class_accuracy" not in tags and "pretrain/tag_f1" in tags
     # The F1 of each kind of tag, the word tags (what OCR reads) among them. Every tag
@@ -108,8 +127,9 @@ def test_pretrain_objectives():
         pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="boxes")
 
 
-def test_pretrain_objective_defaults_to_the_runs(monkeypatch, tmp_path):
-    """vlmkit train's stage 1 is VlmRun's (dense) unless --pretrain-objective names one."""
+def test_pretrain_objective_defaults_to_the_runs(monkeypatch, tmp_path, capsys):
+    """vlmkit train's stage 1 is VlmRun's (dense, with the width-rank head) unless
+    --pretrain-objective or --pretrain-rank-weight names another."""
     from vlmkit import train_vlm
     assert VlmRun().pretrain_objective == "dense"
     runs = []
@@ -118,9 +138,19 @@ def test_pretrain_objective_defaults_to_the_runs(monkeypatch, tmp_path):
                         (["--pretrain-objective", "dense"], "dense")):
         assert cli.main(["train", "--output", str(tmp_path / "run")] + flags) == 0
         assert runs[-1].pretrain_objective == want, flags
+        assert runs[-1].pretrain_rank_weight == VlmRun.pretrain_rank_weight == 0.1, flags
+    assert cli.main(["train", "--output", str(tmp_path / "run"), "--pretrain-rank-weight", "0"]) == 0
+    assert runs[-1].pretrain_rank_weight == 0.0
     with pytest.raises(SystemExit) as refused:  # argparse: "invalid choice: 'boxes'"
         cli.main(["train", "--pretrain-objective", "boxes"])
     assert refused.value.code == 2
+    # The width-rank head's weight: a number >= 0, and only for the dense stage 1.
+    assert cli.main(["train", "--pretrain-rank-weight", "-0.1"]) == 2
+    assert "--pretrain-rank-weight must be a finite number >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--pretrain-rank-weight", "nan"]) == 2
+    assert "--pretrain-rank-weight must be a finite number >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--pretrain-objective", "tags", "--pretrain-rank-weight", "0.1"]) == 2
+    assert "--pretrain-objective tags has none" in capsys.readouterr().err
 
 
 def test_encoder_lr_sets_the_image_encoders_rate(tmp_path, capsys):
