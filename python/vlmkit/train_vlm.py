@@ -109,9 +109,9 @@ class VlmRun:
     # 0.800 -> 0.865 (docs/training.md, "Dense stage 1").
     pretrain_objective: str = "dense"
     # Weight of the dense objective's width-rank head (per token, the width rank of the
-    # object under it; 0: no such head; "tags" has none). Test split, seed 0: extraction 0.885 -> 0.941,
-    # its "Colour" field (the widest object's colour) the one that moves
-    # (docs/training.md, "Width ranks in stage 1").
+    # object under it; 0: no such head; "tags" has none). Test split, seed 0:
+    # extraction 0.885 -> 0.941, its "Colour" field (the widest object's colour) the one
+    # that moves (docs/training.md, "Width ranks in stage 1").
     pretrain_rank_weight: float = 0.1
     # Components the VLM stage does not train.
     freeze: Tuple[str, ...] = ("image_encoder",)
