@@ -176,8 +176,10 @@ at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, cons
     const int64_t m = ta ? ac.size(1) : ac.size(0), k = ta ? ac.size(0) : ac.size(1);
     const int64_t n = tb ? bc.size(0) : bc.size(1);
     TORCH_CHECK((tb ? bc.size(1) : bc.size(0)) == k, "gemm: inner sizes differ: ", ac.sizes(), " and ", bc.sizes());
-    at::Tensor c = bias.defined() ? bias.reshape({1, n}).expand({m, n}).contiguous() : at::empty({m, n}, ac.options());
-    if (m > 0 && n > 0) {
+    at::Tensor c = bias.defined() ? bias.reshape({1, n}).expand({m, n}).contiguous()
+                   : k == 0           ? at::zeros({m, n}, ac.options())
+                                      : at::empty({m, n}, ac.options());
+    if (m > 0 && n > 0 && k > 0) {
       const int status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, ac.data_ptr<float>(), ac.size(1),
                                     bc.data_ptr<float>(), bc.size(1), bias.defined() ? 1.0f : 0.0f,
                                     c.data_ptr<float>(), n);
