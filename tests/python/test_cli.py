@@ -98,13 +98,20 @@ def test_pretrain_objectives():
     dense = pretrain_image_encoder(model, 300, 0, 40, verbose=False, objective="dense")
     assert dense["pretrain/token_class_accuracy"] > 0.08, dense
     assert "pretrain/token_rank_accuracy" not in dense
-    # The width-rank head (VlmRun's default weighs it 0.1) reports its accuracy; the
-    # other dense heads train as before; a negative weight is refused by name.
+    # The width-rank head (VlmRun's default weighs it 0.1) reports its accuracy, and
+    # its loss reaches the encoder: from the same start, the same three steps with and
+    # without it leave different weights. A negative weight is refused by name.
     from vlmkit.train_vlm import VlmRun
     assert VlmRun.pretrain_rank_weight > 0
-    ranked = pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense",
-                                    rank_weight=VlmRun.pretrain_rank_weight)
-    assert 0.0 <= ranked["pretrain/token_rank_accuracy"] <= 1.0 and "pretrain/token_class_accuracy" in ranked
+    encoders = {}
+    for weight in (0.0, VlmRun.pretrain_rank_weight):
+        torch.manual_seed(1)
+        fresh = EncoderDecoder(SMALL_VLM)
+        out = pretrain_image_encoder(fresh, 40, 0, 3, verbose=False, objective="dense", rank_weight=weight)
+        assert ("pretrain/token_rank_accuracy" in out) == (weight > 0), out
+        encoders[weight] = {k: v for k, v in fresh.state_dict().items() if k.startswith("image_encoder.")}
+    moved = max((encoders[0.0][k] - encoders[VlmRun.pretrain_rank_weight][k]).abs().max().item() for k in encoders[0.0])
+    assert moved > 1e-6, moved
     with pytest.raises(ValueError, match="rank_weight must be a finite number >= 0"):
         pretrain_image_encoder(model, 40, 0, 3, verbose=False, objective="dense", rank_weight=-1.0)
     with pytest.raises(ValueError, match="needs objective 'dense'"):
