@@ -34,6 +34,10 @@ attention_kernel = _C.attention_kernel
 set_decode_kernel = _C.set_decode_kernel
 decode_kernel = _C.decode_kernel
 fused_attention = _C.fused_attention
+set_linear_kernel = _C.set_linear_kernel
+linear_kernel = _C.linear_kernel
+linear = _C.linear
+have_dnnl_sgemm = _C.have_dnnl_sgemm
 set_mlp_kernel = _C.set_mlp_kernel
 mlp_kernel = _C.mlp_kernel
 fused_gelu_mlp = _C.fused_gelu_mlp
@@ -136,6 +140,7 @@ __all__ = [
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_allocator", "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
     "fused_attention", "set_attention_kernel", "set_decode_kernel", "decode_kernel",
+    "linear", "set_linear_kernel", "linear_kernel", "have_dnnl_sgemm",
     "fused_gelu_mlp", "set_mlp_kernel", "mlp_kernel", "rms_norm", "set_norm_kernel", "norm_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
 ] + sorted(_PROJECTORS) + sorted(_FUSIONS) + sorted(_HEADS)

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include <ATen/Parallel.h>
+#include "gemm.h"
 #include "vec_math.h"
 
 namespace vlmkit {
@@ -157,41 +158,6 @@ at::Tensor cast(const at::Tensor& t, at::ScalarType s) {
   return !t.defined() || t.scalar_type() == s ? t : t.to(s);
 }
 
-#ifdef VLMKIT_WITH_DNNL
-// oneDNN's BLAS-like entry point (dnnl.h; declared here so that only the library,
-// which LibTorch loads anyway, is needed, not its headers). Row-major:
-// C = alpha op(A) op(B) + beta C; returns dnnl_success (0) or an error status.
-extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
-#endif
-
-// op(a) op(b) (+ bias over the rows) for 2-D matrices: float32 on CPU through
-// oneDNN's sgemm where vlmkit was built with it (2.1-2.7x OpenBLAS's rate on the
-// small VLM's shapes on the AVX-512 reference machine), else ATen's GEMM.
-at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias = {}) {
-#ifdef VLMKIT_WITH_DNNL
-  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-      (!bias.defined() || bias.scalar_type() == at::kFloat)) {
-    const auto ac = a.contiguous(), bc = b.contiguous();
-    const int64_t m = ta ? ac.size(1) : ac.size(0), k = ta ? ac.size(0) : ac.size(1);
-    const int64_t n = tb ? bc.size(0) : bc.size(1);
-    TORCH_CHECK((tb ? bc.size(1) : bc.size(0)) == k, "gemm: inner sizes differ: ", ac.sizes(), " and ", bc.sizes());
-    at::Tensor c = bias.defined() ? bias.reshape({1, n}).expand({m, n}).contiguous()
-                   : k == 0           ? at::zeros({m, n}, ac.options())
-                                      : at::empty({m, n}, ac.options());
-    if (m > 0 && n > 0 && k > 0) {
-      const int status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, ac.data_ptr<float>(), ac.size(1),
-                                    bc.data_ptr<float>(), bc.size(1), bias.defined() ? 1.0f : 0.0f,
-                                    c.data_ptr<float>(), n);
-      TORCH_CHECK(status == 0, "gemm: dnnl_sgemm failed with status ", status);
-    }
-    return c;
-  }
-#endif
-  const auto ao = ta ? a.t() : a, bo = tb ? b.t() : b;
-  return bias.defined() ? at::addmm(bias, ao, bo) : at::mm(ao, bo);
-}
-
 at::Tensor linear2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   return gemm(x, false, w, true, b);
 }
@@ -218,7 +184,7 @@ MlpForward mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   const auto ct = compute_dtype(x);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
   MlpForward f;
-  f.x2 = cast(x, ct).reshape({-1, x.size(-1)});
+  f.x2 = as_matrix(cast(x, ct));
   f.w1c = cast(w1, ct);
   f.w2c = cast(w2, ct);
   f.h = linear2d(f.x2, f.w1c, cast(b1, ct));
@@ -255,7 +221,7 @@ struct FusedGeluMlp : public torch::autograd::Function<FusedGeluMlp> {
     const auto &x2 = saved[0], &h = saved[1], &w1c = saved[2], &w2c = saved[3];
     const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
-    const auto go = cast(grads[0], h.scalar_type()).reshape({-1, w2c.size(0)});
+    const auto go = as_matrix(cast(grads[0], h.scalar_type()));
     // grad_g = go w2, then in one pass g = gelu(h) and grad_h (over grad_g's buffer).
     auto grad_h = gemm(go, false, w2c, false);
     auto g = at::empty_like(h);

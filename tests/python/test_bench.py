@@ -149,6 +149,18 @@ def test_suite_device_choice_and_cpu_paths():
     assert cost["time_ratio"] == pytest.approx(cost["train_s"]["checkpointed"] / cost["train_s"]["plain"])
 
 
+def test_gemm_peak_is_the_faster_librarys():
+    """The share of the GEMM peak is counted against the faster of torch.mm and the
+    oneDNN sgemm vlmkit's Linear runs, and the report names both."""
+    g = suite.gemm_peak(quick=True)
+    assert g["torch_mm"]["gflops"] > 0
+    libraries = [g["torch_mm"]] + ([g["onednn"]] if "onednn" in g else [])
+    assert ("onednn" in g) == vlmkit.have_dnnl_sgemm()
+    assert g["gflops"] == max(r["gflops"] for r in libraries)
+    assert g["source"] == ("oneDNN sgemm" if g["gflops"] == g.get("onednn", {}).get("gflops") else "torch.mm")
+    assert g["source"] in suite.gemm_sources(g) and "torch.mm" in suite.gemm_sources(g)
+
+
 def test_peer_cache_equals_no_cache():
     torch.manual_seed(0)
     tiny = copy.deepcopy(SMALL_VLM)

@@ -12,9 +12,7 @@
 /// on fc1 or fc2); otherwise, and always on CUDA, it runs ATen's Linear, gelu,
 /// Linear. Under CPU autocast the GEMMs run in the autocast dtype, as ATen's
 /// would, with float32 gradients for float32 weights. Its float32 GEMMs go
-/// through oneDNN's dnnl_sgemm when vlmkit is built against the libdnnl.so.2
-/// LibTorch loads (AVX-512, where this machine's OpenBLAS runs AVX2: 2.1-2.7x its
-/// rate on the small VLM's shapes; docs/benchmarks.md), else through ATen.
+/// through oneDNN's dnnl_sgemm as vlmkit's Linear does (kernels/linear.h).
 #include <ATen/core/Tensor.h>
 
 #include <string>

@@ -1,0 +1,210 @@
+// Float32 GEMMs through oneDNN and the Linear built on them (kernels/linear.h).
+#include "vlmkit/kernels/linear.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include <algorithm>
+#include <atomic>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "gemm.h"
+#include "vlmkit/runtime.h"
+
+namespace vlmkit {
+namespace {
+std::atomic<int> g_linear_kernel{0};  // 0 auto, 2 aten
+}  // namespace
+
+void set_linear_kernel(const std::string& kernel) {
+  if (kernel == "auto") g_linear_kernel = 0;
+  else if (kernel == "aten") g_linear_kernel = 2;
+  else
+    TORCH_CHECK_VALUE(false, "set_linear_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
+}
+
+std::string linear_kernel() { return g_linear_kernel.load() == 0 ? "auto" : "aten"; }
+
+namespace kernels {
+
+#ifdef VLMKIT_WITH_DNNL
+// oneDNN's BLAS-like entry point (dnnl.h; declared here so that only the library,
+// which LibTorch loads anyway, is needed, not its headers). Row-major:
+// C = alpha op(A) op(B) + beta C; returns dnnl_success (0) or an error status.
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+#endif
+
+bool have_dnnl_sgemm() {
+#ifdef VLMKIT_WITH_DNNL
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef VLMKIT_WITH_DNNL
+namespace {
+// Products below this many multiply-adds run on the calling thread alone: a
+// hand-off to the pool costs about as much as half of one (measured at batch
+// 1 of the small VLM, whose GEMMs are 0.5-4 M multiply-adds).
+constexpr double kSplitMacs = 8.0 * (1 << 20);
+
+// Sets this thread's OpenMP team size for its lifetime (oneDNN reads it per call).
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) {
+#ifdef _OPENMP
+    before_ = omp_get_max_threads();
+    if (before_ != n) omp_set_num_threads(n);
+    else before_ = 0;
+#else
+    (void)n;
+#endif
+  }
+  ~OmpThreads() {
+#ifdef _OPENMP
+    if (before_ > 0) omp_set_num_threads(before_);
+#endif
+  }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int before_ = 0;
+};
+
+int omp_team() {
+#ifdef _OPENMP
+  return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// C = op(A) op(B) (+ C where accumulate), row-major, on compute_threads() threads.
+// oneDNN threads with OpenMP. Under the float32 policy OpenMP has torch's one
+// thread and BLAS the cores, and an OpenMP team of two spins after every region
+// on the core that OpenBLAS's and run_parallel's threads then need (the small
+// VLM's fp32 step at batch 1 ran 0.27x the peer with the MLP's GEMMs on a team
+// of two). So where OpenMP has fewer threads than vlmkit's policy gives, the
+// product is cut in blocks of C's rows (or columns, whichever is longer) and
+// each block is one single-threaded sgemm on a run_parallel unit, whose
+// threads sleep between calls.
+void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  auto call = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    const float* ab = ta ? a + m0 : a + m0 * lda;
+    const float* bb = tb ? b + n0 * ldb : b + n0;
+    const int status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m1 - m0, n1 - n0, k, 1.0f, ab, lda, bb, ldb,
+                                  accumulate ? 1.0f : 0.0f, c + m0 * ldc + n0, ldc);
+    TORCH_CHECK(status == 0, "gemm: dnnl_sgemm failed with status ", status);
+  };
+  const int threads = compute_threads();
+  const int team = omp_team();
+  if (threads <= team || double(m) * double(n) * double(k) < kSplitMacs) return call(0, m, 0, n);
+  // Blocks of whole 16-float vectors along the longer side.
+  const bool by_rows = m >= n;
+  const int64_t len = by_rows ? m : n;
+  const int64_t units = std::min<int64_t>(threads, std::max<int64_t>(1, len / 16));
+  const int64_t step = ((len + units - 1) / units + 15) / 16 * 16;
+  run_parallel(units, threads, [&](int64_t u) {
+    const int64_t lo = std::min(len, u * step), hi = std::min(len, lo + step);
+    if (lo >= hi) return;
+    OmpThreads one(1);
+    if (by_rows) call(lo, hi, 0, n);
+    else call(0, m, lo, hi);
+  });
+}
+}  // namespace
+#endif
+
+at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias) {
+#ifdef VLMKIT_WITH_DNNL
+  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
+      (!bias.defined() || bias.scalar_type() == at::kFloat)) {
+    const auto ac = a.contiguous(), bc = b.contiguous();
+    const int64_t m = ta ? ac.size(1) : ac.size(0), k = ta ? ac.size(0) : ac.size(1);
+    const int64_t n = tb ? bc.size(0) : bc.size(1);
+    TORCH_CHECK((tb ? bc.size(1) : bc.size(0)) == k, "gemm: inner sizes differ: ", ac.sizes(), " and ", bc.sizes());
+    // C starts as the bias in every row (a copy: for one row the expanded bias is
+    // itself contiguous, and the product must not land in it). beta = 0 need not
+    // clear C, so a product over zero inner size is written as zeros.
+    at::Tensor c = k == 0 && !bias.defined() ? at::zeros({m, n}, ac.options()) : at::empty({m, n}, ac.options());
+    if (bias.defined()) c.copy_(bias.reshape({1, n}).expand({m, n}));
+    if (m > 0 && n > 0 && k > 0)
+      sgemm(ta, tb, m, n, k, ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(), bc.size(1), bias.defined(),
+            c.data_ptr<float>(), n);
+    return c;
+  }
+#endif
+  const auto ao = ta ? a.t() : a, bo = tb ? b.t() : b;
+  return bias.defined() ? at::addmm(bias, ao, bo) : at::mm(ao, bo);
+}
+
+namespace {
+
+bool use_dnnl_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!have_dnnl_sgemm() || g_linear_kernel.load() != 0) return false;
+  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.device().is_cpu() ||
+      !w.device().is_cpu() || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1))
+    return false;
+  if (b.defined() && (b.scalar_type() != at::kFloat || !b.device().is_cpu() || b.dim() != 1 ||
+                      b.size(0) != w.size(0)))
+    return false;
+  // Under CPU autocast at::linear computes in the autocast dtype; leave it to it.
+  return !at::autocast::is_cpu_enabled();
+}
+
+struct DnnlLinear : public torch::autograd::Function<DnnlLinear> {
+  // Without a bias, `bias` is a placeholder tensor and has_bias false (apply()
+  // cannot take undefined tensors; a bias of no elements, for no outputs, is a bias).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& bias, bool has_bias) {
+    const at::Tensor b = has_bias ? bias : at::Tensor();
+    const auto x2 = as_matrix(x);
+    auto sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    // x itself, not the view x2: under create_graph only saved inputs stay linked to their graph.
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["b"] = has_bias;
+    return gemm(x2, false, w, true, b).view(sizes);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w = saved[1];
+    const auto x2 = as_matrix(x);
+    const auto go = as_matrix(grads[0]);
+    // Under create_graph the gradients must themselves be differentiable: ATen's ops.
+    const bool differentiable = at::GradMode::is_enabled();
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0))
+      dx = (differentiable ? at::mm(go, w) : gemm(go, false, w, false)).view(x.sizes());
+    if (ctx->needs_input_grad(1)) dw = differentiable ? at::mm(go.t(), x2) : gemm(go, true, x2, false);
+    if (ctx->needs_input_grad(2) && ctx->saved_data["b"].toBool()) db = go.sum(0);
+    return {dx, dw, db, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!use_dnnl_linear(x, w, b)) return at::linear(x, w, b);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
+  if (!grad) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = w.size(0);
+    return gemm(as_matrix(x), false, w, true, b).view(sizes);
+  }
+  return DnnlLinear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
+}
+
+}  // namespace kernels
+}  // namespace vlmkit

@@ -1,0 +1,172 @@
+"""vlmkit's float32 Linear through oneDNN's sgemm (vlmkit.linear; kernels/linear.h):
+parity with torch.nn.functional.linear for every input layout it takes, the
+products cut across the thread pool, second derivatives, the cases left to ATen,
+and whole models training with it as with ATen."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import vlmkit
+
+from test_generative import ARCHS, FUSIONS, PROJECTORS, tiny
+from test_packing import losses_and_grads
+
+needs_dnnl = pytest.mark.skipif(not vlmkit.have_dnnl_sgemm(), reason="vlmkit built without oneDNN's C API")
+
+
+@pytest.fixture
+def linear_kernel():
+    before = vlmkit.linear_kernel()
+    yield vlmkit.set_linear_kernel
+    vlmkit.set_linear_kernel(before)
+
+
+def operands(x_shape, d_out, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*x_shape, generator=g).requires_grad_()
+    w = (0.2 * torch.randn(d_out, x_shape[-1], generator=g)).requires_grad_()
+    b = torch.randn(d_out, generator=g).requires_grad_() if bias else None
+    return x, w, b
+
+
+def forward_and_grads(fn, x, w, b):
+    out = fn(x, w, b)
+    upstream = torch.linspace(-1, 1, out.numel()).view(out.shape)  # every output weighs differently
+    wanted = [t for t in (x, w, b) if t is not None]
+    return out, torch.autograd.grad((out * upstream).sum(), wanted)
+
+
+def assert_matches_aten(x, w, b, tol=1e-5):
+    out, grads = forward_and_grads(vlmkit.linear, x, w, b)
+    ref, ref_grads = forward_and_grads(F.linear, x, w, b)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    for a, r in zip((out, *grads), (ref, *ref_grads)):
+        assert a.shape == r.shape
+        if r.numel():
+            assert (a - r).abs().max() <= tol * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("x_shape", [(16,), (7, 16), (3, 11, 16), (2, 2, 5, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_equals_aten(x_shape, bias):
+    assert_matches_aten(*operands(x_shape, 24, bias))
+
+
+@pytest.mark.parametrize("rows,d_in,d_out", [
+    (2053, 128, 48),   # cut along the rows, the last block shorter than the others
+    (40, 256, 1031),   # cut along the columns (more outputs than rows)
+    (1500, 300, 70),   # the weight gradient's product cut along its columns
+])
+def test_products_cut_across_threads_equal_aten(rows, d_in, d_out):
+    """Above 8 M multiply-adds a product is cut into blocks run on the pool's threads."""
+    assert rows * d_in * d_out > 8 * 2**20 or rows * d_out * d_in > 8 * 2**20
+    assert_matches_aten(*operands((rows, d_in), d_out), tol=2e-5)
+
+
+def test_non_contiguous_inputs():
+    x, w, b = operands((6, 40), 24)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # column-major
+    assert not xt.is_contiguous()
+    assert_matches_aten(xt, w, b)
+    wt = w.detach().t().contiguous().t().requires_grad_()
+    assert_matches_aten(x, wt, b)
+    x3 = torch.randn(4, 16, 9).transpose(1, 2).requires_grad_()  # [4, 9, 16] with strides
+    assert_matches_aten(x3, *operands((9, 16), 8)[1:])
+
+
+def test_empty_sizes():
+    for x_shape, d_out in [((0, 8), 5), ((3, 0), 5), ((3, 8), 0)]:
+        x, w, b = operands(x_shape, d_out)
+        assert_matches_aten(x, w, b)
+    x, w, b = operands((3, 0), 5)
+    assert torch.equal(vlmkit.linear(x, w, b), b.detach().expand(3, 5))  # an empty product is zeros, not garbage
+
+
+def test_second_derivatives_equal_atens():
+    x, w, b = operands((5, 12), 7)
+    seconds = []
+    for fn in (vlmkit.linear, F.linear):
+        out = fn(x, w, b)
+        gx, gw = torch.autograd.grad(out.square().sum(), (x, w), create_graph=True)
+        seconds.append(torch.autograd.grad(gx.square().sum() + gw.sin().sum(), (x, w, b)))
+    for a, r in zip(*seconds):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4)
+
+
+def test_no_grad_gives_the_training_forward():
+    x, w, b = operands((64, 96), 200)
+    with torch.no_grad():
+        inference = vlmkit.linear(x, w, b)
+    assert torch.equal(inference, vlmkit.linear(x, w, b).detach())
+
+
+def aten_gemm_calls(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.key for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")]
+
+
+@needs_dnnl
+def test_float32_runs_onednn_and_other_cases_run_aten(linear_kernel):
+    x, w, b = operands((32, 64), 48)
+    step = lambda: vlmkit.linear(x, w, b).sum().backward()
+    assert aten_gemm_calls(step) == []
+    linear_kernel("aten")
+    assert "aten::linear" in aten_gemm_calls(step)
+    linear_kernel("auto")
+    assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x.double(), w.double(), b.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x, w, b))
+
+
+def test_autocast_computes_as_aten():
+    x, w, b = operands((32, 64), 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = vlmkit.linear(x, w, b), F.linear(x, w, b)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+
+
+def test_bad_inputs_are_refused_by_name(linear_kernel):
+    x, w, b = operands((4, 16), 8)
+    with pytest.raises(RuntimeError, match="16"):
+        vlmkit.linear(torch.randn(4, 15), w, b)
+    with pytest.raises(RuntimeError):
+        vlmkit.linear(x, w, b[:5])
+    with pytest.raises(ValueError, match="auto"):
+        linear_kernel("fast")
+    assert vlmkit.linear_kernel() == "auto"
+
+
+@pytest.mark.parametrize("arch,projector,fusion", list(itertools.product(ARCHS, PROJECTORS, FUSIONS)))
+def test_float32_models_train_as_with_atens_linear(linear_kernel, arch, projector, fusion):
+    """Every Linear of the model (attention, MLPs, projector, heads) on oneDNN: ATen's
+    loss and gradients to float32 rounding."""
+    config = tiny(arch, projector, fusion, attention="prefix_lm", loss_reduction="sample")
+    config["decoder"]["max_len"] = 320
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config)
+    results = {}
+    for setting in ("aten", "auto"):
+        linear_kernel(setting)
+        with torch.autocast("cpu", enabled=False):
+            results[setting] = losses_and_grads(Float32(model), arch, packed=True)
+    loss, ref = results["aten"]
+    got_loss, got = results["auto"]
+    assert abs(got_loss - loss) <= 1e-5 * max(1.0, abs(loss))
+    for name, grad in ref.items():
+        assert torch.allclose(got[name], grad, atol=1e-5, rtol=1e-3), name
+
+
+class Float32(torch.nn.Module):
+    """Feeds a float32 model the float64 images losses_and_grads makes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, *rest, **kwargs):
+        return self.model(images.float(), *rest, **kwargs)
