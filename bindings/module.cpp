@@ -5,7 +5,7 @@
 
 #include "vlmkit/kernels/attention.h"
 #include "vlmkit/kernels/decode.h"
-#include "vlmkit/kernels/linear.h"
+#include "vlmkit/kernels/gemm.h"
 #include "vlmkit/kernels/mlp.h"
 #include "vlmkit/kernels/norm.h"
 #include "vlmkit/runtime.h"
@@ -61,19 +61,23 @@ PYBIND11_MODULE(_C, m) {
         "where the decoder qualifies: float32 weights, no autocast, no unmerged LoRA adapter) or \"aten\" "
         "(the decoder's forward per step).");
   m.def("decode_kernel", &vlmkit::decode_kernel, "The decode_kernel setting in force.");
-  m.def("set_linear_kernel", &vlmkit::set_linear_kernel, py::arg("kernel"),
-        "Which GEMM vlmkit's Linear layers run on CPU in float32 (no autocast): \"auto\" (oneDNN's sgemm, "
-        "AVX-512, where vlmkit was built against libdnnl; the bias fused into the product) or \"aten\" "
-        "(at::linear: OpenBLAS on Debian's LibTorch).");
-  m.def("linear_kernel", &vlmkit::linear_kernel, "The linear_kernel setting in force.");
+  m.def("set_gemm_kernel", &vlmkit::set_gemm_kernel, py::arg("kernel"),
+        "Which GEMMs vlmkit's Linear layers and attention's two batched products run on CPU in float32 (no "
+        "autocast): \"auto\" (oneDNN's sgemm, AVX-512, where vlmkit was built against libdnnl; the bias fused "
+        "into the product) or \"aten\" (at::linear and at::matmul: OpenBLAS on Debian's LibTorch).");
+  m.def("gemm_kernel", &vlmkit::gemm_kernel, "The gemm_kernel setting in force.");
   m.def(
       "linear",
       [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
         return vlmkit::kernels::linear(x, w, b ? *b : torch::Tensor());
       },
       py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-      "x weight^T + bias as torch.nn.functional.linear, through the kernel linear_kernel() picks (oneDNN's "
+      "x weight^T + bias as torch.nn.functional.linear, through the kernel gemm_kernel() picks (oneDNN's "
       "sgemm for float32 CPU tensors without autocast, else at::linear); differentiable.");
+  m.def("matmul", &vlmkit::kernels::matmul, py::arg("a"), py::arg("b"),
+        "a @ b for a [..., M, K] and b [..., K, N] with the same leading sizes, as torch.matmul, through the "
+        "kernel gemm_kernel() picks (one oneDNN sgemm per batch entry for float32 CPU tensors without "
+        "autocast, strided views read in place; else at::matmul); differentiable.");
   m.def("have_dnnl_sgemm", &vlmkit::kernels::have_dnnl_sgemm,
         "Whether vlmkit was built against oneDNN's C API (its float32 Linear and MLP GEMMs then run there).");
   m.def("set_mlp_kernel", &vlmkit::set_mlp_kernel, py::arg("kernel"),

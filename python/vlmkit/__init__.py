@@ -34,9 +34,10 @@ attention_kernel = _C.attention_kernel
 set_decode_kernel = _C.set_decode_kernel
 decode_kernel = _C.decode_kernel
 fused_attention = _C.fused_attention
-set_linear_kernel = _C.set_linear_kernel
-linear_kernel = _C.linear_kernel
+set_gemm_kernel = _C.set_gemm_kernel
+gemm_kernel = _C.gemm_kernel
 linear = _C.linear
+matmul = _C.matmul
 have_dnnl_sgemm = _C.have_dnnl_sgemm
 set_mlp_kernel = _C.set_mlp_kernel
 mlp_kernel = _C.mlp_kernel
@@ -140,7 +141,7 @@ __all__ = [
     "TransformerBlock", "TwoLeg", "TwoLegOutput", "TwoTower", "TwoTowerOutput", "ViT",
     "apply_default_allocator", "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
     "fused_attention", "set_attention_kernel", "set_decode_kernel", "decode_kernel",
-    "linear", "set_linear_kernel", "linear_kernel", "have_dnnl_sgemm",
+    "linear", "matmul", "set_gemm_kernel", "gemm_kernel", "have_dnnl_sgemm",
     "fused_gelu_mlp", "set_mlp_kernel", "mlp_kernel", "rms_norm", "set_norm_kernel", "norm_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
 ] + sorted(_PROJECTORS) + sorted(_FUSIONS) + sorted(_HEADS)

@@ -14,7 +14,7 @@
 #include <type_traits>
 
 #include <ATen/Parallel.h>
-#include "gemm.h"
+#include "gemm_detail.h"
 #include "vec_math.h"
 
 namespace vlmkit {

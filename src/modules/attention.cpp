@@ -11,6 +11,7 @@
 #include "vlmkit/detail/autocast.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
 #include "vlmkit/kernels/attention.h"
+#include "vlmkit/kernels/gemm.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/heads.h"
 #include "vlmkit/modules/text_encoder.h"
@@ -157,11 +158,12 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& x, const torc
 #else
   // The scale goes on q ([T, Dh]) rather than on the scores ([T, S]), and the
   // mask is added in place: two passes over [B, H, T, S] fewer.
-  auto scores = torch::matmul(q * (1.0 / std::sqrt(double(dh))), k.transpose(-2, -1));
+  // kernels::matmul: oneDNN's sgemm per head in float32 on CPU, else at::matmul.
+  auto scores = kernels::matmul(q * (1.0 / std::sqrt(double(dh))), k.transpose(-2, -1));
   if (additive.defined()) scores.add_(additive);
   auto weights = scores.softmax(-1);
   if (dropout_p > 0) weights = F::dropout(weights, F::DropoutFuncOptions().p(dropout_p).training(true));
-  out = torch::matmul(weights, v);
+  out = kernels::matmul(weights, v);
 #endif
   return out_proj->forward(out.transpose(1, 2).reshape({b, t, e}));
 }

@@ -8,7 +8,7 @@
 #include <filesystem>
 #include <set>
 
-#include "vlmkit/kernels/linear.h"
+#include "vlmkit/kernels/gemm.h"
 #include "vlmkit/modules/linear.h"
 #include "vlmkit/runtime.h"
 #include "../internal.h"
@@ -25,7 +25,7 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   // type-promoting path: 20-30 ms for a [32, 64, 512] output on two cores, a third of a
   // training step; docs/benchmarks.md, "bf16: the bias add"). at::linear is cast as
   // one op (bias included) and fuses the bias into addmm for 2-D and 3-D inputs.
-  // In float32 on CPU, kernels::linear runs the GEMMs through oneDNN (kernels/linear.h).
+  // In float32 on CPU, kernels::linear runs the GEMMs through oneDNN (kernels/gemm.h).
   auto out = kernels::linear(input, weight, bias);
   if (!has_lora() || merged_) return out;
   auto x = dropout_ > 0 && is_training() ? torch::dropout(input, dropout_, true) : input;

@@ -1,6 +1,6 @@
 #include "helpers.h"
 #include "vlmkit/kernels/attention.h"
-#include "vlmkit/kernels/linear.h"
+#include "vlmkit/kernels/gemm.h"
 #include "vlmkit/kernels/mlp.h"
 #include "vlmkit/kernels/norm.h"
 #include "vlmkit/modules/attention.h"
@@ -267,13 +267,13 @@ TEST_CASE("fused GELU MLP: the block's loss and gradients equal ATen's", "[mlp][
                   c10::ValueError);
 }
 
-TEST_CASE("oneDNN Linear: a float32 block's output and gradients equal at::linear's", "[linear][kernels]") {
+TEST_CASE("oneDNN GEMMs: a float32 block's output and gradients (Linear layers, attention's products) equal ATen's", "[gemm][kernels]") {
   torch::manual_seed(0);
   TransformerBlock block(TransformerBlockOptions(64, 4));
   // 300 rows x 64 x 256: the MLP's products are cut across the pool's threads.
   auto x = torch::randn({3, 100, 64});
   auto run = [&](const std::string& kernel) {
-    set_linear_kernel(kernel);
+    set_gemm_kernel(kernel);
     block->zero_grad();
     auto xi = x.clone().requires_grad_();
     auto y = block->forward(xi, {}, {}, /*causal=*/true);
@@ -284,7 +284,7 @@ TEST_CASE("oneDNN Linear: a float32 block's output and gradients equal at::linea
   };
   const auto reference = run("aten");
   const auto onednn = run("auto");
-  set_linear_kernel("auto");
+  set_gemm_kernel("auto");
   REQUIRE(reference.size() == onednn.size());
   for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(onednn[i], reference[i], 1e-3, 1e-5));
   // One row with a bias: the product must not be written into the bias.
@@ -293,7 +293,7 @@ TEST_CASE("oneDNN Linear: a float32 block's output and gradients equal at::linea
   auto one = kernels::linear(torch::randn({3}), w, b);
   CHECK(torch::equal(b, b_before));
   CHECK(one.sizes() == torch::IntArrayRef{5});
-  CHECK_THROWS_AS(set_linear_kernel("fast"), c10::ValueError);
+  CHECK_THROWS_AS(set_gemm_kernel("fast"), c10::ValueError);
 }
 
 TEST_CASE("fused RMSNorm: QK-norm attention's output and gradients equal the ATen reference's", "[norm][kernels]") {

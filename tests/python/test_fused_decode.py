@@ -93,17 +93,17 @@ def test_an_unmerged_lora_adapter_and_autocast_take_the_reference_path(decode_ke
 def count_linear_ops(model, kernel, decode_kernel):
     decode_kernel(kernel)
     images = torch.randn(1, 3, 32, 32)
-    before = vlmkit.mlp_kernel(), vlmkit.linear_kernel()
+    before = vlmkit.mlp_kernel(), vlmkit.gemm_kernel()
     # The reference's MLP as two aten::linear and every Linear as at::linear (not
     # oneDNN's sgemm), so every Linear is counted.
     vlmkit.set_mlp_kernel("aten")
-    vlmkit.set_linear_kernel("aten")
+    vlmkit.set_gemm_kernel("aten")
     try:
         with torch.profiler.profile() as prof:
             model.cpp_module.generate_ids(images, [[1, 3, 10, 11]], max_new_tokens=20, stop_tokens=[], use_cache=True)
     finally:
         vlmkit.set_mlp_kernel(before[0])
-        vlmkit.set_linear_kernel(before[1])
+        vlmkit.set_gemm_kernel(before[1])
     return sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
 
 

@@ -12,7 +12,7 @@
 /// on fc1 or fc2); otherwise, and always on CUDA, it runs ATen's Linear, gelu,
 /// Linear. Under CPU autocast the GEMMs run in the autocast dtype, as ATen's
 /// would, with float32 gradients for float32 weights. Its float32 GEMMs go
-/// through oneDNN's dnnl_sgemm as vlmkit's Linear does (kernels/linear.h).
+/// through oneDNN's dnnl_sgemm as vlmkit's Linear does (kernels/gemm.h).
 #include <ATen/core/Tensor.h>
 
 #include <string>

@@ -119,7 +119,7 @@ def gemm_peak(quick: bool) -> Dict[str, float]:
         return {"gflops": max(per_size.values()), "per_size": per_size}
 
     out = {"torch_mm": measure(torch.mm)}
-    if DEVICE.type == "cpu" and vlmkit.have_dnnl_sgemm() and vlmkit.linear_kernel() == "auto":
+    if DEVICE.type == "cpu" and vlmkit.have_dnnl_sgemm() and vlmkit.gemm_kernel() == "auto":
         with torch.no_grad():
             out["onednn"] = measure(lambda a, b: vlmkit.linear(a, b))  # a b^T: the same FLOPs as a b
     best = max(out.values(), key=lambda r: r["gflops"])

@@ -1,13 +1,10 @@
 #pragma once
-// Float32 GEMMs for the hand-written kernels (kernels/linear.cpp).
+// Float32 GEMMs for the hand-written kernels (defined in kernels/gemm.cpp).
 #include <ATen/core/Tensor.h>
 
 namespace vlmkit {
 namespace kernels {
 
-// op(a) op(b) (+ bias over the rows) for 2-D matrices: float32 on CPU through
-// oneDNN's sgemm where vlmkit was built with it, on compute_threads() threads;
-// else ATen's GEMM (at::mm / at::addmm).
 // x [..., k] as a [rows, k] matrix (a view where x's layout allows), also for k = 0.
 inline at::Tensor as_matrix(const at::Tensor& x) {
   int64_t rows = 1;
@@ -15,6 +12,9 @@ inline at::Tensor as_matrix(const at::Tensor& x) {
   return x.reshape({rows, x.size(-1)});
 }
 
+// op(a) op(b) (+ bias over the rows) for 2-D matrices: float32 on CPU through
+// oneDNN's sgemm where vlmkit was built with it, on compute_threads() threads;
+// else ATen's GEMM (at::mm / at::addmm).
 at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias = {});
 
 }  // namespace kernels

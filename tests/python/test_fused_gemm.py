@@ -1,4 +1,4 @@
-"""vlmkit's float32 Linear through oneDNN's sgemm (vlmkit.linear; kernels/linear.h):
+"""vlmkit's float32 Linear through oneDNN's sgemm (vlmkit.linear; kernels/gemm.h):
 parity with torch.nn.functional.linear for every input layout it takes, the
 products cut across the thread pool, second derivatives, the cases left to ATen,
 and whole models training with it as with ATen."""
@@ -18,10 +18,10 @@ needs_dnnl = pytest.mark.skipif(not vlmkit.have_dnnl_sgemm(), reason="vlmkit bui
 
 
 @pytest.fixture
-def linear_kernel():
-    before = vlmkit.linear_kernel()
-    yield vlmkit.set_linear_kernel
-    vlmkit.set_linear_kernel(before)
+def gemm_kernel():
+    before = vlmkit.gemm_kernel()
+    yield vlmkit.set_gemm_kernel
+    vlmkit.set_gemm_kernel(before)
 
 
 def operands(x_shape, d_out, bias=True, seed=0):
@@ -106,17 +106,18 @@ def test_no_grad_gives_the_training_forward():
 def aten_gemm_calls(fn):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return [e.key for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")]
+    return [e.key for e in prof.key_averages()
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")]
 
 
 @needs_dnnl
-def test_float32_runs_onednn_and_other_cases_run_aten(linear_kernel):
+def test_float32_runs_onednn_and_other_cases_run_aten(gemm_kernel):
     x, w, b = operands((32, 64), 48)
     step = lambda: vlmkit.linear(x, w, b).sum().backward()
     assert aten_gemm_calls(step) == []
-    linear_kernel("aten")
+    gemm_kernel("aten")
     assert "aten::linear" in aten_gemm_calls(step)
-    linear_kernel("auto")
+    gemm_kernel("auto")
     assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x.double(), w.double(), b.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x, w, b))
@@ -130,19 +131,82 @@ def test_autocast_computes_as_aten():
     assert torch.equal(out, ref)
 
 
-def test_bad_inputs_are_refused_by_name(linear_kernel):
+def test_bad_inputs_are_refused_by_name(gemm_kernel):
     x, w, b = operands((4, 16), 8)
     with pytest.raises(RuntimeError, match="16"):
         vlmkit.linear(torch.randn(4, 15), w, b)
     with pytest.raises(RuntimeError):
         vlmkit.linear(x, w, b[:5])
     with pytest.raises(ValueError, match="auto"):
-        linear_kernel("fast")
-    assert vlmkit.linear_kernel() == "auto"
+        gemm_kernel("fast")
+    assert vlmkit.gemm_kernel() == "auto"
+
+
+def heads(batch, length, n_heads, d_head, seed):
+    """[B, H, T, Dh] views of a [B, T, H * Dh] projection, as attention makes them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, n_heads * d_head, generator=g)
+    return x.view(batch, length, n_heads, d_head).transpose(1, 2).requires_grad_()
+
+
+def assert_matmul_matches_aten(a, b, tol=1e-5):
+    outs = []
+    for fn in (vlmkit.matmul, torch.matmul):
+        out = fn(a, b)
+        upstream = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        outs.append((out, torch.autograd.grad((out * upstream).sum(), (a, b))))
+    (out, grads), (ref, ref_grads) = outs
+    for x, r in zip((out, *grads), (ref, *ref_grads)):
+        assert x.shape == r.shape
+        if r.numel():
+            assert (x - r).abs().max() <= tol * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("batch,length,n_heads,d_head", [(2, 5, 3, 4), (8, 64, 4, 32), (1, 33, 2, 16)])
+def test_matmul_of_attention_heads_equals_aten(batch, length, n_heads, d_head):
+    """Scores q k^T and the output P v on head views read in place (the second case
+    is 8.4 M multiply-adds: its entries run on the pool's threads)."""
+    q, k, v = (heads(batch, length, n_heads, d_head, seed) for seed in range(3))
+    assert_matmul_matches_aten(q, k.transpose(-2, -1))
+    p = torch.softmax(torch.randn(batch, n_heads, length, length), -1).requires_grad_()
+    assert_matmul_matches_aten(p, v)
+
+
+def test_matmul_layouts_and_sizes():
+    g = torch.Generator().manual_seed(0)
+    make = lambda *s: torch.randn(*s, generator=g).requires_grad_()
+    assert_matmul_matches_aten(make(3, 7, 5), make(3, 5, 6))  # 3-D, contiguous
+    a = torch.randn(3, 7, 10, generator=g)[:, :, ::2].requires_grad_()  # no unit stride: copied
+    assert_matmul_matches_aten(a, make(3, 5, 6))
+    for a_shape, b_shape in [((0, 4, 5), (0, 5, 6)), ((2, 0, 5), (2, 5, 6)), ((2, 4, 0), (2, 0, 6))]:
+        assert_matmul_matches_aten(make(*a_shape), make(*b_shape))
+    assert torch.equal(vlmkit.matmul(torch.randn(2, 4, 0), torch.randn(2, 0, 6)), torch.zeros(2, 4, 6))
+
+
+def test_matmul_second_derivatives_and_broadcasting_go_to_aten():
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(2, 4, 6, 5, generator=g).requires_grad_() for _ in range(2))
+    seconds = []
+    for fn in (vlmkit.matmul, torch.matmul):
+        ga, gb = torch.autograd.grad(fn(a, b.transpose(-2, -1)).square().sum(), (a, b), create_graph=True)
+        seconds.append(torch.autograd.grad(ga.square().sum() + gb.sin().sum(), (a, b)))
+    for x, r in zip(*seconds):
+        assert torch.allclose(x, r, atol=1e-4, rtol=1e-4)
+    w = torch.randn(5, 3)  # broadcast over a's batch: at::matmul's business
+    assert torch.allclose(vlmkit.matmul(a, w), torch.matmul(a, w))
+
+
+@needs_dnnl
+def test_float32_matmul_runs_onednn(gemm_kernel):
+    q, k = heads(2, 8, 2, 4, 0), heads(2, 8, 2, 4, 1)
+    step = lambda: vlmkit.matmul(q, k.transpose(-2, -1)).sum().backward()
+    assert aten_gemm_calls(step) == []
+    gemm_kernel("aten")
+    assert "aten::matmul" in aten_gemm_calls(step)
 
 
 @pytest.mark.parametrize("arch,projector,fusion", list(itertools.product(ARCHS, PROJECTORS, FUSIONS)))
-def test_float32_models_train_as_with_atens_linear(linear_kernel, arch, projector, fusion):
+def test_float32_models_train_as_with_atens_linear(gemm_kernel, arch, projector, fusion):
     """Every Linear of the model (attention, MLPs, projector, heads) on oneDNN: ATen's
     loss and gradients to float32 rounding."""
     config = tiny(arch, projector, fusion, attention="prefix_lm", loss_reduction="sample")
@@ -151,7 +215,7 @@ def test_float32_models_train_as_with_atens_linear(linear_kernel, arch, projecto
     model = vlmkit.build_model(config)
     results = {}
     for setting in ("aten", "auto"):
-        linear_kernel(setting)
+        gemm_kernel(setting)
         with torch.autocast("cpu", enabled=False):
             results[setting] = losses_and_grads(Float32(model), arch, packed=True)
     loss, ref = results["aten"]

@@ -1,33 +1,35 @@
-// Float32 GEMMs through oneDNN and the Linear built on them (kernels/linear.h).
-#include "vlmkit/kernels/linear.h"
+// Float32 GEMMs through oneDNN and the Linear built on them (kernels/gemm.h).
+#include "vlmkit/kernels/gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#include "gemm.h"
+#include "gemm_detail.h"
 #include "vlmkit/runtime.h"
 
 namespace vlmkit {
 namespace {
-std::atomic<int> g_linear_kernel{0};  // 0 auto, 2 aten
+std::atomic<int> g_gemm_kernel{0};  // 0 auto, 2 aten
 }  // namespace
 
-void set_linear_kernel(const std::string& kernel) {
-  if (kernel == "auto") g_linear_kernel = 0;
-  else if (kernel == "aten") g_linear_kernel = 2;
+void set_gemm_kernel(const std::string& kernel) {
+  if (kernel == "auto") g_gemm_kernel = 0;
+  else if (kernel == "aten") g_gemm_kernel = 2;
   else
-    TORCH_CHECK_VALUE(false, "set_linear_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
+    TORCH_CHECK_VALUE(false, "set_gemm_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
 }
 
-std::string linear_kernel() { return g_linear_kernel.load() == 0 ? "auto" : "aten"; }
+std::string gemm_kernel() { return g_gemm_kernel.load() == 0 ? "auto" : "aten"; }
 
 namespace kernels {
 
@@ -149,7 +151,7 @@ at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, cons
 namespace {
 
 bool use_dnnl_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!have_dnnl_sgemm() || g_linear_kernel.load() != 0) return false;
+  if (!have_dnnl_sgemm() || g_gemm_kernel.load() != 0) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.device().is_cpu() ||
       !w.device().is_cpu() || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1))
     return false;
@@ -204,6 +206,124 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
     return gemm(as_matrix(x), false, w, true, b).view(sizes);
   }
   return DnnlLinear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
+}
+
+#ifdef VLMKIT_WITH_DNNL
+namespace {
+
+// A batch of matrices X [..., R, C] as oneDNN reads them: row-major with leading
+// dimension ld, or (trans) the transpose of a row-major [C, R] one, at base +
+// offsets[u] for batch entry u. Views from transpose / view (attention's q, k and
+// v heads) qualify as they are; other layouts are copied first.
+struct Batch {
+  at::Tensor t;
+  bool trans = false;
+  int64_t ld = 0;
+  std::vector<int64_t> offsets;
+};
+
+Batch batch_of(const at::Tensor& x_in) {
+  const int64_t r = x_in.size(-2), c = x_in.size(-1);
+  auto layout_ok = [&](const at::Tensor& x) {
+    return (x.stride(-1) == 1 && (r <= 1 || x.stride(-2) >= c)) || (x.stride(-2) == 1 && (c <= 1 || x.stride(-1) >= r));
+  };
+  Batch b;
+  b.t = layout_ok(x_in) ? x_in : x_in.contiguous();
+  const auto& x = b.t;
+  b.trans = !(x.stride(-1) == 1 && (r <= 1 || x.stride(-2) >= c));
+  b.ld = b.trans ? std::max<int64_t>({x.stride(-1), r, 1}) : std::max<int64_t>({x.stride(-2), c, 1});
+  int64_t count = 1;
+  for (int64_t d = 0; d + 2 < x.dim(); ++d) count *= x.size(d);
+  b.offsets.resize(count);
+  for (int64_t u = 0; u < count; ++u) {
+    int64_t rest = u, off = 0;
+    for (int64_t d = x.dim() - 3; d >= 0; --d) {
+      off += (rest % x.size(d)) * x.stride(d);
+      rest /= x.size(d);
+    }
+    b.offsets[u] = off;
+  }
+  return b;
+}
+
+// a [..., M, K] b [..., K, N] -> [..., M, N] (contiguous), one single-threaded
+// sgemm per batch entry, the entries handed out on compute_threads() threads.
+at::Tensor batched_gemm(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const int64_t m = a_in.size(-2), k = a_in.size(-1), n = b_in.size(-1);
+  auto sizes = a_in.sizes().vec();
+  sizes.back() = n;
+  auto c = at::empty(sizes, a_in.options());
+  if (c.numel() == 0) return c;
+  if (k == 0) return c.zero_();
+  const Batch a = batch_of(a_in), b = batch_of(b_in);
+  const int64_t count = static_cast<int64_t>(a.offsets.size());
+  const float* pa = a.t.data_ptr<float>();
+  const float* pb = b.t.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  auto unit = [&](int64_t u) {
+    const int status = dnnl_sgemm(a.trans ? 'T' : 'N', b.trans ? 'T' : 'N', m, n, k, 1.0f, pa + a.offsets[u], a.ld,
+                                  pb + b.offsets[u], b.ld, 0.0f, pc + u * m * n, n);
+    TORCH_CHECK(status == 0, "matmul: dnnl_sgemm failed with status ", status);
+  };
+  const int threads = compute_threads();
+  if (count == 1 || threads <= 1 || double(count) * m * n * k < kSplitMacs / 8) {
+    for (int64_t u = 0; u < count; ++u) unit(u);
+  } else if (threads <= omp_team()) {  // OpenMP has the cores already (the bfloat16 policy)
+    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) unit(u);
+    });
+  } else {
+    run_parallel(count, threads, [&](int64_t u) {
+      OmpThreads one(1);
+      unit(u);
+    });
+  }
+  return c;
+}
+
+bool use_dnnl_matmul(const at::Tensor& a, const at::Tensor& b) {
+  if (!have_dnnl_sgemm() || g_gemm_kernel.load() != 0 || at::autocast::is_cpu_enabled()) return false;
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !a.device().is_cpu() ||
+      !b.device().is_cpu() || a.dim() < 3 || a.dim() != b.dim() || a.size(-1) != b.size(-2))
+    return false;
+  for (int64_t d = 0; d + 2 < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
+struct DnnlMatmul : public torch::autograd::Function<DnnlMatmul> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return batched_gemm(a, b);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    const auto& gc = grads[0];
+    const bool differentiable = at::GradMode::is_enabled();  // create_graph: ATen's differentiable ops
+    auto mm = [&](const at::Tensor& x, const at::Tensor& y) {
+      return differentiable ? at::matmul(x, y) : batched_gemm(x, y);
+    };
+    at::Tensor da, db;
+    if (ctx->needs_input_grad(0)) da = mm(gc, b.transpose(-2, -1));
+    if (ctx->needs_input_grad(1)) db = mm(a.transpose(-2, -1), gc);
+    return {da, db};
+  }
+};
+
+}  // namespace
+#endif
+
+at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
+#ifdef VLMKIT_WITH_DNNL
+  if (use_dnnl_matmul(a, b)) {
+    if (!(at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad()))) return batched_gemm(a, b);
+    return DnnlMatmul::apply(a, b);
+  }
+#endif
+  return at::matmul(a, b);
 }
 
 }  // namespace kernels
