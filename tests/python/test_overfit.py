@@ -24,7 +24,11 @@ def test_overfits_and_generates_answers_exactly(arch, fusion):
     contexts = ["picture"] * len(TRIPLES)
     cids, cmask = text.encode_batch(contexts, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(300):
+    # 450 steps: at 300 the concat model at seed 0 sat on a plateau under oneDNN's
+    # float32 rounding (loss 0.047, the red square and the green circle, asked the
+    # same question, not yet told apart; ATen's GEMMs: 0.008). Seeds 1-4 pass at
+    # 300 under both. At 450 seed 0 reaches 0.004 under either.
+    for step in range(450):
         if arch == "encoder_decoder":
             loss = model(images, ids, mask, labels).loss
         else:

@@ -110,12 +110,15 @@ def gemm_peak(quick: bool) -> Dict[str, float]:
             a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
             reps = max(3, int(work / (2 * n ** 3)))
             mm(a, b)
-            sync()
-            start = time.perf_counter()
-            for _ in range(reps):
-                mm(a, b)
-            sync()
-            per_size[str(n)] = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+            best = 0.0
+            for _ in range(3):  # a peak: the best of three blocks (this machine's neighbours are noisy)
+                sync()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    mm(a, b)
+                sync()
+                best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9)
+            per_size[str(n)] = best
         return {"gflops": max(per_size.values()), "per_size": per_size}
 
     out = {"torch_mm": measure(torch.mm)}
