@@ -1,4 +1,4 @@
-// Float32 GEMMs through oneDNN and the Linear built on them (kernels/gemm.h).
+// Float32 GEMMs through oneDNN: the Linear and the batched matmul built on them (kernels/gemm.h).
 #include "vlmkit/kernels/gemm.h"
 
 #include <ATen/ATen.h>
@@ -51,9 +51,12 @@ bool have_dnnl_sgemm() {
 
 #ifdef VLMKIT_WITH_DNNL
 namespace {
-// Products below this many multiply-adds run on the calling thread alone: a
-// hand-off to the pool costs about as much as half of one (measured at batch
-// 1 of the small VLM, whose GEMMs are 0.5-4 M multiply-adds).
+// Products below this many multiply-adds (about 40 us of one core's work) run on
+// the calling thread alone, where the pool's wake-up would be a visible share of
+// the product. Set, not tuned: it keeps every GEMM of the small VLM at batch 1
+// (0.5-4 M multiply-adds) on one thread, and that step measured 1.58-1.62x the
+// peer with it (docs/benchmarks.md, "fp32 GEMMs: every Linear and attention's
+// products in oneDNN"). A batched product splits from 1 M in all.
 constexpr double kSplitMacs = 8.0 * (1 << 20);
 
 // Sets this thread's OpenMP team size for its lifetime (oneDNN reads it per call).
