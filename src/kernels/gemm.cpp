@@ -53,10 +53,12 @@ bool have_dnnl_sgemm() {
 namespace {
 // Products below this many multiply-adds (about 40 us of one core's work) run on
 // the calling thread alone, where the pool's wake-up would be a visible share of
-// the product. Set, not tuned: it keeps every GEMM of the small VLM at batch 1
-// (0.5-4 M multiply-adds) on one thread, and that step measured 1.58-1.62x the
-// peer with it (docs/benchmarks.md, "fp32 GEMMs: every Linear and attention's
-// products in oneDNN"). A batched product splits from 1 M in all.
+// the product. It keeps every GEMM of the small VLM at batch 1 (0.5-4 M
+// multiply-adds) on one thread. The small VLM's fp32 step, vlmkit alone, with
+// the split from 8 M / 2 M / 0.5 M: batch 1 19.3 / 20.3 / 22.0 ms; from 8 M / 32 M
+// / 2 M: batch 32 156 / 165 / 157 ms (docs/benchmarks.md, "fp32 GEMMs: every
+// Linear and attention's products in oneDNN"). A batched product splits from 1 M
+// in all.
 constexpr double kSplitMacs = 8.0 * (1 << 20);
 
 // Sets this thread's OpenMP team size for its lifetime (oneDNN reads it per call).
