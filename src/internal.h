@@ -2,6 +2,7 @@
 // Helpers shared by the compiled translation units (not installed).
 #include <torch/types.h>
 
+#include <functional>
 #include <map>
 #include <ostream>
 #include <vector>
@@ -34,4 +35,12 @@ std::string join_list(const std::vector<std::string>& items, size_t limit = 8);
 /// given side in shape messages ("checkpoint", "adapter").
 std::string state_mismatch(const std::map<std::string, torch::Tensor>& own,
                            const std::map<std::string, torch::Tensor>& given, const char* source);
+/// Runs fn(u) for every u in [0, units) on up to `threads` threads: on OpenMP's team
+/// (at::parallel_for) where it already has that many (the bf16 policy: the team's
+/// threads spin between regions, and run_parallel's worker would share a core with
+/// one), else on run_parallel's pool (the fp32 policy: one OpenMP thread, and the pool
+/// sleeps between calls where a second team would spin on BLAS's core); inline
+/// inside a parallel region. Which thread runs a unit never changes its result.
+/// Defined in kernels/gemm.cpp, compiled with OpenMP.
+void parallel_units(int64_t units, int threads, const std::function<void(int64_t)>& fn);
 }  // namespace vlmkit::detail

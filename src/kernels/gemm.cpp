@@ -14,6 +14,7 @@
 #include <omp.h>
 #endif
 
+#include "../internal.h"
 #include "gemm_detail.h"
 #include "vlmkit/runtime.h"
 
@@ -270,19 +271,11 @@ at::Tensor batched_gemm(const at::Tensor& a_in, const at::Tensor& b_in) {
                                   pb + b.offsets[u], b.ld, 0.0f, pc + u * m * n, n);
     TORCH_CHECK(status == 0, "matmul: dnnl_sgemm failed with status ", status);
   };
-  const int threads = compute_threads();
-  if (count == 1 || threads <= 1 || double(count) * m * n * k < kSplitMacs / 8) {
-    for (int64_t u = 0; u < count; ++u) unit(u);
-  } else if (threads <= omp_team()) {  // OpenMP has the cores already (the bfloat16 policy)
-    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) unit(u);
-    });
-  } else {
-    run_parallel(count, threads, [&](int64_t u) {
-      OmpThreads one(1);
-      unit(u);
-    });
-  }
+  const bool split = count > 1 && double(count) * m * n * k >= kSplitMacs / 8;
+  detail::parallel_units(count, split ? compute_threads() : 1, [&](int64_t u) {
+    OmpThreads one(1);  // a pool thread's own team (OpenMP's threads run one sgemm each anyway)
+    unit(u);
+  });
   return c;
 }
 
@@ -332,4 +325,26 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b) {
 }
 
 }  // namespace kernels
+
+namespace detail {
+void parallel_units(int64_t units, int threads, const std::function<void(int64_t)>& fn) {
+  if (units <= 0) return;
+#ifdef _OPENMP
+  const bool nested = omp_in_parallel();
+  const int team = nested ? 1 : omp_get_max_threads();
+#else
+  const bool nested = false;
+  const int team = 1;
+#endif
+  if (threads <= 1 || units == 1 || nested) {
+    for (int64_t u = 0; u < units; ++u) fn(u);
+  } else if (threads <= team) {
+    at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) fn(u);
+    });
+  } else {
+    run_parallel(units, threads, fn);
+  }
+}
+}  // namespace detail
 }  // namespace vlmkit

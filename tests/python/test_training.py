@@ -600,6 +600,33 @@ def test_fused_adamw_steps_like_torch_adamw():
         vlmkit.FusedAdamW([])
 
 
+def test_fused_adamw_result_does_not_depend_on_the_threads():
+    """The update runs on OpenMP's team under the bf16 policy (torch 2 / BLAS 1), on
+    run_parallel's pool under fp32's (1 / 2) and on one thread with (1 / 1): every
+    element is updated the same whichever thread runs it."""
+    before = vlmkit.thread_info()
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(300_000, generator=g), torch.randn(512, 128, generator=g)]  # 22 chunks of 16K
+    grads = [[torch.randn(p.shape, generator=g) for p in init] for _ in range(3)]
+    results = []
+    try:
+        for policy in [(1, 2), (2, 1), (1, 1)]:
+            vlmkit.set_num_threads(*policy)
+            params = [p.clone().requires_grad_() for p in init]
+            opt = vlmkit.FusedAdamW(params, lr=1e-2, weight_decay=0.05)
+            for step_grads in grads:
+                for p, grad in zip(params, step_grads):
+                    p.grad = grad.clone()
+                opt.step()
+            results.append([p.detach() for p in params])
+    finally:
+        vlmkit.set_num_threads(before["torch_threads"], before["blas_threads"])
+    assert not torch.equal(results[0][0], init[0])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_task_weights_repeat_and_thin_examples_by_kind(manifest, tmp_path):
     from vlmkit.train_vlm import weighted_manifest
     lines = [json.loads(l) for l in open(manifest)]
