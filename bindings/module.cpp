@@ -79,7 +79,8 @@ PYBIND11_MODULE(_C, m) {
         "kernel gemm_kernel() picks (one oneDNN sgemm per batch entry for float32 CPU tensors without "
         "autocast, strided views read in place; else at::matmul); differentiable.");
   m.def("have_dnnl_sgemm", &vlmkit::kernels::have_dnnl_sgemm,
-        "Whether vlmkit was built against oneDNN's C API (its float32 Linear and MLP GEMMs then run there).");
+        "Whether vlmkit was built against oneDNN's C API (its float32 GEMMs: Linear layers, attention's products, the "
+        "fused MLP, then run there).");
   m.def("set_mlp_kernel", &vlmkit::set_mlp_kernel, py::arg("kernel"),
         "Which GELU MLP TransformerBlock runs on CPU: \"auto\" (the fused kernel wherever the block qualifies: "
         "no dropout while training, no unmerged LoRA adapter on fc1 or fc2; it keeps fc1's output but not "

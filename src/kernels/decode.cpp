@@ -9,20 +9,17 @@
 #include <cstring>
 #include <limits>
 
+#include "switch.h"
 #include "vec_math.h"
 
 namespace vlmkit {
 namespace {
-std::atomic<int> g_decode_kernel{0};  // 0 auto, 1 aten
+kernels::KernelSwitch g_decode_kernel("set_decode_kernel");
 }  // namespace
 
-void set_decode_kernel(const std::string& kernel) {
-  if (kernel == "auto") g_decode_kernel = 0;
-  else if (kernel == "aten") g_decode_kernel = 1;
-  else TORCH_CHECK_VALUE(false, "set_decode_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
-}
+void set_decode_kernel(const std::string& kernel) { g_decode_kernel.set(kernel); }
 
-std::string decode_kernel() { return g_decode_kernel.load() == 0 ? "auto" : "aten"; }
+std::string decode_kernel() { return g_decode_kernel.get(); }
 
 namespace kernels {
 namespace {

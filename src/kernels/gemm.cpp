@@ -16,21 +16,17 @@
 
 #include "../internal.h"
 #include "gemm_detail.h"
+#include "switch.h"
 #include "vlmkit/runtime.h"
 
 namespace vlmkit {
 namespace {
-std::atomic<int> g_gemm_kernel{0};  // 0 auto, 2 aten
+kernels::KernelSwitch g_gemm_kernel("set_gemm_kernel");
 }  // namespace
 
-void set_gemm_kernel(const std::string& kernel) {
-  if (kernel == "auto") g_gemm_kernel = 0;
-  else if (kernel == "aten") g_gemm_kernel = 2;
-  else
-    TORCH_CHECK_VALUE(false, "set_gemm_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
-}
+void set_gemm_kernel(const std::string& kernel) { g_gemm_kernel.set(kernel); }
 
-std::string gemm_kernel() { return g_gemm_kernel.load() == 0 ? "auto" : "aten"; }
+std::string gemm_kernel() { return g_gemm_kernel.get(); }
 
 namespace kernels {
 
@@ -157,7 +153,7 @@ at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, cons
 namespace {
 
 bool use_dnnl_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!have_dnnl_sgemm() || g_gemm_kernel.load() != 0) return false;
+  if (!have_dnnl_sgemm() || !g_gemm_kernel.is_auto()) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.device().is_cpu() ||
       !w.device().is_cpu() || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1))
     return false;
@@ -168,19 +164,23 @@ bool use_dnnl_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return !at::autocast::is_cpu_enabled();
 }
 
+// x w^T + b through gemm(), in x's leading shape: the forward with and without autograd.
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return gemm(as_matrix(x), false, w, true, b).view(sizes);
+}
+
 struct DnnlLinear : public torch::autograd::Function<DnnlLinear> {
   // Without a bias, `bias` is a placeholder tensor and has_bias false (apply()
   // cannot take undefined tensors; a bias of no elements, for no outputs, is a bias).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& bias, bool has_bias) {
-    const at::Tensor b = has_bias ? bias : at::Tensor();
-    const auto x2 = as_matrix(x);
-    auto sizes = x.sizes().vec();
-    sizes.back() = w.size(0);
-    // x itself, not the view x2: under create_graph only saved inputs stay linked to their graph.
+    // x itself, not a [rows, in] view of it: under create_graph only saved inputs
+    // stay linked to their graph.
     ctx->save_for_backward({x, w});
     ctx->saved_data["b"] = has_bias;
-    return gemm(x2, false, w, true, b).view(sizes);
+    return linear_forward(x, w, has_bias ? bias : at::Tensor());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -206,11 +206,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   if (!use_dnnl_linear(x, w, b)) return at::linear(x, w, b);
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
-  if (!grad) {
-    auto sizes = x.sizes().vec();
-    sizes.back() = w.size(0);
-    return gemm(as_matrix(x), false, w, true, b).view(sizes);
-  }
+  if (!grad) return linear_forward(x, w, b);  // inference: nothing to keep for a backward
   return DnnlLinear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
 }
 
@@ -280,7 +276,7 @@ at::Tensor batched_gemm(const at::Tensor& a_in, const at::Tensor& b_in) {
 }
 
 bool use_dnnl_matmul(const at::Tensor& a, const at::Tensor& b) {
-  if (!have_dnnl_sgemm() || g_gemm_kernel.load() != 0 || at::autocast::is_cpu_enabled()) return false;
+  if (!have_dnnl_sgemm() || !g_gemm_kernel.is_auto() || at::autocast::is_cpu_enabled()) return false;
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || !a.device().is_cpu() ||
       !b.device().is_cpu() || a.dim() < 3 || a.dim() != b.dim() || a.size(-1) != b.size(-2))
     return false;

@@ -15,21 +15,17 @@
 
 #include <ATen/Parallel.h>
 #include "gemm_detail.h"
+#include "switch.h"
 #include "vec_math.h"
 
 namespace vlmkit {
 namespace {
-std::atomic<int> g_mlp_kernel{0};  // 0 auto, 2 aten
+kernels::KernelSwitch g_mlp_kernel("set_mlp_kernel");
 }  // namespace
 
-void set_mlp_kernel(const std::string& kernel) {
-  if (kernel == "auto") g_mlp_kernel = 0;
-  else if (kernel == "aten") g_mlp_kernel = 2;
-  else
-    TORCH_CHECK_VALUE(false, "set_mlp_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
-}
+void set_mlp_kernel(const std::string& kernel) { g_mlp_kernel.set(kernel); }
 
-std::string mlp_kernel() { return g_mlp_kernel.load() == 0 ? "auto" : "aten"; }
+std::string mlp_kernel() { return g_mlp_kernel.get(); }
 
 namespace kernels {
 namespace {

@@ -10,21 +10,17 @@
 #include <cmath>
 #include <type_traits>
 
+#include "switch.h"
 #include "vec_math.h"
 
 namespace vlmkit {
 namespace {
-std::atomic<int> g_norm_kernel{0};  // 0 auto, 2 aten
+kernels::KernelSwitch g_norm_kernel("set_norm_kernel");
 }  // namespace
 
-void set_norm_kernel(const std::string& kernel) {
-  if (kernel == "auto") g_norm_kernel = 0;
-  else if (kernel == "aten") g_norm_kernel = 2;
-  else
-    TORCH_CHECK_VALUE(false, "set_norm_kernel: expected \"auto\" or \"aten\", got \"", kernel, "\"");
-}
+void set_norm_kernel(const std::string& kernel) { g_norm_kernel.set(kernel); }
 
-std::string norm_kernel() { return g_norm_kernel.load() == 0 ? "auto" : "aten"; }
+std::string norm_kernel() { return g_norm_kernel.get(); }
 
 namespace kernels {
 namespace {

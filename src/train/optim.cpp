@@ -144,8 +144,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   // On OpenMP's team under the bf16 policy, on the sleeping pool under fp32's
   // (detail::parallel_units). The small VLM's bf16 step at batch 32 with the update
   // on the pool against the team, in one process: 107.2 -> 98.8 and 114.4 -> 107.7
-  // ms (the update itself 6.3 -> 3.5 ms; docs/benchmarks.md, "bf16: the update on
-  // OpenMP's team").
+  // ms (the update itself 6.3 -> 3.5 ms; docs/benchmarks.md, "bf16 at batch 32:
+  // where the step goes").
   detail::parallel_units(static_cast<int64_t>(chunks.size()), elements >= 4 * kChunk ? compute_threads() : 1,
                          [&](int64_t c) {
     const auto& u = updates[chunks[size_t(c)].first];

@@ -9,6 +9,27 @@
 using namespace vlmkit;
 using vlmkit::test::close;
 
+namespace {
+// A module's output and the gradients of its input and of every parameter, under
+// an upstream gradient that weighs each output element differently.
+template <typename Module, typename Forward>
+std::vector<torch::Tensor> outputs_and_grads(Module& m, const torch::Tensor& x, const Forward& forward) {
+  m->zero_grad();
+  auto xi = x.clone().requires_grad_();
+  auto y = forward(xi);
+  (y * torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
+  std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
+  for (const auto& p : m->parameters()) grads.push_back(p.grad().clone());
+  return grads;
+}
+
+void check_all_close(const std::vector<torch::Tensor>& got, const std::vector<torch::Tensor>& want, double rtol,
+                     double atol) {
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < want.size(); ++i) CHECK(torch::allclose(got[i], want[i], rtol, atol));
+}
+}  // namespace
+
 TEST_CASE("attention: self and cross shapes", "[attention]") {
   torch::manual_seed(0);
   MultiheadAttention self_attn(MultiheadAttentionOptions(32, 4));
@@ -249,19 +270,12 @@ TEST_CASE("fused GELU MLP: the block's loss and gradients equal ATen's", "[mlp][
   auto x = torch::randn({3, 7, 32}, torch::kDouble);
   auto run = [&](const std::string& kernel) {
     set_mlp_kernel(kernel);
-    block->zero_grad();
-    auto xi = x.clone().requires_grad_();
-    auto y = block->forward(xi, {}, {}, /*causal=*/true);
-    (y * torch::linspace(-1, 1, y.numel(), torch::kDouble).view(y.sizes())).sum().backward();
-    std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
-    for (const auto& p : block->parameters()) grads.push_back(p.grad().clone());
-    return grads;
+    return outputs_and_grads(block, x, [&](const torch::Tensor& xi) { return block->forward(xi, {}, {}, true); });
   };
   const auto reference = run("aten");
   const auto fused = run("auto");
   set_mlp_kernel("auto");
-  REQUIRE(reference.size() == fused.size());
-  for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(fused[i], reference[i], 1e-9, 1e-11));
+  check_all_close(fused, reference, 1e-9, 1e-11);
   CHECK_THROWS_AS(set_mlp_kernel("fast"), c10::ValueError);
   CHECK_THROWS_AS(kernels::fused_gelu_mlp(torch::randn({2, 5}), torch::randn({8, 4}), {}, torch::randn({4, 8}), {}),
                   c10::ValueError);
@@ -274,19 +288,12 @@ TEST_CASE("oneDNN GEMMs: a float32 block's output and gradients (Linear layers, 
   auto x = torch::randn({3, 100, 64});
   auto run = [&](const std::string& kernel) {
     set_gemm_kernel(kernel);
-    block->zero_grad();
-    auto xi = x.clone().requires_grad_();
-    auto y = block->forward(xi, {}, {}, /*causal=*/true);
-    (y * torch::linspace(-1, 1, y.numel()).view(y.sizes())).sum().backward();
-    std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
-    for (const auto& p : block->parameters()) grads.push_back(p.grad().clone());
-    return grads;
+    return outputs_and_grads(block, x, [&](const torch::Tensor& xi) { return block->forward(xi, {}, {}, true); });
   };
   const auto reference = run("aten");
   const auto onednn = run("auto");
   set_gemm_kernel("auto");
-  REQUIRE(reference.size() == onednn.size());
-  for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(onednn[i], reference[i], 1e-3, 1e-5));
+  check_all_close(onednn, reference, 1e-3, 1e-5);
   // One row with a bias: the product must not be written into the bias.
   auto w = torch::randn({5, 3}), b = torch::randn({5});
   const auto b_before = b.clone();
@@ -308,19 +315,12 @@ TEST_CASE("fused RMSNorm: QK-norm attention's output and gradients equal the ATe
   auto x = torch::randn({2, 6, 32}, torch::kDouble);
   auto run = [&](const std::string& kernel) {
     set_norm_kernel(kernel);
-    attn->zero_grad();
-    auto xi = x.clone().requires_grad_();
-    auto y = attn->forward(xi, {}, {}, {}, /*causal=*/true);
-    (y * torch::linspace(-1, 1, y.numel(), torch::kDouble).view(y.sizes())).sum().backward();
-    std::vector<torch::Tensor> grads{y.detach(), xi.grad()};
-    for (const auto& p : attn->parameters()) grads.push_back(p.grad().clone());
-    return grads;
+    return outputs_and_grads(attn, x, [&](const torch::Tensor& xi) { return attn->forward(xi, {}, {}, {}, true); });
   };
   const auto reference = run("aten");
   const auto fused = run("auto");
   set_norm_kernel("auto");
-  REQUIRE(reference.size() == fused.size());
-  for (size_t i = 0; i < reference.size(); ++i) CHECK(torch::allclose(fused[i], reference[i], 1e-9, 1e-11));
+  check_all_close(fused, reference, 1e-9, 1e-11);
   CHECK_THROWS_AS(set_norm_kernel("fast"), c10::ValueError);
   CHECK_THROWS_AS(kernels::rms_norm(torch::randn({2, 5}), torch::ones({4}), 1e-6), c10::ValueError);
   // bfloat16 rows with a float32 weight, returned in bfloat16: one rounding of the float32 result.
