@@ -98,7 +98,8 @@ PYBIND11_MODULE(_C, m) {
       "b1 and b2 may be None.");
   m.def("set_norm_kernel", &vlmkit::set_norm_kernel, py::arg("kernel"),
         "Which RMSNorm vlmkit's Norm runs on CPU (the QK-norm of every attention layer, and RMSNorm "
-        "blocks): \"auto\" (the fused one-pass kernel) or \"aten\" (the reference written with ATen ops).");
+        "blocks), and which GroupNorm + GELU the conv stage runs: \"auto\" (the fused kernels) or \"aten\" "
+        "(the reference written with ATen ops).");
   m.def("norm_kernel", &vlmkit::norm_kernel, "The norm_kernel setting in force.");
   m.def(
       "rms_norm",
@@ -116,6 +117,18 @@ PYBIND11_MODULE(_C, m) {
       "x / sqrt(mean(x^2, -1) + eps) * weight by vlmkit's fused CPU kernel (differentiable in x and weight; "
       "statistics in float32). x [..., D] of float32, float64 or bfloat16; weight [D] of x's dtype or float32. "
       "The result has out_dtype when given, else the promotion of x's and weight's dtypes.");
+  m.def(
+      "group_norm_gelu",
+      [](const torch::Tensor& x, int64_t groups, const c10::optional<torch::Tensor>& weight,
+         const c10::optional<torch::Tensor>& bias, double eps) {
+        return vlmkit::kernels::group_norm_gelu(x, groups, weight ? *weight : torch::Tensor(),
+                                                bias ? *bias : torch::Tensor(), eps);
+      },
+      py::arg("x"), py::arg("groups"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("eps") = 1e-5,
+      "gelu(group_norm(x, groups, weight, bias, eps)) by vlmkit's fused CPU kernel, what the conv stage runs after "
+      "each convolution (differentiable in x, weight and bias; statistics in float32). x [N, C, ...] of float32, "
+      "float64 or bfloat16; weight and bias [C] of x's dtype or float32, or None. The result has x's dtype.");
   m.def(
       "fused_attention",
       [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& bias,

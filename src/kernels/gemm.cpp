@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -36,6 +37,11 @@ namespace kernels {
 // C = alpha op(A) op(B) + beta C; returns dnnl_success (0) or an error status.
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The same with bfloat16 A and B (dnnl_bfloat16_t: the 16 bits) and float32
+// accumulation and C.
+extern "C" int dnnl_gemm_bf16bf16f32(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
+                                     const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta,
+                                     float* C, int64_t ldc);
 #endif
 
 bool have_dnnl_sgemm() {
@@ -90,24 +96,19 @@ int omp_team() {
 #endif
 }
 
-// C = op(A) op(B) (+ C where accumulate), row-major, on compute_threads() threads.
+// C = op(A) op(B) (+ C where accumulate), row-major, on compute_threads() threads:
+// call(m0, m1, n0, n1) computes the block of C's rows [m0, m1) and columns [n0, n1).
 // oneDNN threads with OpenMP. Under the float32 policy OpenMP has torch's one
 // thread and BLAS the cores, and an OpenMP team of two spins after every region
 // on the core that OpenBLAS's and run_parallel's threads then need (the small
 // VLM's fp32 step at batch 1 ran 0.27x the peer with the MLP's GEMMs on a team
 // of two). So where OpenMP has fewer threads than vlmkit's policy gives, the
 // product is cut in blocks of C's rows (or columns, whichever is longer) and
-// each block is one single-threaded sgemm on a run_parallel unit, whose
-// threads sleep between calls.
-void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  auto call = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    const float* ab = ta ? a + m0 : a + m0 * lda;
-    const float* bb = tb ? b + n0 * ldb : b + n0;
-    const int status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m1 - m0, n1 - n0, k, 1.0f, ab, lda, bb, ldb,
-                                  accumulate ? 1.0f : 0.0f, c + m0 * ldc + n0, ldc);
-    TORCH_CHECK(status == 0, "gemm: dnnl_sgemm failed with status ", status);
-  };
+// each block is one single-threaded GEMM on a run_parallel unit, whose
+// threads sleep between calls. Under the bf16 policy OpenMP has the threads and
+// oneDNN's own team runs the whole product.
+template <typename Call>
+void gemm_blocks(int64_t m, int64_t n, int64_t k, const Call& call) {
   const int threads = compute_threads();
   const int team = omp_team();
   if (threads <= team || double(m) * double(n) * double(k) < kSplitMacs) return call(0, m, 0, n);
@@ -124,44 +125,88 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, in
     else call(0, m, lo, hi);
   });
 }
+
+// One GEMM through dnnl_sgemm (T = float) or dnnl_gemm_bf16bf16f32 (T = BFloat16).
+template <typename T>
+void dnnl_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+               int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  gemm_blocks(m, n, k, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    const T* ab = ta ? a + m0 : a + m0 * lda;
+    const T* bb = tb ? b + n0 * ldb : b + n0;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    int status;
+    if constexpr (std::is_same<T, float>::value) {
+      status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m1 - m0, n1 - n0, k, 1.0f, ab, lda, bb, ldb, beta,
+                          c + m0 * ldc + n0, ldc);
+    } else {
+      status = dnnl_gemm_bf16bf16f32(ta ? 'T' : 'N', tb ? 'T' : 'N', m1 - m0, n1 - n0, k, 1.0f,
+                                     reinterpret_cast<const uint16_t*>(ab), lda,
+                                     reinterpret_cast<const uint16_t*>(bb), ldb, beta, c + m0 * ldc + n0, ldc);
+    }
+    TORCH_CHECK(status == 0, "gemm: oneDNN's GEMM failed with status ", status);
+  });
+}
 }  // namespace
 #endif
 
-at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias) {
+at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias,
+                at::ScalarType out) {
+  const auto s = a.scalar_type();
+  if (out == at::ScalarType::Undefined) out = s;
 #ifdef VLMKIT_WITH_DNNL
-  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
-      (!bias.defined() || bias.scalar_type() == at::kFloat)) {
+  const bool dnnl = (s == at::kFloat || s == at::kBFloat16) && b.scalar_type() == s && a.device().is_cpu() &&
+                    b.device().is_cpu() && (out == s || out == at::kFloat) &&
+                    (!bias.defined() || bias.scalar_type() == s || bias.scalar_type() == at::kFloat);
+  if (dnnl) {
     const auto ac = a.contiguous(), bc = b.contiguous();
     const int64_t m = ta ? ac.size(1) : ac.size(0), k = ta ? ac.size(0) : ac.size(1);
     const int64_t n = tb ? bc.size(0) : bc.size(1);
     TORCH_CHECK((tb ? bc.size(1) : bc.size(0)) == k, "gemm: inner sizes differ: ", ac.sizes(), " and ", bc.sizes());
-    // C starts as the bias in every row (a copy: for one row the expanded bias is
-    // itself contiguous, and the product must not land in it). beta = 0 need not
-    // clear C, so a product over zero inner size is written as zeros.
-    at::Tensor c = k == 0 && !bias.defined() ? at::zeros({m, n}, ac.options()) : at::empty({m, n}, ac.options());
+    // C (float32) starts as the bias in every row (a copy: for one row the expanded
+    // bias is itself contiguous, and the product must not land in it). beta = 0
+    // need not clear C, so a product over zero inner size is written as zeros.
+    const auto f32 = ac.options().dtype(at::kFloat);
+    at::Tensor c = k == 0 && !bias.defined() ? at::zeros({m, n}, f32) : at::empty({m, n}, f32);
     if (bias.defined()) c.copy_(bias.reshape({1, n}).expand({m, n}));
-    if (m > 0 && n > 0 && k > 0)
-      sgemm(ta, tb, m, n, k, ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(), bc.size(1), bias.defined(),
-            c.data_ptr<float>(), n);
-    return c;
+    if (m > 0 && n > 0 && k > 0) {
+      if (s == at::kFloat)
+        dnnl_gemm(ta, tb, m, n, k, ac.data_ptr<float>(), ac.size(1), bc.data_ptr<float>(), bc.size(1),
+                  bias.defined(), c.data_ptr<float>(), n);
+      else
+        dnnl_gemm(ta, tb, m, n, k, ac.data_ptr<c10::BFloat16>(), ac.size(1), bc.data_ptr<c10::BFloat16>(),
+                  bc.size(1), bias.defined(), c.data_ptr<float>(), n);
+    }
+    return out == at::kFloat ? c : c.to(out);
   }
 #endif
   const auto ao = ta ? a.t() : a, bo = tb ? b.t() : b;
-  return bias.defined() ? at::addmm(bias, ao, bo) : at::mm(ao, bo);
+  auto c = bias.defined() ? at::addmm(bias.to(s), ao, bo) : at::mm(ao, bo);
+  return c.scalar_type() == out ? c : c.to(out);
 }
 
 namespace {
 
-bool use_dnnl_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!have_dnnl_sgemm() || !g_gemm_kernel.is_auto()) return false;
-  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.device().is_cpu() ||
-      !w.device().is_cpu() || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1))
-    return false;
-  if (b.defined() && (b.scalar_type() != at::kFloat || !b.device().is_cpu() || b.dim() != 1 ||
-                      b.size(0) != w.size(0)))
-    return false;
-  // Under CPU autocast at::linear computes in the autocast dtype; leave it to it.
-  return !at::autocast::is_cpu_enabled();
+// Which path kernels::linear takes.
+enum class LinearPath { aten, f32, bf16 };
+
+LinearPath linear_path(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!have_dnnl_sgemm() || !g_gemm_kernel.is_auto()) return LinearPath::aten;
+  if (!x.device().is_cpu() || !w.device().is_cpu() || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1) ||
+      (b.defined() && (!b.device().is_cpu() || b.dim() != 1 || b.size(0) != w.size(0))))
+    return LinearPath::aten;
+  auto either = [](const at::Tensor& t) {
+    return !t.defined() || t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  if (at::autocast::is_cpu_enabled()) {
+    // Under CPU autocast at::linear computes in the autocast dtype: bfloat16 here too
+    // (any other autocast dtype is left to ATen).
+    return at::autocast::get_autocast_cpu_dtype() == at::kBFloat16 && either(x) && either(w) && either(b)
+               ? LinearPath::bf16
+               : LinearPath::aten;
+  }
+  const bool f32 = x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+                   (!b.defined() || b.scalar_type() == at::kFloat);
+  return f32 ? LinearPath::f32 : LinearPath::aten;
 }
 
 // x w^T + b through gemm(), in x's leading shape: the forward with and without autograd.
@@ -200,14 +245,70 @@ struct DnnlLinear : public torch::autograd::Function<DnnlLinear> {
   }
 };
 
+// Under bf16 autocast: x w^T + b with x and w rounded to bfloat16 (as autocast's
+// casts do), float32 accumulation and bias, one rounding of the result to
+// bfloat16 (autocast's dtype for a Linear).
+at::Tensor bf16_linear_forward(const at::Tensor& xb, const at::Tensor& wb, const at::Tensor& b,
+                               at::IntArrayRef x_sizes) {
+  auto sizes = x_sizes.vec();
+  sizes.back() = wb.size(0);
+  return gemm(xb, false, wb, true, b, at::kBFloat16).view(sizes);
+}
+
+at::Tensor to_bf16(const at::Tensor& t) {
+  return (t.scalar_type() == at::kBFloat16 ? t : t.to(at::kBFloat16)).contiguous();
+}
+
+// The autocast Linear's autograd: keeps x and w in bfloat16 (what autocast's
+// at::linear keeps), and writes the gradients of x, w and b from float32
+// accumulators straight in their own dtypes (float32 master weights: no
+// bfloat16 rounding of the weight gradient, and no cast after).
+struct Bf16Linear : public torch::autograd::Function<Bf16Linear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& bias, bool has_bias) {
+    const auto xb = to_bf16(as_matrix(x)), wb = to_bf16(w);
+    ctx->save_for_backward({xb, wb});
+    ctx->saved_data["x_sizes"] = x.sizes();
+    ctx->saved_data["x_dtype"] = int64_t(x.scalar_type());
+    ctx->saved_data["w_dtype"] = int64_t(w.scalar_type());
+    ctx->saved_data["b_dtype"] = int64_t(has_bias ? bias.scalar_type() : at::kFloat);
+    ctx->saved_data["b"] = has_bias;
+    return bf16_linear_forward(xb, wb, has_bias ? bias : at::Tensor(), x.sizes());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "Linear under bf16 autocast: a double backward (create_graph=True) is not supported by vlmkit's "
+                "oneDNN GEMMs; call vlmkit.set_gemm_kernel(\"aten\") first");
+    auto saved = ctx->get_saved_variables();
+    const auto &xb = saved[0], &wb = saved[1];
+    auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
+    const auto go = to_bf16(as_matrix(grads[0]));
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0))
+      dx = gemm(go, false, wb, false, {}, at::kFloat).to(dtype("x_dtype")).view(ctx->saved_data["x_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) dw = gemm(go, true, xb, false, {}, at::kFloat).to(dtype("w_dtype"));
+    if (ctx->needs_input_grad(2) && ctx->saved_data["b"].toBool())
+      db = at::sum(go, {0}, false, at::kFloat).to(dtype("b_dtype"));
+    return {dx, dw, db, at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!use_dnnl_linear(x, w, b)) return at::linear(x, w, b);
+  const auto path = linear_path(x, w, b);
+  if (path == LinearPath::aten) return at::linear(x, w, b);
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
+  const auto bias = b.defined() ? b : at::empty({0}, x.options());
+  if (path == LinearPath::bf16) {
+    if (!grad) return bf16_linear_forward(to_bf16(as_matrix(x)), to_bf16(w), b, x.sizes());
+    return Bf16Linear::apply(x, w, bias, b.defined());
+  }
   if (!grad) return linear_forward(x, w, b);  // inference: nothing to keep for a backward
-  return DnnlLinear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
+  return DnnlLinear::apply(x, w, bias, b.defined());
 }
 
 #ifdef VLMKIT_WITH_DNNL

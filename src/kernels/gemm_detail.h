@@ -12,10 +12,13 @@ inline at::Tensor as_matrix(const at::Tensor& x) {
   return x.reshape({rows, x.size(-1)});
 }
 
-// op(a) op(b) (+ bias over the rows) for 2-D matrices: float32 on CPU through
-// oneDNN's sgemm where vlmkit was built with it, on compute_threads() threads;
-// else ATen's GEMM (at::mm / at::addmm).
-at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias = {});
+// op(a) op(b) (+ bias over the rows) for 2-D matrices, of dtype `out` (a's
+// dtype when Undefined; float32 or a's): float32 or bfloat16 on CPU through
+// oneDNN's dnnl_sgemm / dnnl_gemm_bf16bf16f32 (float32 accumulation, the bias
+// added in float32 before one rounding to `out`) where vlmkit was built with it,
+// on compute_threads() threads; else ATen's GEMM (at::mm / at::addmm).
+at::Tensor gemm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const at::Tensor& bias = {},
+                at::ScalarType out = at::ScalarType::Undefined);
 
 }  // namespace kernels
 }  // namespace vlmkit

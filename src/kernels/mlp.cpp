@@ -32,22 +32,6 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements below which one thread does the work
 
-// Phi(x) and phi(x) (the standard normal CDF and density) from one exp:
-// erf by Abramowitz & Stegun 7.1.26 as in vec_math.h, with the tail written
-// as 0.5 * poly * e directly, so Phi keeps its relative precision for x << 0.
-inline __attribute__((always_inline)) void normal_parts(float x, float& cdf, float& pdf) {
-  const float z = x * 0.70710678118654752f;
-  const float az = z < 0.f ? -z : z;
-  const float e = exp_f32(-z * z);
-  const float tail = 0.5f * erfc_poly(az) * e;  // Phi(-|x|)
-  cdf = z < 0.f ? tail : 1.0f - tail;
-  pdf = e * 0.39894228040143268f;
-}
-inline void normal_parts(double x, double& cdf, double& pdf) {
-  cdf = 0.5 * std::erfc(-x * 0.70710678118654752);
-  pdf = std::exp(-0.5 * x * x) * 0.39894228040143268;
-}
-
 template <typename T>
 inline __attribute__((always_inline)) void gelu_range(const T* __restrict h, T* __restrict g, int64_t begin, int64_t end) {
   using A = typename Acc<T>::type;

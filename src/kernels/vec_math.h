@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 namespace vlmkit {
@@ -81,6 +82,22 @@ inline __attribute__((always_inline)) float erf_f32(float x) {
   const float ax = x < 0.f ? -x : x;
   const float y = 1.0f - erfc_poly(ax) * exp_f32(-ax * ax);
   return x < 0.f ? -y : y;
+}
+
+// Phi(x) and phi(x) (the standard normal CDF and density) from one exp:
+// erf by Abramowitz & Stegun 7.1.26 as in vec_math.h, with the tail written
+// as 0.5 * poly * e directly, so Phi keeps its relative precision for x << 0.
+inline __attribute__((always_inline)) void normal_parts(float x, float& cdf, float& pdf) {
+  const float z = x * 0.70710678118654752f;
+  const float az = z < 0.f ? -z : z;
+  const float e = exp_f32(-z * z);
+  const float tail = 0.5f * erfc_poly(az) * e;  // Phi(-|x|)
+  cdf = z < 0.f ? tail : 1.0f - tail;
+  pdf = e * 0.39894228040143268f;
+}
+inline void normal_parts(double x, double& cdf, double& pdf) {
+  cdf = 0.5 * std::erfc(-x * 0.70710678118654752);
+  pdf = std::exp(-0.5 * x * x) * 0.39894228040143268;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -65,7 +65,13 @@ torch::Tensor ConvStageImpl::features(const torch::Tensor& images) {
   TORCH_CHECK_VALUE(images.size(2) % s == 0 && images.size(3) % s == 0,
                     "ConvStage: expected image height and width to be multiples of ", s,
                     ", got ", images.size(2), "x", images.size(3));
-  return stages->forward(images);
+  // Each stage is (Conv2d, GroupNorm, GELU); the last two run as one kernel.
+  torch::Tensor x = images;
+  for (size_t i = 0; i + 2 < stages->size(); i += 3) {
+    x = stages[i]->as<torch::nn::Conv2dImpl>()->forward(x);
+    x = stages[i + 1]->as<detail::GroupNormImpl>()->forward_gelu(x);
+  }
+  return x;
 }
 
 EncoderOutput ImageEncoderModule::forward(const torch::Tensor& images, const torch::Tensor& image_sizes) {

@@ -1,8 +1,9 @@
-"""vlmkit's float32 GEMMs through oneDNN's sgemm (vlmkit.linear and vlmkit.matmul;
-kernels/gemm.h): parity with torch.nn.functional.linear and torch.matmul for every
-input layout they take, the products cut across the thread pool, second
-derivatives, the cases left to ATen, and whole models training with them as with
-ATen."""
+"""vlmkit's GEMMs through oneDNN (vlmkit.linear and vlmkit.matmul; kernels/gemm.h):
+parity with torch.nn.functional.linear and torch.matmul for every input layout they
+take, the products cut across the thread pool, second derivatives, the cases left to
+ATen, whole models training with them as with ATen, and Linear under bf16 autocast
+(dnnl_gemm_bf16bf16f32: autocast's rounding of the inputs and output, float32
+gradients)."""
 import itertools
 
 import pytest
@@ -126,15 +127,51 @@ def test_float32_runs_onednn_and_other_cases_run_aten(gemm_kernel):
     gemm_kernel("auto")
     assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x.double(), w.double(), b.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert aten_gemm_calls(step) == []  # dnnl_gemm_bf16bf16f32
+        gemm_kernel("aten")
         assert "aten::linear" in aten_gemm_calls(lambda: vlmkit.linear(x, w, b))
 
 
-def test_autocast_computes_as_aten():
-    x, w, b = operands((32, 64), 48)
+def bf16_forward_and_grads(fn, x, w, b):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, ref = vlmkit.linear(x, w, b), F.linear(x, w, b)
-    assert out.dtype == ref.dtype == torch.bfloat16
-    assert torch.equal(out, ref)
+        return forward_and_grads(fn, x, w, b)
+
+
+@pytest.mark.parametrize("x_shape", [(16,), (7, 16), (3, 11, 16), (2, 2, 5, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_rounds_as_autocast_and_keeps_float32_gradients(x_shape, bias):
+    """Under bf16 autocast the output is bf16 as at::linear's; its error against a
+    float64 reference of the same bf16-rounded inputs is one rounding at most, and
+    the gradients come back in float32 (the inputs' dtype) at least as close to
+    float64's as autocast's own."""
+    x, w, b = operands(x_shape, 24, bias)
+    out, grads = bf16_forward_and_grads(vlmkit.linear, x, w, b)
+    ref, ref_grads = bf16_forward_and_grads(F.linear, x, w, b)
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert [g.dtype for g in grads] == [torch.float32] * len(grads)
+    xr, wr = x.detach().bfloat16().double(), w.detach().bfloat16().double()
+    exact = xr @ wr.t() + (b.detach().double() if b is not None else 0)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    upstream = torch.linspace(-1, 1, out.numel()).view(out.shape).bfloat16().double()
+    exact_grads = [upstream @ wr, upstream.reshape(-1, 24).t() @ xr.reshape(-1, 16)]
+    if b is not None:
+        exact_grads.append(upstream.reshape(-1, 24).sum(0))
+    for g, r, e in zip(grads, ref_grads, exact_grads):
+        e = e.reshape(g.shape)
+        assert (g.double() - e).abs().max() <= (r.double() - e).abs().max() + 1e-6
+
+
+def test_autocast_takes_bfloat16_weights_and_refuses_double_backward():
+    x, w, b = operands((5, 16), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vlmkit.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+        ref = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+    with pytest.raises(RuntimeError, match="double backward"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = vlmkit.linear(x, w, b).float().square().sum()
+        torch.autograd.grad(y, x, create_graph=True)
 
 
 def test_bad_inputs_are_refused_by_name(gemm_kernel):

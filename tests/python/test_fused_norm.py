@@ -1,6 +1,8 @@
-"""The fused RMSNorm (vlmkit.rms_norm; kernels/norm.h): float64 gradcheck, float32
-and bfloat16 parity with the ATen reference, the dtypes it returns, whole models with
-QK-norm giving the reference's loss and gradients, and bad inputs refused by name."""
+"""The fused RMSNorm (vlmkit.rms_norm) and GroupNorm + GELU (vlmkit.group_norm_gelu;
+kernels/norm.h): float64 gradcheck, float32 and bfloat16 parity with the ATen
+reference, the dtypes they return, results independent of the thread count, whole
+models with QK-norm and conv stages giving the reference's loss and gradients, and
+bad inputs refused by name."""
 import itertools
 
 import pytest
@@ -149,3 +151,90 @@ def test_bf16_autocast_training_step_matches_aten(norm_kernel):
     for name, grad in ref.items():
         assert torch.isfinite(fused[name]).all(), name
         assert (fused[name] - grad).abs().max() <= 5e-2 * grad.abs().max() + 1e-6, name
+
+
+# --- GroupNorm + GELU -------------------------------------------------------------
+
+def gn_reference(x, groups, w, b, eps=1e-5):
+    return torch.nn.functional.gelu(torch.nn.functional.group_norm(x, groups, w, b, eps))
+
+
+def gn_grads(fn, x, groups, w, b):
+    out = fn(x, groups, w, b)
+    upstream = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(out.dtype)
+    wanted = [t for t in (x, w, b) if t is not None]
+    return out, torch.autograd.grad((out * upstream).sum(), wanted)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_gelu_float64_gradcheck(affine):
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(6, dtype=torch.float64)).requires_grad_() if affine else None
+    b = (0.5 * torch.randn(6, dtype=torch.float64)).requires_grad_() if affine else None
+    inputs = (x, w, b) if affine else (x,)
+    fn = (lambda a, c, d: vlmkit.group_norm_gelu(a, 3, c, d)) if affine else (lambda a: vlmkit.group_norm_gelu(a, 3))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("shape,groups", [((4, 32, 16, 16), 8), ((3, 6, 7), 3), ((2, 8, 3, 4, 5), 8),
+                                          ((2, 4, 17), 1), ((96, 32, 8, 8), 4)])
+def test_group_norm_gelu_float32_equals_the_reference(shape, groups):
+    """(96, 32, 8, 8): enough elements for both threads."""
+    x = (2 * torch.randn(*shape) + 0.5).requires_grad_()
+    w = (1 + 0.3 * torch.randn(shape[1])).requires_grad_()
+    b = (0.5 * torch.randn(shape[1])).requires_grad_()
+    out, g = gn_grads(vlmkit.group_norm_gelu, x, groups, w, b)
+    ref, gr = gn_grads(gn_reference, x, groups, w, b)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    for a, r in zip((out, *g), (ref, *gr)):
+        assert (a - r).abs().max() <= 2e-5 * max(1.0, r.abs().max().item())
+
+
+def test_group_norm_gelu_bfloat16_input_with_float32_weight():
+    """The conv stage under autocast: a bf16 convolution output, float32 affine
+    parameters, a bf16 result (one rounding of the float32 value) and float32
+    parameter gradients."""
+    x = torch.randn(4, 16, 8, 8).bfloat16().requires_grad_()
+    w = (1 + 0.3 * torch.randn(16)).requires_grad_()
+    b = (0.5 * torch.randn(16)).requires_grad_()
+    out, (gx, gw, gb) = gn_grads(vlmkit.group_norm_gelu, x, 4, w, b)
+    ref = gn_reference(x.detach().float(), 4, w.detach(), b.detach())
+    assert out.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16
+    assert gw.dtype == gb.dtype == torch.float32
+    assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5).all()
+    xf = x.detach().float().requires_grad_()
+    _, (rx, rw, rb) = gn_grads(gn_reference, xf, 4, w, b)
+    for a, r in ((gx, rx), (gw, rw), (gb, rb)):
+        assert (a.float() - r).abs().max() <= 2e-2 * r.abs().max()
+
+
+def test_group_norm_gelu_is_the_same_on_one_or_two_threads():
+    x = torch.randn(64, 32, 8, 8, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(32)).requires_grad_()
+    b = torch.randn(32).requires_grad_()
+    before = vlmkit.thread_info()
+    results = []
+    try:
+        for threads in (1, 2):
+            vlmkit.set_num_threads(threads, 1)
+            results.append(gn_grads(vlmkit.group_norm_gelu, x, 8, w, b))
+    finally:
+        vlmkit.set_num_threads(before["torch_threads"], before["blas_threads"])
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+def test_group_norm_gelu_bad_inputs_are_refused_by_name():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="groups >= 1 dividing the 6 channels"):
+        vlmkit.group_norm_gelu(x, 4)
+    with pytest.raises(ValueError, match=r"expected weight \[6\]"):
+        vlmkit.group_norm_gelu(x, 3, torch.ones(5))
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
+        vlmkit.group_norm_gelu(x.int(), 3)
+    with pytest.raises(ValueError, match=r"\[N, C, ...\]"):
+        vlmkit.group_norm_gelu(torch.randn(6), 3)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        vlmkit.group_norm_gelu(x, 3, eps=0.0)
+    with pytest.raises(ValueError, match="bias of x's dtype"):
+        vlmkit.group_norm_gelu(x.double(), 3, None, torch.zeros(6, dtype=torch.int64))

@@ -1,5 +1,5 @@
 #pragma once
-/// Fused RMSNorm for CPU: y = x / sqrt(mean(x^2) + eps) * weight over the last
+/// Fused RMSNorm for CPU (and GroupNorm + GELU, below): y = x / sqrt(mean(x^2) + eps) * weight over the last
 /// dimension, forward and backward each one pass over the rows, on torch's
 /// intra-op threads, with AVX-512 / AVX2 clones picked at run time. ATen has no
 /// RMSNorm in LibTorch 1.13; written with its ops it is eight passes (a cast,
@@ -18,8 +18,9 @@
 
 namespace vlmkit {
 
-/// Which RMSNorm Norm runs on CPU: "auto" (default) the fused kernel; "aten"
-/// the reference written with ATen ops. Process-wide, like set_mlp_kernel; the
+/// Which RMSNorm Norm runs on CPU, and which GroupNorm + GELU the conv stage
+/// runs: "auto" (default) the fused kernels; "aten" the reference written with
+/// ATen ops. Process-wide, like set_mlp_kernel; the
 /// results agree to rounding.
 void set_norm_kernel(const std::string& kernel);
 std::string norm_kernel();
@@ -32,6 +33,22 @@ namespace kernels {
 /// promotion of x's and weight's dtypes (what the ATen ops return).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                     c10::optional<at::ScalarType> out_dtype = c10::nullopt);
+
+/// gelu(group_norm(x, groups, weight, bias, eps)) (exact, erf GELU) in one
+/// kernel, differentiable in x, weight and bias (first derivatives): what the
+/// conv stage (modules/conv_stage.h) runs after each convolution. x [N, C, ...]
+/// of float32, float64 or bfloat16 on CPU with C divisible by groups; weight
+/// and bias [C] of x's dtype or float32, or undefined (1 and 0). The result has
+/// x's dtype: under bf16 autocast the convolution's bf16 output is normalised
+/// in float32 and written back in bf16 for the next convolution, where ATen's
+/// ops (GroupNorm in float32, GELU, and autocast's cast) make three passes and
+/// two copies, and its GELU backward falls to a scalar loop when the incoming
+/// gradient's layout differs from its input's (oneDNN's convolution backward).
+/// Statistics in float32 (float64 for float64); the backward keeps x and two
+/// floats per (sample, group) and recomputes the rest. Each (sample, group) is
+/// one unit of work, so results do not depend on the number of threads.
+at::Tensor group_norm_gelu(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
+                           const at::Tensor& bias, double eps = 1e-5);
 
 }  // namespace kernels
 }  // namespace vlmkit

@@ -17,6 +17,10 @@ class GroupNormImpl : public torch::nn::GroupNormImpl {
  public:
   using torch::nn::GroupNormImpl::GroupNormImpl;
   torch::Tensor forward(const torch::Tensor& input);
+  /// gelu(forward(input)): on CPU, by the fused kernel (kernels/norm.h,
+  /// group_norm_gelu) when norm_kernel() is "auto", in the input's dtype (bf16
+  /// under autocast, for the next convolution); else GroupNorm then GELU.
+  torch::Tensor forward_gelu(const torch::Tensor& input);
 };
 TORCH_MODULE(GroupNorm);
 }  // namespace detail
