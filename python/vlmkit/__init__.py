@@ -46,6 +46,7 @@ set_norm_kernel = _C.set_norm_kernel
 norm_kernel = _C.norm_kernel
 rms_norm = _C.rms_norm
 group_norm_gelu = _C.group_norm_gelu
+rotary = _C.rotary
 
 
 EncoderOutput = _C.EncoderOutput
@@ -143,6 +144,6 @@ __all__ = [
     "apply_default_allocator", "apply_default_threads", "attention_kernel", "build_model", "classification_loss", "clip_loss", "default_config",
     "fused_attention", "set_attention_kernel", "set_decode_kernel", "decode_kernel",
     "linear", "matmul", "set_gemm_kernel", "gemm_kernel", "have_dnnl_sgemm",
-    "fused_gelu_mlp", "set_mlp_kernel", "mlp_kernel", "rms_norm", "group_norm_gelu", "set_norm_kernel", "norm_kernel",
+    "fused_gelu_mlp", "set_mlp_kernel", "mlp_kernel", "rms_norm", "group_norm_gelu", "rotary", "set_norm_kernel", "norm_kernel",
     "fusion_types", "matching_loss", "projector_types", "set_num_threads", "siglip_loss", "thread_info", "torch_version",
 ] + sorted(_PROJECTORS) + sorted(_FUSIONS) + sorted(_HEADS)

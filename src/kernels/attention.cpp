@@ -10,7 +10,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <ATen/Parallel.h>
 
 #include "vlmkit/runtime.h"
 #include "vec_math.h"
@@ -541,6 +544,128 @@ at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   if (!at::GradMode::is_enabled() || !(q.requires_grad() || k.requires_grad() || v.requires_grad()))
     return std::get<0>(fused_attention_forward(q, k, v, bias, scale));
   return FusedAttention::apply(q, k, v, bias.defined() ? bias : at::empty({0}, q.options()), scale);
+}
+
+
+// ---------------------------------------------------------------------------
+// Rotary positions (kernels/attention.h, rotary).
+
+namespace {
+
+// Rows [begin, end) of x [B, H, T, Dh] (unit stride in Dh): with (c, s) the
+// row's cos and sin and `sign` +1, y1 = x1 c - x2 s and y2 = x2 c + x1 s over the
+// two halves; `sign` -1 rotates back (the backward, the transpose of the rotation).
+template <typename T>
+inline __attribute__((always_inline)) void rotary_rows(const T* __restrict x, T* __restrict y,
+                                                       const typename Acc<T>::type* __restrict cos,
+                                                       const typename Acc<T>::type* __restrict sin,
+                                                       const int64_t* xs, const int64_t* ys, int64_t heads,
+                                                       int64_t length, int64_t half, bool back, int64_t begin,
+                                                       int64_t end) {
+  using A = typename Acc<T>::type;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t t = r % length, bh = r / length, h = bh % heads, b = bh / heads;
+    const T* xr = x + b * xs[0] + h * xs[1] + t * xs[2];
+    T* yr = y + b * ys[0] + h * ys[1] + t * ys[2];
+    const A* c = cos + (b * length + t) * half;
+    const A* sn = sin + (b * length + t) * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const A x1 = load(xr, i), x2 = load(xr, i + half);
+      const A si = back ? -sn[i] : sn[i];
+      store(yr, i, x1 * c[i] - x2 * si);
+      store(yr, i + half, x2 * c[i] + x1 * si);
+    }
+  }
+}
+
+template <typename T>
+using RotaryFn = void (*)(const T*, T*, const typename Acc<T>::type*, const typename Acc<T>::type*, const int64_t*,
+                          const int64_t*, int64_t, int64_t, int64_t, bool, int64_t, int64_t);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void rotary_avx512(
+    const T* x, T* y, const typename Acc<T>::type* c, const typename Acc<T>::type* s, const int64_t* xs,
+    const int64_t* ys, int64_t heads, int64_t length, int64_t half, bool back, int64_t b, int64_t e) {
+  rotary_rows(x, y, c, s, xs, ys, heads, length, half, back, b, e);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void rotary_avx2(const T* x, T* y, const typename Acc<T>::type* c,
+                                                     const typename Acc<T>::type* s, const int64_t* xs,
+                                                     const int64_t* ys, int64_t heads, int64_t length, int64_t half,
+                                                     bool back, int64_t b, int64_t e) {
+  rotary_rows(x, y, c, s, xs, ys, heads, length, half, back, b, e);
+}
+#endif
+
+template <typename T>
+RotaryFn<T> pick_rotary() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (!std::is_same<T, double>::value) {
+    if (cpu_isa() == 2) return &rotary_avx512<T>;
+    if (cpu_isa() == 1) return &rotary_avx2<T>;
+  }
+#endif
+  return &rotary_rows<T>;
+}
+
+// y (x's layout where it is dense, else contiguous) = x rotated by the table.
+at::Tensor rotate(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool back) {
+  const auto x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  auto y = at::empty_like(x);
+  if (y.stride(-1) != 1) y = at::empty(x.sizes(), x.options());
+  const int64_t heads = x.size(1), length = x.size(2), half = x.size(3) / 2;
+  const int64_t rows = x.size(0) * heads * length;
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)}, ys[3] = {y.stride(0), y.stride(1), y.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "vlmkit_rotary", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const auto fn = pick_rotary<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const A* cp = cos.data_ptr<A>();
+    const A* sp = sin.data_ptr<A>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(2 * half, 1)),
+                     [&](int64_t b, int64_t e) { fn(xp, yp, cp, sp, xs, ys, heads, length, half, back, b, e); });
+  });
+  return y;
+}
+
+struct Rotary : public torch::autograd::Function<Rotary> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    return rotate(x, cos, sin, false);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused rotary: a double backward (create_graph=True) is not supported; call "
+                "vlmkit.set_attention_kernel(\"aten\") first");
+    auto saved = ctx->get_saved_variables();
+    return {rotate(grads[0], saved[0], saved[1], true), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK_VALUE(x.defined() && x.dim() == 4 && x.size(3) % 2 == 0,
+                    "rotary: expected x [B, H, T, Dh] with an even Dh, got ", x.sizes());
+  const auto s = x.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16,
+                    "rotary: expected x of float32, float64 or bfloat16, got ", s);
+  const auto acc = s == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> table{x.size(0), x.size(2), x.size(3) / 2};
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK_VALUE(t->defined() && t->scalar_type() == acc && t->is_contiguous() && t->numel() == x.size(0) * x.size(2) * (x.size(3) / 2) &&
+                          t->size(0) == x.size(0) && t->size(-1) == x.size(3) / 2 && t->size(-2) == x.size(2),
+                      "rotary: expected cos and sin [B, (1,) T, Dh/2] of ", acc, ", contiguous, for x ", x.sizes(),
+                      ", got ", t->defined() ? t->sizes() : at::IntArrayRef{}, " of ",
+                      t->defined() ? t->scalar_type() : at::ScalarType::Undefined);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(),
+                    "rotary: expected CPU tensors, got x on ", x.device());
+  if (at::GradMode::is_enabled() && x.requires_grad()) return Rotary::apply(x, cos, sin);
+  return rotate(x, cos, sin, false);
 }
 
 }  // namespace kernels

@@ -375,6 +375,110 @@ inline __attribute__((always_inline)) void gn_gelu_backward_unit(
   }
 }
 
+// Channels last: one sample of x [S, C] (positions by channels). Per-channel sums
+// over the positions (vectorised across the channels), folded per group; `work`
+// holds 4 C accumulators. stats [groups, 2] <- (mean, rstd) of each group.
+template <typename T>
+inline __attribute__((always_inline)) void gn_gelu_forward_nhwc(const T* __restrict x,
+                                                                const typename Acc<T>::type* __restrict w,
+                                                                const typename Acc<T>::type* __restrict b,
+                                                                T* __restrict y, typename Acc<T>::type* __restrict stats,
+                                                                typename Acc<T>::type* __restrict work, int64_t s,
+                                                                int64_t c, int64_t groups, double eps) {
+  using A = typename Acc<T>::type;
+  const int64_t cg = c / groups;
+  A* sum = work;            // [C]
+  A* mean = work + c;       // [C]: its group's mean
+  A* scale = work + 2 * c;  // [C]: rstd w
+  A* shift = work + 3 * c;  // [C]: b - mean rstd w
+  for (int64_t ch = 0; ch < c; ++ch) sum[ch] = 0;
+  for (int64_t p = 0; p < s; ++p)
+    for (int64_t ch = 0; ch < c; ++ch) sum[ch] += A(load(x, p * c + ch));
+  for (int64_t g = 0; g < groups; ++g) {
+    A t = 0;
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) t += sum[ch];
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) mean[ch] = t / A(cg * s);
+  }
+  for (int64_t ch = 0; ch < c; ++ch) sum[ch] = 0;
+  for (int64_t p = 0; p < s; ++p)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const A d = A(load(x, p * c + ch)) - mean[ch];
+      sum[ch] += d * d;
+    }
+  for (int64_t g = 0; g < groups; ++g) {
+    A t = 0;
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) t += sum[ch];
+    const A rstd = rsqrt_acc(t / A(cg * s) + A(eps));
+    stats[2 * g] = mean[g * cg];
+    stats[2 * g + 1] = rstd;
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+      scale[ch] = rstd * w[ch];
+      shift[ch] = b[ch] - mean[ch] * scale[ch];
+    }
+  }
+  for (int64_t p = 0; p < s; ++p)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const A z = A(load(x, p * c + ch)) * scale[ch] + shift[ch];
+      A cdf, pdf;
+      normal_parts(z, cdf, pdf);
+      store(y, p * c + ch, z * cdf);
+    }
+}
+
+// Its backward, as gn_gelu_backward_unit for every group of the sample at once;
+// `work` holds 6 C accumulators, `buf` the sample's S C values of dz.
+template <typename T>
+inline __attribute__((always_inline)) void gn_gelu_backward_nhwc(
+    const T* __restrict dy, const T* __restrict x, const typename Acc<T>::type* __restrict w,
+    const typename Acc<T>::type* __restrict b, const typename Acc<T>::type* __restrict stats, T* __restrict dx,
+    typename Acc<T>::type* __restrict dw, typename Acc<T>::type* __restrict db, typename Acc<T>::type* __restrict buf,
+    typename Acc<T>::type* __restrict work, int64_t s, int64_t c, int64_t groups) {
+  using A = typename Acc<T>::type;
+  const int64_t cg = c / groups;
+  A* mean = work;
+  A* rstd = work + c;
+  A* s1 = work + 2 * c;
+  A* s2 = work + 3 * c;
+  A* m1 = work + 4 * c;
+  A* m2 = work + 5 * c;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean[ch] = stats[2 * (ch / cg)];
+    rstd[ch] = stats[2 * (ch / cg) + 1];
+    s1[ch] = s2[ch] = 0;
+  }
+  for (int64_t p = 0; p < s; ++p)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const A xv = load(x, p * c + ch);
+      const A xhat = (xv - mean[ch]) * rstd[ch];
+      const A z = xhat * w[ch] + b[ch];
+      A cdf, pdf;
+      normal_parts(z, cdf, pdf);
+      const A d = A(load(dy, p * c + ch)) * (cdf + z * pdf);
+      buf[p * c + ch] = d;
+      s1[ch] += d;
+      s2[ch] += d * xhat;
+    }
+  for (int64_t g = 0; g < groups; ++g) {
+    A g1 = 0, g2 = 0;
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+      if (db) db[ch] = s1[ch];
+      if (dw) dw[ch] = s2[ch];
+      g1 += w[ch] * s1[ch];
+      g2 += w[ch] * s2[ch];
+    }
+    for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+      m1[ch] = g1 / A(cg * s);
+      m2[ch] = g2 / A(cg * s);
+    }
+  }
+  if (!dx) return;
+  for (int64_t p = 0; p < s; ++p)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const A xhat = (A(load(x, p * c + ch)) - mean[ch]) * rstd[ch];
+      store(dx, p * c + ch, rstd[ch] * (w[ch] * buf[p * c + ch] - m1[ch] - xhat * m2[ch]));
+    }
+}
+
 template <typename T>
 using GnForwardFn = void (*)(const T*, const typename Acc<T>::type*, const typename Acc<T>::type*, T*,
                              typename Acc<T>::type*, int64_t, int64_t, double);
@@ -410,6 +514,31 @@ VLMKIT_AVX2 void gn_backward_avx2(const T* dy, const T* x, const typename Acc<T>
                                   int64_t cg, int64_t s) {
   gn_gelu_backward_unit(dy, x, w, b, st, dx, dw, db, buf, cg, s);
 }
+// The channels-last pair: one sample per call, through a template of the ISA.
+template <typename T>
+using Acc_t = typename Acc<T>::type;
+template <typename T>
+VLMKIT_AVX512 void gn_nhwc_forward_avx512(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
+                                          Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
+  gn_gelu_forward_nhwc(x, w, b, y, st, work, s, c, g, eps);
+}
+template <typename T>
+VLMKIT_AVX2 void gn_nhwc_forward_avx2(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
+                                      Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
+  gn_gelu_forward_nhwc(x, w, b, y, st, work, s, c, g, eps);
+}
+template <typename T>
+VLMKIT_AVX512 void gn_nhwc_backward_avx512(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b,
+                                           const Acc_t<T>* st, T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf,
+                                           Acc_t<T>* work, int64_t s, int64_t c, int64_t g) {
+  gn_gelu_backward_nhwc(dy, x, w, b, st, dx, dw, db, buf, work, s, c, g);
+}
+template <typename T>
+VLMKIT_AVX2 void gn_nhwc_backward_avx2(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b,
+                                       const Acc_t<T>* st, T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf,
+                                       Acc_t<T>* work, int64_t s, int64_t c, int64_t g) {
+  gn_gelu_backward_nhwc(dy, x, w, b, st, dx, dw, db, buf, work, s, c, g);
+}
 #undef VLMKIT_AVX512
 #undef VLMKIT_AVX2
 #endif
@@ -436,8 +565,46 @@ GnBackwardFn<T> pick_gn_backward() {
   return &gn_gelu_backward_unit<T>;
 }
 
+template <typename T>
+using GnNhwcForwardFn = void (*)(const T*, const typename Acc<T>::type*, const typename Acc<T>::type*, T*,
+                                 typename Acc<T>::type*, typename Acc<T>::type*, int64_t, int64_t, int64_t, double);
+template <typename T>
+using GnNhwcBackwardFn = void (*)(const T*, const T*, const typename Acc<T>::type*, const typename Acc<T>::type*,
+                                  const typename Acc<T>::type*, T*, typename Acc<T>::type*, typename Acc<T>::type*,
+                                  typename Acc<T>::type*, typename Acc<T>::type*, int64_t, int64_t, int64_t);
+
+template <typename T>
+GnNhwcForwardFn<T> pick_gn_nhwc_forward() {
+#ifdef VLMKIT_ISA_CLONES
+  if constexpr (!std::is_same<T, double>::value) {
+    if (cpu_isa() == 2) return &gn_nhwc_forward_avx512<T>;
+    if (cpu_isa() == 1) return &gn_nhwc_forward_avx2<T>;
+  }
+#endif
+  return &gn_gelu_forward_nhwc<T>;
+}
+
+template <typename T>
+GnNhwcBackwardFn<T> pick_gn_nhwc_backward() {
+#ifdef VLMKIT_ISA_CLONES
+  if constexpr (!std::is_same<T, double>::value) {
+    if (cpu_isa() == 2) return &gn_nhwc_backward_avx512<T>;
+    if (cpu_isa() == 1) return &gn_nhwc_backward_avx2<T>;
+  }
+#endif
+  return &gn_gelu_backward_nhwc<T>;
+}
+
+// Whether x [N, C, H, W] is stored channels last (and not also plainly contiguous).
+bool channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Below this many elements in all, one thread does the work.
 constexpr int64_t kGnParallel = 65536;
+
+// x as the kernels read it: channels last where it is stored so, else contiguous.
+at::Tensor dense(const at::Tensor& x) { return channels_last(x) ? x : x.contiguous(); }
 
 int gn_threads(const at::Tensor& x) { return x.numel() >= kGnParallel ? compute_threads() : 1; }
 
@@ -461,12 +628,20 @@ std::pair<at::Tensor, at::Tensor> gn_gelu_forward(const at::Tensor& x, int64_t g
     const A* wp = w.data_ptr<A>();
     const A* bp = b.data_ptr<A>();
     A* sp = stats.data_ptr<A>();
-    const auto fn = pick_gn_forward<scalar_t>();
-    if (s * cg > 0)
-      detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
-        const int64_t g = u % groups, off = u * cg * s;  // (n, g) blocks follow each other in NCHW
-        fn(xp + off, wp + g * cg, bp + g * cg, yp + off, sp + 2 * u, cg, s, eps);
+    if (s * cg == 0) return;
+    if (channels_last(x)) {
+      const auto fn = pick_gn_nhwc_forward<scalar_t>();
+      detail::parallel_units(n, gn_threads(x), [&](int64_t u) {
+        std::vector<A> work(static_cast<size_t>(4 * c));
+        fn(xp + u * s * c, wp, bp, yp + u * s * c, sp + 2 * u * groups, work.data(), s, c, groups, eps);
       });
+      return;
+    }
+    const auto fn = pick_gn_forward<scalar_t>();
+    detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
+      const int64_t g = u % groups, off = u * cg * s;  // (n, g) blocks follow each other in NCHW
+      fn(xp + off, wp + g * cg, bp + g * cg, yp + off, sp + 2 * u, cg, s, eps);
+    });
   });
   return {y, stats};
 }
@@ -478,7 +653,7 @@ struct GroupNormGelu : public torch::autograd::Function<GroupNormGelu> {
                             const at::Tensor& bias_or_empty, int64_t groups, double eps) {
     const at::Tensor weight = weight_or_empty.numel() > 0 ? weight_or_empty : at::Tensor();
     const at::Tensor bias = bias_or_empty.numel() > 0 ? bias_or_empty : at::Tensor();
-    auto xc = x.contiguous();
+    auto xc = dense(x);
     auto [y, stats] = gn_gelu_forward(xc, groups, weight, bias, eps);
     ctx->save_for_backward({xc, weight, bias, stats});
     ctx->saved_data["groups"] = groups;
@@ -498,7 +673,8 @@ struct GroupNormGelu : public torch::autograd::Function<GroupNormGelu> {
     const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c), cg = c / groups;
     const auto acc = stats.scalar_type();
     const auto w = affine_or(weight, c, acc, 1.0), b = affine_or(bias, c, acc, 0.0);
-    const auto dy = grads[0].to(x.scalar_type()).contiguous();
+    const auto dy = grads[0].to(x.scalar_type()).contiguous(channels_last(x) ? at::MemoryFormat::ChannelsLast
+                                                                              : at::MemoryFormat::Contiguous);
     const bool want_dx = ctx->needs_input_grad(0);
     const bool want_dw = weight.defined() && ctx->needs_input_grad(1);
     const bool want_db = bias.defined() && ctx->needs_input_grad(2);
@@ -516,14 +692,24 @@ struct GroupNormGelu : public torch::autograd::Function<GroupNormGelu> {
       scalar_t* dxp = want_dx ? dx.data_ptr<scalar_t>() : nullptr;
       A* dwp = want_dw ? pdw.data_ptr<A>() : nullptr;
       A* dbp = want_db ? pdb.data_ptr<A>() : nullptr;
-      const auto fn = pick_gn_backward<scalar_t>();
-      if (s * cg > 0)
-        detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
-          const int64_t g = u % groups, off = u * cg * s, ch = u * cg;  // ch: (n, g)'s first row of [N, C]
-          std::vector<A> buf(static_cast<size_t>(cg * s));
-          fn(dyp + off, xp + off, wp + g * cg, bp + g * cg, sp + 2 * u, dxp ? dxp + off : nullptr,
-             dwp ? dwp + ch : nullptr, dbp ? dbp + ch : nullptr, buf.data(), cg, s);
+      if (s * cg == 0) return;
+      if (channels_last(x)) {
+        const auto fn = pick_gn_nhwc_backward<scalar_t>();
+        detail::parallel_units(n, gn_threads(x), [&](int64_t u) {
+          std::vector<A> buf(static_cast<size_t>(s * c)), work(static_cast<size_t>(6 * c));
+          const int64_t off = u * s * c;
+          fn(dyp + off, xp + off, wp, bp, sp + 2 * u * groups, dxp ? dxp + off : nullptr, dwp ? dwp + u * c : nullptr,
+             dbp ? dbp + u * c : nullptr, buf.data(), work.data(), s, c, groups);
         });
+        return;
+      }
+      const auto fn = pick_gn_backward<scalar_t>();
+      detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
+        const int64_t g = u % groups, off = u * cg * s, ch = u * cg;  // ch: (n, g)'s first row of [N, C]
+        std::vector<A> buf(static_cast<size_t>(cg * s));
+        fn(dyp + off, xp + off, wp + g * cg, bp + g * cg, sp + 2 * u, dxp ? dxp + off : nullptr,
+           dwp ? dwp + ch : nullptr, dbp ? dbp + ch : nullptr, buf.data(), cg, s);
+      });
     });
     at::Tensor dw = want_dw ? (s * cg > 0 ? pdw.sum(0) : at::zeros({c}, pdw.options())).to(weight.scalar_type())
                             : at::Tensor();
@@ -563,7 +749,7 @@ at::Tensor group_norm_gelu(const at::Tensor& x, int64_t groups, const at::Tensor
     const auto empty = at::empty({0}, x.options());
     return GroupNormGelu::apply(x, weight.defined() ? weight : empty, bias.defined() ? bias : empty, groups, eps);
   }
-  return gn_gelu_forward(x.contiguous(), groups, weight, bias, eps).first;
+  return gn_gelu_forward(dense(x), groups, weight, bias, eps).first;
 }
 
 }  // namespace kernels

@@ -12,6 +12,7 @@
 #include "vlmkit/config.h"
 #include "vlmkit/detail/autocast.h"
 #include "vlmkit/fusion/two_leg_fusion.h"
+#include "vlmkit/kernels/attention.h"
 #include "vlmkit/losses/losses.h"
 #include "vlmkit/modules/heads.h"
 #include "vlmkit/modules/text_encoder.h"
@@ -258,7 +259,15 @@ std::pair<torch::Tensor, torch::Tensor> rotary_cos_sin(const torch::Tensor& posi
 
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& positions, double theta) {
   const int64_t dh = x.size(-1), half = dh / 2;
-  const auto [cos, sin] = rotary_cos_sin(positions, dh, theta, x.scalar_type(), x.device());
+  const auto s = x.scalar_type();
+  if (x.device().is_cpu() && x.dim() == 4 && attention_kernel() != "aten" &&
+      (s == torch::kFloat || s == torch::kBFloat16 || s == torch::kDouble)) {
+    // The fused kernel (kernels/attention.h): the table in float32 (float64), one pass.
+    const auto acc = s == torch::kDouble ? torch::kDouble : torch::kFloat;
+    const auto [cos, sin] = rotary_cos_sin(positions, dh, theta, acc, x.device());
+    return kernels::rotary(x, cos, sin);
+  }
+  const auto [cos, sin] = rotary_cos_sin(positions, dh, theta, s, x.device());
   auto x1 = x.slice(-1, 0, half), x2 = x.slice(-1, half);
   return torch::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }

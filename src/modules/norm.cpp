@@ -36,15 +36,18 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
   return torch::nn::GroupNormImpl::forward(in_weight_precision(input, weight));
 }
 
-torch::Tensor GroupNormImpl::forward_gelu(const torch::Tensor& input) {
+bool GroupNormImpl::fuses(const torch::Tensor& input) const {
   const auto s = input.defined() ? input.scalar_type() : c10::ScalarType::Undefined;
   const bool autocast = at::autocast::is_cpu_enabled() || at::autocast::is_enabled();
   // Outside autocast a dtype mismatch fails in ATen's GroupNorm, as in torch.
   const bool dtypes = !weight.defined() || weight.scalar_type() == s || (autocast && weight.scalar_type() == torch::kFloat);
-  const bool fused = norm_kernel() == "auto" && input.defined() && input.device().is_cpu() && input.dim() >= 2 &&
-                     (s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16) && dtypes &&
-                     (!weight.defined() || weight.device().is_cpu());
-  if (fused) return kernels::group_norm_gelu(input, options.num_groups(), weight, bias, options.eps());
+  return norm_kernel() == "auto" && input.defined() && input.device().is_cpu() && input.dim() >= 2 &&
+         (s == torch::kFloat || s == torch::kDouble || s == torch::kBFloat16) && dtypes &&
+         (!weight.defined() || weight.device().is_cpu());
+}
+
+torch::Tensor GroupNormImpl::forward_gelu(const torch::Tensor& input) {
+  if (fuses(input)) return kernels::group_norm_gelu(input, options.num_groups(), weight, bias, options.eps());
   return torch::gelu(forward(input));
 }
 }  // namespace detail

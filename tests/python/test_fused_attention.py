@@ -2,7 +2,8 @@
 float64 gradcheck, float32 and bfloat16 parity with ATen's matmul-softmax-matmul
 under the masks the models build (none, causal, packed rows with padding, rows
 with every key blocked), and whole models giving ATen's loss and gradients with
-it (every architecture x projector x fusion, packed rows)."""
+it (every architecture x projector x fusion, packed rows). Also the fused rotary
+positions (vlmkit.rotary), which the same setting picks."""
 import itertools
 import math
 
@@ -160,3 +161,85 @@ def test_models_train_with_the_fused_kernel_as_with_aten(kernel, arch, projector
     assert abs(fused_loss - loss) < 1e-9
     for name, grad in grads.items():
         assert torch.allclose(fused_grads[name], grad, atol=1e-9, rtol=1e-7), name
+
+
+# --- rotary positions ---------------------------------------------------------------
+
+def rotary_table(b, t, dh, dtype=torch.float32, theta=10000.0, offset=0):
+    pos = torch.arange(t, dtype=torch.float64)[None].expand(b, t) + offset + torch.arange(b)[:, None]
+    inv = 1.0 / theta ** (torch.arange(0, dh // 2, dtype=torch.float64) * 2 / dh)
+    ang = pos[..., None] * inv
+    return ang.cos().to(dtype).contiguous(), ang.sin().to(dtype).contiguous()
+
+
+def rotary_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    c, s = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def heads_view(b, t, h, dh, dtype=torch.float32):
+    """q as attention has it: [B, T, H, Dh] viewed as [B, H, T, Dh]."""
+    return torch.randn(b, t, h, dh, dtype=dtype).transpose(1, 2).requires_grad_()
+
+
+def test_rotary_float64_gradcheck():
+    x = heads_view(2, 5, 3, 8, torch.float64)
+    cos, sin = rotary_table(2, 5, 8, torch.float64)
+    assert torch.autograd.gradcheck(lambda a: vlmkit.rotary(a, cos, sin), (x,))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 7, 16), (32, 4, 32, 32), (1, 1, 1, 2)])
+def test_rotary_float32_equals_the_reference_and_keeps_the_layout(shape):
+    b, h, t, dh = shape
+    x = heads_view(b, t, h, dh)
+    cos, sin = rotary_table(b, t, dh)
+    y = vlmkit.rotary(x, cos, sin)
+    ref = rotary_reference(x, cos, sin)
+    assert y.stride() == x.stride() and y.dtype == torch.float32
+    up = torch.linspace(-1, 1, y.numel()).view(y.shape)
+    (g,) = torch.autograd.grad((y * up).sum(), x)
+    (gr,) = torch.autograd.grad((ref * up).sum(), x)
+    assert (y - ref).abs().max() <= 1e-6 and (g - gr).abs().max() <= 1e-6
+
+
+def test_rotary_bfloat16_rounds_once():
+    x = heads_view(3, 9, 2, 16, torch.bfloat16)
+    cos, sin = rotary_table(3, 9, 16)
+    y = vlmkit.rotary(x, cos, sin)
+    exact = rotary_reference(x.detach().double(), cos.double(), sin.double())
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-12).all()
+    # autocast's ATen ops round every product and the table to bf16: at least as far off
+    assert (y.double() - exact).abs().max() <= (rotary_reference(x.detach(), cos, sin).double() - exact).abs().max()
+
+
+def test_rotary_bad_inputs_are_refused_by_name():
+    x = torch.randn(2, 3, 4, 8)
+    cos, sin = rotary_table(2, 4, 8)
+    with pytest.raises(ValueError, match="even Dh"):
+        vlmkit.rotary(torch.randn(2, 3, 4, 7), cos, sin)
+    with pytest.raises(ValueError, match="cos and sin"):
+        vlmkit.rotary(x, cos[:, :3].contiguous(), sin)
+    with pytest.raises(ValueError, match="cos and sin"):
+        vlmkit.rotary(x, cos.double(), sin)
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
+        vlmkit.rotary(x.int(), cos, sin)
+
+
+def test_rotary_models_train_as_with_atens_ops(kernel):
+    """float64, packed rows, rotary positions in the decoder: the loss and every
+    gradient of the ATen ops' (the same setting switches the attention kernel,
+    which float64 at these lengths leaves to ATen either way)."""
+    config = tiny("encoder_decoder", "mlp", "concat", attention="prefix_lm", loss_reduction="sample")
+    config["decoder"].update({"max_len": 320, "pos_embedding": "rotary"})
+    torch.manual_seed(0)
+    model = vlmkit.build_model(config).double()
+    kernel("aten")
+    loss, ref = losses_and_grads(model, "encoder_decoder", packed=True)
+    kernel("auto")
+    fused_loss, fused = losses_and_grads(model, "encoder_decoder", packed=True)
+    assert abs(fused_loss - loss) < 1e-9
+    for name, grad in ref.items():
+        assert torch.allclose(fused[name], grad, atol=1e-9, rtol=1e-7), name

@@ -238,3 +238,21 @@ def test_group_norm_gelu_bad_inputs_are_refused_by_name():
         vlmkit.group_norm_gelu(x, 3, eps=0.0)
     with pytest.raises(ValueError, match="bias of x's dtype"):
         vlmkit.group_norm_gelu(x.double(), 3, None, torch.zeros(6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_gelu_channels_last_equals_contiguous(dtype):
+    """The conv stage runs channels last: the same values and gradients as the
+    plain layout (to rounding: the sums run in another order), in the input's layout."""
+    x = (2 * torch.randn(6, 32, 9, 7) + 0.5).to(dtype)
+    w = (1 + 0.3 * torch.randn(32)).requires_grad_()
+    b = (0.5 * torch.randn(32)).requires_grad_()
+    xc = x.clone().requires_grad_()
+    xl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out_c, g_c = gn_grads(vlmkit.group_norm_gelu, xc, 8, w, b)
+    out_l, g_l = gn_grads(vlmkit.group_norm_gelu, xl, 8, w, b)
+    assert out_l.is_contiguous(memory_format=torch.channels_last) and not out_l.is_contiguous()
+    assert g_l[0].is_contiguous(memory_format=torch.channels_last)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for a, r in zip((out_l, *g_l), (out_c, *g_c)):
+        assert (a.float() - r.float()).abs().max() <= tol * max(1.0, r.float().abs().max().item())

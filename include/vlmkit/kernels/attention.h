@@ -30,6 +30,8 @@ namespace vlmkit {
 ///           block's first pass) computes exactly what the training forward does;
 ///   "fused" the fused kernel whenever the inputs qualify;
 ///   "aten"  always the reference (matmul, softmax, matmul).
+/// The same setting picks the rotary positions of q and k: the fused
+/// `rotary` below unless "aten" (the ATen ops).
 /// Process-wide, like torch.backends flags; the results agree to rounding.
 void set_attention_kernel(const std::string& kernel);
 std::string attention_kernel();
@@ -59,6 +61,18 @@ std::string fused_attention_unsupported(const at::Tensor& q, const at::Tensor& k
 /// a [B, T, H, Dh] tensor, so merging the heads afterwards copies nothing).
 at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                            double scale);
+
+/// x [B, H, T, Dh] rotated pairwise by the rotary table (RoPE, the halves
+/// convention): y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin over the two halves of
+/// Dh, with cos and sin [B, T, Dh/2] (or [B, 1, T, Dh/2]) contiguous, in float32
+/// (float64 for float64 x). One pass forward, one backward (the rotation back),
+/// in float32 with one rounding for bfloat16 x, where the ATen ops (two slices,
+/// four products, a subtraction, an addition and a cat, each rounding to bf16)
+/// make eight passes. Reads x through its strides (the heads' transposed view);
+/// the result has x's layout. Differentiable in x (first derivatives).
+/// MultiheadAttention's self-attention calls it for q and k on CPU unless
+/// attention_kernel() is "aten".
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 /// The pieces without autograd: forward returns (out, stats [2, B, H, T] (float32, float64 for float64 inputs)
 /// of row max and log of the softmax denominator, skip map), backward returns

@@ -21,6 +21,8 @@ class GroupNormImpl : public torch::nn::GroupNormImpl {
   /// group_norm_gelu) when norm_kernel() is "auto", in the input's dtype (bf16
   /// under autocast, for the next convolution); else GroupNorm then GELU.
   torch::Tensor forward_gelu(const torch::Tensor& input);
+  /// Whether forward_gelu runs the fused kernel for this input.
+  bool fuses(const torch::Tensor& input) const;
 };
 TORCH_MODULE(GroupNorm);
 }  // namespace detail
