@@ -213,12 +213,18 @@ struct FusedGeluMlp : public torch::autograd::Function<FusedGeluMlp> {
       for_chunks(h.numel(), [&](int64_t b, int64_t e) { fn(gd, hp, outg, b, e); });
     });
     at::Tensor dx, dw1, db1, dw2, db2;
+    // Under autocast the GEMMs write float32 gradients (float32 inputs and master
+    // weights) straight from their float32 accumulators, with no bf16 rounding.
+    auto wide = [&](at::ScalarType t) { return t == at::kFloat ? t : at::ScalarType::Undefined; };
+    auto column_sum = [&](const at::Tensor& t) {
+      return at::sum(t, {0}, false, t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type());
+    };
     if (ctx->needs_input_grad(0))
-      dx = cast(gemm(grad_h, false, w1c, false), x_dtype).view(ctx->saved_data["x_sizes"].toIntVector());
-    if (ctx->needs_input_grad(1)) dw1 = cast(gemm(grad_h, true, x2, false), w_dtype);
-    if (ctx->needs_input_grad(2) && ctx->saved_data["b1"].toBool()) db1 = cast(grad_h.sum(0), w_dtype);
-    if (ctx->needs_input_grad(3)) dw2 = cast(gemm(go, true, g, false), w_dtype);
-    if (ctx->needs_input_grad(4) && ctx->saved_data["b2"].toBool()) db2 = cast(go.sum(0), w_dtype);
+      dx = cast(gemm(grad_h, false, w1c, false, {}, wide(x_dtype)), x_dtype).view(ctx->saved_data["x_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) dw1 = cast(gemm(grad_h, true, x2, false, {}, wide(w_dtype)), w_dtype);
+    if (ctx->needs_input_grad(2) && ctx->saved_data["b1"].toBool()) db1 = cast(column_sum(grad_h), w_dtype);
+    if (ctx->needs_input_grad(3)) dw2 = cast(gemm(go, true, g, false, {}, wide(w_dtype)), w_dtype);
+    if (ctx->needs_input_grad(4) && ctx->saved_data["b2"].toBool()) db2 = cast(column_sum(go), w_dtype);
     return {dx, dw1, db1, dw2, db2};
   }
 };

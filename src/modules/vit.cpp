@@ -131,7 +131,14 @@ EncoderOutput ViTImpl::forward(const torch::Tensor& images, const torch::Tensor&
   if (patch_embed) {
     x = patch_embed->forward(images).flatten(2).transpose(1, 2);  // [B, N, D]; per patch, exact under padding
   } else if (!pad.defined()) {
-    x = conv_stem->forward(images).tokens;
+    // Checkpointed with the blocks: the stem's maps are the largest activations
+    // the blocks' checkpoints leave (the small VLM at batch 32: ~20 MB in float32).
+    const bool recompute = options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
+    auto* stem = conv_stem.get();
+    x = recompute ? detail::checkpoint([stem](const torch::Tensor& img, const torch::Tensor&) {
+                      return stem->forward(img).tokens;
+                    }, images, {})
+                  : conv_stem->forward(images).tokens;
   } else {
     x = per_group([&](int64_t h, int64_t w, const torch::Tensor& index) {
       return conv_stem->forward(images.index_select(0, index).slice(2, 0, h).slice(3, 0, w)).tokens;

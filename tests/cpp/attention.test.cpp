@@ -1,9 +1,12 @@
+#include <ATen/autocast_mode.h>
+
 #include "helpers.h"
 #include "vlmkit/kernels/attention.h"
 #include "vlmkit/kernels/gemm.h"
 #include "vlmkit/kernels/mlp.h"
 #include "vlmkit/kernels/norm.h"
 #include "vlmkit/modules/attention.h"
+#include "vlmkit/modules/conv_stage.h"
 #include "vlmkit/modules/transformer.h"
 
 using namespace vlmkit;
@@ -332,4 +335,65 @@ TEST_CASE("fused RMSNorm: QK-norm attention's output and gradients equal the ATe
   REQUIRE(got.scalar_type() == torch::kBFloat16);
   // within half a bfloat16 ulp (2^-8 relative) of the float32 result
   CHECK(((got.to(torch::kFloat) - ref).abs() <= std::ldexp(1.0, -8) * ref.abs() + 1e-6).all().item<bool>());
+}
+
+TEST_CASE("fused GroupNorm + GELU: the conv stage's output and gradients equal ATen's", "[norm][kernels]") {
+  torch::manual_seed(0);
+  ConvStage stem(ConvStageOptions().image_size(16).in_channels(3).channels({8, 16}).d_model(24));
+  stem->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : stem->parameters())
+      if (p.dim() == 1) p.uniform_(0.5, 1.5);  // GroupNorm starts at weight 1, bias 0
+  }
+  auto x = torch::randn({3, 3, 16, 16}, torch::kDouble);
+  auto run = [&](const std::string& kernel) {
+    set_norm_kernel(kernel);  // "auto": the fused kernel, channels last
+    return outputs_and_grads(stem, x, [&](const torch::Tensor& xi) { return stem->forward(xi).tokens; });
+  };
+  const auto reference = run("aten");
+  const auto fused = run("auto");
+  set_norm_kernel("auto");
+  check_all_close(fused, reference, 1e-9, 1e-11);
+  CHECK_THROWS_AS(kernels::group_norm_gelu(torch::randn({2, 6, 4}), 4, {}, {}), c10::ValueError);
+}
+
+TEST_CASE("fused rotary: rotary self-attention's output and gradients equal ATen's", "[attention][kernels]") {
+  torch::manual_seed(0);
+  MultiheadAttention attn(MultiheadAttentionOptions(32, 4).rotary(true));
+  attn->to(torch::kDouble);
+  auto x = torch::randn({2, 9, 32}, torch::kDouble);
+  auto run = [&](const std::string& kernel) {
+    set_attention_kernel(kernel);  // float64 attention itself is ATen's either way
+    return outputs_and_grads(attn, x, [&](const torch::Tensor& xi) { return attn->forward(xi, {}, {}, {}, true); });
+  };
+  const auto reference = run("aten");
+  const auto fused = run("auto");
+  set_attention_kernel("auto");
+  check_all_close(fused, reference, 1e-9, 1e-11);
+  CHECK_THROWS_AS(kernels::rotary(torch::randn({1, 2, 3, 5}), torch::randn({1, 3, 2}), torch::randn({1, 3, 2})),
+                  c10::ValueError);
+}
+
+TEST_CASE("oneDNN GEMMs: Linear under bf16 autocast rounds as autocast and keeps float32 gradients", "[gemm][kernels]") {
+  torch::manual_seed(0);
+  auto x = torch::randn({6, 40}).requires_grad_();
+  auto w = (0.2 * torch::randn({24, 40})).requires_grad_();
+  auto b = torch::randn({24}).requires_grad_();
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  auto y = kernels::linear(x, w, b);
+  at::autocast::set_cpu_enabled(false);
+  at::autocast::clear_cache();
+  REQUIRE(y.scalar_type() == torch::kBFloat16);
+  auto xr = x.detach().to(torch::kBFloat16).to(torch::kDouble), wr = w.detach().to(torch::kBFloat16).to(torch::kDouble);
+  auto exact = xr.matmul(wr.t()) + b.detach().to(torch::kDouble);
+  CHECK(((y.to(torch::kDouble) - exact).abs() <= std::ldexp(1.0, -8) * exact.abs() + 1e-6).all().item<bool>());
+  y.to(torch::kFloat).sum().backward();
+  REQUIRE(x.grad().scalar_type() == torch::kFloat);
+  REQUIRE(w.grad().scalar_type() == torch::kFloat);
+  if (!kernels::have_dnnl_sgemm()) return;  // ATen's path rounds the gradients to bf16
+  // Every output's upstream gradient is 1 (exact in bf16): the float32 gradients are exact sums.
+  CHECK(torch::allclose(w.grad().to(torch::kDouble), torch::ones({6, 24}, torch::kDouble).t().matmul(xr), 1e-5, 1e-5));
+  CHECK(torch::allclose(b.grad(), torch::full({24}, 6.0f)));
 }

@@ -195,7 +195,7 @@ def test_todays_blocks_bad_settings_raise_clear_errors():
             vlmkit.build_model(cfg)
 
 
-@pytest.mark.parametrize("case", ["concat", "cross_attention", "two_tower", "lora", "bf16"])
+@pytest.mark.parametrize("case", ["concat", "cross_attention", "two_tower", "lora", "bf16", "conv_stem"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
     """Recomputing each block in backward changes memory and time, not the numbers
     (under bf16 autocast too: the recomputation runs under the forward's autocast)."""
@@ -210,6 +210,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(case):
                    attention="prefix_lm")
         if case == "cross_attention":
             cfg["decoder"]["cross_attention_every"] = 1
+        if case == "conv_stem":  # the ViT's conv stem is checkpointed with its blocks
+            cfg["image_encoder"]["stem"] = "conv"
         images = torch.rand(2, 3, 32, 32)
         ids, labels, mask = text.training_batch(PROMPTS, ANSWERS)
         run = lambda m: m(images, ids, mask, labels).loss
