@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "helpers.h"
+#include "vlmkit/kernels/gemm.h"
 #include "vlmkit/models/build.h"
 #include "vlmkit/train/checkpoint.h"
 #include "vlmkit/train/lora.h"
@@ -435,21 +436,30 @@ TEST_CASE("trainer: bf16 autocast trains, restores the autocast state, refuses u
                       Catch::Contains("precision must be 'fp32' or 'bf16'"));
 }
 
-TEST_CASE("Linear under bf16 autocast is one cast op, bias included (as torch's linear in Python)", "[lora][bf16]") {
+TEST_CASE("Linear under bf16 autocast computes as torch's linear in Python (bias included)", "[lora][bf16]") {
   torch::manual_seed(0);
   vlmkit::Linear layer(torch::nn::LinearOptions(16, 24));
   for (auto shape : {std::vector<int64_t>{7, 16}, {2, 5, 16}}) {
     auto x = torch::randn(shape);
-    torch::Tensor got;
-    {
+    auto forward = [&](const std::string& gemm) {
+      vlmkit::set_gemm_kernel(gemm);
       vlmkit::detail::Autocast guard(torch::kCPU, torch::kBFloat16);
-      got = layer->forward(x);
-    }
-    // What autocast's linear computes: every argument cast to bfloat16, one op.
+      return layer->forward(x);
+    };
+    // ATen's path: what autocast's linear computes, every argument cast to bfloat16, one op.
+    auto aten = forward("aten");
     auto want = at::linear(x.to(torch::kBFloat16), layer->weight.to(torch::kBFloat16),
                            layer->bias.to(torch::kBFloat16));
+    REQUIRE(aten.scalar_type() == torch::kBFloat16);
+    REQUIRE(torch::equal(aten, want));
+    // oneDNN's (the default): the same bf16 inputs, float32 accumulation and bias,
+    // one rounding of the output to bfloat16.
+    auto got = forward("auto");
+    vlmkit::set_gemm_kernel("auto");
     REQUIRE(got.scalar_type() == torch::kBFloat16);
-    REQUIRE(torch::equal(got, want));
+    auto exact = x.to(torch::kBFloat16).to(torch::kDouble).matmul(layer->weight.to(torch::kBFloat16).to(torch::kDouble).t()) +
+                 layer->bias.detach().to(torch::kDouble);
+    REQUIRE(((got.to(torch::kDouble) - exact).abs() <= std::ldexp(1.0, -8) * exact.abs() + 1e-6).all().item<bool>());
   }
 }
 
