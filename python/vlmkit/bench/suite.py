@@ -666,7 +666,7 @@ def markdown(results: Dict) -> str:
                   f"vlmkit {mem['vlmkit']:.0f} MB, peer {mem['peer']:.0f} MB (vlmkit / peer {mem['ratio']:.2f})."]
         if "vlmkit_checkpointed" in mem:
             cost = results.get("checkpointing", {}).get("time_ratio")
-            lines += ["", f"With activation checkpointing (every encoder and decoder block): "
+            lines += ["", f"With activation checkpointing (every encoder and decoder block, and the ViT's conv stem): "
                           f"{mem['vlmkit_checkpointed']:.0f} MB, {100 * mem['checkpointing_saving']:.0f}% less"
                       + (f", at {cost:.2f}x the step time." if cost else ".")]
     prof = results.get("profile")
