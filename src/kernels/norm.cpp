@@ -261,7 +261,7 @@ namespace kernels {
 namespace {
 
 // Sums in 16 independent lanes, so that GCC and Clang vectorise the loops
-// without reassociating (the result does not depend on the ISA clone).
+// without reassociating (-ffast-math is not needed, and the order is fixed).
 constexpr int kLanes = 16;
 template <typename A>
 inline __attribute__((always_inline)) A fold_lanes(const A* lane, A tail) {
