@@ -128,7 +128,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("eps") = 1e-5,
       "gelu(group_norm(x, groups, weight, bias, eps)) by vlmkit's fused CPU kernel, what the conv stage runs after "
       "each convolution (differentiable in x, weight and bias; statistics in float32). x [N, C, ...] of float32, "
-      "float64 or bfloat16; weight and bias [C] of x's dtype or float32, or None. The result has x's dtype.");
+      "float64 or bfloat16; weight and bias [C] of x's dtype or float32, or None. The result has x's dtype, computed channels last (channels the innermost dimension of its storage).");
   m.def("rotary", &vlmkit::kernels::rotary, py::arg("x"), py::arg("cos"), py::arg("sin"),
         "x [B, H, T, Dh] rotated by a rotary table (RoPE, halves convention) by vlmkit's fused CPU kernel: "
         "y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin over the two halves of Dh; cos and sin [B, T, Dh/2] "

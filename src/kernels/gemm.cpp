@@ -302,13 +302,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   if (path == LinearPath::aten) return at::linear(x, w, b);
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
-  const auto bias = b.defined() ? b : at::empty({0}, x.options());
+  // Inference keeps nothing for a backward; with autograd an absent bias travels
+  // as a tensor of no elements (apply() cannot take undefined tensors).
   if (path == LinearPath::bf16) {
     if (!grad) return bf16_linear_forward(to_bf16(as_matrix(x)), to_bf16(w), b, x.sizes());
-    return Bf16Linear::apply(x, w, bias, b.defined());
+    return Bf16Linear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
   }
-  if (!grad) return linear_forward(x, w, b);  // inference: nothing to keep for a backward
-  return DnnlLinear::apply(x, w, bias, b.defined());
+  if (!grad) return linear_forward(x, w, b);
+  return DnnlLinear::apply(x, w, b.defined() ? b : at::empty({0}, x.options()), b.defined());
 }
 
 #ifdef VLMKIT_WITH_DNNL

@@ -260,124 +260,11 @@ namespace vlmkit {
 namespace kernels {
 namespace {
 
-// Sums in 16 independent lanes, so that GCC and Clang vectorise the loops
-// without reassociating (-ffast-math is not needed, and the order is fixed).
-constexpr int kLanes = 16;
-template <typename A>
-inline __attribute__((always_inline)) A fold_lanes(const A* lane, A tail) {
-  A t = 0;
-  for (int j = 0; j < kLanes; ++j) t += lane[j];
-  return t + tail;
-}
-
-// One (sample, group) unit of x [N, C, S] (contiguous): its cg channels of s
-// positions each are one block of cg * s elements. The mean, then the variance
-// about it (two passes: the block is small enough to stay in L1), then
-// y = gelu(xhat w + b) in one pass; stats <- (mean, rstd).
-template <typename T>
-inline __attribute__((always_inline)) void gn_gelu_forward_unit(const T* __restrict x,
-                                                                const typename Acc<T>::type* __restrict w,
-                                                                const typename Acc<T>::type* __restrict b,
-                                                                T* __restrict y, typename Acc<T>::type* __restrict stats,
-                                                                int64_t cg, int64_t s, double eps) {
-  using A = typename Acc<T>::type;
-  const int64_t m = cg * s;
-  A lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= m; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += A(load(x, i + j));
-  A tail = 0;
-  for (; i < m; ++i) tail += A(load(x, i));
-  const A mean = fold_lanes(lane, tail) / A(m);
-  for (int j = 0; j < kLanes; ++j) lane[j] = 0;
-  tail = 0;
-  for (i = 0; i + kLanes <= m; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const A d = A(load(x, i + j)) - mean;
-      lane[j] += d * d;
-    }
-  for (; i < m; ++i) {
-    const A d = A(load(x, i)) - mean;
-    tail += d * d;
-  }
-  const A rstd = rsqrt_acc(fold_lanes(lane, tail) / A(m) + A(eps));
-  stats[0] = mean;
-  stats[1] = rstd;
-  for (int64_t c = 0; c < cg; ++c) {
-    const A a = rstd * w[c], shift = b[c] - mean * a;
-    const T* xc = x + c * s;
-    T* yc = y + c * s;
-    for (int64_t k = 0; k < s; ++k) {
-      const A z = A(load(xc, k)) * a + shift;
-      A cdf, pdf;
-      normal_parts(z, cdf, pdf);
-      store(yc, k, z * cdf);
-    }
-  }
-}
-
-// The unit's backward. With z = xhat w + b, dz = dy gelu'(z) (kept in `buf`, the
-// unit's cg * s floats); per channel db += sum dz, dw += sum dz xhat (this
-// sample's row of partial sums); dx = rstd (w dz - mean(w dz) - xhat mean(w dz xhat)),
-// the means over the unit.
-template <typename T>
-inline __attribute__((always_inline)) void gn_gelu_backward_unit(
-    const T* __restrict dy, const T* __restrict x, const typename Acc<T>::type* __restrict w,
-    const typename Acc<T>::type* __restrict b, const typename Acc<T>::type* __restrict stats, T* __restrict dx,
-    typename Acc<T>::type* __restrict dw, typename Acc<T>::type* __restrict db, typename Acc<T>::type* __restrict buf,
-    int64_t cg, int64_t s) {
-  using A = typename Acc<T>::type;
-  const A mean = stats[0], rstd = stats[1];
-  A g1 = 0, g2 = 0;
-  for (int64_t c = 0; c < cg; ++c) {
-    const A a = rstd * w[c], shift = b[c] - mean * a;
-    const T* xc = x + c * s;
-    const T* dyc = dy + c * s;
-    A* bc = buf + c * s;
-    A l1[kLanes] = {}, l2[kLanes] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= s; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const A xv = load(xc, k + j);
-        const A z = xv * a + shift;
-        A cdf, pdf;
-        normal_parts(z, cdf, pdf);
-        const A d = A(load(dyc, k + j)) * (cdf + z * pdf);
-        bc[k + j] = d;
-        l1[j] += d;
-        l2[j] += d * ((xv - mean) * rstd);
-      }
-    A t1 = 0, t2 = 0;
-    for (; k < s; ++k) {
-      const A xv = load(xc, k);
-      const A z = xv * a + shift;
-      A cdf, pdf;
-      normal_parts(z, cdf, pdf);
-      const A d = A(load(dyc, k)) * (cdf + z * pdf);
-      bc[k] = d;
-      t1 += d;
-      t2 += d * ((xv - mean) * rstd);
-    }
-    const A s1 = fold_lanes(l1, t1), s2 = fold_lanes(l2, t2);
-    if (db) db[c] = s1;
-    if (dw) dw[c] = s2;
-    g1 += w[c] * s1;
-    g2 += w[c] * s2;
-  }
-  if (!dx) return;
-  const A m1 = g1 / A(cg * s), m2 = g2 / A(cg * s);
-  for (int64_t c = 0; c < cg; ++c) {
-    const A wc = w[c];
-    const T* xc = x + c * s;
-    const A* bc = buf + c * s;
-    T* dxc = dx + c * s;
-    for (int64_t k = 0; k < s; ++k) store(dxc, k, rstd * (wc * bc[k] - m1 - (A(load(xc, k)) - mean) * rstd * m2));
-  }
-}
-
-// Channels last: one sample of x [S, C] (positions by channels). Per-channel sums
-// over the positions (vectorised across the channels), folded per group; `work`
-// holds 4 C accumulators. stats [groups, 2] <- (mean, rstd) of each group.
+// One sample of x [S, C], channels last (positions by channels): the group
+// statistics from per-channel sums over the positions (vectorised across the
+// channels), folded per group (the mean first, then the variance about it), then
+// y = gelu(xhat w + b) in one pass. `work` holds 4 C accumulators; stats
+// [groups, 2] <- (mean, rstd) of each group.
 template <typename T>
 inline __attribute__((always_inline)) void gn_gelu_forward_nhwc(const T* __restrict x,
                                                                 const typename Acc<T>::type* __restrict w,
@@ -425,8 +312,10 @@ inline __attribute__((always_inline)) void gn_gelu_forward_nhwc(const T* __restr
     }
 }
 
-// Its backward, as gn_gelu_backward_unit for every group of the sample at once;
-// `work` holds 6 C accumulators, `buf` the sample's S C values of dz.
+// Its backward. With z = xhat w + b, dz = dy gelu'(z) (kept in `buf`, the
+// sample's S C values); per channel db = sum dz and dw = sum dz xhat (this
+// sample's row of partial sums); dx = rstd (w dz - mean(w dz) - xhat mean(w dz xhat)),
+// the means over each group. `work` holds 6 C accumulators.
 template <typename T>
 inline __attribute__((always_inline)) void gn_gelu_backward_nhwc(
     const T* __restrict dy, const T* __restrict x, const typename Acc<T>::type* __restrict w,
@@ -480,63 +369,37 @@ inline __attribute__((always_inline)) void gn_gelu_backward_nhwc(
 }
 
 template <typename T>
-using GnForwardFn = void (*)(const T*, const typename Acc<T>::type*, const typename Acc<T>::type*, T*,
-                             typename Acc<T>::type*, int64_t, int64_t, double);
+using Acc_t = typename Acc<T>::type;
 template <typename T>
-using GnBackwardFn = void (*)(const T*, const T*, const typename Acc<T>::type*, const typename Acc<T>::type*,
-                              const typename Acc<T>::type*, T*, typename Acc<T>::type*, typename Acc<T>::type*,
-                              typename Acc<T>::type*, int64_t, int64_t);
+using GnForwardFn = void (*)(const T*, const Acc_t<T>*, const Acc_t<T>*, T*, Acc_t<T>*, Acc_t<T>*, int64_t, int64_t,
+                             int64_t, double);
+template <typename T>
+using GnBackwardFn = void (*)(const T*, const T*, const Acc_t<T>*, const Acc_t<T>*, const Acc_t<T>*, T*, Acc_t<T>*,
+                              Acc_t<T>*, Acc_t<T>*, Acc_t<T>*, int64_t, int64_t, int64_t);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define VLMKIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define VLMKIT_AVX2 __attribute__((target("avx2,fma")))
 template <typename T>
-VLMKIT_AVX512 void gn_forward_avx512(const T* x, const typename Acc<T>::type* w, const typename Acc<T>::type* b, T* y,
-                                     typename Acc<T>::type* st, int64_t cg, int64_t s, double eps) {
-  gn_gelu_forward_unit(x, w, b, y, st, cg, s, eps);
-}
-template <typename T>
-VLMKIT_AVX2 void gn_forward_avx2(const T* x, const typename Acc<T>::type* w, const typename Acc<T>::type* b, T* y,
-                                 typename Acc<T>::type* st, int64_t cg, int64_t s, double eps) {
-  gn_gelu_forward_unit(x, w, b, y, st, cg, s, eps);
-}
-template <typename T>
-VLMKIT_AVX512 void gn_backward_avx512(const T* dy, const T* x, const typename Acc<T>::type* w,
-                                      const typename Acc<T>::type* b, const typename Acc<T>::type* st, T* dx,
-                                      typename Acc<T>::type* dw, typename Acc<T>::type* db, typename Acc<T>::type* buf,
-                                      int64_t cg, int64_t s) {
-  gn_gelu_backward_unit(dy, x, w, b, st, dx, dw, db, buf, cg, s);
-}
-template <typename T>
-VLMKIT_AVX2 void gn_backward_avx2(const T* dy, const T* x, const typename Acc<T>::type* w,
-                                  const typename Acc<T>::type* b, const typename Acc<T>::type* st, T* dx,
-                                  typename Acc<T>::type* dw, typename Acc<T>::type* db, typename Acc<T>::type* buf,
-                                  int64_t cg, int64_t s) {
-  gn_gelu_backward_unit(dy, x, w, b, st, dx, dw, db, buf, cg, s);
-}
-// The channels-last pair: one sample per call, through a template of the ISA.
-template <typename T>
-using Acc_t = typename Acc<T>::type;
-template <typename T>
-VLMKIT_AVX512 void gn_nhwc_forward_avx512(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
-                                          Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
+VLMKIT_AVX512 void gn_forward_avx512(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
+                                     Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
   gn_gelu_forward_nhwc(x, w, b, y, st, work, s, c, g, eps);
 }
 template <typename T>
-VLMKIT_AVX2 void gn_nhwc_forward_avx2(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
-                                      Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
+VLMKIT_AVX2 void gn_forward_avx2(const T* x, const Acc_t<T>* w, const Acc_t<T>* b, T* y, Acc_t<T>* st,
+                                 Acc_t<T>* work, int64_t s, int64_t c, int64_t g, double eps) {
   gn_gelu_forward_nhwc(x, w, b, y, st, work, s, c, g, eps);
 }
 template <typename T>
-VLMKIT_AVX512 void gn_nhwc_backward_avx512(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b,
-                                           const Acc_t<T>* st, T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf,
-                                           Acc_t<T>* work, int64_t s, int64_t c, int64_t g) {
+VLMKIT_AVX512 void gn_backward_avx512(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b,
+                                      const Acc_t<T>* st, T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf,
+                                      Acc_t<T>* work, int64_t s, int64_t c, int64_t g) {
   gn_gelu_backward_nhwc(dy, x, w, b, st, dx, dw, db, buf, work, s, c, g);
 }
 template <typename T>
-VLMKIT_AVX2 void gn_nhwc_backward_avx2(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b,
-                                       const Acc_t<T>* st, T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf,
-                                       Acc_t<T>* work, int64_t s, int64_t c, int64_t g) {
+VLMKIT_AVX2 void gn_backward_avx2(const T* dy, const T* x, const Acc_t<T>* w, const Acc_t<T>* b, const Acc_t<T>* st,
+                                  T* dx, Acc_t<T>* dw, Acc_t<T>* db, Acc_t<T>* buf, Acc_t<T>* work, int64_t s,
+                                  int64_t c, int64_t g) {
   gn_gelu_backward_nhwc(dy, x, w, b, st, dx, dw, db, buf, work, s, c, g);
 }
 #undef VLMKIT_AVX512
@@ -551,7 +414,7 @@ GnForwardFn<T> pick_gn_forward() {
     if (cpu_isa() == 1) return &gn_forward_avx2<T>;
   }
 #endif
-  return &gn_gelu_forward_unit<T>;
+  return &gn_gelu_forward_nhwc<T>;
 }
 
 template <typename T>
@@ -562,49 +425,16 @@ GnBackwardFn<T> pick_gn_backward() {
     if (cpu_isa() == 1) return &gn_backward_avx2<T>;
   }
 #endif
-  return &gn_gelu_backward_unit<T>;
-}
-
-template <typename T>
-using GnNhwcForwardFn = void (*)(const T*, const typename Acc<T>::type*, const typename Acc<T>::type*, T*,
-                                 typename Acc<T>::type*, typename Acc<T>::type*, int64_t, int64_t, int64_t, double);
-template <typename T>
-using GnNhwcBackwardFn = void (*)(const T*, const T*, const typename Acc<T>::type*, const typename Acc<T>::type*,
-                                  const typename Acc<T>::type*, T*, typename Acc<T>::type*, typename Acc<T>::type*,
-                                  typename Acc<T>::type*, typename Acc<T>::type*, int64_t, int64_t, int64_t);
-
-template <typename T>
-GnNhwcForwardFn<T> pick_gn_nhwc_forward() {
-#ifdef VLMKIT_ISA_CLONES
-  if constexpr (!std::is_same<T, double>::value) {
-    if (cpu_isa() == 2) return &gn_nhwc_forward_avx512<T>;
-    if (cpu_isa() == 1) return &gn_nhwc_forward_avx2<T>;
-  }
-#endif
-  return &gn_gelu_forward_nhwc<T>;
-}
-
-template <typename T>
-GnNhwcBackwardFn<T> pick_gn_nhwc_backward() {
-#ifdef VLMKIT_ISA_CLONES
-  if constexpr (!std::is_same<T, double>::value) {
-    if (cpu_isa() == 2) return &gn_nhwc_backward_avx512<T>;
-    if (cpu_isa() == 1) return &gn_nhwc_backward_avx2<T>;
-  }
-#endif
   return &gn_gelu_backward_nhwc<T>;
 }
 
-// Whether x [N, C, H, W] is stored channels last (and not also plainly contiguous).
-bool channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
+// The kernels work channels last: t [N, C, ...] as a contiguous [N, ..., C] (no
+// copy for a 4-D tensor stored channels last, the conv stage's layout), and back.
+at::Tensor to_channels_last(const at::Tensor& t) { return t.movedim(1, -1).contiguous(); }
+at::Tensor from_channels_last(const at::Tensor& t) { return t.movedim(-1, 1); }
 
 // Below this many elements in all, one thread does the work.
 constexpr int64_t kGnParallel = 65536;
-
-// x as the kernels read it: channels last where it is stored so, else contiguous.
-at::Tensor dense(const at::Tensor& x) { return channels_last(x) ? x : x.contiguous(); }
 
 int gn_threads(const at::Tensor& x) { return x.numel() >= kGnParallel ? compute_threads() : 1; }
 
@@ -613,35 +443,27 @@ at::Tensor affine_or(const at::Tensor& p, int64_t c, at::ScalarType acc, double 
   return p.defined() ? p.to(acc).contiguous() : at::full({c}, fill, at::TensorOptions().dtype(acc));
 }
 
-// x [N, C, ...] contiguous: y (x's dtype) and stats [N, groups, 2] (mean, rstd).
-std::pair<at::Tensor, at::Tensor> gn_gelu_forward(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
+// xl [N, ..., C] contiguous: y (xl's dtype and shape) and stats [N, groups, 2] (mean, rstd).
+std::pair<at::Tensor, at::Tensor> gn_gelu_forward(const at::Tensor& xl, int64_t groups, const at::Tensor& weight,
                                                   const at::Tensor& bias, double eps) {
-  const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c), cg = c / groups;
-  const auto acc = acc_dtype(x.scalar_type());
+  const int64_t n = xl.size(0), c = xl.size(-1), s = n * c == 0 ? 0 : xl.numel() / (n * c);
+  const auto acc = acc_dtype(xl.scalar_type());
   const auto w = affine_or(weight, c, acc, 1.0), b = affine_or(bias, c, acc, 0.0);
-  auto y = at::empty_like(x);
-  auto stats = at::empty({n, groups, 2}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "vlmkit_group_norm_gelu", [&] {
+  auto y = at::empty_like(xl);
+  auto stats = at::empty({n, groups, 2}, xl.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xl.scalar_type(), "vlmkit_group_norm_gelu", [&] {
     using A = typename Acc<scalar_t>::type;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xl.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const A* wp = w.data_ptr<A>();
     const A* bp = b.data_ptr<A>();
     A* sp = stats.data_ptr<A>();
-    if (s * cg == 0) return;
-    if (channels_last(x)) {
-      const auto fn = pick_gn_nhwc_forward<scalar_t>();
-      detail::parallel_units(n, gn_threads(x), [&](int64_t u) {
+    const auto fn = pick_gn_forward<scalar_t>();
+    if (s > 0)
+      detail::parallel_units(n, gn_threads(xl), [&](int64_t u) {  // a sample per unit
         std::vector<A> work(static_cast<size_t>(4 * c));
         fn(xp + u * s * c, wp, bp, yp + u * s * c, sp + 2 * u * groups, work.data(), s, c, groups, eps);
       });
-      return;
-    }
-    const auto fn = pick_gn_forward<scalar_t>();
-    detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
-      const int64_t g = u % groups, off = u * cg * s;  // (n, g) blocks follow each other in NCHW
-      fn(xp + off, wp + g * cg, bp + g * cg, yp + off, sp + 2 * u, cg, s, eps);
-    });
   });
   return {y, stats};
 }
@@ -653,11 +475,11 @@ struct GroupNormGelu : public torch::autograd::Function<GroupNormGelu> {
                             const at::Tensor& bias_or_empty, int64_t groups, double eps) {
     const at::Tensor weight = weight_or_empty.numel() > 0 ? weight_or_empty : at::Tensor();
     const at::Tensor bias = bias_or_empty.numel() > 0 ? bias_or_empty : at::Tensor();
-    auto xc = dense(x);
-    auto [y, stats] = gn_gelu_forward(xc, groups, weight, bias, eps);
-    ctx->save_for_backward({xc, weight, bias, stats});
+    auto xl = to_channels_last(x);
+    auto [y, stats] = gn_gelu_forward(xl, groups, weight, bias, eps);
+    ctx->save_for_backward({xl, weight, bias, stats});
     ctx->saved_data["groups"] = groups;
-    return y;
+    return from_channels_last(y);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -666,56 +488,43 @@ struct GroupNormGelu : public torch::autograd::Function<GroupNormGelu> {
                 "fused GroupNorm + GELU: a double backward (create_graph=True) is not supported; call "
                 "vlmkit.set_norm_kernel(\"aten\") first");
     auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &stats = saved[3];
+    const auto &xl = saved[0], &stats = saved[3];
     const at::Tensor weight = saved[1].defined() && saved[1].numel() > 0 ? saved[1] : at::Tensor();
     const at::Tensor bias = saved[2].defined() && saved[2].numel() > 0 ? saved[2] : at::Tensor();
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const int64_t n = x.size(0), c = x.size(1), s = n * c == 0 ? 0 : x.numel() / (n * c), cg = c / groups;
+    const int64_t n = xl.size(0), c = xl.size(-1), s = n * c == 0 ? 0 : xl.numel() / (n * c);
     const auto acc = stats.scalar_type();
     const auto w = affine_or(weight, c, acc, 1.0), b = affine_or(bias, c, acc, 0.0);
-    const auto dy = grads[0].to(x.scalar_type()).contiguous(channels_last(x) ? at::MemoryFormat::ChannelsLast
-                                                                              : at::MemoryFormat::Contiguous);
+    const auto dy = to_channels_last(grads[0].to(xl.scalar_type()));
     const bool want_dx = ctx->needs_input_grad(0);
     const bool want_dw = weight.defined() && ctx->needs_input_grad(1);
     const bool want_db = bias.defined() && ctx->needs_input_grad(2);
-    at::Tensor dx = want_dx ? at::empty_like(x) : at::Tensor();
+    at::Tensor dx = want_dx ? at::empty_like(xl) : at::Tensor();
     // Per-sample partial sums [N, C], summed after: the same result on any number of threads.
-    at::Tensor pdw = want_dw ? at::empty({n, c}, x.options().dtype(acc)) : at::Tensor();
-    at::Tensor pdb = want_db ? at::empty({n, c}, x.options().dtype(acc)) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "vlmkit_group_norm_gelu_backward", [&] {
+    at::Tensor pdw = want_dw ? at::zeros({n, c}, xl.options().dtype(acc)) : at::Tensor();
+    at::Tensor pdb = want_db ? at::zeros({n, c}, xl.options().dtype(acc)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xl.scalar_type(), "vlmkit_group_norm_gelu_backward", [&] {
       using A = typename Acc<scalar_t>::type;
       const scalar_t* dyp = dy.data_ptr<scalar_t>();
-      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* xp = xl.data_ptr<scalar_t>();
       const A* wp = w.data_ptr<A>();
       const A* bp = b.data_ptr<A>();
       const A* sp = stats.data_ptr<A>();
       scalar_t* dxp = want_dx ? dx.data_ptr<scalar_t>() : nullptr;
       A* dwp = want_dw ? pdw.data_ptr<A>() : nullptr;
       A* dbp = want_db ? pdb.data_ptr<A>() : nullptr;
-      if (s * cg == 0) return;
-      if (channels_last(x)) {
-        const auto fn = pick_gn_nhwc_backward<scalar_t>();
-        detail::parallel_units(n, gn_threads(x), [&](int64_t u) {
+      const auto fn = pick_gn_backward<scalar_t>();
+      if (s > 0)
+        detail::parallel_units(n, gn_threads(xl), [&](int64_t u) {
           std::vector<A> buf(static_cast<size_t>(s * c)), work(static_cast<size_t>(6 * c));
           const int64_t off = u * s * c;
           fn(dyp + off, xp + off, wp, bp, sp + 2 * u * groups, dxp ? dxp + off : nullptr, dwp ? dwp + u * c : nullptr,
              dbp ? dbp + u * c : nullptr, buf.data(), work.data(), s, c, groups);
         });
-        return;
-      }
-      const auto fn = pick_gn_backward<scalar_t>();
-      detail::parallel_units(n * groups, gn_threads(x), [&](int64_t u) {
-        const int64_t g = u % groups, off = u * cg * s, ch = u * cg;  // ch: (n, g)'s first row of [N, C]
-        std::vector<A> buf(static_cast<size_t>(cg * s));
-        fn(dyp + off, xp + off, wp + g * cg, bp + g * cg, sp + 2 * u, dxp ? dxp + off : nullptr,
-           dwp ? dwp + ch : nullptr, dbp ? dbp + ch : nullptr, buf.data(), cg, s);
-      });
     });
-    at::Tensor dw = want_dw ? (s * cg > 0 ? pdw.sum(0) : at::zeros({c}, pdw.options())).to(weight.scalar_type())
-                            : at::Tensor();
-    at::Tensor db = want_db ? (s * cg > 0 ? pdb.sum(0) : at::zeros({c}, pdb.options())).to(bias.scalar_type())
-                            : at::Tensor();
-    return {dx, dw, db, at::Tensor(), at::Tensor()};
+    at::Tensor dw = want_dw ? pdw.sum(0).to(weight.scalar_type()) : at::Tensor();
+    at::Tensor db = want_db ? pdb.sum(0).to(bias.scalar_type()) : at::Tensor();
+    return {want_dx ? from_channels_last(dx) : at::Tensor(), dw, db, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -749,7 +558,7 @@ at::Tensor group_norm_gelu(const at::Tensor& x, int64_t groups, const at::Tensor
     const auto empty = at::empty({0}, x.options());
     return GroupNormGelu::apply(x, weight.defined() ? weight : empty, bias.defined() ? bias : empty, groups, eps);
   }
-  return gn_gelu_forward(dense(x), groups, weight, bias, eps).first;
+  return from_channels_last(gn_gelu_forward(to_channels_last(x), groups, weight, bias, eps).first);
 }
 
 }  // namespace kernels

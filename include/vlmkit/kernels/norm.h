@@ -44,12 +44,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
 /// ops (GroupNorm in float32, GELU, and autocast's cast) make three passes and
 /// two copies, and ATen's GELU backward falls to a scalar loop when the incoming
 /// gradient's layout differs from its input's (1 M floats: 6.6 against 0.9 ms).
-/// x stored channels last (the conv stage's layout) is read as it is, one sample
-/// per unit of work, and the result is channels last too.
+/// The kernel works channels last, one sample per unit of work: x is read as a
+/// contiguous [N, ..., C] (no copy for a 4-D x stored channels last, the conv
+/// stage's layout; one copy otherwise), and the result is that layout's view
+/// [N, C, ...] (channels last for 4-D).
 /// Statistics in float32 (float64 for float64); the backward keeps x and two
-/// floats per (sample, group) and recomputes the rest. Each (sample, group) (or
-/// sample, channels last) is one unit of work, so results do not depend on the
-/// number of threads.
+/// floats per (sample, group) and recomputes the rest. Results do not depend on
+/// the number of threads.
 at::Tensor group_norm_gelu(const at::Tensor& x, int64_t groups, const at::Tensor& weight,
                            const at::Tensor& bias, double eps = 1e-5);
 
